@@ -1,0 +1,111 @@
+"""No-quantization weight schemes.
+
+A scheme decides three things: the dtype of the model, the layout a linear layer's
+weight is stored in, and how a Hugging Face tensor becomes that stored tensor. Adding
+a scheme is adding one small class here; nothing else branches on the scheme's name.
+
+- ``q0f16t`` (default): fp16, linear weights stored transposed ``[in, out]`` ("KN") and
+  used by ``matmul(x, w)`` directly. No transpose at run time, and the layout Adreno's
+  prefill handles without the multi-second first-prefill stall seen with "NK".
+- ``q0f32t``: the same in fp32, for exact comparisons against transformers.
+- ``q0f16``: fp16 in PyTorch's ``[out, in]`` layout; the transpose is fused into the
+  matmul by ``FuseTransposeMatmul``. Kept for comparison with MLC-LLM's stock scheme.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from ..errors import UserError
+
+
+class KNLinear(nn.Module):
+    """``y = x @ W (+ b)`` with ``W`` stored ``[in, out]``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter((in_features, out_features), dtype)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+class NKLinear(nn.Module):
+    """``y = x @ W.T (+ b)`` with ``W`` stored ``[out, in]`` as PyTorch does."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter((out_features, in_features), dtype)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = op.matmul(x, op.permute_dims(self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class WeightScheme:
+    """Base of the no-quantization schemes: subclasses set the class attributes."""
+
+    name: str
+    dtype: str
+    linear_class: type[nn.Module]
+    bits_per_param: int
+    description: str
+
+    def linear(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return self.linear_class(in_features, out_features, bias, self.dtype)
+
+    def convert_linear_weight(self, weight: np.ndarray) -> np.ndarray:
+        """A Hugging Face ``[out, in]`` weight as this scheme stores it."""
+        return np.ascontiguousarray(weight.astype(self.dtype, copy=False))
+
+    def convert_plain(self, tensor: np.ndarray) -> np.ndarray:
+        """Any other tensor (embedding, norm weights, biases): a cast only."""
+        return np.ascontiguousarray(tensor.astype(self.dtype, copy=False))
+
+
+class _Transposed(WeightScheme):
+    linear_class = KNLinear
+
+    def convert_linear_weight(self, weight: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(weight.T.astype(self.dtype, copy=False))
+
+
+class Q0F16T(_Transposed):
+    name = "q0f16t"
+    dtype = "float16"
+    bits_per_param = 16
+    description = "fp16, linear weights stored [in, out] (default)"
+
+
+class Q0F32T(_Transposed):
+    name = "q0f32t"
+    dtype = "float32"
+    bits_per_param = 32
+    description = "fp32, linear weights stored [in, out] (exact tests)"
+
+
+class Q0F16(WeightScheme):
+    name = "q0f16"
+    dtype = "float16"
+    linear_class = NKLinear
+    bits_per_param = 16
+    description = "fp16, linear weights stored [out, in] like PyTorch"
+
+
+SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (Q0F16T(), Q0F32T(), Q0F16())}
+
+
+def get_scheme(name: str) -> WeightScheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise UserError(
+            f"unknown quantization '{name}': choose one of {', '.join(SCHEMES)}"
+        ) from None
