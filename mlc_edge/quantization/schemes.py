@@ -63,18 +63,18 @@ class WeightScheme:
 
     def convert_linear_weight(self, weight: np.ndarray) -> np.ndarray:
         """A Hugging Face ``[out, in]`` weight as this scheme stores it."""
-        return np.ascontiguousarray(weight.astype(self.dtype, copy=False))
+        return np.ascontiguousarray(weight, dtype=self.dtype)
 
     def convert_plain(self, tensor: np.ndarray) -> np.ndarray:
         """Any other tensor (embedding, norm weights, biases): a cast only."""
-        return np.ascontiguousarray(tensor.astype(self.dtype, copy=False))
+        return np.ascontiguousarray(tensor, dtype=self.dtype)
 
 
 class _Transposed(WeightScheme):
     linear_class = KNLinear
 
     def convert_linear_weight(self, weight: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(weight.T.astype(self.dtype, copy=False))
+        return np.ascontiguousarray(weight.T, dtype=self.dtype)
 
 
 class Q0F16T(_Transposed):

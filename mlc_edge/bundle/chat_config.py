@@ -1,0 +1,129 @@
+"""``mlc-chat-config.json`` and the tokenizer files beside it.
+
+Every field MLC-LLM's runtime requires (mlc-runtime-abi.md) is written; the sampling
+defaults come from the checkpoint's ``generation_config.json`` when it has one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelSpec
+from ..errors import UserError
+from .conv_templates import choose_template, make_template
+
+# Copied as they are when present; tokenizer.json is what the runtime tries first.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+_SAMPLING_DEFAULTS = {
+    "temperature": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "top_p": 1.0,
+}
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files; make tokenizer.json from tokenizer.model when missing."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        if "tokenizer.model" not in copied:
+            raise UserError(
+                f"no tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model"
+            )
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise UserError(
+                "this checkpoint has only tokenizer.model; turning it into tokenizer.json "
+                "needs transformers: pip install 'mlc-edge[hf]'"
+            ) from None
+        tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+        tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+        copied.append("tokenizer.json")
+    return copied
+
+
+def _tokenizer_info(tokenizer_json: dict[str, Any]) -> dict[str, Any]:
+    decoder = tokenizer_json.get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+    byte_level = "ByteLevel" in kinds
+    return {
+        "token_postproc_method": "byte_level" if byte_level else "byte_fallback",
+        "prepend_space_in_encode": False,
+        "strip_space_in_decode": False,
+    }
+
+
+def tokenizer_vocab(tokenizer_json: dict[str, Any]) -> dict[str, int]:
+    vocab = dict(tokenizer_json.get("model", {}).get("vocab") or {})
+    if isinstance(vocab, list):  # Unigram models store [token, score] pairs
+        vocab = {tok: i for i, (tok, _) in enumerate(vocab)}
+    for added in tokenizer_json.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    return vocab
+
+
+def generate_chat_config(
+    model_dir: Path, spec: ModelSpec, out_dir: Path, conv_template: str | None = None
+) -> dict[str, Any]:
+    """Write ``mlc-chat-config.json`` and the tokenizer files into ``out_dir``."""
+    model_dir = Path(model_dir)
+    files = copy_tokenizer(model_dir, out_dir)
+    tokenizer_json = json.loads((out_dir / "tokenizer.json").read_text())
+    vocab = tokenizer_vocab(tokenizer_json)
+    hf = spec.model_config
+    generation: dict[str, Any] = {}
+    if (model_dir / "generation_config.json").is_file():
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+    bos = generation.get("bos_token_id", hf.get("bos_token_id"))
+    eos = _as_list(generation.get("eos_token_id", hf.get("eos_token_id")))
+    pad = generation.get("pad_token_id", hf.get("pad_token_id"))
+    template_name = conv_template or choose_template(spec.family.model_type, vocab)
+    sizes = spec.runtime_sizes
+    config = {
+        "version": "0.1.0",
+        "model_type": spec.family.model_type,
+        "quantization": spec.scheme.name,
+        "model_config": spec.model_config,
+        "vocab_size": spec.config.vocab_size,
+        "context_window_size": sizes["context_window_size"],
+        "sliding_window_size": -1,
+        "prefill_chunk_size": sizes["prefill_chunk_size"],
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "active_vocab_size": spec.config.vocab_size,
+        **{k: generation.get(k, v) for k, v in _SAMPLING_DEFAULTS.items()},
+        "tokenizer_files": files,
+        "tokenizer_info": _tokenizer_info(tokenizer_json),
+        "conv_template": make_template(template_name, vocab, bos, eos),
+        "pad_token_id": pad if pad is not None else 0,
+        "bos_token_id": bos if bos is not None else -1,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "model_task": "chat",
+    }
+    (out_dir / "mlc-chat-config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config

@@ -1,0 +1,87 @@
+"""The three parts of a bundle, each written into a (staging) folder.
+
+``mlc-edge gen-config``, ``convert`` and ``compile`` call these one at a time; the
+all-in-one ``compile MODEL_DIR`` calls all three into one staging folder.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelSpec, load_preset, read_hf_config
+from ..config.presets import PRESET_KEYS
+from ..errors import UserError
+from .chat_config import generate_chat_config
+
+
+def resolve_spec(
+    model_dir: Path, quantization: str, preset: str, overrides: dict[str, int | None]
+) -> ModelSpec:
+    """HF config + preset + per-value flags → what gets built."""
+    sizes = load_preset(preset)
+    sizes.update({k: v for k, v in overrides.items() if v is not None and k in PRESET_KEYS})
+    return ModelSpec.create(read_hf_config(model_dir), quantization, sizes)
+
+
+def default_model_lib(model_dir: Path, spec: ModelSpec, target_name: str) -> str:
+    """A C-identifier name: it prefixes the symbols of a system library."""
+    raw = f"{Path(model_dir).absolute().name}_{spec.scheme.name}_{target_name}"
+    return re.sub(r"[^0-9A-Za-z_]", "_", raw)
+
+
+def write_chat_config(
+    model_dir: Path, spec: ModelSpec, out: Path, conv_template: str | None
+) -> dict[str, Any]:
+    return generate_chat_config(model_dir, spec, out, conv_template)
+
+
+def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool) -> dict[str, Any]:
+    from ..compiler.build import parameter_list
+    from ..convert.weights import convert_weights
+
+    mapping = spec.family.weight_map(spec.config)
+    return convert_weights(
+        Path(model_dir), out, parameter_list(spec), mapping, spec.scheme, progress=progress
+    )
+
+
+def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
+                  progress: bool) -> Path:
+    from ..compiler.build import compile_model, export
+    from ..compiler.targets import get_target
+
+    target = get_target(target_name)
+    start = time.perf_counter()
+    if progress:
+        print(f"compiling {model_lib} for {target.name} ...", file=sys.stderr, flush=True)
+    executable = compile_model(spec, target, model_lib)
+    path = out / "lib" / f"{model_lib}{target.lib_suffix}"
+    export(executable, path)
+    if progress:
+        print(f"compiled in {time.perf_counter() - start:.1f} s: lib/{path.name}",
+              file=sys.stderr, flush=True)
+    return path
+
+
+def require_weights_match(spec: ModelSpec, out: Path) -> None:
+    """A library compiled into a bundle must fit the weights already there."""
+    from ..compiler.build import parameter_list
+    from ..convert.tensor_cache import read_tensor_cache_json
+
+    if not (out / "tensor-cache.json").exists():
+        return
+    have = {
+        r["name"]: (tuple(r["shape"]), r["dtype"])
+        for shard in read_tensor_cache_json(out)["records"]
+        for r in shard["records"]
+    }
+    for name, shape, dtype in parameter_list(spec):
+        if have.get(name) != (shape, dtype):
+            raise UserError(
+                f"the bundle's weights do not fit this model ({name}: "
+                f"{have.get(name)} vs {(shape, dtype)}); run `mlc-edge convert` again"
+            )

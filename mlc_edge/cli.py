@@ -1,0 +1,224 @@
+"""The ``mlc-edge`` command line.
+
+    mlc-edge compile MODEL_DIR --target cpu -o BUNDLE   # config + weights + library
+    mlc-edge gen-config / convert MODEL_DIR -o BUNDLE    # one part at a time
+    mlc-edge compile BUNDLE --target cpu                 # the library of a bundle
+    mlc-edge run BUNDLE "prompt"
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import UserError
+
+QUANT_HELP = "weight scheme: q0f16t (fp16 [in, out], default), q0f32t, q0f16"
+
+
+def _size_options(func: Any) -> Any:
+    options = [
+        click.option("--preset", default=None, help="runtime sizes: edge-512 or edge-768"),
+        click.option("--context-window-size", type=int, default=None,
+                     help="tokens the KV cache holds (overrides the preset)"),
+        click.option("--prefill-chunk-size", type=int, default=None,
+                     help="tokens per prefill step (overrides the preset)"),
+        click.option("--max-batch-size", type=int, default=None,
+                     help="sequences at once (overrides the preset)"),
+        click.option("--quantization", default="q0f16t", show_default=True, help=QUANT_HELP),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _spec(model_dir: Path, quantization: str, preset: str | None, target: str | None,
+          sizes: dict[str, int | None]):
+    from .bundle.steps import resolve_spec
+    from .compiler.targets import get_target
+
+    default = get_target(target).default_preset if target else "edge-512"
+    return resolve_spec(model_dir, quantization, preset or default, sizes)
+
+
+def _emit(as_json: bool, payload: dict[str, Any], lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(payload))
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+@click.group()
+@click.version_option(package_name="mlc-edge")
+def cli() -> None:
+    """Compile Hugging Face LLM checkpoints into MLC-LLM bundles for phone GPUs."""
+
+
+@cli.command("gen-config")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--conv-template", default=None, help="conversation template (default: detected)")
+@_size_options
+def gen_config_cmd(model_dir: Path, output: Path, conv_template: str | None, preset: str | None,
+                   quantization: str, **sizes: int | None) -> None:
+    """Write mlc-chat-config.json and the tokenizer files."""
+    from .bundle.output import staged
+    from .bundle.steps import write_chat_config
+
+    spec = _spec(model_dir, quantization, preset, None, sizes)
+    with staged(output) as stage:
+        write_chat_config(model_dir, spec, stage, conv_template)
+    click.echo(f"wrote {output / 'mlc-chat-config.json'}")
+
+
+@cli.command("convert")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--quantization", default="q0f16t", show_default=True, help=QUANT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+def convert_cmd(model_dir: Path, output: Path, quantization: str, as_json: bool) -> None:
+    """Convert the weights into tensor-cache.json + params_shard_*.bin."""
+    from .bundle.output import staged
+    from .bundle.steps import write_weights
+
+    spec = _spec(model_dir, quantization, None, None, {})
+    with staged(output) as stage:
+        cache = write_weights(model_dir, spec, stage, progress=not as_json)
+    meta = cache["metadata"]
+    _emit(as_json, {"output": str(output), "shards": len(cache["records"]), **meta},
+          [f"wrote {meta['ParamSize']:,} parameters ({meta['ParamBytes'] / 2**20:.1f} MiB) in "
+           f"{len(cache['records'])} shards to {output}"])
+
+
+@cli.command("compile")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--target", default="cpu", show_default=True, help="see `mlc-edge targets`")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="bundle folder (default: MODEL_DIR when it is a bundle)")
+@click.option("--conv-template", default=None, help="conversation template (default: detected)")
+@click.option("--model-lib", default=None, help="library name (symbol prefix on Android)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@_size_options
+def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template: str | None,
+                model_lib: str | None, as_json: bool, preset: str | None, quantization: str,
+                **sizes: int | None) -> None:
+    """Compile MODEL_DIR into a bundle (config + weights + library).
+
+    Given a bundle (a folder with mlc-chat-config.json), compile only its library.
+    """
+    from .bundle.output import staged
+    from .bundle.steps import (
+        default_model_lib,
+        require_weights_match,
+        write_chat_config,
+        write_library,
+        write_weights,
+    )
+    from .compiler.targets import get_target
+    from .config import ModelSpec
+
+    get_target(target)
+    progress = not as_json
+    is_bundle = (Path(model_dir) / "mlc-chat-config.json").is_file()
+    if is_bundle:
+        chat = json.loads((Path(model_dir) / "mlc-chat-config.json").read_text())
+        spec = ModelSpec.from_chat_config(chat)
+        output = output or Path(model_dir)
+        require_weights_match(spec, Path(model_dir))
+    else:
+        if output is None:
+            raise UserError("give the bundle folder with -o (e.g. -o dist/my-model)")
+        spec = _spec(model_dir, quantization, preset, target, sizes)
+    lib_name = model_lib or default_model_lib(model_dir, spec, target)
+    with staged(output) as stage:
+        if not is_bundle:
+            write_chat_config(model_dir, spec, stage, conv_template)
+            write_weights(model_dir, spec, stage, progress)
+        lib = write_library(spec, target, stage, lib_name, progress)
+    lib = Path(output) / "lib" / lib.name
+    _emit(as_json, {"bundle": str(output), "model_lib": lib_name, "library": str(lib),
+                    "target": target, "quantization": spec.scheme.name, **spec.runtime_sizes},
+          [f"bundle ready: {output} (library lib/{lib.name})"])
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--raw", is_flag=True, help="feed the prompt as is, without the chat template")
+@click.option("--json", "as_json", is_flag=True, help="print token ids, text and speeds as JSON")
+def run_cmd(bundle: Path, prompt: str, max_tokens: int, temperature: float, top_p: float,
+            seed: int | None, raw: bool, as_json: bool) -> None:
+    """Generate from PROMPT with a bundle compiled for this machine."""
+    from .runtime import Engine, Sampler
+
+    if max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    try:
+        sampler = Sampler(temperature, top_p, seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    engine = Engine(bundle)
+    ids = engine.prompt_ids(prompt, chat=not raw)
+    printed = ""
+    generated: list[int] = []
+
+    def stream(token: int) -> None:
+        nonlocal printed
+        generated.append(token)
+        if as_json:
+            return
+        text = engine.tokenizer.decode(generated, skip_special_tokens=True)
+        # Print only complete characters: a partial UTF-8 sequence decodes to U+FFFD.
+        if not text.endswith("\ufffd"):
+            click.echo(text[len(printed):], nl=False)
+            printed = text
+
+    result = engine.generate(ids, max_tokens, sampler, on_token=stream)
+    result.text = engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+        return
+    click.echo(result.text[len(printed):])
+    click.echo(
+        f"[{result.finish_reason}] prefill {result.prompt_tokens} tokens "
+        f"{result.prefill_tokens_per_s:.1f} tok/s, decode {len(result.token_ids)} tokens "
+        f"{result.decode_tokens_per_s:.1f} tok/s",
+        err=True,
+    )
+
+
+@cli.command("targets")
+@click.option("--json", "as_json", is_flag=True)
+def targets_cmd(as_json: bool) -> None:
+    """List the compile targets."""
+    from .compiler.targets import TARGETS
+
+    rows = [{"name": t.name, "description": t.description, "default_preset": t.default_preset,
+             "runs_here": t.runs_here()} for t in TARGETS.values()]
+    _emit(as_json, {"targets": rows},
+          [f"{r['name']:<16} {r['description']} (preset {r['default_preset']}; "
+           f"{'runs here' if r['runs_here'] else 'does not run here'})" for r in rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="mlc-edge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)

@@ -1,0 +1,150 @@
+"""Model definition → Relax IR → our passes and schedules → a runnable library.
+
+    export_tvm        the nn.Module's functions as Relax, weights as packed parameters
+    FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
+    Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
+    schedules         the target's rules give each PrimFunc its loops and threads
+    lowering          dataflow → VM calls; memory planned statically with size bounds
+    AttachMetadata    ``_metadata`` JSON including the planned memory
+    relax.build       machine code (and device kernels), exported as .so or .tar
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import IRModule, relax
+from tvm.s_tir import dlight as dl
+
+from ..config import ModelSpec
+from ..models import DecoderLM
+from .passes import AttachLogitProcessor, AttachMetadata, AttachVarBounds
+from .targets import TargetSpec
+
+
+def instantiate(spec: ModelSpec, target: tvm.target.Target) -> DecoderLM:
+    model = spec.family.model_class(spec.config, spec.scheme, target)
+    model.to(spec.scheme.dtype)
+    return model
+
+
+def parameter_list(spec: ModelSpec) -> list[tuple[str, tuple[int, ...], str]]:
+    """The bundle's parameters in load order: (name, shape, dtype)."""
+    model = instantiate(spec, tvm.target.Target({"kind": "llvm"}))
+    return [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in model.named_parameters()]
+
+
+def build_metadata(
+    spec: ModelSpec, model: DecoderLM, params: list[tuple[str, Any]]
+) -> dict[str, Any]:
+    """The ``_metadata`` fields the runtime reads (mlc-runtime-abi.md), less memory usage."""
+    kv = model.kv_cache_shape()
+    sizes = spec.runtime_sizes
+    return {
+        "model_type": spec.family.model_type,
+        "quantization": spec.scheme.name,
+        "context_window_size": sizes["context_window_size"],
+        "sliding_window_size": -1,
+        "attention_sink_size": -1,
+        "prefill_chunk_size": sizes["prefill_chunk_size"],
+        "max_batch_size": sizes["max_batch_size"],
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "kv_state_kind": "kv_cache",
+        "active_vocab_size": model.vocab_size,
+        "model_task": "chat",
+        "disaggregation": False,
+        "params": [
+            {
+                "name": name,
+                "shape": [int(d) if isinstance(d, int) else str(d) for d in p.shape],
+                "dtype": p.dtype,
+                "preprocs": [],
+            }
+            for name, p in params
+        ],
+        "kv_cache": {
+            "num_hidden_layers": kv.num_hidden_layers,
+            "num_attention_heads": kv.num_attention_heads,
+            "num_key_value_heads": kv.num_key_value_heads,
+            "head_dim": kv.head_dim,
+        },
+    }
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplySchedules")
+class ApplySchedules:
+    """The target's schedule rules, on a copy (dlight changes the module in place)."""
+
+    def __init__(self, rules: list[Any]):
+        self.rules = rules
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        if not self.rules:
+            return mod
+        return dl.ApplyDefaultSchedule(*self.rules)(mod.clone())
+
+
+def compile_pipeline(
+    target_spec: TargetSpec, metadata: dict[str, Any], bounds: dict[str, int]
+) -> tvm.transform.Pass:
+    t = relax.transform
+    return tvm.transform.Sequential(
+        [
+            AttachLogitProcessor(),
+            AttachVarBounds(bounds),
+            t.FuseTransposeMatmul(),
+            t.LegalizeOps(),
+            t.AnnotateTIROpPattern(),
+            t.FoldConstant(),
+            t.FuseOps(),
+            t.FuseTIR(),
+            t.DeadCodeElimination(),
+            ApplySchedules(target_spec.schedule_rules()),
+            t.RewriteDataflowReshape(),
+            t.ToNonDataflow(),
+            t.RemovePurityChecking(),
+            t.CallTIRRewrite(),
+            t.StaticPlanBlockMemory(),
+            AttachMetadata(metadata),
+            t.LowerAllocTensor(),
+            t.KillAfterLastUse(),
+            t.LowerRuntimeBuiltin(),
+            t.ComputePrimValue(),
+            t.VMShapeLower(),
+            t.AttachGlobalSymbol(),
+        ],
+        name="mlc_edge_pipeline",
+    )
+
+
+def compile_model(spec: ModelSpec, target_spec: TargetSpec, model_lib: str) -> Any:
+    """Compile the model; returns the TVM executable (``export_library`` writes it)."""
+    target = target_spec.tvm_target()
+    model = instantiate(spec, target)
+    mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    if target_spec.system_lib:
+        mod = mod.with_attr("system_lib_prefix", f"{model_lib}_")
+    sizes = spec.runtime_sizes
+    bounds = {
+        "seq_len": sizes["prefill_chunk_size"],
+        "batch_size": sizes["max_batch_size"],
+        "vocab_size": spec.config.vocab_size,
+    }
+    pipeline = compile_pipeline(target_spec, build_metadata(spec, model, params), bounds)
+    with target:
+        return relax.build(
+            mod, target, relax_pipeline=pipeline, system_lib=target_spec.system_lib
+        )
+
+
+def read_metadata(executable_or_vm: Any) -> dict[str, Any]:
+    return json.loads(str(executable_or_vm["_metadata"]()))
+
+
+def export(executable: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    executable.export_library(str(path))

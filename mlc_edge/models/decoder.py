@@ -1,0 +1,175 @@
+"""The runtime-facing surface shared by every decoder-only model.
+
+A family implements ``embed``, ``forward_hidden`` (input embeddings → final hidden
+states, through the paged KV cache), ``get_logits`` and ``kv_cache_shape``; this base
+turns them into the functions MLC-LLM's runtime calls (see mlc-runtime-abi.md):
+``embed``, ``prefill``, ``decode``, ``batch_prefill``, ``batch_decode``,
+``create_tir_paged_kv_cache``, ``alloc_embedding_tensor`` and
+``softmax_with_temperature``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+
+@dataclass(frozen=True)
+class KVCacheShape:
+    """What the paged KV cache needs to know about the attention layers."""
+
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_scaling: dict[str, Any]
+    rotary_dim: int
+
+
+class DecoderLM(nn.Module):
+    """Base class of the model definitions; subclasses set ``dtype``, ``hidden_size``,
+    ``vocab_size``, ``prefill_chunk_size``, ``target`` and implement the hooks."""
+
+    dtype: str
+    hidden_size: int
+    vocab_size: int
+    prefill_chunk_size: int
+    target: Target
+
+    # -- hooks ---------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, hidden]
+        raise NotImplementedError
+
+    def forward_hidden(self, input_embeds: Tensor, kv: PagedKVCache) -> Tensor:
+        raise NotImplementedError
+
+    def get_logits(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def kv_cache_shape(self) -> KVCacheShape:
+        raise NotImplementedError
+
+    # -- runtime functions -----------------------------------------------------------------
+    def _float32_logits(self, hidden: Tensor) -> Tensor:
+        logits = self.get_logits(hidden)
+        return logits if logits.dtype == "float32" else logits.astype("float32")
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        """One sequence's chunk ``[1, s, h]`` → logits of its last token ``[1, 1, vocab]``."""
+
+        def last_token(x: te.Tensor):
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="last_token")
+
+        hidden = self.forward_hidden(input_embed, paged_kv_cache)
+        hidden = op.tensor_expr_op(last_token, name_hint="last_token", args=[hidden])
+        return self._float32_logits(hidden), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.forward_hidden(input_embed, paged_kv_cache)
+        return self._float32_logits(hidden), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache):
+        hidden = self.forward_hidden(input_embeds, paged_kv_cache)
+        hidden = op.take(hidden, logit_positions, axis=1)
+        return self._float32_logits(hidden), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        hidden = self.forward_hidden(input_embeds, paged_kv_cache)
+        return self._float32_logits(hidden), paged_kv_cache
+
+    def create_tir_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        shape = self.kv_cache_shape()
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, shape.num_hidden_layers]),
+            num_hidden_layers=shape.num_hidden_layers,
+            num_attention_heads=shape.num_attention_heads,
+            num_key_value_heads=shape.num_key_value_heads,
+            qk_head_dim=shape.head_dim,
+            v_head_dim=shape.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=shape.rope_theta,
+            rope_scaling=shape.rope_scaling,
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=shape.rotary_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def alloc_embedding_tensor(self) -> Tensor:
+        return op.zeros((self.prefill_chunk_size, self.hidden_size), self.dtype)
+
+    def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
+        batch, _, vocab = logits.shape
+        scaled = logits / op.reshape(temperature, (batch, 1, 1))
+        return op.softmax(scaled, axis=-1)
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        h, dtype = self.hidden_size, self.dtype
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        none = {"param_mode": "none", "effect_mode": "none"}
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {
+                "input_embed": nn.spec.Tensor([1, "seq_len", h], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "decode": {
+                "input_embed": nn.spec.Tensor([1, 1, h], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dtype),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_decode": {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, h], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "create_tir_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": none,
+            },
+            "alloc_embedding_tensor": {"$": none},
+            "softmax_with_temperature": {
+                "logits": nn.spec.Tensor(["batch_size", 1, "vocab_size"], "float32"),
+                "temperature": nn.spec.Tensor(["batch_size"], "float32"),
+                "$": none,
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -1,0 +1,214 @@
+"""Load a bundle and generate: read ``_metadata``, load weights by name, create the paged
+KV cache, embed, prefill in chunks, decode, sample on the CPU.
+
+This follows MLC-LLM's engine so a bundle that works here is laid out the way the
+phone's runtime expects: the same functions, names and argument conventions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from ..errors import UserError
+from .sampler import Sampler
+
+PAGE_SIZE = 16
+
+
+def find_library(bundle: Path) -> Path:
+    libs = sorted((bundle / "lib").glob("*.so"))
+    if not libs:
+        tars = sorted((bundle / "lib").glob("*.tar"))
+        if tars:
+            raise UserError(
+                f"{bundle} was compiled for a phone ({tars[0].name}); compile it with "
+                "--target cpu to run it here"
+            )
+        raise UserError(f"no compiled library in {bundle}/lib: run `mlc-edge compile` first")
+    if len(libs) > 1:
+        raise UserError(f"several libraries in {bundle}/lib: keep one of {[p.name for p in libs]}")
+    return libs[0]
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first generated token comes from prefill; the rest are decode steps.
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+        }
+
+
+class Engine:
+    """One sequence at a time, on the CPU (or another device this TVM can run)."""
+
+    def __init__(self, bundle: str | Path, device: str = "cpu"):
+        self.bundle = Path(bundle)
+        config_path = self.bundle / "mlc-chat-config.json"
+        if not config_path.is_file():
+            raise UserError(f"{self.bundle} is not a bundle: it has no mlc-chat-config.json")
+        self.chat_config = json.loads(config_path.read_text())
+        self.device = tvm.device(device)
+        executable = tvm.runtime.load_module(str(find_library(self.bundle)))
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self.metadata = json.loads(str(self.vm["_metadata"]()))
+        self.params = self._load_params()
+        self.context_window_size = int(self.metadata["context_window_size"])
+        self.prefill_chunk_size = int(self.metadata["prefill_chunk_size"])
+        self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self.kv_cache = self.vm["create_tir_paged_kv_cache"](
+            ShapeTuple([1]),
+            ShapeTuple([self.context_window_size]),
+            ShapeTuple([self.prefill_chunk_size]),
+            ShapeTuple([PAGE_SIZE]),
+            ShapeTuple([0]),
+        )
+        self._tokenizer = None
+        tvm.get_global_func("vm.builtin.kv_state_add_sequence")(self.kv_cache, 0)
+        self._seq_len = 0
+
+    # -- loading -------------------------------------------------------------------------
+    def _load_params(self) -> Any:
+        """Weights by name, in ``_metadata.params`` order, with TVM's own cache reader."""
+        load = tvm.get_global_func("vm.builtin.tensor_cache.load")
+        by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
+        clear = tvm.get_global_func("vm.builtin.tensor_cache.clear")
+        load(str(self.bundle), self.device.dlpack_device_type(), self.device.index)
+        try:
+            return by_name([p["name"] for p in self.metadata["params"]])
+        finally:
+            clear()
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
+        return self._tokenizer
+
+    # -- the forward passes ----------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the sequence: the KV cache starts empty."""
+        tvm.get_global_func("vm.builtin.kv_state_remove_sequence")(self.kv_cache, 0)
+        tvm.get_global_func("vm.builtin.kv_state_add_sequence")(self.kv_cache, 0)
+        self._seq_len = 0
+
+    def _forward(self, func: str, token_ids: list[int]) -> np.ndarray:
+        if self._seq_len + len(token_ids) > self.context_window_size:
+            raise UserError(
+                f"context window full: {self._seq_len} + {len(token_ids)} tokens exceed "
+                f"{self.context_window_size}; compile with a larger --context-window-size"
+            )
+        ids = tvm.runtime.tensor(np.array(token_ids, dtype="int32"), self.device)
+        embeds = self.vm["embed"](ids, self.params)
+        embeds = embeds._create_view((1, len(token_ids), embeds.shape[-1]))
+        self._begin(self.kv_cache, ShapeTuple([0]), ShapeTuple([len(token_ids)]))
+        logits, _ = self.vm[func](embeds, self.kv_cache, self.params)
+        self._end(self.kv_cache)
+        self._seq_len += len(token_ids)
+        return logits.numpy().reshape(-1)
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        """Feed tokens in chunks of ``prefill_chunk_size``; the last token's logits."""
+        if not token_ids:
+            raise UserError("the prompt is empty")
+        logits = None
+        for start in range(0, len(token_ids), self.prefill_chunk_size):
+            logits = self._forward("prefill", token_ids[start : start + self.prefill_chunk_size])
+        return logits
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._forward("decode", [token_id])
+
+    # -- generation -----------------------------------------------------------------------
+    def stop_token_ids(self) -> set[int]:
+        eos = self.chat_config.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids |= set(self.chat_config.get("conv_template", {}).get("stop_token_ids", []))
+        return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampler: Sampler,
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Generate from ``prompt_ids``; ``on_token`` sees each new token as it comes.
+
+        Stops at a stop token, at ``max_tokens`` or when the context window is full
+        (``finish_reason`` says which)."""
+        if len(prompt_ids) >= self.context_window_size:
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens but the context window holds "
+                f"{self.context_window_size}; shorten it or compile with a larger "
+                "--context-window-size"
+            )
+        self.reset()
+        result = GenerationResult(prompt_tokens=len(prompt_ids))
+        stops = self.stop_token_ids()
+        start = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        result.prefill_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        while True:
+            token = sampler(logits)
+            result.token_ids.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in stops:
+                result.finish_reason = "stop"
+                break
+            if len(result.token_ids) >= max_tokens:
+                result.finish_reason = "length"
+                break
+            if self._seq_len >= self.context_window_size:
+                result.finish_reason = "context window full"
+                break
+            logits = self.decode(token)
+        result.decode_seconds = time.perf_counter() - start
+        return result
+
+    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of ``prompt``, wrapped in the conversation template unless ``chat=False``."""
+        from ..bundle.conv_templates import render
+
+        template = self.chat_config.get("conv_template")
+        if not chat or not template:
+            return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+        text = render(template, [("user", prompt), ("assistant", None)])
+        prefix = list(template.get("system_prefix_token_ids", []))
+        return prefix + self.tokenizer.encode(text, add_special_tokens=False).ids
