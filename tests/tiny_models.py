@@ -6,6 +6,7 @@ saved the way the hub ships them: config.json, safetensors, tokenizer.json.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,8 @@ def llama_config(**overrides: Any):
 def save_model(model, path: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Save like the hub: safetensors in ``dtype``, config.json, tokenizer.json."""
     path.mkdir(parents=True, exist_ok=True)
-    model.to(dtype).save_pretrained(path, safe_serialization=True)
-    model.to(torch.float32)
+    # A copy: casting in place would also round the model's rotary buffers.
+    copy.deepcopy(model).to(dtype).save_pretrained(path, safe_serialization=True)
     make_tokenizer().save(str(path / "tokenizer.json"))
     config = json.loads((path / "config.json").read_text())
     assert config["architectures"], "save_pretrained must record the architecture"

@@ -68,6 +68,16 @@ def _is_var(expr: tirx.Expr, var: tirx.Var) -> bool:
     return isinstance(expr, tirx.Var) and expr.same_as(var)
 
 
+def _dtype(expr: tirx.Expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _same_index(a: tirx.Expr, b: tirx.Expr) -> bool:
+    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+        return a.value == b.value
+    return a.same_as(b)
+
+
 def _is_zero_index(expr: tirx.Expr) -> bool:
     return isinstance(expr, tirx.IntImm) and expr.value == 0
 
@@ -102,7 +112,7 @@ def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
         acc, prod = prod, acc
     if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
         return None
-    if not all(a.same_as(b) for a, b in zip(acc.indices, out_idx)):
+    if not all(_same_index(a, b) for a, b in zip(acc.indices, out_idx)):
         return None
     if not isinstance(prod, tirx.Mul):
         return None
@@ -157,7 +167,7 @@ def _accumulate_in_fp32(
     (``acc = f32(f16(acc) + a * b)``), so the block body is rebuilt as
     ``acc = acc + f32(a) * f32(b)`` and swapped in with ``ScheduleState.replace``.
     """
-    if str(pat.lhs.dtype) != "float16" or str(pat.rhs.dtype) != "float16":
+    if _dtype(pat.lhs) != "float16" or _dtype(pat.rhs) != "float16":
         return False
     sch.unsafe_set_dtype(block_rv, 0, "float32")
     block = sch.get(block_rv)
@@ -207,25 +217,71 @@ def _pick_tile(extent: int | tirx.Expr, lanes: int, max_tile: int) -> tuple[int,
     return max_tile, False
 
 
+def _largest_divisor(x: int, cap: int) -> int:
+    """Largest divisor of x that is <= cap (>= 1)."""
+    for d in range(min(cap, x), 0, -1):
+        if x % d == 0:
+            return d
+    return 1
+
+
 class MatmulKN(CPUScheduleRule):
     """Parallel, vectorized schedule for ``A[.., m, k] x W[k, n]`` matmul/GEMV on CPU.
 
+    Loop nest (n = weight columns, k = reduction, m = rows of A)::
+
+        parallel n_o                       # column chunks: one task per chunk
+          for m_oo                         # blocks of m_block rows (prefill chunks fit one)
+            acc[m_block, chunk] = 0        # local accumulator (L1/L2 resident)
+            for k_o                        # k in steps of k_tile
+              for m_o                      # m_tile-row groups of the block
+                for n_m                    # register tiles across the chunk
+                  for k_i (k_tile)         # acc tile stays in registers over these k
+                    for m_i (m_tile) unroll
+                      for n_v vectorized   # acc[m, n] += A[m, k] * W[k, n]
+            out / epilogue[m_block, chunk] = f(acc)
+
+    Every row of the chunk is a contiguous ``chunk``-wide run of W; k_tile rows are streamed
+    side by side, which the hardware prefetchers follow, and each weight vector loaded is used
+    by all the rows of the m block.
+
     Parameters
     ----------
-    n_vectors : int
-        Width of the n tile in SIMD registers of the accumulator dtype (fp32 for fp16 inputs).
+    reg_vectors : int
+        Register tile width in SIMD registers of the accumulator dtype.
+    chunk_bytes : int
+        Target bytes of one weight row inside a chunk (contiguous run per row).
+    k_tile : int
+        Weight rows streamed together while the accumulator tile stays in registers.
     m_tile : int
-        Rows per accumulator tile; each weight vector loaded is reused by that many rows.
+        Rows per register tile (m_tile * reg_vectors accumulator registers).
+    m_block : int
+        Rows sharing one pass over the weights (prefill chunks have <= 16 rows).
+    min_tasks : int
+        Minimum number of column chunks, so that all threads get work.
     fp32_accumulate : bool
         Accumulate fp16 matmuls in fp32 (rounded back to fp16 before the epilogue).
     """
 
-    def __init__(self, n_vectors: int = 4, m_tile: int = 4, fp32_accumulate: bool = True):
-        self.n_vectors = n_vectors
+    def __init__(
+        self,
+        reg_vectors: int = 4,
+        chunk_bytes: int = 2048,
+        k_tile: int = 8,
+        m_tile: int = 4,
+        m_block: int = 16,
+        min_tasks: int = 8,
+        fp32_accumulate: bool = True,
+    ):
+        self.reg_vectors = reg_vectors
+        self.chunk_bytes = chunk_bytes
+        self.k_tile = k_tile
         self.m_tile = m_tile
+        self.m_block = m_block
+        self.min_tasks = min_tasks
         self.fp32_accumulate = fp32_accumulate
 
-    def apply(  # noqa: C901 - one linear recipe, split only where it reads better
+    def apply(  # noqa: C901 - one linear recipe
         self,
         func: tirx.PrimFunc,
         target: Target,
@@ -268,6 +324,7 @@ class MatmulKN(CPUScheduleRule):
             and _accumulate_in_fp32(sch, block, pat)
         )
         acc_bytes = 4 if acc_fp32 else DataType(pat.out_dtype).itemsize
+        w_bytes = DataType(_dtype(pat.rhs)).itemsize
         lanes = max(1, vector_bytes(target) // acc_bytes)
 
         if m_loops:
@@ -276,28 +333,45 @@ class MatmulKN(CPUScheduleRule):
             m_loop = sch.add_unit_loop(n_loop)
         m_extent = get_extent(sch, m_loop)
         n_extent = get_extent(sch, n_loop)
+        k_extent = get_extent(sch, k_loop)
 
-        n_tile, _ = _pick_tile(n_extent, lanes, lanes * self.n_vectors)
-        n_o, n_i = sch.split(n_loop, [None, n_tile])
-        if isinstance(m_extent, int) and m_extent <= self.m_tile:
-            m_tile = m_extent
-        elif isinstance(m_extent, int):
-            # Largest divisor of M not above m_tile avoids a row predicate for static M.
-            m_tile = max(d for d in range(1, self.m_tile + 1) if m_extent % d == 0)
-            if m_tile < self.m_tile // 2:
-                m_tile = self.m_tile
+        # n: [chunks (parallel), register tiles per chunk, register tile (vector)].
+        n_v, exact = _pick_tile(n_extent, lanes, lanes * self.reg_vectors)
+        want = max(1, self.chunk_bytes // (w_bytes * n_v))
+        if exact and isinstance(n_extent, int):
+            tiles = n_extent // n_v
+            n_m = _largest_divisor(tiles, want)
+            while n_m > 1 and tiles // n_m < self.min_tasks:
+                n_m = _largest_divisor(tiles, n_m - 1)
         else:
-            m_tile = self.m_tile
-        m_o, m_i = sch.split(m_loop, [None, m_tile])
-        sch.reorder(n_o, m_o, k_loop, m_i, n_i)
+            n_m = want
+        n_o, n_mi, n_vi = sch.split(n_loop, [None, n_m, n_v])
+
+        # m: [m blocks, register-tile groups, rows of a register tile].
+        if isinstance(m_extent, int) and m_extent <= self.m_block:
+            m_block = m_extent
+        else:
+            m_block = self.m_block
+        m_tile = min(self.m_tile, m_block)
+        if m_block % m_tile:
+            m_tile = _largest_divisor(m_block, m_tile)
+        m_oo, m_o, m_i = sch.split(m_loop, [None, m_block // m_tile, m_tile])
+
+        # k: [k steps, rows streamed together].
+        if isinstance(k_extent, int):
+            k_i = _largest_divisor(k_extent, self.k_tile)
+        else:
+            k_i = self.k_tile
+        k_o, k_ii = sch.split(k_loop, [None, k_i])
+
+        sch.reorder(n_o, m_oo, k_o, m_o, n_mi, k_ii, m_i, n_vi)
         sch.parallel(n_o)
-        sch.vectorize(n_i)
+        sch.vectorize(n_vi)
         sch.unroll(m_i)
 
-        # Zero the tile right before the k loop.
-        init = sch.decompose_reduction(block, k_loop)
-        init_loops = sch.get_loops(init)
-        sch.vectorize(init_loops[-1])
+        # Zero the accumulator block right before the k loop.
+        init = sch.decompose_reduction(block, k_o)
+        sch.vectorize(sch.get_loops(init)[-1])
 
         # Fold the epilogue chain into the write-back (bias/residual/cast become one store).
         remaining: list[s_tir.schedule.SBlockRV] = []
@@ -306,12 +380,11 @@ class MatmulKN(CPUScheduleRule):
                 sch.reverse_compute_inline(epi)
             except Exception:  # noqa: BLE001 - not inlinable: computed per tile below
                 remaining.append(epi)
-        sch.reverse_compute_at(writeback, m_o, preserve_unit_loops=True)
-        wb_loops = sch.get_loops(writeback)
-        sch.vectorize(wb_loops[-1])
+        sch.reverse_compute_at(writeback, m_oo, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(writeback)[-1])
         for epi in remaining:
             try:
-                sch.reverse_compute_at(epi, m_o, preserve_unit_loops=True)
+                sch.reverse_compute_at(epi, m_oo, preserve_unit_loops=True)
             except Exception:  # noqa: BLE001 - leave it at the root (serial, still correct)
                 continue
         return sch

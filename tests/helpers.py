@@ -1,0 +1,58 @@
+"""Compile tiny checkpoints and compare them against transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlc_edge.cli import main
+from mlc_edge.runtime import Engine
+
+PROMPT_LEN = 37  # > 2 prefill chunks of 16, so prefill is chunked and ends mid-chunk
+DECODE_STEPS = 12
+
+
+def compile_bundle(model_dir: Path, out: Path, *flags: str) -> Path:
+    try:
+        main(["compile", str(model_dir), "-o", str(out), "--json", *flags])
+    except SystemExit as e:  # main exits only on errors
+        raise AssertionError(f"compile failed with exit code {e.code}") from e
+    return out
+
+
+def prompt_ids(vocab_size: int, seed: int = 0) -> list[int]:
+    rng = np.random.RandomState(seed)
+    return [int(i) for i in rng.randint(2, vocab_size, size=PROMPT_LEN)]
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float().numpy()
+
+
+def greedy_compare(engine: Engine, model, ids: list[int], steps: int = DECODE_STEPS):
+    """Greedy-decode with both; returns (ours, theirs, max logit error per step)."""
+    ours_tokens, theirs_tokens, errors = [], [], []
+    engine.reset()
+    ours = engine.prefill(ids)
+    seq = list(ids)
+    for step in range(steps + 1):
+        theirs = reference_logits(model, seq)
+        errors.append(float(np.abs(ours - theirs).max()))
+        ours_tokens.append(int(np.argmax(ours)))
+        theirs_tokens.append(int(np.argmax(theirs)))
+        # Follow transformers' token so one early divergence does not cascade.
+        seq.append(theirs_tokens[-1])
+        if step < steps:
+            ours = engine.decode(theirs_tokens[-1])
+    return ours_tokens, theirs_tokens, errors
+
+
+def top2_margins(model, ids: list[int], tokens: list[int]) -> list[float]:
+    """The reference's gap between its best and second-best logit at each greedy step."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1 :]
+    top2 = torch.topk(logits, 2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
