@@ -60,8 +60,15 @@ def copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
                 "this checkpoint has only tokenizer.model; turning it into tokenizer.json "
                 "needs transformers: pip install 'mlc-edge[hf]'"
             ) from None
-        tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
-        tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+            tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+        except Exception as e:  # transformers raises many kinds here
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"could not turn {model_dir / 'tokenizer.model'} into tokenizer.json ({first}); "
+                "add a tokenizer.json to the checkpoint"
+            ) from None
         copied.append("tokenizer.json")
     return copied
 

@@ -217,6 +217,15 @@ def _pick_tile(extent: int | tirx.Expr, lanes: int, max_tile: int) -> tuple[int,
     return max_tile, False
 
 
+def _vectorize_inner(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, width: int) -> None:
+    """Vectorize the innermost loop of ``block`` in pieces of ``width`` (a register tile)."""
+    inner = sch.get_loops(block)[-1]
+    extent = get_extent(sch, inner)
+    if isinstance(extent, int) and extent > width and extent % width == 0:
+        inner = sch.split(inner, [None, width])[-1]
+    sch.vectorize(inner)
+
+
 def _largest_divisor(x: int, cap: int) -> int:
     """Largest divisor of x that is <= cap (>= 1)."""
     for d in range(min(cap, x), 0, -1):
@@ -381,7 +390,7 @@ class MatmulKN(CPUScheduleRule):
             except Exception:  # noqa: BLE001 - not inlinable: computed per tile below
                 remaining.append(epi)
         sch.reverse_compute_at(writeback, m_oo, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(writeback)[-1])
+        _vectorize_inner(sch, writeback, n_v)
         for epi in remaining:
             try:
                 sch.reverse_compute_at(epi, m_oo, preserve_unit_loops=True)
