@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,11 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
     from .compiler.targets import get_target
     from .config import ModelSpec
 
-    get_target(target)
+    target_spec = get_target(target)
+    target_spec.require_buildable()  # before reading or writing anything
+    if model_lib is not None and not re.fullmatch(r"[0-9A-Za-z_]+", model_lib):
+        raise UserError(f"--model-lib '{model_lib}' must be letters, digits and '_' only "
+                        "(it prefixes the library's symbols)")
     progress = not as_json
     is_bundle = (Path(model_dir) / "mlc-chat-config.json").is_file()
     if is_bundle:
@@ -135,15 +140,36 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
             raise UserError("give the bundle folder with -o (e.g. -o dist/my-model)")
         spec = _spec(model_dir, quantization, preset, target, sizes)
     lib_name = model_lib or default_model_lib(model_dir, spec, target)
+    app_config = None
     with staged(output) as stage:
         if not is_bundle:
             write_chat_config(model_dir, spec, stage, conv_template)
+        # For a device with limits the library comes first: its guards refuse a model the
+        # device cannot hold within seconds, not after a long weight conversion.
+        library_first = target_spec.limits is not None
+        if library_first:
+            lib, metadata = write_library(spec, target, stage, lib_name, progress)
+        if not is_bundle:
             write_weights(model_dir, spec, stage, progress)
-        lib = write_library(spec, target, stage, lib_name, progress)
+        if not library_first:
+            lib, metadata = write_library(spec, target, stage, lib_name, progress)
+        if target_spec.system_lib:  # a phone bundle: the app's entry for it
+            from .bundle.app_config import write_app_config
+
+            app_config = write_app_config(
+                stage, Path(output).absolute().name, lib_name, metadata, spec.scheme.dtype,
+                weights_dir=None if (stage / "tensor-cache.json").is_file() else Path(output),
+            )
     lib = Path(output) / "lib" / lib.name
-    _emit(as_json, {"bundle": str(output), "model_lib": lib_name, "library": str(lib),
-                    "target": target, "quantization": spec.scheme.name, **spec.runtime_sizes},
-          [f"bundle ready: {output} (library lib/{lib.name})"])
+    summary = {"bundle": str(output), "model_lib": lib_name, "library": str(lib),
+               "target": target, "quantization": spec.scheme.name, **spec.runtime_sizes}
+    lines = [f"bundle ready: {output} (library lib/{lib.name})"]
+    if app_config is not None:
+        entry = app_config["model_list"][0]
+        summary["app_config"] = entry
+        lines.append(f"app entry in mlc-app-config.json: model_id {entry['model_id']}, "
+                     f"estimated VRAM {entry['estimated_vram_bytes'] / 2**20:.1f} MiB")
+    _emit(as_json, summary, lines)
 
 
 @cli.command("run")
@@ -200,14 +226,19 @@ def run_cmd(bundle: Path, prompt: str, max_tokens: int, temperature: float, top_
 @cli.command("targets")
 @click.option("--json", "as_json", is_flag=True)
 def targets_cmd(as_json: bool) -> None:
-    """List the compile targets."""
+    """List the compile targets, their device limits, and what this machine can do."""
     from .compiler.targets import TARGETS
 
-    rows = [{"name": t.name, "description": t.description, "default_preset": t.default_preset,
-             "runs_here": t.runs_here()} for t in TARGETS.values()]
-    _emit(as_json, {"targets": rows},
-          [f"{r['name']:<16} {r['description']} (preset {r['default_preset']}; "
-           f"{'runs here' if r['runs_here'] else 'does not run here'})" for r in rows])
+    rows = [t.describe() for t in TARGETS.values()]
+    lines = []
+    for t, r in zip(TARGETS.values(), rows, strict=True):
+        build = "builds here" if r["can_build"] else f"cannot be built here: {r['build_problem']}"
+        run = "runs here" if r["runs_here"] else "does not run here"
+        lines.append(f"{r['name']:<26} {r['description']}")
+        lines.append(f"{'':<26} preset {r['default_preset']}; {r['library']}; {build}; {run}")
+        if t.limits is not None:
+            lines.append(f"{'':<26} limits: {t.limits.summary()}")
+    _emit(as_json, {"targets": rows}, lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,21 +50,22 @@ def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool) -
 
 
 def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
-                  progress: bool) -> Path:
-    from ..compiler.build import compile_model, export
+                  progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Compile and export ``lib/<model_lib><suffix>``; returns its path and ``_metadata``."""
+    from ..compiler.build import compile_model_with_metadata, export
     from ..compiler.targets import get_target
 
     target = get_target(target_name)
     start = time.perf_counter()
     if progress:
         print(f"compiling {model_lib} for {target.name} ...", file=sys.stderr, flush=True)
-    executable = compile_model(spec, target, model_lib)
+    executable, metadata = compile_model_with_metadata(spec, target, model_lib)
     path = out / "lib" / f"{model_lib}{target.lib_suffix}"
     export(executable, path)
     if progress:
         print(f"compiled in {time.perf_counter() - start:.1f} s: lib/{path.name}",
               file=sys.stderr, flush=True)
-    return path
+    return path, metadata
 
 
 def require_weights_match(spec: ModelSpec, out: Path) -> None:

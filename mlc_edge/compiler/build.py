@@ -4,7 +4,9 @@
     FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
     Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
     schedules         the target's rules give each PrimFunc its loops and threads
+    GPU guards        every PrimFunc became kernels, within the device's work-group size
     lowering          dataflow → VM calls; memory planned statically with size bounds
+    GPU guard         no weight or planned buffer above the device's largest allocation
     AttachMetadata    ``_metadata`` JSON including the planned memory
     relax.build       machine code (and device kernels), exported as .so or .tar
 """
@@ -21,7 +23,15 @@ from tvm.s_tir import dlight as dl
 
 from ..config import ModelSpec
 from ..models import DecoderLM
-from .passes import AttachLogitProcessor, AttachMetadata, AttachVarBounds
+from .passes import (
+    AttachLogitProcessor,
+    AttachMetadata,
+    AttachVarBounds,
+    CaptureMetadata,
+    CheckAllocationLimit,
+    CheckWorkGroupSize,
+    RequireKernels,
+)
 from .targets import TargetSpec
 
 
@@ -89,9 +99,24 @@ class ApplySchedules:
 
 
 def compile_pipeline(
-    target_spec: TargetSpec, metadata: dict[str, Any], bounds: dict[str, int]
+    target_spec: TargetSpec,
+    metadata: dict[str, Any],
+    bounds: dict[str, int],
+    metadata_sink: dict[str, Any] | None = None,
 ) -> tvm.transform.Pass:
+    """Our Relax pipeline; ``metadata_sink``, if given, receives the final ``_metadata``."""
     t = relax.transform
+    limits = target_spec.limits
+    device = f"{limits.gpu} ({target_spec.name})" if limits else target_spec.name
+    # GPU builds only: on the CPU, plain loops are valid host code and memory is the host's.
+    kernel_guards = [RequireKernels(target_spec.name)] if target_spec.device != "cpu" else []
+    if limits:
+        kernel_guards.append(CheckWorkGroupSize(limits.max_work_group_size, device))
+    alloc_guards = (
+        [CheckAllocationLimit(limits.max_mem_alloc_bytes, device,
+                              [p["name"] for p in metadata["params"]])]
+        if limits else []
+    )
     return tvm.transform.Sequential(
         [
             AttachLogitProcessor(),
@@ -104,12 +129,15 @@ def compile_pipeline(
             t.FuseTIR(),
             t.DeadCodeElimination(),
             ApplySchedules(target_spec.schedule_rules()),
+            *kernel_guards,
             t.RewriteDataflowReshape(),
             t.ToNonDataflow(),
             t.RemovePurityChecking(),
             t.CallTIRRewrite(),
             t.StaticPlanBlockMemory(),
+            *alloc_guards,
             AttachMetadata(metadata),
+            *([CaptureMetadata(metadata_sink)] if metadata_sink is not None else []),
             t.LowerAllocTensor(),
             t.KillAfterLastUse(),
             t.LowerRuntimeBuiltin(),
@@ -123,6 +151,19 @@ def compile_pipeline(
 
 def compile_model(spec: ModelSpec, target_spec: TargetSpec, model_lib: str) -> Any:
     """Compile the model; returns the TVM executable (``export_library`` writes it)."""
+    return compile_model_with_metadata(spec, target_spec, model_lib)[0]
+
+
+def compile_model_with_metadata(
+    spec: ModelSpec, target_spec: TargetSpec, model_lib: str
+) -> tuple[Any, dict[str, Any]]:
+    """The executable and its ``_metadata`` (read at compile time: a phone's library does
+    not run here).
+
+    Raises UserError when this TVM cannot build the target, or when a guard finds the
+    result would fail on the device (see ``compile_pipeline``).
+    """
+    target_spec.require_buildable()
     target = target_spec.tvm_target()
     model = instantiate(spec, target)
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
@@ -134,11 +175,19 @@ def compile_model(spec: ModelSpec, target_spec: TargetSpec, model_lib: str) -> A
         "batch_size": sizes["max_batch_size"],
         "vocab_size": spec.config.vocab_size,
     }
-    pipeline = compile_pipeline(target_spec, build_metadata(spec, model, params), bounds)
+    metadata: dict[str, Any] = {}
+    pipeline = compile_pipeline(
+        target_spec, build_metadata(spec, model, params), bounds, metadata_sink=metadata
+    )
     with target:
-        return relax.build(
-            mod, target, relax_pipeline=pipeline, system_lib=target_spec.system_lib
+        # The prefix attribute alone makes the library a system library. system_lib=True
+        # would also have relax.build read the attribute back, which fails in TVM 0.27 for
+        # prefixes under 8 characters ("Cannot convert from type `ffi.SmallStr`").
+        executable = relax.build(
+            mod, target, relax_pipeline=pipeline,
+            system_lib=None if target_spec.system_lib else False,
         )
+    return executable, metadata
 
 
 def read_metadata(executable_or_vm: Any) -> dict[str, Any]:

@@ -3,12 +3,18 @@
 Their signatures are the runtime's (``cpp/serve/logit_processor.cc``): the logits are a
 ``[batch, vocab]`` float32 buffer changed in place; per-token arrays say which sequence
 (``pos2seq_id``) and which token each entry applies to.
+
+Two variants of each: plain loops for the CPU, and for GPU targets the same arithmetic with
+one GPU thread per entry (the logits live in device memory there: a loop left as host code
+would touch them from the CPU). Both are marked ``tirx.is_scheduled`` so the schedule rules
+leave them alone.
 """
 
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.target import Target
 
 # The float32 value masked-out tokens get: sampling gives them probability zero.
 _NEG_INF = -3.4028234663852886e38
@@ -83,8 +89,108 @@ def _apply_bitmask_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_bitm
         )
 
 
-def logit_processor_funcs() -> dict[str, tirx.PrimFunc]:
-    """The three functions, by the names the runtime looks up."""
+def _gpu_funcs(threads: int) -> dict[str, tirx.PrimFunc]:
+    """The GPU variants: entry ``i`` of a flat index space is thread ``bx * threads + tx``.
+
+    Entries never collide: the runtime passes each (sequence, token) pair once, so the
+    in-place updates need no atomics.
+    """
+
+    @T.prim_func(private=True)
+    def apply_logit_bias_inplace(
+        var_logits: T.handle,
+        var_pos2seq_id: T.handle,
+        var_token_ids: T.handle,
+        var_logit_bias: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch_size, vocab_size, num_token = T.int32(), T.int32(), T.int32()
+        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
+        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
+        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
+        logit_bias = T.match_buffer(var_logit_bias, (num_token,), "float32")
+        for bx in T.thread_binding((num_token + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                if bx * threads + tx < num_token:
+                    i = bx * threads + tx
+                    logits[pos2seq_id[i], token_ids[i]] += logit_bias[i]
+
+    @T.prim_func(private=True)
+    def apply_penalty_inplace(
+        var_logits: T.handle,
+        var_seq_ids: T.handle,
+        var_pos2seq_id: T.handle,
+        var_token_ids: T.handle,
+        var_token_cnt: T.handle,
+        var_penalties: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch_size, vocab_size, num_token, num_seq = T.int32(), T.int32(), T.int32(), T.int32()
+        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
+        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
+        pos2seq_id = T.match_buffer(var_pos2seq_id, (num_token,), "int32")
+        token_ids = T.match_buffer(var_token_ids, (num_token,), "int32")
+        token_cnt = T.match_buffer(var_token_cnt, (num_token,), "int32")
+        penalties = T.match_buffer(var_penalties, (num_seq, 3), "float32")
+        for bx in T.thread_binding((num_token + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                if bx * threads + tx < num_token:
+                    i = bx * threads + tx
+                    s = pos2seq_id[i]
+                    row = seq_ids[s]
+                    tok = token_ids[i]
+                    logits[row, tok] -= (
+                        penalties[s, 0] + T.Cast("float32", token_cnt[i]) * penalties[s, 1]
+                    )
+                    logits[row, tok] = T.if_then_else(
+                        logits[row, tok] < T.float32(0),
+                        logits[row, tok] * penalties[s, 2],
+                        logits[row, tok] / penalties[s, 2],
+                    )
+
+    @T.prim_func(private=True)
+    def apply_bitmask_inplace(var_logits: T.handle, var_seq_ids: T.handle, var_bitmask: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch_size, vocab_size, num_seq = T.int32(), T.int32(), T.int32()
+        logits = T.match_buffer(var_logits, (batch_size, vocab_size), "float32")
+        seq_ids = T.match_buffer(var_seq_ids, (num_seq,), "int32")
+        bitmask = T.match_buffer(var_bitmask, (batch_size, (vocab_size + 31) // 32), "int32")
+        # One thread per (sequence, token): num_seq * vocab_size entries.
+        for bx in T.thread_binding(
+            (num_seq * vocab_size + threads - 1) // threads, thread="blockIdx.x"
+        ):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                if bx * threads + tx < num_seq * vocab_size:
+                    s = (bx * threads + tx) // vocab_size
+                    v = (bx * threads + tx) % vocab_size
+                    logits[seq_ids[s], v] = T.if_then_else(
+                        (bitmask[seq_ids[s], v // 32] >> (v % 32)) & 1 == 1,
+                        logits[seq_ids[s], v],
+                        T.float32(_NEG_INF),
+                    )
+
+    return {
+        "apply_logit_bias_inplace": apply_logit_bias_inplace,
+        "apply_penalty_inplace": apply_penalty_inplace,
+        "apply_bitmask_inplace": apply_bitmask_inplace,
+    }
+
+
+# Threads per work-group of the GPU variants: enough to hide latency on a tiny update,
+# and within every GPU's limit (the target's max_num_threads can only lower it).
+GPU_THREADS = 256
+
+
+def logit_processor_funcs(target: Target | None = None) -> dict[str, tirx.PrimFunc]:
+    """The three functions, by the names the runtime looks up, for ``target``.
+
+    Without a target, the current one (the compile pipeline runs inside ``with target``);
+    GPU targets get the thread-bound variants, anything else the CPU loops.
+    """
+    target = target or Target.current(allow_none=True)
+    if target is not None and "gpu" in target.keys:
+        limit = int(target.attrs.get("max_num_threads", GPU_THREADS))
+        return _gpu_funcs(min(GPU_THREADS, limit))
     return {
         "apply_logit_bias_inplace": _apply_logit_bias_inplace,
         "apply_penalty_inplace": _apply_penalty_inplace,

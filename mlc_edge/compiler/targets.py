@@ -1,19 +1,80 @@
 """The targets ``mlc-edge compile --target`` knows, and what each one builds.
 
 A target says how to make the TVM target, which schedule rules give its functions
-their loops/threads, how the library is exported, and which device runs it.
+their loops/threads, how the library is exported, which device runs it and, for a GPU,
+the device limits the compile-time guards check (``DeviceLimits``, from the JSON files in
+``schedules/adreno/``).
+
+    cpu                          this machine (LLVM), a .so that ``mlc-edge run`` loads
+    android-opencl[:adreno-NNN]  Adreno GPU through OpenCL, a system library .tar for the app
+    vulkan                       listed only: this TVM has no Vulkan code generator
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import tvm
 from tvm.target import Target
 
 from ..errors import UserError
+
+# The phone's CPU runs the host side (the VM, kernel launches): Android on arm64.
+ANDROID_HOST: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-android"}
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What one GPU allows, as its OpenCL driver reports it (see the JSON files' notes).
+
+    ``max_work_group_size`` (CL_DEVICE_MAX_WORK_GROUP_SIZE) bounds every kernel's
+    threads; ``schedule_threads`` is what the schedules are given (``max_num_threads`` of
+    the TVM target), lower because a kernel's own limit falls with its register use.
+    ``max_mem_alloc_bytes`` (CL_DEVICE_MAX_MEM_ALLOC_SIZE) bounds every single buffer,
+    weights included. ``global_mem_bytes`` and ``memory_bandwidth_gb_s`` are for planning
+    (what fits, the decode speed ceiling), not checked.
+    """
+
+    name: str
+    gpu: str
+    soc: str
+    max_work_group_size: int
+    schedule_threads: int
+    max_mem_alloc_bytes: int
+    global_mem_bytes: int
+    preferred_vector_width_half: int
+    vector_load_bytes: int
+    memory_bandwidth_gb_s: float
+    notes: str = ""
+
+    @classmethod
+    def load(cls, name: str, package: str = "mlc_edge.schedules.adreno") -> DeviceLimits:
+        data = json.loads(resources.files(package).joinpath(f"{name}.json").read_text())
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def replace(self, **changes: Any) -> DeviceLimits:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"work-group <= {self.max_work_group_size} (kernels use {self.schedule_threads}), "
+            f"one buffer <= {self.max_mem_alloc_bytes / MiB:.0f} MiB, "
+            f"global memory {self.global_mem_bytes / 2**30:.1f} GiB reported, "
+            f"half vector width {self.preferred_vector_width_half} "
+            f"(loads of {self.vector_load_bytes} bytes), "
+            f"bandwidth {self.memory_bandwidth_gb_s:g} GB/s"
+        )
 
 
 @dataclass(frozen=True)
@@ -24,6 +85,8 @@ class TargetSpec:
     default_preset: str
     lib_suffix: str  # ".so" loads on this machine; ".tar" is linked into an app
     system_lib: bool
+    codegen: str = "llvm"  # the TVM target kind whose code generator builds the kernels
+    limits: DeviceLimits | None = None  # device limits the guards check (GPU targets)
 
     def tvm_target(self) -> Target:
         raise NotImplementedError
@@ -31,9 +94,43 @@ class TargetSpec:
     def schedule_rules(self) -> list[Any]:
         raise NotImplementedError
 
+    def with_limits(self, limits: DeviceLimits) -> TargetSpec:
+        """The same target for a device with other limits (tests, a board of one's own)."""
+        return dataclasses.replace(self, limits=limits)
+
+    def build_problem(self) -> str | None:
+        """Why this machine's TVM cannot build this target, or None when it can."""
+        if tvm.get_global_func(f"target.build.{self.codegen}", allow_missing=True) is None:
+            return (
+                f"this TVM has no {self.codegen} code generator "
+                f"(target.build.{self.codegen} is not registered)"
+            )
+        return None
+
+    def require_buildable(self) -> None:
+        problem = self.build_problem()
+        if problem:
+            raise UserError(f"target '{self.name}' cannot be built here: {problem}")
+
     def runs_here(self) -> bool:
         """Whether a bundle for this target can be run by ``mlc-edge run`` on this machine."""
         return tvm.runtime.enabled(self.device) and self.lib_suffix == ".so"
+
+    def describe(self) -> dict[str, Any]:
+        """What ``mlc-edge targets --json`` prints for this target."""
+        problem = self.build_problem()
+        return {
+            "name": self.name,
+            "description": self.description,
+            "device": self.device,
+            "default_preset": self.default_preset,
+            "library": f"lib/<model_lib>{self.lib_suffix}"
+            + (" (system library)" if self.system_lib else ""),
+            "can_build": problem is None,
+            "build_problem": problem,
+            "runs_here": self.runs_here(),
+            "limits": self.limits.as_dict() if self.limits else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -49,6 +146,65 @@ class CpuTarget(TargetSpec):
         return cpu_rules()
 
 
+@dataclass(frozen=True)
+class AndroidOpenCLTarget(TargetSpec):
+    """Adreno through OpenCL: kernels as OpenCL C source inside an arm64 system library."""
+
+    def tvm_target(self) -> Target:
+        assert self.limits is not None
+        threads = self.limits.schedule_threads
+        # device "adreno" sends dlight down its Adreno branches; max_num_threads caps the
+        # work-groups the schedules (and the KV cache's kernels) choose.
+        return Target(
+            {"kind": "opencl", "device": "adreno",
+             "max_num_threads": threads, "max_threads_per_block": threads},
+            host=ANDROID_HOST,
+        )
+
+    def schedule_rules(self) -> list[Any]:
+        from ..schedules.adreno import adreno_rules
+
+        return adreno_rules()
+
+
+@dataclass(frozen=True)
+class VulkanTarget(TargetSpec):
+    """Listed so users find it, refused at compile time: the PyPI TVM has no Vulkan codegen."""
+
+    def tvm_target(self) -> Target:
+        return Target({"kind": "vulkan"}, host=ANDROID_HOST)
+
+    def schedule_rules(self) -> list[Any]:
+        from ..schedules.adreno import adreno_rules
+
+        return adreno_rules()
+
+    def build_problem(self) -> str | None:
+        problem = super().build_problem()
+        if problem:
+            return (
+                f"{problem[:-1]}: the apache-tvm wheel is built without USE_VULKAN); "
+                "use --target android-opencl, or a TVM built with USE_VULKAN=ON"
+            )
+        return None
+
+
+def _android_opencl(gpu: str | None) -> AndroidOpenCLTarget:
+    limits = DeviceLimits.load(gpu or "default")
+    name = "android-opencl" + (f":{gpu}" if gpu else "")
+    what = f"{limits.gpu} ({limits.soc})" if gpu else "any Adreno 7xx/8xx phone GPU"
+    return AndroidOpenCLTarget(
+        name=name,
+        description=f"{what} through OpenCL: a system library .tar for MLC's Android app",
+        device="opencl",
+        default_preset="edge-512",
+        lib_suffix=".tar",
+        system_lib=True,
+        codegen="opencl",
+        limits=limits,
+    )
+
+
 TARGETS: dict[str, TargetSpec] = {
     t.name: t
     for t in (
@@ -59,6 +215,19 @@ TARGETS: dict[str, TargetSpec] = {
             default_preset="edge-512",
             lib_suffix=".so",
             system_lib=False,
+        ),
+        _android_opencl(None),
+        _android_opencl("adreno-740"),
+        _android_opencl("adreno-750"),
+        _android_opencl("adreno-830"),
+        VulkanTarget(
+            name="vulkan",
+            description="Android GPU through Vulkan (not buildable with this TVM)",
+            device="vulkan",
+            default_preset="edge-512",
+            lib_suffix=".tar",
+            system_lib=True,
+            codegen="vulkan",
         ),
     )
 }

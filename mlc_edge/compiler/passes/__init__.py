@@ -1,7 +1,27 @@
 """Compiler passes of our own: one pass a file, each for one reason."""
 
+import tvm_ffi
+
+from ...errors import UserError
 from .attach_logit_processor import AttachLogitProcessor
 from .attach_metadata import AttachMetadata, memory_usage
 from .attach_var_bounds import AttachVarBounds
+from .capture_metadata import CaptureMetadata
+from .check_allocation_limit import CheckAllocationLimit
+from .check_work_group_size import CheckWorkGroupSize
+from .require_kernels import RequireKernels
 
-__all__ = ["AttachLogitProcessor", "AttachMetadata", "AttachVarBounds", "memory_usage"]
+# The guards raise UserError inside passes that TVM runs from C++; registered, the error
+# comes back out of relax.build as a UserError (one line for the CLI), not a RuntimeError.
+tvm_ffi.register_error("UserError", UserError)
+
+__all__ = [
+    "AttachLogitProcessor",
+    "AttachMetadata",
+    "AttachVarBounds",
+    "CaptureMetadata",
+    "CheckAllocationLimit",
+    "CheckWorkGroupSize",
+    "RequireKernels",
+    "memory_usage",
+]
