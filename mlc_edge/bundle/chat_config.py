@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import UserError
-from .conv_templates import choose_template, make_template
+from .conv_templates import choose_template, make_template, read_chat_template
 
 # Copied as they are when present; tokenizer.json is what the runtime tries first.
 TOKENIZER_FILES = (
@@ -108,7 +108,9 @@ def generate_chat_config(
     bos = generation.get("bos_token_id", hf.get("bos_token_id"))
     eos = _as_list(generation.get("eos_token_id", hf.get("eos_token_id")))
     pad = generation.get("pad_token_id", hf.get("pad_token_id"))
-    template_name = conv_template or choose_template(spec.family.model_type, vocab)
+    template_name = conv_template or choose_template(
+        spec.family.model_type, vocab, read_chat_template(model_dir)
+    )
     sizes = spec.runtime_sizes
     config = {
         "version": "0.1.0",

@@ -9,6 +9,9 @@ The runtime builds a prompt as: system part, then per message
 from __future__ import annotations
 
 import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -39,9 +42,33 @@ def _template(**fields: Any) -> dict[str, Any]:
     return base
 
 
-# Special tokens each template needs from the tokenizer: (field, token text).
-_TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
-    "llama-3": (
+@dataclass(frozen=True)
+class _Entry:
+    template: dict[str, Any]
+    stop_tokens: tuple[str, ...]  # special tokens whose ids stop generation
+    bos_prefix: bool  # the tokenizer's own chat template starts with the BOS token
+
+
+def _chatml(name: str, system_message: str) -> _Entry:
+    """Qwen's ChatML: ``<|im_start|>role\ncontent<|im_end|>\n``, no BOS."""
+    return _Entry(
+        _template(
+            name=name,
+            system_template="<|im_start|>system\n{system_message}<|im_end|>\n",
+            system_message=system_message,
+            roles={"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"},
+            seps=["<|im_end|>\n"],
+            role_content_sep="\n",
+            role_empty_sep="\n",
+            stop_str=["<|endoftext|>", "<|im_end|>"],
+        ),
+        ("<|im_end|>", "<|endoftext|>"),
+        bos_prefix=False,
+    )
+
+
+_TEMPLATES: dict[str, _Entry] = {
+    "llama-3": _Entry(
         _template(
             name="llama-3",
             system_template=(
@@ -56,9 +83,10 @@ _TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
             role_content_sep="<|end_header_id|>\n\n",
             role_empty_sep="<|end_header_id|>\n\n",
         ),
-        ["<|eot_id|>", "<|end_of_text|>"],
+        ("<|eot_id|>", "<|end_of_text|>"),
+        bos_prefix=True,
     ),
-    "llama-2": (
+    "llama-2": _Entry(
         _template(
             name="llama-2",
             system_template="[INST] <<SYS>>\n{system_message}\n<</SYS>>\n\n",
@@ -70,18 +98,77 @@ _TEMPLATES: dict[str, tuple[dict[str, Any], list[str]]] = {
             role_empty_sep=" ",
             stop_str=["[INST]"],
         ),
-        [],
+        (),
+        bos_prefix=True,
+    ),
+    # Qwen2-Instruct's default system message.
+    "qwen2": _chatml("qwen2", "You are a helpful assistant."),
+    # Qwen2.5-Instruct's tokenizer template puts this one in when no system message is given.
+    "qwen2.5": _chatml(
+        "qwen2.5", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    ),
+    # Qwen3's tokenizer template writes no system block without a system message, which
+    # MLC's format cannot express (its system part is always rendered); like MLC-LLM's own
+    # qwen3 template we default to Qwen2's message rather than an empty system block.
+    "qwen3": _chatml("qwen3", "You are a helpful assistant."),
+    # Phi-2's documented QA format, "Instruct: ...\nOutput:"; its tokenizer has no template.
+    "phi-2": _Entry(
+        _template(
+            name="phi-2",
+            roles={"user": "Instruct", "assistant": "Output"},
+            seps=["\n"],
+            role_content_sep=": ",
+            role_empty_sep=":",
+            stop_str=["<|endoftext|>"],
+        ),
+        ("<|endoftext|>",),
+        bos_prefix=False,
     ),
 }
 
 TEMPLATE_NAMES = tuple(_TEMPLATES)
 
+# The template a family's checkpoints use when the tokenizer does not tell.
+_FAMILY_DEFAULT = {"llama": "llama-2", "qwen2": "qwen2", "qwen3": "qwen3", "phi": "phi-2"}
+_QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud."
 
-def choose_template(family_model_type: str, vocab: dict[str, int]) -> str:
-    """The template a checkpoint's tokenizer was trained for."""
+
+def choose_template(
+    family_model_type: str, vocab: dict[str, int], chat_template: str | None = None
+) -> str:
+    """The template a checkpoint's tokenizer was trained for.
+
+    The tokenizer decides where it can (its special tokens and the text of its own
+    ``chat_template``): a Phi-2 fine-tune with Qwen's tokenizer speaks ChatML. The
+    family's usual template is the fallback.
+    """
     if "<|eot_id|>" in vocab:
         return "llama-3"
-    return "llama-2"
+    if "<|im_start|>" in vocab:
+        if "<think>" in vocab:  # Qwen3 added the reasoning tokens
+            return "qwen3"
+        if chat_template and _QWEN25_SYSTEM in chat_template:
+            return "qwen2.5"
+        return "qwen2"
+    return _FAMILY_DEFAULT.get(family_model_type, "llama-2")
+
+
+def read_chat_template(model_dir: Path) -> str | None:
+    """The tokenizer's own jinja chat template, from wherever transformers saved it."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = model_dir / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text()).get("chat_template")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def make_template(name: str, vocab: dict[str, int], bos_token_id: int | None,
@@ -91,11 +178,13 @@ def make_template(name: str, vocab: dict[str, int], bos_token_id: int | None,
         raise UserError(
             f"unknown conversation template '{name}': choose one of {', '.join(TEMPLATE_NAMES)}"
         )
-    template, stop_tokens = _TEMPLATES[name]
-    template = copy.deepcopy(template)
-    stops = [vocab[t] for t in stop_tokens if t in vocab] + list(eos_token_ids)
+    entry = _TEMPLATES[name]
+    template = copy.deepcopy(entry.template)
+    stops = [vocab[t] for t in entry.stop_tokens if t in vocab] + list(eos_token_ids)
     template["stop_token_ids"] = sorted(set(stops))
-    if bos_token_id is not None:
+    # Qwen's config.json names a bos_token_id its tokenizer never adds: only templates
+    # whose prompts start with BOS get it.
+    if entry.bos_prefix and bos_token_id is not None:
         template["system_prefix_token_ids"] = [bos_token_id]
     return template
 

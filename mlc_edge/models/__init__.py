@@ -12,6 +12,15 @@ from .decoder import DecoderLM, KVCacheShape
 from .llama.config import LlamaConfig
 from .llama.model import LlamaForCausalLM
 from .llama.weights import hf_weight_map as llama_weight_map
+from .phi.config import PhiConfig
+from .phi.model import PhiForCausalLM
+from .phi.weights import hf_weight_map as phi_weight_map
+from .qwen2.config import Qwen2Config
+from .qwen2.model import Qwen2ForCausalLM
+from .qwen2.weights import hf_weight_map as qwen2_weight_map
+from .qwen3.config import Qwen3Config
+from .qwen3.model import Qwen3ForCausalLM
+from .qwen3.weights import hf_weight_map as qwen3_weight_map
 
 
 @dataclass(frozen=True)
@@ -23,14 +32,12 @@ class ModelFamily:
     weight_map: Callable[[Any], dict[str, ParamSource]]
 
 
+# (model_type, architectures, config_class, model_class, weight_map)
 FAMILIES: tuple[ModelFamily, ...] = (
-    ModelFamily(
-        model_type="llama",
-        architectures=("LlamaForCausalLM",),
-        config_class=LlamaConfig,
-        model_class=LlamaForCausalLM,
-        weight_map=llama_weight_map,
-    ),
+    ModelFamily("llama", ("LlamaForCausalLM",), LlamaConfig, LlamaForCausalLM, llama_weight_map),
+    ModelFamily("qwen2", ("Qwen2ForCausalLM",), Qwen2Config, Qwen2ForCausalLM, qwen2_weight_map),
+    ModelFamily("qwen3", ("Qwen3ForCausalLM",), Qwen3Config, Qwen3ForCausalLM, qwen3_weight_map),
+    ModelFamily("phi", ("PhiForCausalLM",), PhiConfig, PhiForCausalLM, phi_weight_map),
 )
 
 

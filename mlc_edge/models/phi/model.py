@@ -1,0 +1,99 @@
+"""Phi-2 in ``tvm.relax.frontend.nn``.
+
+One LayerNorm feeds attention and the MLP in parallel: ``x + attn(ln(x)) + mlp(ln(x))``.
+The attention is Llama's module (fused q/k/v with biases, output projection ``dense``
+with bias); the paged KV cache applies rotate-half RoPE to the first ``rotary_dim``
+dimensions of each head only, as transformers' Phi does.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+from tvm.target import Target
+
+from ...quantization import WeightScheme
+from ..decoder import DecoderLM, KVCacheShape
+from ..llama.model import LlamaAttention
+from .config import GELU_APPROXIMATION, PhiConfig
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, cfg: PhiConfig, scheme: WeightScheme):
+        self.approximate = GELU_APPROXIMATION[cfg.hidden_act]
+        self.fc1 = scheme.linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
+        self.fc2 = scheme.linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(op.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class PhiDecoderLayer(nn.Module):
+    def __init__(self, cfg: PhiConfig, scheme: WeightScheme):
+        self.input_layernorm = nn.LayerNorm(
+            cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=scheme.dtype
+        )
+        self.self_attn = LlamaAttention(cfg, scheme)
+        self.mlp = PhiMLP(cfg, scheme)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        h = self.input_layernorm(x)
+        return self.self_attn(h, kv, layer_id) + self.mlp(h) + x
+
+
+class PhiModel(nn.Module):
+    def __init__(self, cfg: PhiConfig, scheme: WeightScheme):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=scheme.dtype)
+        self.layers = nn.ModuleList(
+            [PhiDecoderLayer(cfg, scheme) for _ in range(cfg.num_hidden_layers)]
+        )
+        self.final_layernorm = nn.LayerNorm(
+            cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=scheme.dtype
+        )
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            x = layer(x, kv, layer_id)
+        return self.final_layernorm(x)
+
+
+class PhiForCausalLM(DecoderLM):
+    def __init__(self, cfg: PhiConfig, scheme: WeightScheme, target: Target):
+        self.config = cfg
+        self.dtype = scheme.dtype
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
+        self.prefill_chunk_size = cfg.prefill_chunk_size
+        self.target = target
+        self.model = PhiModel(cfg, scheme)
+        self.tie_word_embeddings = cfg.tie_word_embeddings
+        if cfg.tie_word_embeddings:
+            # transformers ties only the weight: the output bias stays its own tensor.
+            self.lm_head_bias = nn.Parameter((cfg.vocab_size,), scheme.dtype)
+        else:
+            self.lm_head = scheme.linear(cfg.hidden_size, cfg.vocab_size, bias=True)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward_hidden(self, input_embeds: Tensor, kv: PagedKVCache) -> Tensor:
+        return self.model(input_embeds, kv)
+
+    def get_logits(self, hidden: Tensor) -> Tensor:
+        if self.tie_word_embeddings:
+            weight = op.permute_dims(self.model.embed_tokens.weight)
+            return op.matmul(hidden, weight) + self.lm_head_bias
+        return self.lm_head(hidden)
+
+    def kv_cache_shape(self) -> KVCacheShape:
+        c = self.config
+        return KVCacheShape(
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            rope_theta=c.rope_theta,
+            rope_scaling={},
+            rotary_dim=c.rotary_dim,
+        )
