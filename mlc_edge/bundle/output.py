@@ -20,11 +20,11 @@ def check_destination(out_dir: Path) -> None:
     """Refuse to write into a folder that holds something other than a bundle."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a directory; choose another -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "mlc-chat-config.json").exists():
-        if not (out_dir / "tensor-cache.json").exists():
-            raise UserError(
-                f"{out_dir} is not empty and is not a bundle; choose a new or empty -o directory"
-            )
+    is_bundle = any((out_dir / f).exists() for f in ("mlc-chat-config.json", "tensor-cache.json"))
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_bundle:
+        raise UserError(
+            f"{out_dir} is not empty and is not a bundle; choose a new or empty -o directory"
+        )
 
 
 @contextmanager
