@@ -1,0 +1,133 @@
+"""Schedule rules for the desktop CPU (llvm) target.
+
+``cpu_rules()`` is what ``tvm.s_tir.dlight.ApplyDefaultSchedule(*cpu_rules())`` takes:
+
+1. :class:`MatmulKN` - matmul/GEMV with the weight stored ``[K, N]`` (our linear layers),
+   parallel over column chunks and vectorized over n, fp16 accumulated in fp32.
+2. :class:`MatmulNK` - matmul/GEMV with the weight stored ``[N, K]`` (``nn.Linear`` after
+   ``FuseTransposeMatmul``, tied embeddings): dot products vectorized over k.
+3. ``dl.cpu.GEMV()`` - TVM's rule for other inner-reduction GEMVs. It is kept as a fallback
+   only: it vectorizes across output rows and unrolls the reduction, which runs ~7x slower
+   than MatmulNK and took LLVM 6 s to 5 min to compile on small shapes.
+4. :class:`ParallelSpatial` - everything else with enough work (element-wise, norms,
+   softmax, embedding ``take``...): its outer data-parallel loops run on the thread pool.
+
+A function no rule takes stays as it is: unscheduled llvm code is slow but correct.
+
+Build note (TVM 0.27): LLVM code generation drops ``noalias`` from every kernel of a module
+as soon as one PrimFunc in it lacks ``tirx.noalias``, and the relax VM's shape functions
+lack it. Without ``noalias`` LLVM keeps storing the prefill accumulator tile on every k
+step (16-row prefill 6.0 ms instead of 3.4 ms for 2048x8192 fp32; decode GEMV is memory
+bound and barely changes). Marking the functions with ``tirx.is_host_func`` (the shape
+functions, one int64 buffer each) ``tirx.noalias`` after the relax pipeline restores it:
+``benchmarks/cpu_gemv.py --noalias-fix`` shows the effect.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import get_extent, try_inline_contiguous_spatial
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
+from tvm.target import Target
+
+from .matmul_kn import MatmulKN, MatmulNK, match_kn_matmul, match_matmul, vector_bytes
+
+__all__ = [
+    "MatmulKN",
+    "MatmulNK",
+    "ParallelSpatial",
+    "cpu_rules",
+    "match_kn_matmul",
+    "match_matmul",
+    "vector_bytes",
+]
+
+
+def _has_parallel_or_threads(func: tirx.PrimFunc) -> bool:
+    """Whether the function already uses parallel loops or thread bindings (scheduled)."""
+    text = func.script()
+    return "T.parallel(" in text or "T.thread_binding(" in text or "T.launch_thread(" in text
+
+
+class ParallelSpatial(CPUScheduleRule):
+    """Run the outer data-parallel loops of each loop nest on the thread pool.
+
+    Only loops that bind data-parallel block iterators are fused and parallelized (TVM's
+    ``parallel`` primitive checks that too), so reductions stay serial inside one task and
+    the result does not change. Nests with little work are left serial: waking the pool
+    costs more than a few thousand scalar iterations.
+
+    Parameters
+    ----------
+    min_work : int
+        Minimum number of innermost iterations of a nest worth parallelizing.
+    symbolic_guess : int
+        Extent assumed for a symbolic loop (seq_len / batch) when estimating the work.
+    """
+
+    def __init__(self, min_work: int = 1 << 15, symbolic_guess: int = 16):
+        self.min_work = min_work
+        self.symbolic_guess = symbolic_guess
+
+    def _extent(self, sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
+        extent = get_extent(sch, loop)
+        return extent if isinstance(extent, int) else self.symbolic_guess
+
+    def apply(
+        self,
+        func: tirx.PrimFunc,
+        target: Target,
+        tunable: bool,
+    ) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if _has_parallel_or_threads(func):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if not infos:
+            return None
+        # Loops shared by several blocks are left alone: the blocks may depend on each other
+        # across iterations of a shared loop.
+        nests = []
+        for info in infos:
+            loops = sch.get_loops(info.block_rv)
+            if loops and len(loops) == len(info.iters):
+                nests.append((info, loops, sch.get(loops[0])))
+        changed = False
+        for info, loops, outer in nests:
+            if sum(1 for _, _, o in nests if o.same_as(outer)) > 1:
+                continue
+            lead = []
+            for loop, it in zip(loops, info.iters, strict=True):
+                if it.kind != "S":
+                    break
+                lead.append(loop)
+            if not lead:
+                continue
+            work = 1
+            for loop in loops:
+                work *= self._extent(sch, loop)
+            par_extent = 1
+            for loop in lead:
+                par_extent *= self._extent(sch, loop)
+            if work < self.min_work or par_extent < 2:
+                continue
+            try:
+                fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+                sch.parallel(fused)
+            except ScheduleError:  # the primitive refused: keep the nest serial
+                continue
+            changed = True
+        return sch if changed else None
+
+
+def cpu_rules() -> list[CPUScheduleRule]:
+    """The CPU schedule rules in priority order, for ``dl.ApplyDefaultSchedule(*cpu_rules())``."""
+    return [MatmulKN(), MatmulNK(), dl.cpu.GEMV(), ParallelSpatial()]

@@ -5,16 +5,10 @@ Target pattern (after ``LegalizeOps ... FuseTIR``)::
     C[b.., m, n] += A[b.., m, k] * W[k, n]      (+ injective epilogues: bias, residual, cast)
 
 With W indexed ``[k, n]`` the reduction runs over the weight's *first* axis, so the
-contiguous direction of W is n. The schedule therefore vectorizes over n and keeps the
-reduction loop outside the vector loop::
-
-    parallel n_o                      # chunks of n_tile columns, spread over the thread pool
-      for m_o                         # row tiles (prefill); extent 1 at decode
-        acc[m_tile, n_tile] = 0       # accumulator tile, local scope -> registers / L1
-        for k
-          for m_i (m_tile)            # every weight vector is used by all rows of the tile
-            for n_i (n_tile) vector   # acc[m_i, n_i] += A[m, k] * W[k, n]
-        C / epilogue[m_tile, n_tile] = f(acc)
+contiguous direction of W is n: the schedule vectorizes over n, keeps the reduction loop
+outside the vector loop and accumulates a tile of outputs in registers (see ``MatmulKN``
+for the loop nest). Column chunks run in parallel on TVM's thread pool; each weight element
+is read once per call for all the rows of a prefill chunk.
 
 fp16 inputs are accumulated in fp32 (products computed in fp32 too); the result is rounded
 to the original fp16 intermediate before the epilogue, so the function keeps its meaning while
@@ -23,6 +17,7 @@ losing far less precision than the fp16 accumulation of the unscheduled function
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from tvm import DataType, s_tir, tirx
@@ -30,19 +25,18 @@ from tvm.ir import TensorLoad
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
 
 def vector_bytes(target: Target) -> int:
     """Width of one SIMD register of the target in bytes (x86 AVX-512/AVX2, else 128-bit)."""
-    try:
-        if target_has_features("avx512f", target):
-            return 64
-        if target_has_features("avx2", target) or target_has_features("avx", target):
-            return 32
-    except Exception:  # noqa: BLE001 - non-x86 targets do not know these feature names
-        pass
+    # Feature names of another architecture simply answer False (aarch64 NEON: 16 bytes).
+    if target_has_features("avx512f", target):
+        return 64
+    if target_has_features("avx2", target) or target_has_features("avx", target):
+        return 32
     return 16
 
 
@@ -84,6 +78,11 @@ def _is_zero_index(expr: tirx.Expr) -> bool:
 
 def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
     """Return the KN matmul roles of ``block``, or None when it is not that pattern."""
+    return match_matmul(block, weight_kn=True)
+
+
+def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> _KNPattern | None:
+    """Roles of ``C[.., m, n] += A[.., m, k] * W`` with W ``[k, n]`` (KN) or ``[n, k]`` (NK)."""
     store = block.body
     if not isinstance(store, tirx.BufferStore) or block.init is None:
         return None
@@ -99,7 +98,7 @@ def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
     out_idx = list(store.indices)
     out_vars = [i for i in out_idx if not _is_zero_index(i)]
     if len(out_vars) != len(spatial) or not all(
-        _is_var(i, iter_vars[pos]) for i, pos in zip(out_vars, spatial)
+        _is_var(i, iter_vars[pos]) for i, pos in zip(out_vars, spatial, strict=True)
     ):
         return None
     if not _is_var(out_idx[-1], iter_vars[spatial[-1]]):
@@ -112,7 +111,9 @@ def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
         acc, prod = prod, acc
     if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
         return None
-    if not all(_same_index(a, b) for a, b in zip(acc.indices, out_idx)):
+    if len(acc.indices) != len(out_idx) or not all(
+        _same_index(a, b) for a, b in zip(acc.indices, out_idx, strict=True)
+    ):
         return None
     if not isinstance(prod, tirx.Mul):
         return None
@@ -125,10 +126,11 @@ def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
 
     def is_weight(ld: TensorLoad) -> bool:
         idx = list(ld.indices)
+        first, second = (k_var, n_var) if weight_kn else (n_var, k_var)
         return (
             len(idx) >= 2
-            and _is_var(idx[-2], k_var)
-            and _is_var(idx[-1], n_var)
+            and _is_var(idx[-2], first)
+            and _is_var(idx[-1], second)
             and all(_is_zero_index(i) for i in idx[:-2])
         )
 
@@ -138,9 +140,7 @@ def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
             return False
         # Remaining indices must be row/batch iterators (never n or k), so that A is read per row.
         allowed = [iter_vars[p] for p in spatial[:-1]]
-        return all(
-            _is_zero_index(i) or any(_is_var(i, v) for v in allowed) for i in idx[:-1]
-        )
+        return all(_is_zero_index(i) or any(_is_var(i, v) for v in allowed) for i in idx[:-1])
 
     if is_weight(loads[1]) and is_lhs(loads[0]):
         lhs, rhs = ops[0], ops[1]
@@ -158,29 +158,68 @@ def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
     )
 
 
-def _accumulate_in_fp32(
-    sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV, pat: _KNPattern
-) -> bool:
-    """Turn the (cache-written, fp16) accumulator block into an fp32 multiply-accumulate.
+def _find_matmul(
+    sch: s_tir.Schedule, weight_kn: bool
+) -> tuple[SBlockInfo, _KNPattern, list[s_tir.schedule.SBlockRV]] | None:
+    """The function's one matmul block (after inlining what can be), its roles, and the
+    injective blocks after it (epilogues). None for any other kind of function."""
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    infos = try_inline_contiguous_spatial(sch, infos)
+    if infos is None:
+        return None
+    reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
+    if len(reductions) != 1 or not all(
+        info.is_injective() for i, info in enumerate(infos) if i != reductions[0]
+    ):
+        return None
+    main: SBlockInfo = infos[reductions[0]]
+    pat = match_matmul(sch.get(main.block_rv), weight_kn)
+    if pat is None:
+        return None
+    return main, pat, [info.block_rv for info in infos[reductions[0] + 1 :]]
 
-    ``unsafe_set_dtype`` alone would keep the arithmetic in fp16
-    (``acc = f32(f16(acc) + a * b)``), so the block body is rebuilt as
-    ``acc = acc + f32(a) * f32(b)`` and swapped in with ``ScheduleState.replace``.
+
+def _to_fp32(expr: tirx.Expr) -> tirx.Expr:
+    """``expr`` as float32, dropping a cast that only rounded an fp32 value to fp16."""
+    if _dtype(expr) == "float32":
+        return expr
+    if isinstance(expr, tirx.Cast) and _dtype(expr.value) == "float32":
+        return expr.value
+    return tirx.Cast("float32", expr)
+
+
+def _accumulate_in_fp32(sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV) -> bool:
+    """Make an fp16 ``acc = acc + term`` reduction block accumulate in fp32.
+
+    The block must write an intermediate (cache / rfactor) buffer whose consumer rounds it
+    back. ``unsafe_set_dtype`` alone keeps the arithmetic in fp16 (``acc = f32(f16(acc) +
+    a * b)``), so the body is rebuilt as ``acc = acc + f32(a) * f32(b)`` (or ``acc +
+    f32(term)``) and swapped in with ``ScheduleState.replace``.
     """
-    if _dtype(pat.lhs) != "float16" or _dtype(pat.rhs) != "float16":
-        return False
-    sch.unsafe_set_dtype(block_rv, 0, "float32")
     block = sch.get(block_rv)
     store = block.body
-    acc_buf = store.buffer
-    idx = list(store.indices)
-    zero = tirx.FloatImm("float32", 0.0)
-    init = tirx.BufferStore(acc_buf, zero, idx)
-    mac = tirx.Add(
-        tirx.BufferLoad(acc_buf, idx),
-        tirx.Mul(tirx.Cast("float32", pat.lhs), tirx.Cast("float32", pat.rhs)),
-    )
-    body = tirx.BufferStore(acc_buf, mac, idx)
+    if not isinstance(store, tirx.BufferStore) or str(store.buffer.dtype) != "float16":
+        return False
+    value = store.value
+    if not isinstance(value, tirx.Add):
+        return False
+    acc, term = value.a, value.b
+    if isinstance(term, TensorLoad) and term.source.same_as(store.buffer):
+        acc, term = term, acc
+    if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
+        return False
+    if isinstance(term, tirx.Mul):
+        term = tirx.Mul(_to_fp32(term.a), _to_fp32(term.b))
+    sch.unsafe_set_dtype(block_rv, 0, "float32")
+    block = sch.get(block_rv)
+    acc_buf = block.body.buffer
+    idx = list(block.body.indices)
+    init = tirx.BufferStore(acc_buf, tirx.FloatImm("float32", 0.0), idx)
+    # The consumer reads of the old fp16 buffer were cast by unsafe_set_dtype; the terms
+    # read other buffers, except the rfactor partials, which are fp32 already (_to_fp32).
+    body = tirx.BufferStore(acc_buf, tirx.Add(tirx.BufferLoad(acc_buf, idx), _to_fp32(term)), idx)
     new_block = s_tir.SBlock(
         block.iter_vars,
         block.reads,
@@ -226,6 +265,27 @@ def _vectorize_inner(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, width:
     sch.vectorize(inner)
 
 
+def _num_cores(target: Target) -> int:
+    cores = target.attrs.get("num-cores", None)
+    if cores is not None and int(cores) > 0:
+        return int(cores)
+    return os.cpu_count() or 1
+
+
+def _tiles_per_chunk(tiles: int | None, want: int, min_tasks: int) -> int:
+    """Register tiles per parallel chunk: about ``want``, at least ``min_tasks`` chunks.
+
+    A divisor of the tile count avoids a ragged last chunk; when the only divisors are much
+    smaller (e.g. 2374 = 2 x 1187 tiles for a 151936-wide vocabulary), keep ``want`` and
+    let the last chunk be partial, which keeps each weight row's run long and contiguous.
+    """
+    if tiles is None:
+        return want
+    want = max(1, min(want, -(-tiles // min_tasks)))
+    best = _largest_divisor(tiles, want)
+    return best if 2 * best >= want else want
+
+
 def _largest_divisor(x: int, cap: int) -> int:
     """Largest divisor of x that is <= cap (>= 1)."""
     for d in range(min(cap, x), 0, -1):
@@ -265,9 +325,12 @@ class MatmulKN(CPUScheduleRule):
     m_tile : int
         Rows per register tile (m_tile * reg_vectors accumulator registers).
     m_block : int
-        Rows sharing one pass over the weights (prefill chunks have <= 16 rows).
-    min_tasks : int
-        Minimum number of column chunks, so that all threads get work.
+        Rows sharing one pass over the weights when the row count is static. A symbolic row
+        count (prefill ``seq_len``, batch decode) is one block of all its rows: every weight
+        element is read once per call, and the accumulator holds rows x chunk values.
+    min_tasks : int | None
+        Minimum number of column chunks, so that all threads get work (default: the
+        target's ``num-cores``, else this machine's core count).
     fp32_accumulate : bool
         Accumulate fp16 matmuls in fp32 (rounded back to fp16 before the epilogue).
     """
@@ -275,11 +338,11 @@ class MatmulKN(CPUScheduleRule):
     def __init__(
         self,
         reg_vectors: int = 4,
-        chunk_bytes: int = 2048,
-        k_tile: int = 8,
+        chunk_bytes: int = 4096,
+        k_tile: int = 16,
         m_tile: int = 4,
         m_block: int = 16,
-        min_tasks: int = 8,
+        min_tasks: int | None = None,
         fp32_accumulate: bool = True,
     ):
         self.reg_vectors = reg_vectors
@@ -290,7 +353,7 @@ class MatmulKN(CPUScheduleRule):
         self.min_tasks = min_tasks
         self.fp32_accumulate = fp32_accumulate
 
-    def apply(  # noqa: C901 - one linear recipe
+    def apply(
         self,
         func: tirx.PrimFunc,
         target: Target,
@@ -298,39 +361,58 @@ class MatmulKN(CPUScheduleRule):
     ) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline_contiguous_spatial(sch, infos)
-        if infos is None:
-            return None
-        reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
-        if len(reductions) != 1 or not all(
-            info.is_injective() for i, info in enumerate(infos) if i != reductions[0]
-        ):
-            return None
-        main: SBlockInfo = infos[reductions[0]]
-        pat = match_kn_matmul(sch.get(main.block_rv))
-        if pat is None:
-            return None
-        epilogues = [info.block_rv for info in infos[reductions[0] + 1 :]]
-        block = main.block_rv
-        loops = main.get_loops()
-        if len(loops) != len(sch.get(block).iter_vars):
+        try:
+            return self._schedule(func, target)
+        except Exception:  # noqa: BLE001
+            # A primitive refused this function (an unexpected variant of the pattern):
+            # leave it to the next rule rather than failing the whole build.
             return None
 
-        # Loop order: rows, n, k (normalize_prim_func gives one loop per block iterator).
+    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        found = _find_matmul(sch, weight_kn=True)
+        if found is None:
+            return None
+        main, pat, epilogues = found
+        block = main.block_rv
+        n_iters = len(sch.get(block).iter_vars)
+        if len(main.get_loops()) != n_iters:
+            return None
+        m_doms = [sch.get(block).iter_vars[i].dom.extent for i in pat.m_iters]
+        m_static = all(isinstance(d, tirx.IntImm) for d in m_doms)
+        m_total = 1
+        for d in m_doms:
+            m_total = m_total * d.value if isinstance(d, tirx.IntImm) else None
+        m_tile = min(self.m_tile, m_total) if m_static else self.m_tile
+        m_block = max(self.m_block, m_tile)
+
+        # Rows that do not fill whole register tiles: pad the row dimension (A is copied into
+        # a zero-padded buffer, results of padding rows are dropped by the write-back) instead
+        # of guarding every row in the inner loops, which would keep the accumulators out of
+        # registers. Only for a single row iterator (prefill seq_len / decode batch).
+        padded = len(pat.m_iters) == 1 and (not m_static or m_total % m_tile != 0)
+        if padded:
+            sch.pad_einsum(block, [m_tile if i == pat.m_iters[0] else 1 for i in range(n_iters)])
+            # pad_einsum's output-copy block is the consumer of the matmul: the write-back.
+            (writeback,) = sch.get_consumers(block)
+            sch.set_scope(block, 0, "local")
+            # The block now reads the padded copy of A: take the operands again.
+            pat = match_kn_matmul(sch.get(block))
+            if pat is None:
+                return None
+        else:
+            writeback = sch.cache_write(block, 0, "local")
+
+        loops = sch.get_loops(block)[-n_iters:]
         m_loops = [loops[i] for i in pat.m_iters]
         n_loop, k_loop = loops[pat.n_iter], loops[pat.k_iter]
         sch.reorder(*m_loops, n_loop, k_loop)
 
-        # Accumulator in local scope; its write-back block is where epilogues get merged.
-        writeback = sch.cache_write(block, 0, "local")
         acc_fp32 = (
             self.fp32_accumulate
             and pat.out_dtype == "float16"
-            and _accumulate_in_fp32(sch, block, pat)
+            and _dtype(pat.lhs) == _dtype(pat.rhs) == "float16"
+            and _accumulate_in_fp32(sch, block)
         )
         acc_bytes = 4 if acc_fp32 else DataType(pat.out_dtype).itemsize
         w_bytes = DataType(_dtype(pat.rhs)).itemsize
@@ -340,31 +422,35 @@ class MatmulKN(CPUScheduleRule):
             m_loop = sch.fuse(*m_loops) if len(m_loops) > 1 else m_loops[0]
         else:
             m_loop = sch.add_unit_loop(n_loop)
-        m_extent = get_extent(sch, m_loop)
         n_extent = get_extent(sch, n_loop)
         k_extent = get_extent(sch, k_loop)
 
         # n: [chunks (parallel), register tiles per chunk, register tile (vector)].
         n_v, exact = _pick_tile(n_extent, lanes, lanes * self.reg_vectors)
-        want = max(1, self.chunk_bytes // (w_bytes * n_v))
-        if exact and isinstance(n_extent, int):
-            tiles = n_extent // n_v
-            n_m = _largest_divisor(tiles, want)
-            while n_m > 1 and tiles // n_m < self.min_tasks:
-                n_m = _largest_divisor(tiles, n_m - 1)
+        min_tasks = self.min_tasks or _num_cores(target)
+        n_m = _tiles_per_chunk(
+            n_extent // n_v if exact and isinstance(n_extent, int) else None,
+            max(1, self.chunk_bytes // (w_bytes * n_v)),
+            min_tasks,
+        )
+        if exact:
+            # Register tiles first, then chunks of tiles: a ragged last chunk is tested per
+            # tile, outside the vector and k loops.
+            n_t, n_vi = sch.split(n_loop, [None, n_v])
+            n_o, n_mi = sch.split(n_t, [None, n_m])
         else:
-            n_m = want
-        n_o, n_mi, n_vi = sch.split(n_loop, [None, n_m, n_v])
+            n_o, n_mi, n_vi = sch.split(n_loop, [None, n_m, n_v])
 
-        # m: [m blocks, register-tile groups, rows of a register tile].
-        if isinstance(m_extent, int) and m_extent <= self.m_block:
-            m_block = m_extent
+        # m: [m blocks, register-tile groups, rows of a register tile]. Rows are padded to
+        # whole register tiles, so no split below leaves a tail test: a symbolic row count is
+        # one block of all its tiles (prefill chunks have <= 16 rows; a batch of b rows reads
+        # the weights once), a static one blocks of a divisor of its tile count.
+        m_g, m_i = sch.split(m_loop, [None, m_tile])
+        groups = get_extent(sch, m_g)
+        if isinstance(groups, int):
+            m_oo, m_o = sch.split(m_g, [None, _largest_divisor(groups, m_block // m_tile)])
         else:
-            m_block = self.m_block
-        m_tile = min(self.m_tile, m_block)
-        if m_block % m_tile:
-            m_tile = _largest_divisor(m_block, m_tile)
-        m_oo, m_o, m_i = sch.split(m_loop, [None, m_block // m_tile, m_tile])
+            m_oo, m_o = sch.split(m_g, [1, None])
 
         # k: [k steps, rows streamed together].
         if isinstance(k_extent, int):
@@ -374,26 +460,146 @@ class MatmulKN(CPUScheduleRule):
         k_o, k_ii = sch.split(k_loop, [None, k_i])
 
         sch.reorder(n_o, m_oo, k_o, m_o, n_mi, k_ii, m_i, n_vi)
+
         sch.parallel(n_o)
         sch.vectorize(n_vi)
         sch.unroll(m_i)
-
-        # Zero the accumulator block right before the k loop.
-        init = sch.decompose_reduction(block, k_o)
-        sch.vectorize(sch.get_loops(init)[-1])
 
         # Fold the epilogue chain into the write-back (bias/residual/cast become one store).
         remaining: list[s_tir.schedule.SBlockRV] = []
         for epi in epilogues:
             try:
                 sch.reverse_compute_inline(epi)
-            except Exception:  # noqa: BLE001 - not inlinable: computed per tile below
+            except ScheduleError:  # not inlinable: computed per tile below
                 remaining.append(epi)
         sch.reverse_compute_at(writeback, m_oo, preserve_unit_loops=True)
         _vectorize_inner(sch, writeback, n_v)
         for epi in remaining:
             try:
                 sch.reverse_compute_at(epi, m_oo, preserve_unit_loops=True)
-            except Exception:  # noqa: BLE001 - leave it at the root (serial, still correct)
+                _vectorize_inner(sch, epi, n_v)
+            except ScheduleError:  # leave it at the root (serial, still correct)
+                continue
+
+        # Zero the accumulator block right before the k loop.
+        init = sch.decompose_reduction(block, k_o)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch
+
+
+class MatmulNK(CPUScheduleRule):
+    """Parallel, vectorized schedule for ``A[.., m, k] x W[n, k]^T`` (weight stored ``[N, K]``).
+
+    The reduction runs over W's contiguous axis, so each output is a dot product: k is cut
+    into vectors whose lanes keep partial sums (rfactor), summed once at the end::
+
+        parallel n_o                         # groups of n_tile weight rows
+          for m                              # rows of A (decode: 1)
+            part[n_tile, kv] = 0             # partial sums, registers
+            for k_o
+              for n_i (n_tile) unroll        # n_tile weight rows streamed side by side
+                for kv vectorized            # part[n_i, kv] += A[m, k] * W[n, k]
+            C[m, n_i] = sum_kv part[n_i, kv] -> epilogue
+
+    TVM's ``dl.cpu.GEMV`` vectorizes over the output rows instead (a strided gather per
+    lane) and unrolls the reduction: slow code, and LLVM needed from seconds to minutes to
+    compile it. fp16 is accumulated in fp32 (partials and final sum).
+
+    Parameters
+    ----------
+    n_tile : int
+        Weight rows (outputs) per group; each A vector loaded is used for all of them.
+    k_vectors : int
+        SIMD registers of partial sums per output row (independent FMA chains).
+    fp32_accumulate : bool
+        Accumulate fp16 matmuls in fp32.
+    """
+
+    def __init__(self, n_tile: int = 4, k_vectors: int = 2, fp32_accumulate: bool = True):
+        self.n_tile = n_tile
+        self.k_vectors = k_vectors
+        self.fp32_accumulate = fp32_accumulate
+
+    def apply(
+        self,
+        func: tirx.PrimFunc,
+        target: Target,
+        tunable: bool,
+    ) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception:  # noqa: BLE001
+            # A primitive refused this function: leave it to the next rule.
+            return None
+
+    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        found = _find_matmul(sch, weight_kn=False)
+        if found is None:
+            return None
+        main, pat, epilogues = found
+        block = main.block_rv
+        n_iters = len(sch.get(block).iter_vars)
+        loops = main.get_loops()
+        if len(loops) != n_iters:
+            return None
+        m_loops = [loops[i] for i in pat.m_iters]
+        n_loop, k_loop = loops[pat.n_iter], loops[pat.k_iter]
+        sch.reorder(*m_loops, n_loop, k_loop)
+        if m_loops:
+            m_loop = sch.fuse(*m_loops) if len(m_loops) > 1 else m_loops[0]
+        else:
+            m_loop = sch.add_unit_loop(n_loop)
+
+        fp16 = self.fp32_accumulate and pat.out_dtype == "float16"
+        fp16 = fp16 and _dtype(pat.lhs) == _dtype(pat.rhs) == "float16"
+        if fp16:
+            # Final sum into a local fp32 accumulator too; its copy rounds to fp16.
+            writeback = sch.cache_write(block, 0, "local")
+        acc_bytes = 4 if fp16 else DataType(pat.out_dtype).itemsize
+        lanes = max(1, vector_bytes(target) // acc_bytes)
+
+        k_extent = get_extent(sch, k_loop)
+        n_extent = get_extent(sch, n_loop)
+        k_v = lanes * self.k_vectors
+        if isinstance(k_extent, int):
+            while k_v > 1 and k_extent % k_v:
+                k_v //= 2  # a divisor of K keeps the vector loop free of tail tests
+        n_i = _largest_divisor(n_extent, self.n_tile) if isinstance(n_extent, int) else 1
+
+        n_o, n_ii = sch.split(n_loop, [None, n_i])
+        k_o, k_vi = sch.split(k_loop, [None, k_v])
+        sch.reorder(n_o, m_loop, n_ii, k_o, k_vi)
+        # Lanes last in the partial-sum buffer: each row's partials are one contiguous vector.
+        rf = sch.rfactor(k_vi, len(sch.get(block).writes[0].region))
+        sch.set_scope(rf, 0, "local")
+        if fp16:
+            _accumulate_in_fp32(sch, rf)
+            _accumulate_in_fp32(sch, block)
+
+        rf_loops = sch.get_loops(rf)
+        rf_no, rf_m, rf_ni, rf_ko, rf_kv = rf_loops[-5:]
+        sch.reorder(rf_no, rf_m, rf_ko, rf_ni, rf_kv)
+        sch.parallel(rf_no)
+        sch.vectorize(rf_kv)
+        sch.unroll(rf_ni)
+        init = sch.decompose_reduction(rf, rf_ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+        # Lane sums, then the (fp16) write-back and epilogues, per group of rows.
+        sch.reverse_compute_at(block, rf_m, preserve_unit_loops=True)
+        tail = [writeback] if fp16 else []
+        remaining: list[s_tir.schedule.SBlockRV] = []
+        for epi in epilogues:
+            try:
+                sch.reverse_compute_inline(epi)
+            except ScheduleError:
+                remaining.append(epi)
+        for blk in tail + remaining:
+            try:
+                sch.reverse_compute_at(blk, rf_m, preserve_unit_loops=True)
+            except ScheduleError:  # leave it at the root (serial, still correct)
                 continue
         return sch
