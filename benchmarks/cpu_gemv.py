@@ -151,22 +151,11 @@ def build(
             mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
     pipeline = relax.get_pipeline("default_build")
     if noalias_fix:
-        mark = tvm.transform.module_pass(
-            _mark_shape_funcs_noalias, opt_level=0, name="MarkShapeFuncsNoAlias"
-        )
-        pipeline = tvm.transform.Sequential([pipeline, mark])
+        from mlc_edge.compiler.passes import MarkShapeFuncsNoAlias
+
+        pipeline = tvm.transform.Sequential([pipeline, MarkShapeFuncsNoAlias()])
     ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     return relax.VirtualMachine(ex, tvm.cpu())
-
-
-def _mark_shape_funcs_noalias(mod: Any, _ctx: Any) -> Any:
-    """Shape functions (one int64 buffer) get ``tirx.noalias`` like the kernels have."""
-    from tvm import tirx
-
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc) and func.attrs.get("tirx.is_host_func"):
-            mod[gv] = func.with_attr("tirx.noalias", True)
-    return mod
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

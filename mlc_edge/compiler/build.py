@@ -30,6 +30,7 @@ from .passes import (
     CaptureMetadata,
     CheckAllocationLimit,
     CheckWorkGroupSize,
+    MarkShapeFuncsNoAlias,
     RequireKernels,
 )
 from .targets import TargetSpec
@@ -143,10 +144,49 @@ def compile_pipeline(
             t.LowerRuntimeBuiltin(),
             t.ComputePrimValue(),
             t.VMShapeLower(),
+            MarkShapeFuncsNoAlias(),
             t.AttachGlobalSymbol(),
         ],
         name="mlc_edge_pipeline",
     )
+
+
+def var_bounds(spec: ModelSpec) -> dict[str, int]:
+    """Upper bounds of the symbolic sizes (``AttachVarBounds``)."""
+    sizes = spec.runtime_sizes
+    return {
+        "seq_len": sizes["prefill_chunk_size"],
+        "batch_size": sizes["max_batch_size"],
+        "vocab_size": spec.config.vocab_size,
+    }
+
+
+def scheduled_module(
+    spec: ModelSpec, target_spec: TargetSpec, rules: list[Any] | None = None
+) -> tuple[IRModule, IRModule]:
+    """The model's module as ``compile_model`` schedules it, before lowering: (PrimFuncs
+    as FuseTIR left them, the same after the schedule rules and the kernel guards).
+
+    ``mlc-edge verify`` and the kernel benchmarks recompile the kernels from these;
+    ``rules`` replaces the target's schedule rules (to compare another rule set).
+    """
+    target_spec.require_buildable()
+    target = target_spec.tvm_target()
+    model = instantiate(spec, target)
+    mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    passes = list(
+        compile_pipeline(target_spec, build_metadata(spec, model, params), var_bounds(spec)).passes
+    )
+    names = [p.info.name for p in passes]
+    at = names.index("ApplySchedules")
+    # The kernel guards run right after the schedules, up to the first Relax lowering pass.
+    guards = passes[at + 1 : names.index("RewriteDataflowReshape")]
+    if rules is not None:
+        passes[at] = ApplySchedules(rules)
+    with target:
+        unscheduled = tvm.transform.Sequential(passes[:at])(mod)
+        scheduled = tvm.transform.Sequential([passes[at], *guards])(unscheduled)
+    return unscheduled, scheduled
 
 
 def compile_model(spec: ModelSpec, target_spec: TargetSpec, model_lib: str) -> Any:
@@ -169,15 +209,10 @@ def compile_model_with_metadata(
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     if target_spec.system_lib:
         mod = mod.with_attr("system_lib_prefix", f"{model_lib}_")
-    sizes = spec.runtime_sizes
-    bounds = {
-        "seq_len": sizes["prefill_chunk_size"],
-        "batch_size": sizes["max_batch_size"],
-        "vocab_size": spec.config.vocab_size,
-    }
     metadata: dict[str, Any] = {}
     pipeline = compile_pipeline(
-        target_spec, build_metadata(spec, model, params), bounds, metadata_sink=metadata
+        target_spec, build_metadata(spec, model, params), var_bounds(spec),
+        metadata_sink=metadata,
     )
     with target:
         # The prefix attribute alone makes the library a system library. system_lib=True

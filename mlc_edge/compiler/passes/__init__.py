@@ -9,6 +9,7 @@ from .attach_var_bounds import AttachVarBounds
 from .capture_metadata import CaptureMetadata
 from .check_allocation_limit import CheckAllocationLimit
 from .check_work_group_size import CheckWorkGroupSize
+from .mark_shape_funcs_noalias import MarkShapeFuncsNoAlias
 from .require_kernels import RequireKernels
 
 # The guards raise UserError inside passes that TVM runs from C++; registered, the error
@@ -22,6 +23,7 @@ __all__ = [
     "CaptureMetadata",
     "CheckAllocationLimit",
     "CheckWorkGroupSize",
+    "MarkShapeFuncsNoAlias",
     "RequireKernels",
     "memory_usage",
 ]
