@@ -6,6 +6,7 @@ chunked 37-token prefill and 12 greedy decode steps.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,21 @@ def test_q0f16t_greedy_tokens(tiny):
     decisive = [i for i, m in enumerate(top2_margins(tiny.model, ids, theirs)) if m > 0.05]
     assert len(decisive) >= len(theirs) - 2
     assert [ours[i] for i in decisive] == [theirs[i] for i in decisive], (ours, theirs)
+
+
+@pytest.mark.parametrize("tiny", ["qwen2-tied", "qwen3-qk-norm-head-dim",
+                                  "phi2-partial-rotary", "llama-pruned-1-layer"], indirect=True)
+def test_compiles_for_android_opencl_with_every_function_a_kernel(tiny):
+    """``RequireKernels`` runs inside the compile: a host fallback would raise UserError."""
+    from mlc_edge.compiler.build import compile_model_with_metadata
+    from mlc_edge.compiler.targets import get_target
+
+    chat = json.loads((tiny.engine("q0f32t").bundle / "mlc-chat-config.json").read_text())
+    spec = ModelSpec.from_chat_config({**chat, "quantization": "q0f16t"})
+    executable, metadata = compile_model_with_metadata(spec, get_target("android-opencl"),
+                                                       "family_test")
+    source = executable.mod.imports[0].imports[0].inspect_source()
+    assert "__kernel" in source and metadata["quantization"] == "q0f16t"
 
 
 def test_phi_partial_rotary_factor_changes_the_result(tmp_path):
