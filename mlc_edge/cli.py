@@ -4,6 +4,7 @@
     mlc-edge gen-config / convert MODEL_DIR -o BUNDLE    # one part at a time
     mlc-edge compile BUNDLE --target cpu                 # the library of a bundle
     mlc-edge run BUNDLE "prompt"
+    mlc-edge memory BUNDLE_or_config.json --compare      # GPU memory, MLC's load check
 """
 
 from __future__ import annotations
@@ -221,6 +222,60 @@ def run_cmd(bundle: Path, prompt: str, max_tokens: int, temperature: float, top_
         f"{result.decode_tokens_per_s:.1f} tok/s",
         err=True,
     )
+
+
+@cli.command("memory")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--target", default=None,
+              help="see `mlc-edge targets` (default: a CPU bundle's own, else android-opencl)")
+@click.option("--reported-memory", default=None,
+              help="the device's CL_DEVICE_GLOBAL_MEM_SIZE, e.g. 5.4GB (default: the target's)")
+@click.option("--budget", default="12GB", show_default=True, help="peak memory allowed")
+@click.option("--compare", is_flag=True,
+              help="the same for edge-512, edge-768 and MLC-LLM's default settings")
+@click.option("--json", "as_json", is_flag=True, help="print the plans as JSON")
+@_size_options
+def memory_cmd(source: Path, target: str | None, reported_memory: str | None, budget: str,
+               compare: bool, as_json: bool, preset: str | None, quantization: str,
+               **sizes: int | None) -> None:
+    """GPU memory of a bundle, or of MODEL_DIR / config.json for --target and --preset.
+
+    Weights, KV cache, planned temporaries, logits, runtime overhead; the largest buffer
+    against the device's largest allocation; whether MLC's engine loads it.
+    """
+    from .compiler.targets import get_target
+    from .memory import parse_size, plan_from_bundle, plan_from_config, read_config, table
+
+    if target is not None:
+        get_target(target).require_buildable()
+    try:
+        reported = parse_size(reported_memory) if reported_memory is not None else None
+        budget_bytes = parse_size(budget)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    is_bundle = (Path(source) / "mlc-chat-config.json").is_file()
+    if is_bundle and (preset or any(v is not None for v in sizes.values())):
+        raise UserError("a bundle's sizes are its own: give MODEL_DIR or config.json to "
+                        "plan other sizes (or --compare)")
+    hf_config = read_config(source)
+    plans = []
+    if is_bundle:
+        plan, target = plan_from_bundle(Path(source), target, reported, budget_bytes)
+        plans.append(plan)
+        quantization = plan.quantization
+    else:
+        target = target or "android-opencl"
+        plans.append(plan_from_config(hf_config, target, preset, quantization, sizes,
+                                      reported, budget_bytes))
+    if compare:
+        plain = not is_bundle and all(v is None for v in sizes.values())
+        for name in ("edge-512", "edge-768", "mlc-default"):
+            if plain and plans[0].label == name:
+                continue  # already the first plan
+            plans.append(plan_from_config(hf_config, target, name, quantization, {},
+                                          reported, budget_bytes))
+    _emit(as_json, {"source": str(source), "target": target,
+                    "plans": [p.as_dict() for p in plans]}, table(plans))
 
 
 @cli.command("targets")
