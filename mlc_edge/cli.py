@@ -5,6 +5,7 @@
     mlc-edge compile BUNDLE --target cpu                 # the library of a bundle
     mlc-edge run BUNDLE "prompt"
     mlc-edge memory BUNDLE_or_config.json --compare      # GPU memory, MLC's load check
+    mlc-edge verify BUNDLE_or_config.json                # OpenCL kernels vs. the CPU
 """
 
 from __future__ import annotations
@@ -294,6 +295,50 @@ def targets_cmd(as_json: bool) -> None:
         if t.limits is not None:
             lines.append(f"{'':<26} limits: {t.limits.summary()}")
     _emit(as_json, {"targets": rows}, lines)
+
+
+@cli.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--target", default=None,
+              help="OpenCL target (default: the bundle's, else android-opencl)")
+@click.option("--preset", default=None, help="runtime sizes when PATH is a config.json")
+@click.option("--quantization", default="q0f16t", show_default=True,
+              help="weight scheme when PATH is a config.json")
+@click.option("--num-hidden-layers", type=int, default=None,
+              help="compile this many layers (the kernels are the same; faster)")
+@click.option("--seq-lens", default="1,7,16", show_default=True,
+              help="prefill chunk lengths each seq_len kernel runs with")
+@click.option("--only", default=None, help="check only functions matching this regex")
+@click.option("--fp16", type=click.Choice(["auto", "float"]), default="auto",
+              show_default=True,
+              help="auto: native fp16 where the device has cl_khr_fp16, else half as float")
+@click.option("--strict", is_flag=True, help="count known issues (TVM's kernels) as failures")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def verify_cmd(path: Path, target: str | None, preset: str | None, quantization: str,
+               num_hidden_layers: int | None, seq_lens: str, only: str | None, fp16: str,
+               strict: bool, as_json: bool) -> None:
+    """Run every OpenCL kernel of a bundle (or a config.json) on this machine's OpenCL
+    device and compare it with the same function compiled for the CPU.
+
+    Exits non-zero when a kernel fails, or when the bundle's library holds kernels other
+    than the ones recompiled from its config (recompile it).
+    """
+    from .verify import load_source, verify
+
+    try:
+        lens = tuple(int(s) for s in seq_lens.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--seq-lens '{seq_lens}': give numbers like 1,7,16") from None
+    if not lens or min(lens) < 1:
+        raise UserError("--seq-lens must be positive numbers")
+    source = load_source(path, target, preset, quantization, num_hidden_layers)
+    if not as_json:
+        click.echo(f"compiling {source.spec.family.model_type} for {source.target_name} "
+                   "and checking its kernels ...", err=True)
+    report = verify(source, fp16=fp16, seq_lens=lens, only=only, strict=strict)
+    _emit(as_json, report.as_dict(), report.lines())
+    if not report.passed:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
