@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,24 @@ from mlc_edge.runtime import Engine
 
 PROMPT_LEN = 37  # > 2 prefill chunks of 16, so prefill is chunked and ends mid-chunk
 DECODE_STEPS = 12
+
+
+def opencl_missing() -> str | None:
+    """Why this machine cannot run OpenCL kernels, or None when it can (PoCL in CI).
+
+    CI installs PoCL and sets MLC_EDGE_REQUIRE_OPENCL=1: there a missing device is an
+    error, so the OpenCL tests cannot be skipped quietly.
+    """
+    try:
+        import pyopencl as cl
+
+        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
+        reason = None if devices else "no OpenCL device"
+    except Exception as e:  # noqa: BLE001 - no pyopencl, no ICD loader, no platform
+        reason = f"no OpenCL: {e}"
+    if reason and os.environ.get("MLC_EDGE_REQUIRE_OPENCL") == "1":
+        raise RuntimeError(f"MLC_EDGE_REQUIRE_OPENCL=1 but {reason}")
+    return reason
 
 
 def compile_bundle(model_dir: Path, out: Path, *flags: str) -> Path:

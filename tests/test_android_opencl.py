@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from helpers import opencl_missing
 from tiny_models import make_llama
 
 from mlc_edge.bundle.app_config import APP_CONFIG
@@ -323,11 +324,11 @@ def _opencl_kernels() -> dict[str, str]:
 
 
 def test_gpu_logit_processors_match_numpy():
-    cl = pytest.importorskip("pyopencl")
-    try:
-        ctx = cl.Context(cl.get_platforms()[0].get_devices())
-    except Exception as e:  # noqa: BLE001 - no OpenCL platform on this machine
-        pytest.skip(f"no OpenCL device: {e}")
+    if reason := opencl_missing():
+        pytest.skip(reason)
+    import pyopencl as cl
+
+    ctx = cl.Context(cl.get_platforms()[0].get_devices())
     queue = cl.CommandQueue(ctx)
     programs = _opencl_kernels()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compile_bundle
+from helpers import compile_bundle, opencl_missing
 from tiny_models import make_llama
 
 from mlc_edge.cli import main
@@ -28,19 +28,7 @@ from mlc_edge.verify import half_as_float, load_source, model_checker
 from mlc_edge.verify.check import bundle_stale_kernels
 from mlc_edge.verify.model import library_device_code
 
-
-def _opencl_device() -> str | None:
-    try:
-        import pyopencl as cl
-
-        devices = [d for p in cl.get_platforms() for d in p.get_devices()]
-    except Exception as e:  # noqa: BLE001 - no ICD loader, no platform
-        return f"no OpenCL: {e}"
-    return None if devices else "no OpenCL device"
-
-
-pytestmark = pytest.mark.skipif(_opencl_device() is not None,
-                                reason=_opencl_device() or "")
+pytestmark = pytest.mark.skipif(opencl_missing() is not None, reason=str(opencl_missing()))
 
 REAL_SHAPES = {
     # Llama-3.2-1B: tied 128256 x 2048 embedding, head_dim 64, llama3 rope scaling.
