@@ -39,13 +39,28 @@ def _size_options(func: Any) -> Any:
     return func
 
 
+TARGET_HELP = ("the target the bundle is for: a device's largest allocation splits the "
+               "embedding/output layer (give the same to gen-config, convert and compile)")
+
+
 def _spec(model_dir: Path, quantization: str, preset: str | None, target: str | None,
           sizes: dict[str, int | None]):
     from .bundle.steps import resolve_spec
     from .compiler.targets import get_target
 
     default = get_target(target).default_preset if target else "edge-512"
-    return resolve_spec(model_dir, quantization, preset or default, sizes)
+    spec = resolve_spec(model_dir, quantization, preset or default, sizes)
+    # The weights are converted as this target's library takes them (split to fit it).
+    return _for_target(spec, target)
+
+
+def _for_target(spec: Any, target: str | None) -> Any:
+    if target is None:
+        return spec
+    from .compiler.build import spec_for_target
+    from .compiler.targets import get_target
+
+    return spec_for_target(spec, get_target(target))
 
 
 def _emit(as_json: bool, payload: dict[str, Any], lines: list[str]) -> None:
@@ -66,14 +81,15 @@ def cli() -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--conv-template", default=None, help="conversation template (default: detected)")
+@click.option("--target", default=None, help=TARGET_HELP)
 @_size_options
-def gen_config_cmd(model_dir: Path, output: Path, conv_template: str | None, preset: str | None,
-                   quantization: str, **sizes: int | None) -> None:
+def gen_config_cmd(model_dir: Path, output: Path, conv_template: str | None, target: str | None,
+                   preset: str | None, quantization: str, **sizes: int | None) -> None:
     """Write mlc-chat-config.json and the tokenizer files."""
     from .bundle.output import staged
     from .bundle.steps import write_chat_config
 
-    spec = _spec(model_dir, quantization, preset, None, sizes)
+    spec = _spec(model_dir, quantization, preset, target, sizes)
     with staged(output) as stage:
         write_chat_config(model_dir, spec, stage, conv_template)
     click.echo(f"wrote {output / 'mlc-chat-config.json'}")
@@ -83,13 +99,15 @@ def gen_config_cmd(model_dir: Path, output: Path, conv_template: str | None, pre
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--quantization", default="q0f16t", show_default=True, help=QUANT_HELP)
+@click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
-def convert_cmd(model_dir: Path, output: Path, quantization: str, as_json: bool) -> None:
+def convert_cmd(model_dir: Path, output: Path, quantization: str, target: str | None,
+                as_json: bool) -> None:
     """Convert the weights into tensor-cache.json + params_shard_*.bin."""
     from .bundle.output import staged
     from .bundle.steps import write_weights
 
-    spec = _spec(model_dir, quantization, None, None, {})
+    spec = _spec(model_dir, quantization, None, target, {})
     with staged(output) as stage:
         cache = write_weights(model_dir, spec, stage, progress=not as_json)
     meta = cache["metadata"]
@@ -134,7 +152,7 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
     is_bundle = (Path(model_dir) / "mlc-chat-config.json").is_file()
     if is_bundle:
         chat = json.loads((Path(model_dir) / "mlc-chat-config.json").read_text())
-        spec = ModelSpec.from_chat_config(chat)
+        spec = _for_target(ModelSpec.from_chat_config(chat), target)
         output = output or Path(model_dir)
         require_weights_match(spec, Path(model_dir))
     else:
@@ -225,6 +243,63 @@ def run_cmd(bundle: Path, prompt: str, max_tokens: int, temperature: float, top_
     )
 
 
+@cli.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-p", "--n-prompt", "--pp", "n_prompt", default="16,64", show_default=True,
+              help="prompt processing tests: tokens prefilled, comma-separated (0 skips)")
+@click.option("-n", "--n-gen", "--tg", "n_gen", default="32", show_default=True,
+              help="text generation tests: tokens decoded, comma-separated (0 skips)")
+@click.option("-r", "--repetitions", type=int, default=5, show_default=True,
+              help="timed runs of each test (after one untimed warm-up)")
+@click.option("-o", "--output", "output", type=click.Choice(["md", "json", "csv"]),
+              default="md", show_default=True, help="table, JSON list or CSV")
+@click.option("--json", "as_json", is_flag=True, help="same as -o json")
+@click.option("--csv", "as_csv", is_flag=True, help="same as -o csv")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="check the library runs on this device (default: the one it was built for)")
+@click.option("-t", "--threads", type=int, default=None,
+              help="CPU threads of TVM's thread pool (default: TVM's choice)")
+@click.option("--seed", type=int, default=0, show_default=True, help="for the random token ids")
+def bench_cmd(bundle: Path, n_prompt: str, n_gen: str, repetitions: int, output: str,
+              as_json: bool, as_csv: bool, device: str | None, threads: int | None,
+              seed: int) -> None:
+    """Prompt processing (pp N) and text generation (tg N) speed, as llama-bench.
+
+    pp N prefills N random tokens into an empty KV cache in chunks of the bundle's
+    prefill_chunk_size; tg N decodes N tokens one at a time from an empty cache. Each test
+    runs once untimed, then -r times; t/s is mean ± standard deviation.
+
+    -o json prints a list with one object per test: model, model_type, model_lib,
+    quantization, target, backend, device, n_params, size (weight bytes), threads, test,
+    n_prompt, n_gen, prefill_chunk_size, context_window_size, repetitions, avg_ts,
+    stddev_ts, samples_ts, avg_ns, stddev_ns, samples_ns, test_time. -o csv has the same
+    columns (lists joined with ';').
+    """
+    import os
+
+    from .runtime import bench
+
+    if as_json and as_csv:
+        raise UserError("give one of --json and --csv")
+    output = "json" if as_json else "csv" if as_csv else output
+    prompts = bench.parse_counts(n_prompt, "-p/--n-prompt")
+    gens = bench.parse_counts(n_gen, "-n/--n-gen")
+    bench.check_counts(prompts, gens, repetitions, bench.bundle_context_window(bundle))
+    if threads is not None:
+        if threads < 1:
+            raise UserError("-t/--threads must be at least 1")
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the thread pool starts
+    import tvm
+
+    from .runtime import Engine
+
+    engine = Engine(bundle, device=device)
+    used = threads or int(tvm.get_global_func("runtime.NumThreads")())
+    results = bench.run_bench(engine, prompts, gens, repetitions, used, seed)
+    text = {"md": bench.markdown, "json": bench.as_json, "csv": bench.as_csv}[output](results)
+    click.echo(text.rstrip("\n"))
+
+
 @cli.command("memory")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--target", default=None,
@@ -290,6 +365,8 @@ def targets_cmd(as_json: bool) -> None:
     for t, r in zip(TARGETS.values(), rows, strict=True):
         build = "builds here" if r["can_build"] else f"cannot be built here: {r['build_problem']}"
         run = "runs here" if r["runs_here"] else "does not run here"
+        if r.get("run_problem"):
+            run += f" ({r['run_problem']})"
         lines.append(f"{r['name']:<26} {r['description']}")
         lines.append(f"{'':<26} preset {r['default_preset']}; {r['library']}; {build}; {run}")
         if t.limits is not None:

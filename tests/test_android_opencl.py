@@ -33,6 +33,7 @@ from mlc_edge.compiler.passes import RequireKernels
 from mlc_edge.compiler.targets import TARGETS, AndroidOpenCLTarget, DeviceLimits, get_target
 from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.errors import UserError
+from mlc_edge.memory.plan import RUNTIME_OVERHEAD_BYTES
 from mlc_edge.runtime import Engine
 
 LIB = "tiny"  # under 8 characters on purpose: TVM 0.27 mishandles such prefixes
@@ -155,21 +156,27 @@ def test_phone_bundle_has_the_tar_and_the_app_entry(bundle):
     cache = json.loads((out / "tensor-cache.json").read_text())
     weights = sum(r["nbytes"] for shard in cache["records"] for r in shard["records"])
     assert weights == cache["metadata"]["ParamBytes"]
-    # 3 layers x 2 kv heads x head_dim 16 x 512 tokens x (k, v) x fp16
-    kv = 3 * 2 * 16 * 512 * 2 * 2
-    temps = entry["estimated_vram_bytes"] - weights - kv
+    # 3 layers x 2 kv heads x head_dim 16 x (512 tokens + TVM's extra page of 16) x (k, v)
+    # x fp16, then float32 logits over the vocabulary and the runtime's fixed overhead
+    kv = 3 * 2 * 16 * (512 + 16) * 2 * 2
+    vocab = json.loads((out / "mlc-chat-config.json").read_text())["vocab_size"]
+    temps = entry["estimated_vram_bytes"] - weights - kv - vocab * 4 - RUNTIME_OVERHEAD_BYTES
     assert 0 < temps < weights  # max(memory_usage): a few KiB for a 16-token chunk
 
 
-def test_app_entry_uses_max_memory_usage(built, tmp_path):
-    from mlc_edge.bundle.app_config import estimated_vram_bytes, weights_bytes
+def test_app_entry_is_the_memory_plan_total(built, tmp_path):
+    from mlc_edge.bundle.app_config import estimated_vram_bytes
+    from mlc_edge.memory.sources import plan_for
 
-    spec, _, metadata, _ = built
+    _, _, metadata, _ = built
     # No tensor cache: the weights are summed from _metadata.params.
     weights = sum(int(np.prod(p["shape"])) * 2 for p in metadata["params"])
-    assert weights_bytes(tmp_path, metadata) == weights
-    expected = weights + 3 * 2 * 16 * 512 * 2 * 2 + max(metadata["memory_usage"].values())
+    expected = (weights + 3 * 2 * 16 * (512 + 16) * 2 * 2 + max(metadata["memory_usage"].values())
+                + metadata["active_vocab_size"] * 4 + RUNTIME_OVERHEAD_BYTES)
     assert estimated_vram_bytes(tmp_path, metadata, "float16") == expected
+    # The same number `mlc-edge memory` prints for the model.
+    plan = plan_for(metadata, "edge-512", "android-opencl", "float16", None, None)
+    assert plan.total_bytes == expected
 
 
 def test_run_says_a_phone_bundle_is_for_a_phone(bundle):
@@ -227,9 +234,10 @@ def test_guard_names_a_weight_above_the_largest_allocation(checkpoint):
     small = base.with_limits(base.limits.replace(max_mem_alloc_bytes=40_000))
     with pytest.raises(UserError) as err:
         compile_model_with_metadata(tiny_spec(checkpoint), small, LIB)
-    # 384 x 64 fp16 = 49,152 bytes; the other weights are smaller than the limit
-    assert "weight 'model.embed_tokens.weight' (384x64 float16) is 49,152 bytes" in str(
-        err.value)
+    # The 384 x 64 fp16 tables (49,152 bytes) are split to fit; gate/up, 64 x 320 fp16 =
+    # 40,960 bytes, is a weight no split applies to (tests/test_split_vocab.py).
+    assert ("weight 'model.layers.0.mlp.gate_up_proj.weight' (64x320 float16) is 40,960 "
+            "bytes") in str(err.value)
     assert "40,000 bytes" in str(err.value)
 
 
@@ -244,20 +252,22 @@ def test_guard_names_a_planned_buffer_above_the_largest_allocation(checkpoint):
         compile_model_with_metadata(spec, small, LIB)
 
 
-def test_qwen2_7b_shaped_output_layer_is_refused_from_config_alone(tmp_path):
-    # 152064 x 3584 fp16 = 1039.5 MiB > the 1024 MiB CL_DEVICE_MAX_MEM_ALLOC_SIZE of Adreno.
+def test_qwen2_7b_shaped_output_layer_is_split_from_config_alone(tmp_path):
+    # 152064 x 3584 fp16 = 1039.5 MiB > the 1024 MiB CL_DEVICE_MAX_MEM_ALLOC_SIZE of Adreno:
+    # compiled in two pieces of 76032 rows (tests/test_split_vocab.py runs split models).
     config = {
         "architectures": ["LlamaForCausalLM"], "hidden_size": 3584,
-        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "intermediate_size": 18944, "num_hidden_layers": 1, "num_attention_heads": 28,
         "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0, "tie_word_embeddings": False,
     }
     spec = ModelSpec.create(config, "q0f16t", load_preset("edge-512"))
-    with pytest.raises(UserError) as err:
-        compile_model_with_metadata(spec, get_target("android-opencl:adreno-740"), "qwen2_7b")
-    message = str(err.value)
-    assert "weight 'model.embed_tokens.weight' (152064x3584 float16) is 1039.5 MiB" in message
-    assert "1024.0 MiB" in message and "Adreno 740" in message
+    _, metadata = compile_model_with_metadata(
+        spec, get_target("android-opencl:adreno-740"), "qwen2_7b")
+    shapes = {p["name"]: p["shape"] for p in metadata["params"]}
+    assert "model.embed_tokens.weight" not in shapes and "lm_head.weight" not in shapes
+    assert shapes["model.embed_tokens.weight.1"] == [76032, 3584]
+    assert shapes["lm_head.weight.1"] == [3584, 76032]
 
 
 # -- targets -------------------------------------------------------------------------------

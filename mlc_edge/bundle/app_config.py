@@ -13,49 +13,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ..memory.plan import make_plan
+from ..memory.sources import tensor_cache_records
 
 APP_CONFIG = "mlc-app-config.json"
 
 
-def weights_bytes(bundle: Path, metadata: dict[str, Any]) -> int:
-    """Bytes of all weights: the tensor cache's ``nbytes``, or (a bundle without weights
-    yet) the same sum from ``_metadata.params``."""
-    cache = Path(bundle) / "tensor-cache.json"
-    if cache.is_file():
-        records = json.loads(cache.read_text())["records"]
-        return sum(int(r["nbytes"]) for shard in records for r in shard["records"])
-    return sum(
-        int(np.prod(p["shape"], dtype=np.int64)) * np.dtype(p["dtype"]).itemsize
-        for p in metadata["params"]
-    )
-
-
-def kv_cache_bytes(metadata: dict[str, Any], kv_dtype: str) -> int:
-    """The KV cache for one full context window, as the runtime allocates it at batch 1."""
-    kv = metadata["kv_cache"]
-    return (
-        kv["num_hidden_layers"]
-        * kv["num_key_value_heads"]
-        * kv["head_dim"]
-        * metadata["context_window_size"]
-        * 2  # keys and values
-        * np.dtype(kv_dtype).itemsize
-    )
-
-
 def estimated_vram_bytes(bundle: Path, metadata: dict[str, Any], kv_dtype: str) -> int:
-    """What the model needs on the GPU:
-
-        weights    sum of the tensor cache's nbytes (every weight is loaded)
-      + KV cache   layers x kv_heads x head_dim x context_window x 2 (k, v) x dtype bytes
-      + temps      max(_metadata.memory_usage): one function runs at a time, and each
-                   reserves its statically planned temporaries
-
-    The runtime's own workspaces (sampling, ~tens of MiB) are not counted.
-    """
-    temps = max(metadata.get("memory_usage", {}).values(), default=0)
-    return weights_bytes(bundle, metadata) + kv_cache_bytes(metadata, kv_dtype) + int(temps)
+    """What the model needs on the GPU: the total of its memory plan (``mlc-edge memory``),
+    i.e. the tensor cache's weights (or ``_metadata.params`` before conversion), the KV
+    cache for the context window (with TVM's extra page), the largest function's planned
+    temporaries, the float32 logits and the runtime's fixed overhead."""
+    plan = make_plan(metadata, label="app", target="", kv_dtype=kv_dtype,
+                     weight_records=tensor_cache_records(Path(bundle)), floors=())
+    return plan.total_bytes
 
 
 def app_config_entry(

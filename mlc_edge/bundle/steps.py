@@ -6,6 +6,7 @@ all-in-one ``compile MODEL_DIR`` calls all three into one staging folder.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -62,16 +63,27 @@ def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
     executable, metadata = compile_model_with_metadata(spec, target, model_lib)
     path = out / "lib" / f"{model_lib}{target.lib_suffix}"
     export(executable, path)
+    target.check_library(path)
+    write_build_record(path, target.name, target.device, str(target.tvm_target()))
     if progress:
         print(f"compiled in {time.perf_counter() - start:.1f} s: lib/{path.name}",
               file=sys.stderr, flush=True)
     return path, metadata
 
 
+def write_build_record(library: Path, target: str, device: str, tvm_target: str) -> None:
+    """``lib/<model_lib>.json`` beside the library: the target it was compiled for, so
+    ``run``/``bench`` pick its device and refuse a library this machine cannot run."""
+    record = {"model_lib": library.stem, "library": library.name, "target": target,
+              "device": device, "tvm_target": tvm_target}
+    library.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def require_weights_match(spec: ModelSpec, out: Path) -> None:
     """A library compiled into a bundle must fit the weights already there."""
     from ..compiler.build import parameter_list
     from ..convert.tensor_cache import read_tensor_cache_json
+    from ..models.vocab import split_parameter
 
     if not (out / "tensor-cache.json").exists():
         return
@@ -81,6 +93,13 @@ def require_weights_match(spec: ModelSpec, out: Path) -> None:
         for r in shard["records"]
     }
     for name, shape, dtype in parameter_list(spec):
+        if name not in have and split_parameter(name) is not None:
+            raise UserError(
+                f"the bundle's embedding/output layer are whole, but this target's largest "
+                f"buffer ({spec.scheme.max_alloc_bytes:,} bytes) needs them in pieces "
+                f"({name}): make the bundle for this target with `mlc-edge compile "
+                f"MODEL_DIR --target ... -o BUNDLE`"
+            )
         if have.get(name) != (shape, dtype):
             raise UserError(
                 f"the bundle's weights do not fit this model ({name}: "

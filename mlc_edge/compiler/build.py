@@ -48,6 +48,13 @@ def parameter_list(spec: ModelSpec) -> list[tuple[str, tuple[int, ...], str]]:
     return [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in model.named_parameters()]
 
 
+def spec_for_target(spec: ModelSpec, target_spec: TargetSpec) -> ModelSpec:
+    """The spec as the target builds it: the embedding / output layer split to fit the
+    device's largest allocation (``ModelSpec.for_device``); unchanged without limits."""
+    limits = target_spec.limits
+    return spec.for_device(limits.max_mem_alloc_bytes if limits else None)
+
+
 def build_metadata(
     spec: ModelSpec, model: DecoderLM, params: list[tuple[str, Any]]
 ) -> dict[str, Any]:
@@ -172,6 +179,7 @@ def scheduled_module(
     """
     target_spec.require_buildable()
     target = target_spec.tvm_target()
+    spec = spec_for_target(spec, target_spec)
     model = instantiate(spec, target)
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     passes = list(
@@ -205,6 +213,7 @@ def compile_model_with_metadata(
     """
     target_spec.require_buildable()
     target = target_spec.tvm_target()
+    spec = spec_for_target(spec, target_spec)
     model = instantiate(spec, target)
     mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     if target_spec.system_lib:
@@ -214,7 +223,7 @@ def compile_model_with_metadata(
         target_spec, build_metadata(spec, model, params), var_bounds(spec),
         metadata_sink=metadata,
     )
-    with target:
+    with target, target_spec.build_scope():
         # The prefix attribute alone makes the library a system library. system_lib=True
         # would also have relax.build read the attribute back, which fails in TVM 0.27 for
         # prefixes under 8 characters ("Cannot convert from type `ffi.SmallStr`").

@@ -8,6 +8,7 @@ the device limits the compile-time guards check (``DeviceLimits``, from the JSON
     cpu                          this machine (LLVM), a .so that ``mlc-edge run`` loads
     android-opencl[:adreno-NNN]  Adreno GPU through OpenCL, a system library .tar for the app
     vulkan                       listed only: this TVM has no Vulkan code generator
+    cuda[:sm_NN]                 NVIDIA GPU (desktop), kernels built by nvcc, a .so
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import tvm
@@ -116,6 +119,13 @@ class TargetSpec:
         """Whether a bundle for this target can be run by ``mlc-edge run`` on this machine."""
         return tvm.runtime.enabled(self.device) and self.lib_suffix == ".so"
 
+    def build_scope(self) -> AbstractContextManager[Any]:
+        """Entered around ``relax.build`` (CUDA: compile the kernels with nvcc)."""
+        return nullcontext()
+
+    def check_library(self, path: Path) -> None:
+        """Called on the exported library; raises when it is not what the target needs."""
+
     def describe(self) -> dict[str, Any]:
         """What ``mlc-edge targets --json`` prints for this target."""
         problem = self.build_problem()
@@ -164,7 +174,8 @@ class AndroidOpenCLTarget(TargetSpec):
     def schedule_rules(self) -> list[Any]:
         from ..schedules.adreno import adreno_rules
 
-        return adreno_rules()
+        # The GPU's own tunables (``"schedule"`` in its JSON), the defaults for others.
+        return adreno_rules(self.limits.name if self.limits else "default")
 
 
 @dataclass(frozen=True)
@@ -187,6 +198,73 @@ class VulkanTarget(TargetSpec):
                 "use --target android-opencl, or a TVM built with USE_VULKAN=ON"
             )
         return None
+
+
+@dataclass(frozen=True)
+class CudaTarget(TargetSpec):
+    """An NVIDIA GPU on a desktop: TVM's stock GPU schedules, kernels compiled by nvcc into
+    the library (see ``compiler/cuda.py``), a generic x86-64 host."""
+
+    arch: str = "sm_80"
+
+    def tvm_target(self) -> Target:
+        # 48 KiB: the static shared memory every CUDA GPU gives a block (stated, or the
+        # KV cache's kernels warn and assume it).
+        return Target({"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152},
+                      host={"kind": "llvm"})
+
+    def schedule_rules(self) -> list[Any]:
+        from .cuda import cuda_rules
+
+        return cuda_rules()
+
+    def build_problem(self) -> str | None:
+        from ..runtime.cuda import load_cuda_runtime
+        from .cuda import find_nvcc
+
+        problem = super().build_problem()
+        if problem is None and find_nvcc() is None:
+            problem = "nvcc (the CUDA toolkit's compiler) is not on PATH or in CUDA_HOME/bin"
+        return problem or load_cuda_runtime(build=True)
+
+    def run_problem(self) -> str | None:
+        from ..runtime.cuda import cuda_problem
+
+        return cuda_problem()
+
+    def runs_here(self) -> bool:
+        return self.run_problem() is None
+
+    def build_scope(self) -> AbstractContextManager[Any]:
+        from .cuda import cuda_build
+
+        return cuda_build(self.arch)
+
+    def check_library(self, path: Path) -> None:
+        from .cuda import kernel_format
+
+        found = kernel_format(path)
+        if found != "fatbin":
+            raise RuntimeError(f"{path} holds CUDA kernels as {found}, not as a fatbin")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "arch": self.arch, "run_problem": self.run_problem()}
+
+
+def _cuda(arch: str | None) -> CudaTarget:
+    what = {None: "NVIDIA GPUs sm_80+ (SASS sm_80/sm_90, PTX for newer)",
+            "sm_89": "NVIDIA Ada GPUs (RTX 40, L4, L40)",
+            "sm_90": "NVIDIA Hopper GPUs (H100, H200)"}[arch]
+    return CudaTarget(
+        name="cuda" + (f":{arch}" if arch else ""),
+        description=f"{what} through CUDA, on a desktop: a .so with the kernels built by nvcc",
+        device="cuda",
+        default_preset="edge-512",
+        lib_suffix=".so",
+        system_lib=False,
+        codegen="cuda",
+        arch=arch or "sm_80",
+    )
 
 
 def _android_opencl(gpu: str | None) -> AndroidOpenCLTarget:
@@ -229,6 +307,9 @@ TARGETS: dict[str, TargetSpec] = {
             system_lib=True,
             codegen="vulkan",
         ),
+        _cuda(None),
+        _cuda("sm_89"),
+        _cuda("sm_90"),
     )
 }
 

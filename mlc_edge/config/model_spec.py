@@ -13,8 +13,13 @@ from typing import Any
 
 from ..errors import UserError
 from ..models import ModelFamily, find_family
+from ..models.vocab import vocab_pieces
 from ..quantization import WeightScheme, get_scheme
 from .presets import PRESET_KEYS
+
+# model_config key (mlc-chat-config.json) of the allocation limit a bundle's embedding and
+# output layer were split for; absent when they are whole.
+SPLIT_LIMIT_KEY = "max_alloc_bytes"
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -42,7 +47,9 @@ class ModelSpec:
         cls, hf_config: dict[str, Any], quantization: str, runtime_sizes: dict[str, int]
     ) -> ModelSpec:
         family = find_family(hf_config)
-        scheme = get_scheme(quantization)
+        # A bundle made for a device with an allocation limit records it: its weights
+        # (and every library compiled from it) keep the embedding/output split.
+        scheme = get_scheme(quantization).with_max_alloc(hf_config.get(SPLIT_LIMIT_KEY))
         for key, value in runtime_sizes.items():
             if value < 1:
                 raise UserError(f"{key} must be a positive integer, got {value}")
@@ -63,3 +70,18 @@ class ModelSpec:
     @property
     def runtime_sizes(self) -> dict[str, int]:
         return {k: int(self.model_config[k]) for k in PRESET_KEYS}
+
+    def for_device(self, max_alloc_bytes: int | None) -> ModelSpec:
+        """This spec for a device whose buffers hold at most ``max_alloc_bytes``: the
+        embedding / output layer split into pieces when they would not fit (see
+        ``mlc_edge.models.vocab``). A spec that already records a limit keeps it (its
+        bundle's weights are split that way); one that needs no split is returned as is.
+        """
+        if max_alloc_bytes is None or self.scheme.max_alloc_bytes is not None:
+            return self
+        c = self.config
+        if len(vocab_pieces(c.vocab_size, c.hidden_size, self.scheme.dtype,
+                            max_alloc_bytes)) == 1:
+            return self
+        model_config = {**self.model_config, SPLIT_LIMIT_KEY: int(max_alloc_bytes)}
+        return ModelSpec.create(model_config, self.scheme.name, self.runtime_sizes)

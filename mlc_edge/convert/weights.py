@@ -4,7 +4,9 @@ Every name and shape is checked against what config.json implies before any tens
 read, so a wrong checkpoint fails in a second instead of halfway through a 10 GB
 conversion. Then each bundle parameter is loaded (its fused parts written into one
 preallocated array), converted by the weight scheme and streamed to disk, so peak memory
-stays near one source tensor whatever the model size.
+stays near one source tensor whatever the model size. A table the model holds in pieces
+(``P.0``, ``P.1``, ... of ``P``: an embedding / output layer split to fit the device's
+largest buffer, ``mlc_edge.models.vocab``) is read once and written piece by piece.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from ..checkpoint.reader import Checkpoint
 from ..errors import UserError
 from ..models.base import ParamSource
+from ..models.vocab import piece_ranges, scheme_pieces, split_parameter
 from ..quantization.schemes import WeightScheme
 from .tensor_cache import TensorCacheWriter
 
@@ -31,6 +34,7 @@ class _Planned:
     dtype: str
     source: ParamSource
     source_bytes: int
+    rows: tuple[int, int] | None = None  # a piece of a split table: its vocabulary rows
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
@@ -88,13 +92,62 @@ def _describe(ckpt: Checkpoint, hf_names: tuple[str, ...]) -> str:
     return f"weights {parts} have fused shape {_fmt(_fused_shape(ckpt, hf_names))}"
 
 
+def _piece_rows(
+    ckpt: Checkpoint,
+    expected: list[tuple[str, tuple[int, ...], str]],
+    mapping: dict[str, ParamSource],
+    scheme: WeightScheme,
+) -> tuple[dict[str, ParamSource], dict[str, tuple[int, int]]]:
+    """The mapping with an entry for each piece of a split table (``P.i`` of ``P``, see
+    ``mlc_edge.models.vocab``), and each piece's rows of the checkpoint tensor.
+
+    The rows come from ``scheme_pieces`` on the checkpoint's ``[vocab, hidden]`` shape:
+    the split the model definition makes from the same numbers.
+    """
+    full = dict(mapping)
+    rows: dict[str, tuple[int, int]] = {}
+    pieces: dict[str, tuple[int, int]] = {}  # split table -> (pieces declared, pieces made)
+    for name, _, _ in expected:
+        split = split_parameter(name) if name not in mapping else None
+        if split is None or split[0] not in mapping:
+            continue
+        base, index = split
+        source = mapping[base]
+        if any(hf not in ckpt for hf in source.hf_names):
+            continue  # reported as missing by _plan
+        vocab, *rest = _fused_shape(ckpt, source.hf_names)
+        if len(rest) != 1:
+            raise UserError(
+                f"{_describe(ckpt, source.hf_names)}, not [vocab, hidden]; the checkpoint "
+                f"does not match its config.json"
+            )
+        ranges = piece_ranges(scheme_pieces(vocab, rest[0], scheme))
+        declared = pieces.get(base, (0, len(ranges)))[0] + 1
+        pieces[base] = (declared, len(ranges))
+        full[name] = source
+        rows[name] = ranges[min(index, len(ranges) - 1)]
+    for base, (declared, made) in pieces.items():
+        if declared != made:
+            raise UserError(
+                f"{_describe(ckpt, mapping[base].hf_names)}, which splits into {made} "
+                f"pieces, but config.json implies {declared}; the checkpoint does not match "
+                f"its config.json"
+            )
+    return full, rows
+
+
 def _plan(
     ckpt: Checkpoint,
     expected: list[tuple[str, tuple[int, ...], str]],
     mapping: dict[str, ParamSource],
     layout: _Layout,
+    rows: dict[str, tuple[int, int]] | None = None,
 ) -> list[_Planned]:
-    """Check every name and shape from the headers alone; no tensor data is read."""
+    """Check every name and shape from the headers alone; no tensor data is read.
+
+    ``rows`` gives the pieces of split tables their rows of the checkpoint tensor.
+    """
+    rows = rows or {}
     missing = [
         (hf, name)
         for name, _, _ in expected
@@ -118,7 +171,11 @@ def _plan(
         shape = tuple(shape)
         is_linear = source.is_linear_weight
         want = layout.hf_shape(shape, is_linear)
-        if want is not None and _fused_shape(ckpt, source.hf_names) != want:
+        have = _fused_shape(ckpt, source.hf_names)
+        piece = rows.get(name)
+        if piece is not None:
+            have = (piece[1] - piece[0], *have[1:])
+        if want is not None and have != want:
             raise UserError(
                 f"{_describe(ckpt, source.hf_names)} but config.json implies {_fmt(want)}; "
                 f"the checkpoint does not match its config.json"
@@ -130,7 +187,9 @@ def _plan(
                 f"{layout.dtype(is_linear)}"
             )
         nbytes = sum(ckpt.nbytes(n) for n in source.hf_names)
-        plan.append(_Planned(name, shape, dtype, source, nbytes))
+        if piece is not None:
+            nbytes = nbytes * (piece[1] - piece[0]) // _fused_shape(ckpt, source.hf_names)[0]
+        plan.append(_Planned(name, shape, dtype, source, nbytes, piece))
     return plan
 
 
@@ -167,7 +226,8 @@ def convert_weights(
     """
     layout = _Layout(scheme)
     with Checkpoint.open(Path(model_dir)) as ckpt:
-        plan = _plan(ckpt, expected, mapping, layout)
+        mapping, rows = _piece_rows(ckpt, expected, mapping, scheme)
+        plan = _plan(ckpt, expected, mapping, layout, rows)
         total = sum(p.source_bytes for p in plan)
         with (
             TensorCacheWriter(Path(out_dir)) as writer,
@@ -180,9 +240,18 @@ def convert_weights(
                 file=sys.stderr,
             ) as bar,
         ):
+            # The pieces of a split table follow one another: its tensor is read once.
+            held: tuple[tuple[str, ...], np.ndarray] | None = None
             for p in plan:
                 src = p.source
-                tensor = _load_fused(ckpt, src.hf_names)
+                if p.rows is None:
+                    held = None
+                    tensor = _load_fused(ckpt, src.hf_names)
+                else:
+                    if held is None or held[0] != src.hf_names:
+                        held = None  # release the previous table before reading the next
+                        held = (src.hf_names, _load_fused(ckpt, src.hf_names))
+                    tensor = held[1][p.rows[0] : p.rows[1]]
                 if src.is_linear_weight:
                     tensor = scheme.convert_linear_weight(tensor)
                 else:

@@ -4,7 +4,9 @@ The breakdown (``MemoryPlan``), all in bytes:
 
     weights       every parameter the runtime loads (tensor-cache.json ``nbytes``, or the
                   same sum from ``_metadata.params``): embedding, output layer, the
-                  decoder layers, everything else (final norm, ...)
+                  decoder layers, everything else (final norm, ...); a table split to
+                  fit the largest allocation counts all its pieces, its largest
+                  buffer is one piece
     KV cache      layers x kv_heads x head_dim x tokens x 2 (k, v) x dtype bytes, tokens =
                   the context window in whole pages of 16, plus one page (TVM's paged cache),
                   or the engine's KV capacity (at the highest floor) when that is less
@@ -32,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ..models.vocab import split_parameter
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -52,6 +56,10 @@ class WeightBreakdown:
     num_layers: int
     largest_name: str
     largest_bytes: int
+    # Buffers the embedding / output layer are stored in: > 1 when split to fit the
+    # device's largest allocation (mlc_edge.models.vocab); 0 for a tied output layer.
+    embedding_pieces: int = 1
+    output_pieces: int = 1
 
     @property
     def total(self) -> int:
@@ -64,9 +72,13 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def weight_breakdown(records: list[tuple[str, int]]) -> WeightBreakdown:
     """(name, nbytes) of every weight → embedding / output layer / layers / other."""
     embedding = output = layers = other = 0
+    embedding_tables: set[str] = set()  # the whole tables' names, pieces by their table
+    output_tables: set[str] = set()
+    embedding_pieces = output_pieces = 0
     layer_ids: set[int] = set()
     largest = ("", 0)
     for name, nbytes in records:
+        table = (split_parameter(name) or (name, 0))[0]
         if nbytes > largest[1]:
             largest = (name, nbytes)
         match = _LAYER.search(name)
@@ -75,11 +87,18 @@ def weight_breakdown(records: list[tuple[str, int]]) -> WeightBreakdown:
             layer_ids.add(int(match.group(1)))
         elif "embed_tokens" in name or name.endswith("embed.weight"):
             embedding += nbytes
+            embedding_tables.add(table)
+            embedding_pieces += 1
         elif "lm_head" in name:
             output += nbytes
+            if name.endswith(".weight") or table != name:  # the bias is not a piece
+                output_tables.add(table)
+                output_pieces += 1
         else:
             other += nbytes
-    return WeightBreakdown(embedding, output, layers, other, len(layer_ids), *largest)
+    return WeightBreakdown(embedding, output, layers, other, len(layer_ids), *largest,
+                           embedding_pieces=embedding_pieces if embedding_tables else 0,
+                           output_pieces=output_pieces if output_tables else 0)
 
 
 def records_from_metadata(metadata: dict[str, Any]) -> list[tuple[str, int]]:

@@ -13,6 +13,11 @@ def _yes(flag: bool | None) -> str:
     return "-" if flag is None else ("yes" if flag else "NO")
 
 
+def _pieces(count: int) -> str:
+    """A table split to fit the largest allocation says so."""
+    return f"in {count} pieces" if count > 1 else ""
+
+
 def rows(plan: MemoryPlan) -> list[tuple[str, int | None, str]]:
     """(label, bytes or None, text when not bytes) for one plan."""
     w = plan.weights
@@ -20,9 +25,9 @@ def rows(plan: MemoryPlan) -> list[tuple[str, int | None, str]]:
     out: list[tuple[str, int | None, str]] = [
         ("sizes (batch / prefill chunk / context)", None,
          f"{plan.max_batch_size} / {plan.prefill_chunk_size} / {plan.context_window_size}"),
-        ("weights: embedding", w.embedding, ""),
+        ("weights: embedding", w.embedding, _pieces(w.embedding_pieces)),
         ("weights: output layer" + (" (tied)" if not w.output_layer else ""),
-         w.output_layer, ""),
+         w.output_layer, _pieces(w.output_pieces)),
         (f"weights: {w.num_layers} layers", w.layers, ""),
         ("weights: other", w.other, ""),
         ("weights total", w.total, ""),

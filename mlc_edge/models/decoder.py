@@ -20,6 +20,8 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
+from .kv_cache_kernels import replace_merge_state
+
 
 @dataclass(frozen=True)
 class KVCacheShape:
@@ -95,7 +97,7 @@ class DecoderLM(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         shape = self.kv_cache_shape()
-        return TIRPagedKVCache(
+        cache = TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -120,6 +122,10 @@ class DecoderLM(nn.Module):
             dtype=self.dtype,
             target=self.target,
         )
+        # TVM's GPU merge-state kernel races on S (see kv_cache_kernels.py): use ours.
+        replace_merge_state(rx.BlockBuilder.current(), shape.num_attention_heads,
+                            shape.head_dim, self.dtype, self.target)
+        return cache
 
     def alloc_embedding_tensor(self) -> Tensor:
         return op.zeros((self.prefill_chunk_size, self.hidden_size), self.dtype)

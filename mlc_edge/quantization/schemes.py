@@ -14,6 +14,8 @@ a scheme is adding one small class here; nothing else branches on the scheme's n
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
@@ -50,13 +52,27 @@ class NKLinear(nn.Module):
 
 
 class WeightScheme:
-    """Base of the no-quantization schemes: subclasses set the class attributes."""
+    """Base of the no-quantization schemes: subclasses set the class attributes.
+
+    ``max_alloc_bytes`` is the largest buffer of the device the weights are stored for:
+    an embedding / output layer above it is stored in pieces (``mlc_edge.models.vocab``).
+    None (no limit) for the shared instances; ``with_max_alloc`` gives a limited copy.
+    """
 
     name: str
     dtype: str
     linear_class: type[nn.Module]
     bits_per_param: int
     description: str
+    max_alloc_bytes: int | None = None
+
+    def with_max_alloc(self, max_alloc_bytes: int | None) -> WeightScheme:
+        """This scheme for a device whose buffers hold at most ``max_alloc_bytes``."""
+        if max_alloc_bytes == self.max_alloc_bytes:
+            return self
+        limited = copy.copy(self)
+        limited.max_alloc_bytes = None if max_alloc_bytes is None else int(max_alloc_bytes)
+        return limited
 
     def linear(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return self.linear_class(in_features, out_features, bias, self.dtype)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine  # not tvm.relax: works with a runtime-only TVM
 
 from ..errors import UserError
 from .sampler import Sampler
@@ -38,6 +38,35 @@ def find_library(bundle: Path) -> Path:
     if len(libs) > 1:
         raise UserError(f"several libraries in {bundle}/lib: keep one of {[p.name for p in libs]}")
     return libs[0]
+
+
+def build_record(library: Path) -> dict[str, Any]:
+    """What ``compile`` wrote beside the library (``lib/<model_lib>.json``): its target
+    and device. A library without one is taken to be a CPU library."""
+    record = library.with_suffix(".json")
+    if record.is_file():
+        return json.loads(record.read_text())
+    return {"target": "cpu", "device": "cpu"}
+
+
+def open_device(bundle: Path, library: Path, device: str | None) -> Any:
+    """The TVM device to run ``library`` on; UserError when this machine cannot."""
+    built_for = str(build_record(library).get("device", "cpu"))
+    if device is not None and device != built_for:
+        raise UserError(
+            f"{bundle} was compiled for {built_for}, not {device}: compile it with "
+            f"--target {device} (or leave out --device)"
+        )
+    if built_for == "cuda":
+        from .cuda import cuda_problem
+
+        problem = cuda_problem()
+        if problem:
+            raise UserError(f"{bundle} was compiled for CUDA and cannot run here: {problem}")
+    elif built_for != "cpu":
+        raise UserError(f"{bundle} was compiled for {built_for}, which cannot run here; "
+                        "compile it with --target cpu")
+    return tvm.device(built_for)
 
 
 @dataclass
@@ -71,17 +100,27 @@ class GenerationResult:
 
 
 class Engine:
-    """One sequence at a time, on the CPU (or another device this TVM can run)."""
+    """One sequence at a time, on the CPU or a CUDA GPU (the device the library was
+    compiled for; ``device`` only checks it)."""
 
-    def __init__(self, bundle: str | Path, device: str = "cpu"):
+    def __init__(self, bundle: str | Path, device: str | None = None):
         self.bundle = Path(bundle)
         config_path = self.bundle / "mlc-chat-config.json"
         if not config_path.is_file():
             raise UserError(f"{self.bundle} is not a bundle: it has no mlc-chat-config.json")
         self.chat_config = json.loads(config_path.read_text())
-        self.device = tvm.device(device)
-        executable = tvm.runtime.load_module(str(find_library(self.bundle)))
-        self.vm = relax.VirtualMachine(executable, self.device)
+        self.library = find_library(self.bundle)
+        self.library_target = str(build_record(self.library).get("target", "cpu"))
+        self.device = open_device(self.bundle, self.library, device)
+        try:
+            executable = tvm.runtime.load_module(str(self.library))
+        except RuntimeError as e:  # a CUDA library without its build record
+            if "load_from_bytes.cuda" not in str(e):
+                raise
+            record = self.library.with_suffix(".json").name
+            raise UserError(f"{self.library} holds CUDA kernels but has no build record "
+                            f"({record}); compile it again") from None
+        self.vm = VirtualMachine(executable, self.device)
         self.metadata = json.loads(str(self.vm["_metadata"]()))
         self.params = self._load_params()
         self.context_window_size = int(self.metadata["context_window_size"])

@@ -116,11 +116,12 @@ def shape_of(param: Param, env: dict[str, Any]) -> tuple[int, ...]:
 
 
 def _float_table_rows(params: list[Param], env: dict[str, Any]) -> int | None:
-    """Rows of the function's first 2-D float buffer (the embedding table of ``take``)."""
-    for p in params:
-        if p.is_buffer and "float" in p.dtype and len(p.shape or ()) == 2:
-            return shape_of(p, env)[0]
-    return None
+    """Rows of the embedding table a lookup reads: the 2-D float inputs (the output, last,
+    left out) summed, so the ids of a table split into pieces (``split_take``) reach
+    every piece, not only the first."""
+    tables = [shape_of(p, env)[0] for p in params[:-1]
+              if p.is_buffer and "float" in p.dtype and len(p.shape or ()) == 2]
+    return sum(tables) if tables else None
 
 
 def _pages(params: list[Param], env: dict[str, Any]) -> tuple[int, int] | None:

@@ -55,15 +55,9 @@ NOT_CHECKED = {
 }
 
 # Kernels that fail here for a reason outside mlc-edge: run and shown, not counted as
-# failures (``verify --strict`` counts them).
-KNOWN_ISSUES = {
-    "tir_attention_merge_state": (
-        "data race in TVM's merge_state kernel: the head_dim/4 work-items of a head all "
-        "read S[n, h] and write it back with no barrier between; correct only where they "
-        "run in lockstep (one GPU wave, as on Adreno), wrong where work-items run one after "
-        "another (PoCL): the result equals merging S_other head_dim/4 times"
-    ),
-}
+# failures (``verify --strict`` counts them). None now: TVM's racy merge_state kernel is
+# replaced by ours (mlc_edge/models/kv_cache_kernels.py).
+KNOWN_ISSUES: dict[str, str] = {}
 
 PREFIX_TOKENS = 24  # tokens already in the cache before a prefill chunk (1.5 pages)
 DECODE_KV_LENS = (16, 40)  # one full page; two pages and a half-filled third

@@ -173,8 +173,12 @@ class OpenCLRunner:
         mf = self.cl.mem_flags
         result = {}
         for name, ws in func.workspaces.items():
-            n = int(evaluate(ws.extent, env)) * self.host_dtype(ws.dtype).itemsize
-            result[name] = self.cl.Buffer(self.context, mf.READ_WRITE, max(n, 4))
+            n = max(int(evaluate(ws.extent, env)) * self.host_dtype(ws.dtype).itemsize, 4)
+            result[name] = self.cl.Buffer(self.context, mf.READ_WRITE, n)
+            # Poisoned (all bits set: NaN as float, -1 as int), not left as the last run's
+            # memory: a kernel that skips part of a workspace the next kernel reads must
+            # not pass on values a correct earlier run left there.
+            self.cl.enqueue_fill_buffer(self.queue, result[name], np.uint8(0xFF), 0, n)
         return result
 
     def launches(

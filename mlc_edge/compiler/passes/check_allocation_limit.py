@@ -5,7 +5,9 @@ the runtime loads every weight into its own buffer and gets ``CL_INVALID_BUFFER_
 for a bigger one, on the phone, after the download. Run after ``StaticPlanBlockMemory``,
 this pass checks the two kinds of buffers known at compile time:
 
-- each weight (the packed parameters every runtime function takes), by name;
+- each weight (the packed parameters every runtime function takes), by name; an
+  embedding / output layer above the limit arrives here already split into pieces
+  (``mlc_edge.models.vocab``), so what is refused is a weight no split applies to;
 - each storage the memory plan allocates (temporaries, logits), with the tensor and the
   kernel that needs the most of it.
 
@@ -21,6 +23,7 @@ import tvm
 from tvm import IRModule, relax, tirx
 
 from ...errors import UserError
+from ...models.vocab import split_parameter
 
 MiB = 1 << 20
 
@@ -52,6 +55,17 @@ def _describe(ty: relax.TensorType) -> str:
         return "tensor"
     dims = [str(int(d)) if isinstance(d, tirx.IntImm) else str(d) for d in ty.shape.values]
     return f"{'x'.join(dims)} {ty.dtype}"
+
+
+def _fix(weight: str) -> str:
+    """What to do about a weight too large for one buffer."""
+    if split_parameter(weight) is not None:
+        # A piece: the bundle's weights were split for a device with larger buffers.
+        return ("the bundle's embedding/output layer were split for a larger allocation: "
+                "make the bundle for this target (mlc-edge compile MODEL_DIR --target ... "
+                "-o BUNDLE) so they are split to fit it")
+    return ("only the embedding and the output layer are split into pieces that fit: "
+            "use a model with a smaller hidden or intermediate size")
 
 
 def _mib(n: int) -> str:
@@ -87,8 +101,7 @@ class CheckAllocationLimit:
                     raise UserError(
                         f"weight '{name}' ({_describe(ty)}) is {_mib(size)}, more than "
                         f"the {_mib(self.limit)} one buffer may hold on {self.device_name} "
-                        "(CL_DEVICE_MAX_MEM_ALLOC_SIZE); splitting such a weight is not "
-                        "supported yet: use a model with a smaller vocabulary or hidden size"
+                        f"(CL_DEVICE_MAX_MEM_ALLOC_SIZE); {_fix(name)}"
                     )
             return  # every packed function takes the same parameters
 

@@ -13,6 +13,7 @@ from tvm.target import Target
 
 from ...quantization import WeightScheme
 from ..decoder import DecoderLM, KVCacheShape
+from ..vocab import VocabEmbedding, VocabHead
 from .config import LlamaConfig
 
 
@@ -66,7 +67,7 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, scheme: WeightScheme):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=scheme.dtype)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, scheme)
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(cfg, scheme) for _ in range(cfg.num_hidden_layers)]
         )
@@ -91,7 +92,7 @@ class LlamaForCausalLM(DecoderLM):
         self.model = LlamaModel(cfg, scheme)
         self.tie_word_embeddings = cfg.tie_word_embeddings
         if not cfg.tie_word_embeddings:
-            self.lm_head = scheme.linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme, bias=False)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
@@ -101,8 +102,7 @@ class LlamaForCausalLM(DecoderLM):
 
     def get_logits(self, hidden: Tensor) -> Tensor:
         if self.tie_word_embeddings:
-            # The embedding table is [vocab, hidden]: the transpose fuses into the matmul.
-            return op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight))
+            return self.model.embed_tokens.logits(hidden)
         return self.lm_head(hidden)
 
     def kv_cache_shape(self) -> KVCacheShape:

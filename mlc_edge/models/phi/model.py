@@ -16,6 +16,7 @@ from tvm.target import Target
 from ...quantization import WeightScheme
 from ..decoder import DecoderLM, KVCacheShape
 from ..llama.model import LlamaAttention
+from ..vocab import VocabEmbedding, VocabHead
 from .config import GELU_APPROXIMATION, PhiConfig
 
 
@@ -44,7 +45,7 @@ class PhiDecoderLayer(nn.Module):
 
 class PhiModel(nn.Module):
     def __init__(self, cfg: PhiConfig, scheme: WeightScheme):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=scheme.dtype)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, scheme)
         self.layers = nn.ModuleList(
             [PhiDecoderLayer(cfg, scheme) for _ in range(cfg.num_hidden_layers)]
         )
@@ -72,7 +73,7 @@ class PhiForCausalLM(DecoderLM):
             # transformers ties only the weight: the output bias stays its own tensor.
             self.lm_head_bias = nn.Parameter((cfg.vocab_size,), scheme.dtype)
         else:
-            self.lm_head = scheme.linear(cfg.hidden_size, cfg.vocab_size, bias=True)
+            self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme, bias=True)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
@@ -82,8 +83,7 @@ class PhiForCausalLM(DecoderLM):
 
     def get_logits(self, hidden: Tensor) -> Tensor:
         if self.tie_word_embeddings:
-            weight = op.permute_dims(self.model.embed_tokens.weight)
-            return op.matmul(hidden, weight) + self.lm_head_bias
+            return self.model.embed_tokens.logits(hidden) + self.lm_head_bias
         return self.lm_head(hidden)
 
     def kv_cache_shape(self) -> KVCacheShape:

@@ -1,0 +1,184 @@
+"""Decode GEMV with the weight stored ``[K, N]``, for Adreno: ``[b, 1, K] x [K, N]``.
+
+Loop nest (V = vector, TX * TY threads in one work-group dimension, U = unroll)::
+
+    blockIdx.y  b                          # one row of work-groups per sequence (batch_decode)
+    blockIdx.x  n tiles of TX * V columns
+      threadIdx.x = ty * TX + tx           # TY threads share the reduction over K
+        part[V] = 0                        # fp32, registers
+        for k_o in K / (TY * U)
+          for k_u in U (unrolled)          # k = (k_o * TY + ty) * U + k_u
+            part[:] += f32(A[k]) * f32(W[k, n:n+V])   # one vector load of V halves
+        local[ty, tx * V : tx * V + V] = part          # one vector store, one barrier
+        each thread: V / TY columns, sum of their TY partials (fp32), rounded to fp16
+        once, epilogue (residual add, SiLU * mul, cast, ...) and store
+
+Neighbouring threads read neighbouring V-half vectors of one weight row (coalesced);
+every weight element is read once. V is the largest power of two <= the tunable dividing
+N, so the guard for an N that is not a multiple of the tile falls on whole threads (no
+partial vectors). TY is a power of two dividing both K and V: no guard in the reduction,
+and the final sum gives every thread whole columns. Odd K or N take smaller vectors /
+fewer K splits rather than idle threads.
+
+TVM's stock GEMV (Adreno branch) gives each thread one column, loads the weight column
+in pieces along K and accumulates in fp16 (~2% error at K = 4864).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
+from tvm.target import Target
+
+from .common import (
+    accumulate_in_fp32,
+    find_kn_matmul,
+    is_decode_shaped,
+    is_fp16_matmul,
+    largest_divisor,
+    mark,
+    max_threads,
+    pick_vector,
+    static_int,
+)
+from .tuning import AdrenoTuning, GemvTuning
+
+RULE_NAME = "adreno.gemv_kn"
+
+
+class GemvKN(GPUScheduleRule):
+    """Decode-shaped KN matmuls: one token per row (``[1, 1, K]`` or ``[b, 1, K]``).
+
+    A row axis other than the token axis (``batch_size`` of ``batch_decode``) may be
+    symbolic: each row is its own row of work-groups. Prefill chunks (a symbolic token
+    axis) are left to :class:`PrefillMatmulKN`.
+    """
+
+    def __init__(self, tuning: AdrenoTuning | None = None):
+        self.tuning = tuning or AdrenoTuning.load()
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
+              ) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self._schedule(func, target)
+        except (ScheduleError, ValueError):
+            # A primitive refused an unexpected variant of the pattern: the next rule.
+            return None
+
+    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        found = find_kn_matmul(sch, weight_kn=True)
+        if found is None:
+            return None
+        main, pat, epilogues = found
+        block = main.block_rv
+        iters = sch.get(block).iter_vars
+        loops = sch.get_loops(block)
+        if len(loops) != len(iters):
+            return None
+        if not is_decode_shaped(sch.get(block)):
+            return None
+        n_ext = static_int(iters[pat.n_iter].dom.extent)
+        k_ext = static_int(iters[pat.k_iter].dom.extent)
+        if n_ext is None or k_ext is None:
+            return None
+
+        t: GemvTuning = self.tuning.gemv
+        threads = max_threads(target, self.tuning.max_threads)
+        vec = pick_vector(n_ext, t.vector)
+        # K is split across ty threads, a power of two dividing K (no guard in the
+        # reduction) and the vector (the final sum then gives each thread whole columns).
+        ty = pick_vector(k_ext, min(t.threads_k, vec, threads))
+        tx = min(t.threads_n, n_ext // vec, max(1, threads // ty))
+        unroll = largest_divisor(k_ext // ty, t.unroll_k)
+
+        m_loops = [loops[i] for i in pat.m_iters]
+        n_loop, k_loop = loops[pat.n_iter], loops[pat.k_iter]
+        sch.reorder(*m_loops, n_loop, k_loop)
+        m_loop = sch.fuse(*m_loops) if len(m_loops) > 1 else (
+            m_loops[0] if m_loops else sch.add_unit_loop(n_loop))
+
+        fp16 = is_fp16_matmul(pat)
+        # The final sum goes to a per-thread accumulator (fp32 for fp16), which the
+        # write-back rounds and the epilogues consume.
+        writeback = sch.cache_write(block, 0, "local")
+
+        n_g, n_v = sch.split(n_loop, [None, vec])
+        n_o, n_t = sch.split(n_g, [None, tx])
+        k_o, k_t, k_u = sch.split(k_loop, [None, ty, unroll])
+        sch.reorder(m_loop, n_o, n_t, k_t, k_o, k_u, n_v)
+        rf = sch.rfactor(k_t, 0)
+        # Partials: registers while K is walked, then one store each to local memory, a
+        # barrier, and a short sum by the work-group (no tree of barriers per column).
+        sch.set_scope(rf, 0, "shared")
+        if fp16:
+            accumulate_in_fp32(sch, rf)
+            accumulate_in_fp32(sch, block)
+        # rf now accumulates in registers; the new block stores them to local memory.
+        part, store = rf, sch.cache_write(rf, 0, "local")
+
+        m_r, n_or, n_tr, k_tr, k_or, k_ur, n_vr = sch.get_loops(part)[-7:]
+        sch.bind(m_r, "blockIdx.y")
+        sch.bind(n_or, "blockIdx.x")
+        # One flat work-group dimension, tx fastest: neighbouring threads read
+        # neighbouring vectors of a weight row.
+        sch.reorder(k_tr, n_tr)
+        thread = sch.fuse(k_tr, n_tr)
+        sch.bind(thread, "threadIdx.x")
+        sch.unroll(k_ur)
+        sch.vectorize(n_vr)
+        init = sch.decompose_reduction(part, k_or)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.reverse_compute_at(store, thread, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(store)[-1])
+
+        # Sum of the TY partials of each column, one column per thread.
+        sch.reverse_compute_at(block, n_or, preserve_unit_loops=False)
+        b_k, b_n = _sum_loops(sch, block, n_or)
+        _, b_x = sch.split(b_n, [vec // ty, tx * ty])  # exact: ty divides vec
+        sch.bind(b_x, "threadIdx.x")
+        sch.decompose_reduction(block, b_k)
+
+        # Epilogues folded into the rounding write-back, same threads as the sum.
+        remaining = []
+        for epi in epilogues:
+            try:
+                sch.reverse_compute_inline(epi)
+            except ScheduleError:
+                remaining.append(epi)
+        # Under the sum's thread loop: each thread stores the column it summed.
+        for blk in [writeback, *remaining]:
+            sch.reverse_compute_at(blk, b_x, preserve_unit_loops=True)
+        mark(sch, part, RULE_NAME)
+        return sch
+
+
+def _sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
+               above: s_tir.schedule.LoopRV) -> tuple[s_tir.schedule.LoopRV, ...]:
+    """The final sum's (reduction, column) loops below ``above``, in that order; a unit
+    reduction loop (one partial) is added back."""
+    loops = sch.get_loops(block)
+    above_var = sch.get(above).loop_var
+    start = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(above_var))
+    below = loops[start + 1 :]
+    realize = get_sblockrealize(sch, block)
+    red_values = [value for iv, value in zip(realize.block.iter_vars, realize.iter_values,
+                                             strict=True)
+                  if iv.iter_type == tirx.IterVar.CommReduce]
+    red = [lp for lp in below
+           if any(_uses(value, sch.get(lp).loop_var) for value in red_values)]
+    spatial = [lp for lp in below if lp not in red]
+    if len(spatial) != 1 or len(red) > 1:
+        raise ValueError("unexpected loops of the final sum")
+    if not red:
+        red = [sch.add_unit_loop(block)]
+    sch.reorder(spatial[0], red[0])
+    return red[0], spatial[0]
+
+
+def _uses(expr: tirx.Expr, var: tirx.Var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))

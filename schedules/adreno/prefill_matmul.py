@@ -1,0 +1,194 @@
+"""Prefill matmul with the weight stored ``[K, N]``, for Adreno: ``[1, seq_len, K] x [K, N]``.
+
+Prefill runs chunks of at most ``prefill_chunk_size`` (16) tokens, so one thread can hold
+a whole chunk's rows: every weight vector it loads is used for all of them, and a 16-row
+chunk reads the weights once, as a decode step does. Loop nest (R rows, V vector,
+T threads, U unroll)::
+
+    blockIdx.x  n tiles of T * V columns
+      threadIdx.x t                          # V columns: n = (bx * T + t) * V
+        for m_o in ceil(seq_len / R)         # one pass for seq_len <= R
+          acc[R, V] = 0                      # fp32 registers
+          for k_o in K / U
+            a[R, U] = A[rows, k:k+U]         # registers (rows >= seq_len: the last row)
+            for k_u in U (unrolled)
+              w[V] = W[k, n:n+V]             # one vector load of V halves, registers
+              for r in R (unrolled)
+                acc[r, :] += f32(a[r, k_u]) * f32(w[:])
+          for r in R: if row < seq_len: C[row, n:n+V] = epilogue(fp16(acc[r, :]))
+
+No shared memory, no barriers, no padded copy of the activations in global memory (TVM's
+stock matmul writes one first, as a separate kernel): rows past ``seq_len`` repeat the
+last row in registers (no branch in the loads) and are not stored. Correct for any
+``seq_len`` (more than R rows take more passes over the weights). N that is not a
+multiple of V shrinks V to a power of two that divides it; a last partial tile of threads
+is guarded per thread.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.ir import Call, TensorLoad
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
+from tvm.target import Target
+
+from .common import (
+    accumulate_in_fp32,
+    find_kn_matmul,
+    is_decode_shaped,
+    is_fp16_matmul,
+    largest_divisor,
+    mark,
+    max_threads,
+    pick_vector,
+    static_int,
+)
+from .tuning import AdrenoTuning, PrefillTuning
+
+RULE_NAME = "adreno.prefill_matmul_kn"
+
+
+class PrefillMatmulKN(GPUScheduleRule):
+    """KN matmuls with a token axis of several rows (prefill chunks, ``seq_len``)."""
+
+    def __init__(self, tuning: AdrenoTuning | None = None):
+        self.tuning = tuning or AdrenoTuning.load()
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
+              ) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            return self._schedule(func, target)
+        except (ScheduleError, ValueError):
+            # A primitive refused an unexpected variant of the pattern: the next rule.
+            return None
+
+    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        found = find_kn_matmul(sch, weight_kn=True)
+        if found is None:
+            return None
+        main, pat, epilogues = found
+        block = main.block_rv
+        iters = sch.get(block).iter_vars
+        loops = sch.get_loops(block)
+        # One row axis (the tokens); decode shapes are GemvKN's.
+        if len(loops) != len(iters) or len(pat.m_iters) != 1:
+            return None
+        if is_decode_shaped(sch.get(block)):
+            return None
+        n_ext = static_int(iters[pat.n_iter].dom.extent)
+        k_ext = static_int(iters[pat.k_iter].dom.extent)
+        if n_ext is None or k_ext is None:
+            return None
+
+        t: PrefillTuning = self.tuning.prefill
+        threads = max_threads(target, self.tuning.max_threads)
+        rows = t.rows
+        vec = pick_vector(n_ext, t.vector)
+        tx = min(t.threads, n_ext // vec, threads)
+        unroll = largest_divisor(k_ext, t.unroll_k)
+
+        # Rows padded to whole register tiles: the padded activations are made in
+        # registers below (0 past seq_len), the padded results dropped by the write-back.
+        m_pos = pat.m_iters[0]
+        sch.pad_einsum(block, [rows if i == m_pos else 1 for i in range(len(iters))])
+        a_pad = [p for p in sch.get_producers(block) if _writes_rows(sch, p)]
+        (writeback,) = sch.get_consumers(block)
+        sch.set_scope(block, 0, "local")
+        if is_fp16_matmul(pat):
+            accumulate_in_fp32(sch, block)
+
+        loops = sch.get_loops(block)[-len(iters):]
+        m_loop, n_loop, k_loop = loops[m_pos], loops[pat.n_iter], loops[pat.k_iter]
+        m_o, m_i = sch.split(m_loop, [None, rows])
+        n_g, n_v = sch.split(n_loop, [None, vec])
+        n_o, n_t = sch.split(n_g, [None, tx])
+        k_o, k_u = sch.split(k_loop, [None, unroll])
+        sch.reorder(n_o, n_t, m_o, k_o, k_u, m_i, n_v)
+        sch.bind(n_o, "blockIdx.x")
+        sch.bind(n_t, "threadIdx.x")
+        sch.unroll(k_u)
+        sch.unroll(m_i)
+        sch.vectorize(n_v)
+        init = sch.decompose_reduction(block, k_o)
+        sch.unroll(sch.get_loops(init)[-2])
+        sch.vectorize(sch.get_loops(init)[-1])
+
+        # The activations' R x U tile, loaded into registers once per k step.
+        for pad in a_pad:
+            _clamp_rows(sch, pad)
+            sch.compute_at(pad, k_o, preserve_unit_loops=True)
+            sch.set_scope(pad, 0, "local")
+            p_loops = sch.get_loops(pad)
+            sch.unroll(p_loops[-2])
+            sch.vectorize(p_loops[-1])
+
+        # The weight vector of each k, loaded (and converted) once for all R rows.
+        w_index = _read_index(sch, block, pat.rhs)
+        if w_index is not None:
+            w_local = sch.cache_read(block, w_index, "local")
+            sch.compute_at(w_local, k_u, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(w_local)[-1])
+
+        # Epilogues folded into the write-back (round to fp16, residual add, cast...).
+        remaining = []
+        for epi in epilogues:
+            try:
+                sch.reverse_compute_inline(epi)
+            except ScheduleError:
+                remaining.append(epi)
+        for blk in [writeback, *remaining]:
+            sch.reverse_compute_at(blk, m_o, preserve_unit_loops=True)
+            w_loops = sch.get_loops(blk)
+            # Unrolled: the accumulator rows stay registers (indexed by constants).
+            sch.unroll(w_loops[-2])
+            sch.vectorize(w_loops[-1])
+        mark(sch, block, RULE_NAME)
+        return sch
+
+
+def _writes_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    """Whether a producer made by pad_einsum is the padded activation copy."""
+    return "pad" in sch.get(block).name_hint
+
+
+def _clamp_rows(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV) -> None:
+    """``a = row < seq_len ? A[row, k] : 0``  ->  ``a = A[min(row, seq_len - 1), k]``.
+
+    Rows past ``seq_len`` repeat the last row instead of reading zeros: their results are
+    never stored, and the loads of the register tile lose their per-row branch.
+    """
+    block = sch.get(pad)
+    store = block.body
+    value = store.value
+    if not (isinstance(value, Call) and value.op.name.endswith("if_then_else")):
+        return
+    cond, load = value.args[0], value.args[1]
+    if not (isinstance(cond, tirx.LT) and isinstance(cond.a, tirx.Var)
+            and isinstance(load, TensorLoad)):
+        return
+    row, bound = cond.a, cond.b
+    last = tirx.Max(bound - tirx.IntImm(bound.ty.dtype, 1), tirx.IntImm(bound.ty.dtype, 0))
+    indices = [tirx.Min(i, last) if isinstance(i, tirx.Var) and i.same_as(row) else i
+               for i in load.indices]
+    body = tirx.BufferStore(store.buffer, tirx.BufferLoad(load.source, indices), store.indices)
+    new_block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
+                             block.init, block.alloc_buffers, block.match_buffers,
+                             block.annotations)
+    sch.state.replace(sch.get_sref(pad), new_block, {block: new_block})
+
+
+def _read_index(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, operand: tirx.Expr
+                ) -> int | None:
+    """Position in the block's reads of the buffer ``operand`` (a load, maybe cast) reads."""
+    while isinstance(operand, tirx.Cast):
+        operand = operand.value
+    if not isinstance(operand, TensorLoad):
+        return None
+    for i, region in enumerate(sch.get(block).reads):
+        if region.source.same_as(operand.source):
+            return i
+    return None
