@@ -7,13 +7,21 @@ matmul_kn.py``): the same functions reach both targets.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from ..cpu.matmul_kn import _accumulate_in_fp32, _dtype, _find_matmul
+from .tuning import AdrenoTuning
 
 __all__ = [
     "SCHEDULE_ANNOTATION",
+    "KNMatch",
+    "KNMatmulRule",
     "accumulate_in_fp32",
     "find_kn_matmul",
     "is_decode_shaped",
@@ -83,3 +91,57 @@ def is_decode_shaped(block: s_tir.SBlock) -> bool:
 
 def static_int(expr: tirx.Expr) -> int | None:
     return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+@dataclass
+class KNMatch:
+    """A KN matmul found in a PrimFunc, with static N and K."""
+
+    sch: s_tir.Schedule
+    block: s_tir.schedule.SBlockRV  # the matmul
+    pat: Any  # which iterators are rows (m_iters), columns (n_iter), reduction (k_iter)
+    epilogues: list[Any]  # injective blocks after it (residual add, SiLU * mul, cast)
+    iters: list[tirx.IterVar]
+    loops: list[s_tir.schedule.LoopRV]
+    n: int
+    k: int
+
+
+class KNMatmulRule(GPUScheduleRule):
+    """An Adreno rule for ``[.., K] x [K, N]`` matmuls: finds the pattern (decode-shaped
+    or not, as the subclass wants) and hands it to ``schedule``; a primitive refusing an
+    unexpected variant of the pattern passes the function on to the next rule."""
+
+    decode_shaped: bool  # GemvKN: one token per row; PrefillMatmulKN: a chunk of tokens
+
+    def __init__(self, tuning: AdrenoTuning | None = None):
+        self.tuning = tuning or AdrenoTuning.load()
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
+              ) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            found = self.match(s_tir.Schedule(func))
+            return None if found is None else self.schedule(found, target)
+        except (ScheduleError, ValueError):
+            return None
+
+    def match(self, sch: s_tir.Schedule) -> KNMatch | None:
+        found = find_kn_matmul(sch, weight_kn=True)
+        if found is None:
+            return None
+        main, pat, epilogues = found
+        block = main.block_rv
+        iters = sch.get(block).iter_vars
+        loops = sch.get_loops(block)
+        if len(loops) != len(iters) or is_decode_shaped(sch.get(block)) != self.decode_shaped:
+            return None
+        n = static_int(iters[pat.n_iter].dom.extent)
+        k = static_int(iters[pat.k_iter].dom.extent)
+        if n is None or k is None:
+            return None
+        return KNMatch(sch, block, pat, epilogues, iters, loops, n, k)
+
+    def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
+        raise NotImplementedError

@@ -28,27 +28,25 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
-from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from .common import (
+    KNMatch,
+    KNMatmulRule,
     accumulate_in_fp32,
-    find_kn_matmul,
-    is_decode_shaped,
     is_fp16_matmul,
     largest_divisor,
     mark,
     max_threads,
     pick_vector,
-    static_int,
 )
-from .tuning import AdrenoTuning, GemvTuning
+from .tuning import GemvTuning
 
 RULE_NAME = "adreno.gemv_kn"
 
 
-class GemvKN(GPUScheduleRule):
+class GemvKN(KNMatmulRule):
     """Decode-shaped KN matmuls: one token per row (``[1, 1, K]`` or ``[b, 1, K]``).
 
     A row axis other than the token axis (``batch_size`` of ``batch_decode``) may be
@@ -56,37 +54,11 @@ class GemvKN(GPUScheduleRule):
     axis) are left to :class:`PrefillMatmulKN`.
     """
 
-    def __init__(self, tuning: AdrenoTuning | None = None):
-        self.tuning = tuning or AdrenoTuning.load()
+    decode_shaped = True
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
-              ) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            return self._schedule(func, target)
-        except (ScheduleError, ValueError):
-            # A primitive refused an unexpected variant of the pattern: the next rule.
-            return None
-
-    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
-        found = find_kn_matmul(sch, weight_kn=True)
-        if found is None:
-            return None
-        main, pat, epilogues = found
-        block = main.block_rv
-        iters = sch.get(block).iter_vars
-        loops = sch.get_loops(block)
-        if len(loops) != len(iters):
-            return None
-        if not is_decode_shaped(sch.get(block)):
-            return None
-        n_ext = static_int(iters[pat.n_iter].dom.extent)
-        k_ext = static_int(iters[pat.k_iter].dom.extent)
-        if n_ext is None or k_ext is None:
-            return None
-
+    def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
+        sch, block, pat, epilogues, loops = m.sch, m.block, m.pat, m.epilogues, m.loops
+        n_ext, k_ext = m.n, m.k
         t: GemvTuning = self.tuning.gemv
         threads = max_threads(target, self.tuning.max_threads)
         vec = pick_vector(n_ext, t.vector)

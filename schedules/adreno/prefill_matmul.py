@@ -29,61 +29,34 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.ir import Call, TensorLoad
-from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from .common import (
+    KNMatch,
+    KNMatmulRule,
     accumulate_in_fp32,
-    find_kn_matmul,
-    is_decode_shaped,
     is_fp16_matmul,
     largest_divisor,
     mark,
     max_threads,
     pick_vector,
-    static_int,
 )
-from .tuning import AdrenoTuning, PrefillTuning
+from .tuning import PrefillTuning
 
 RULE_NAME = "adreno.prefill_matmul_kn"
 
 
-class PrefillMatmulKN(GPUScheduleRule):
+class PrefillMatmulKN(KNMatmulRule):
     """KN matmuls with a token axis of several rows (prefill chunks, ``seq_len``)."""
 
-    def __init__(self, tuning: AdrenoTuning | None = None):
-        self.tuning = tuning or AdrenoTuning.load()
+    decode_shaped = False
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
-              ) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+    def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
+        sch, block, pat, iters, epilogues = m.sch, m.block, m.pat, m.iters, m.epilogues
+        if len(pat.m_iters) != 1:  # one row axis: the tokens
             return None
-        try:
-            return self._schedule(func, target)
-        except (ScheduleError, ValueError):
-            # A primitive refused an unexpected variant of the pattern: the next rule.
-            return None
-
-    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
-        found = find_kn_matmul(sch, weight_kn=True)
-        if found is None:
-            return None
-        main, pat, epilogues = found
-        block = main.block_rv
-        iters = sch.get(block).iter_vars
-        loops = sch.get_loops(block)
-        # One row axis (the tokens); decode shapes are GemvKN's.
-        if len(loops) != len(iters) or len(pat.m_iters) != 1:
-            return None
-        if is_decode_shaped(sch.get(block)):
-            return None
-        n_ext = static_int(iters[pat.n_iter].dom.extent)
-        k_ext = static_int(iters[pat.k_iter].dom.extent)
-        if n_ext is None or k_ext is None:
-            return None
-
+        n_ext, k_ext = m.n, m.k
         t: PrefillTuning = self.tuning.prefill
         threads = max_threads(target, self.tuning.max_threads)
         rows = t.rows
