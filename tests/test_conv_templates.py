@@ -310,3 +310,22 @@ def test_gen_config_writes_qwen25_template_without_bos(tmp_path):
     assert template["name"] == "qwen2.5"
     assert template["system_prefix_token_ids"] == []
     assert set(template["stop_token_ids"]) == {vocab["<|im_end|>"], vocab["<|endoftext|>"]}
+
+
+def test_the_jinja_chat_template_travels_with_the_bundle(tmp_path):
+    """A tokenizer saved by newer transformers keeps its template in chat_template.jinja,
+    not in tokenizer_config.json: the bundle's tokenizer must keep it too."""
+    model = _tokenizer_dir(tmp_path / "model", "qwen2.5")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").write_text(template)
+    hf = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 160,
+          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 384, "tie_word_embeddings": True, "use_sliding_window": False}
+    sizes = {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 512}
+    out = tmp_path / "bundle"
+    out.mkdir()
+    assert generate_chat_config(model, ModelSpec.create(hf, "q0f16t", sizes), out)[
+        "conv_template"]["name"] == "qwen2.5"
+    assert (out / "chat_template.jinja").read_text() == template

@@ -24,6 +24,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",  # where newer transformers save the chat template
 )
 
 _SAMPLING_DEFAULTS = {
