@@ -15,7 +15,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
-from ..cpu.matmul_kn import _accumulate_in_fp32, _dtype, _find_matmul
+from ..cpu.matmul_kn import KNPattern, accumulate_in_fp32, find_kn_matmul, is_fp16_matmul
 from .tuning import AdrenoTuning
 
 __all__ = [
@@ -34,17 +34,6 @@ __all__ = [
 
 # Block annotation naming the rule that scheduled a matmul (tests read it back).
 SCHEDULE_ANNOTATION = "mlc_edge.schedule"
-
-find_kn_matmul = _find_matmul
-accumulate_in_fp32 = _accumulate_in_fp32
-
-
-def is_fp16_matmul(pat: object) -> bool:
-    """fp16 operands and output: the case that must accumulate in fp32."""
-    return (
-        getattr(pat, "out_dtype", None) == "float16"
-        and _dtype(pat.lhs) == _dtype(pat.rhs) == "float16"  # type: ignore[attr-defined]
-    )
 
 
 def largest_divisor(x: int, cap: int) -> int:
@@ -99,7 +88,7 @@ class KNMatch:
 
     sch: s_tir.Schedule
     block: s_tir.schedule.SBlockRV  # the matmul
-    pat: Any  # which iterators are rows (m_iters), columns (n_iter), reduction (k_iter)
+    pat: KNPattern  # which iterators are rows (m_iters), columns (n_iter), reduction (k_iter)
     epilogues: list[Any]  # injective blocks after it (residual add, SiLU * mul, cast)
     iters: list[tirx.IterVar]
     loops: list[s_tir.schedule.LoopRV]

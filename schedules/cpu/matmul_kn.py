@@ -41,7 +41,7 @@ def vector_bytes(target: Target) -> int:
 
 
 @dataclass
-class _KNPattern:
+class KNPattern:
     """Roles of the iterators / operands of a ``C[.., m, n] += A[.., m, k] * W[k, n]`` block."""
 
     m_iters: list[int]  # positions (in the block's iter list) of the row/batch iterators
@@ -76,12 +76,12 @@ def _is_zero_index(expr: tirx.Expr) -> bool:
     return isinstance(expr, tirx.IntImm) and expr.value == 0
 
 
-def match_kn_matmul(block: s_tir.SBlock) -> _KNPattern | None:
+def match_kn_matmul(block: s_tir.SBlock) -> KNPattern | None:
     """Return the KN matmul roles of ``block``, or None when it is not that pattern."""
     return match_matmul(block, weight_kn=True)
 
 
-def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> _KNPattern | None:
+def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> KNPattern | None:
     """Roles of ``C[.., m, n] += A[.., m, k] * W`` with W ``[k, n]`` (KN) or ``[n, k]`` (NK)."""
     store = block.body
     if not isinstance(store, tirx.BufferStore) or block.init is None:
@@ -148,7 +148,7 @@ def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> _KNPattern | None:
         lhs, rhs = ops[1], ops[0]
     else:
         return None
-    return _KNPattern(
+    return KNPattern(
         m_iters=spatial[:-1],
         n_iter=n_pos,
         k_iter=k_iter,
@@ -158,9 +158,9 @@ def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> _KNPattern | None:
     )
 
 
-def _find_matmul(
+def find_kn_matmul(
     sch: s_tir.Schedule, weight_kn: bool
-) -> tuple[SBlockInfo, _KNPattern, list[s_tir.schedule.SBlockRV]] | None:
+) -> tuple[SBlockInfo, KNPattern, list[s_tir.schedule.SBlockRV]] | None:
     """The function's one matmul block (after inlining what can be), its roles, and the
     injective blocks after it (epilogues). None for any other kind of function."""
     infos = normalize_prim_func(sch)
@@ -190,7 +190,12 @@ def _to_fp32(expr: tirx.Expr) -> tirx.Expr:
     return tirx.Cast("float32", expr)
 
 
-def _accumulate_in_fp32(sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV) -> bool:
+def is_fp16_matmul(pat: KNPattern) -> bool:
+    """fp16 operands and output: the case that must accumulate in fp32."""
+    return pat.out_dtype == "float16" and _dtype(pat.lhs) == _dtype(pat.rhs) == "float16"
+
+
+def accumulate_in_fp32(sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV) -> bool:
     """Make an fp16 ``acc = acc + term`` reduction block accumulate in fp32.
 
     The block must write an intermediate (cache / rfactor) buffer whose consumer rounds it
@@ -370,7 +375,7 @@ class MatmulKN(CPUScheduleRule):
 
     def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
-        found = _find_matmul(sch, weight_kn=True)
+        found = find_kn_matmul(sch, weight_kn=True)
         if found is None:
             return None
         main, pat, epilogues = found
@@ -409,10 +414,7 @@ class MatmulKN(CPUScheduleRule):
         sch.reorder(*m_loops, n_loop, k_loop)
 
         acc_fp32 = (
-            self.fp32_accumulate
-            and pat.out_dtype == "float16"
-            and _dtype(pat.lhs) == _dtype(pat.rhs) == "float16"
-            and _accumulate_in_fp32(sch, block)
+            self.fp32_accumulate and is_fp16_matmul(pat) and accumulate_in_fp32(sch, block)
         )
         acc_bytes = 4 if acc_fp32 else DataType(pat.out_dtype).itemsize
         w_bytes = DataType(_dtype(pat.rhs)).itemsize
@@ -536,7 +538,7 @@ class MatmulNK(CPUScheduleRule):
 
     def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
-        found = _find_matmul(sch, weight_kn=False)
+        found = find_kn_matmul(sch, weight_kn=False)
         if found is None:
             return None
         main, pat, epilogues = found
@@ -576,8 +578,8 @@ class MatmulNK(CPUScheduleRule):
         rf = sch.rfactor(k_vi, len(sch.get(block).writes[0].region))
         sch.set_scope(rf, 0, "local")
         if fp16:
-            _accumulate_in_fp32(sch, rf)
-            _accumulate_in_fp32(sch, block)
+            accumulate_in_fp32(sch, rf)
+            accumulate_in_fp32(sch, block)
 
         rf_loops = sch.get_loops(rf)
         rf_no, rf_m, rf_ni, rf_ko, rf_kv = rf_loops[-5:]
