@@ -331,6 +331,9 @@ def test_split_kernels_pass_on_opencl(tmp_path):
     checker = model_checker(spec, target, only=r"^(split_take|fused_concatenate\w*|matmul\d*)$")
 
     prepared = checker.prepare("split_take", {"seq_len": 16})
+    # verify's own inputs put ids on both sides of every boundary (then random ones)
+    assert prepared.arrays["input_ids"][:4].tolist() == [335, 336, 671, 672]
+    assert all(r.passed for r in checker.check("split_take"))
     ids = np.array([0, 335, 336, 337, 671, 672, 673, 999, 998, 500, 100, 800, 1, 334, 670, 2],
                    dtype="int32")
     prepared.arrays["input_ids"][:] = ids

@@ -115,13 +115,23 @@ def shape_of(param: Param, env: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(evaluate(d, env)) for d in param.shape)
 
 
-def _float_table_rows(params: list[Param], env: dict[str, Any]) -> int | None:
-    """Rows of the embedding table a lookup reads: the 2-D float inputs (the output, last,
-    left out) summed, so the ids of a table split into pieces (``split_take``) reach
-    every piece, not only the first."""
-    tables = [shape_of(p, env)[0] for p in params[:-1]
-              if p.is_buffer and "float" in p.dtype and len(p.shape or ()) == 2]
-    return sum(tables) if tables else None
+def _table_rows(params: list[Param], env: dict[str, Any]) -> list[int]:
+    """Rows of each embedding table a lookup reads: the 2-D float inputs (the output,
+    last, left out). One table for ``take``; the pieces of a split table for
+    ``split_take``."""
+    return [shape_of(p, env)[0] for p in params[:-1]
+            if p.is_buffer and "float" in p.dtype and len(p.shape or ()) == 2]
+
+
+def _token_ids(rows: list[int], shape: tuple[int, ...], dtype: np.dtype,
+               rng: np.random.Generator) -> np.ndarray:
+    """Random ids over all pieces, the first ones on each side of every piece boundary
+    (where an off-by-one in choosing the piece shows)."""
+    ids = rng.integers(0, sum(rows), shape).astype(dtype)
+    edges = [e for stop in np.cumsum(rows)[:-1] for e in (stop - 1, stop)]
+    flat = ids.reshape(-1)
+    flat[: len(edges)] = edges[: flat.size]
+    return ids
 
 
 def _pages(params: list[Param], env: dict[str, Any]) -> tuple[int, int] | None:
@@ -140,8 +150,7 @@ def _int_buffer(
     n = math.prod(shape)
     dtype = np.dtype(p.dtype)
     if p.name == "input_ids":
-        rows = _float_table_rows(params, env) or sizes.vocab_size
-        return rng.integers(0, rows, shape).astype(dtype)
+        return _token_ids(_table_rows(params, env) or [sizes.vocab_size], shape, dtype, rng)
     if p.name == "logit_positions":  # which of the chunk's tokens give logits
         return rng.integers(0, env.get("seq_len", 1), shape).astype(dtype)
     if p.name == "position_map":
