@@ -1,8 +1,8 @@
 """What the Adreno KN rules share: finding the matmul, the fp32 accumulator, tile sizes.
 
 The pattern matching (``C[.., m, n] += A[.., m, k] * W[k, n]`` plus injective epilogues)
-and the fp32 rewrite of an fp16 reduction are the CPU KN rule's (``schedules/cpu/
-matmul_kn.py``): the same functions reach both targets.
+and the fp32 rewrite of an fp16 reduction are ``schedules/kn_pattern.py``'s, shared with
+the CPU rules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
-from ..cpu.matmul_kn import KNPattern, accumulate_in_fp32, find_kn_matmul, is_fp16_matmul
+from ..kn_pattern import (
+    KNPattern,
+    accumulate_in_fp32,
+    find_kn_matmul,
+    is_fp16_matmul,
+    largest_divisor,
+)
 from .tuning import AdrenoTuning
 
 __all__ = [
@@ -34,14 +40,6 @@ __all__ = [
 
 # Block annotation naming the rule that scheduled a matmul (tests read it back).
 SCHEDULE_ANNOTATION = "mlc_edge.schedule"
-
-
-def largest_divisor(x: int, cap: int) -> int:
-    """Largest divisor of x that is <= cap (>= 1)."""
-    for d in range(min(cap, x), 0, -1):
-        if x % d == 0:
-            return d
-    return 1
 
 
 def pick_vector(n: int, want: int) -> int:

@@ -33,7 +33,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
-from .matmul_kn import MatmulKN, MatmulNK, match_kn_matmul, match_matmul, vector_bytes
+from ..kn_pattern import match_kn_matmul, match_matmul
+from .matmul_kn import MatmulKN, MatmulNK, vector_bytes
 
 __all__ = [
     "MatmulKN",

@@ -18,16 +18,22 @@ losing far less precision than the fp16 accumulation of the unscheduled function
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from tvm import DataType, s_tir, tirx
-from tvm.ir import TensorLoad
-from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
-from tvm.s_tir.dlight.base import get_extent, try_inline_contiguous_spatial
+from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
+
+from ..kn_pattern import (
+    accumulate_in_fp32,
+    find_kn_matmul,
+    is_fp16_matmul,
+    largest_divisor,
+    match_kn_matmul,
+    operand_dtype,
+)
 
 
 def vector_bytes(target: Target) -> int:
@@ -38,206 +44,6 @@ def vector_bytes(target: Target) -> int:
     if target_has_features("avx2", target) or target_has_features("avx", target):
         return 32
     return 16
-
-
-@dataclass
-class KNPattern:
-    """Roles of the iterators / operands of a ``C[.., m, n] += A[.., m, k] * W[k, n]`` block."""
-
-    m_iters: list[int]  # positions (in the block's iter list) of the row/batch iterators
-    n_iter: int
-    k_iter: int
-    lhs: tirx.Expr  # the A operand expression (BufferLoad or Cast of one)
-    rhs: tirx.Expr  # the W operand expression
-    out_dtype: str
-
-
-def _strip_cast(expr: tirx.Expr) -> tirx.Expr:
-    while isinstance(expr, tirx.Cast):
-        expr = expr.value
-    return expr
-
-
-def _is_var(expr: tirx.Expr, var: tirx.Var) -> bool:
-    return isinstance(expr, tirx.Var) and expr.same_as(var)
-
-
-def _dtype(expr: tirx.Expr) -> str:
-    return str(expr.ty.dtype)
-
-
-def _same_index(a: tirx.Expr, b: tirx.Expr) -> bool:
-    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
-        return a.value == b.value
-    return a.same_as(b)
-
-
-def _is_zero_index(expr: tirx.Expr) -> bool:
-    return isinstance(expr, tirx.IntImm) and expr.value == 0
-
-
-def match_kn_matmul(block: s_tir.SBlock) -> KNPattern | None:
-    """Return the KN matmul roles of ``block``, or None when it is not that pattern."""
-    return match_matmul(block, weight_kn=True)
-
-
-def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> KNPattern | None:
-    """Roles of ``C[.., m, n] += A[.., m, k] * W`` with W ``[k, n]`` (KN) or ``[n, k]`` (NK)."""
-    store = block.body
-    if not isinstance(store, tirx.BufferStore) or block.init is None:
-        return None
-    iter_vars = [iv.var for iv in block.iter_vars]
-    red = [i for i, iv in enumerate(block.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
-    spatial = [i for i, iv in enumerate(block.iter_vars) if iv.iter_type == tirx.IterVar.DataPar]
-    if len(red) != 1 or len(red) + len(spatial) != len(iter_vars):
-        return None
-    k_iter = red[0]
-    k_var = iter_vars[k_iter]
-    # The output is indexed by the spatial iterators themselves, each exactly once and in
-    # order (normalize_prim_func turns unit dimensions into constant 0 indices).
-    out_idx = list(store.indices)
-    out_vars = [i for i in out_idx if not _is_zero_index(i)]
-    if len(out_vars) != len(spatial) or not all(
-        _is_var(i, iter_vars[pos]) for i, pos in zip(out_vars, spatial, strict=True)
-    ):
-        return None
-    if not _is_var(out_idx[-1], iter_vars[spatial[-1]]):
-        return None
-    value = store.value
-    if not isinstance(value, tirx.Add):
-        return None
-    acc, prod = value.a, value.b
-    if isinstance(prod, TensorLoad) and prod.source.same_as(store.buffer):
-        acc, prod = prod, acc
-    if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
-        return None
-    if len(acc.indices) != len(out_idx) or not all(
-        _same_index(a, b) for a, b in zip(acc.indices, out_idx, strict=True)
-    ):
-        return None
-    if not isinstance(prod, tirx.Mul):
-        return None
-    n_pos = spatial[-1]
-    n_var = iter_vars[n_pos]
-    ops = [prod.a, prod.b]
-    loads = [_strip_cast(o) for o in ops]
-    if not all(isinstance(ld, TensorLoad) for ld in loads):
-        return None
-
-    def is_weight(ld: TensorLoad) -> bool:
-        idx = list(ld.indices)
-        first, second = (k_var, n_var) if weight_kn else (n_var, k_var)
-        return (
-            len(idx) >= 2
-            and _is_var(idx[-2], first)
-            and _is_var(idx[-1], second)
-            and all(_is_zero_index(i) for i in idx[:-2])
-        )
-
-    def is_lhs(ld: TensorLoad) -> bool:
-        idx = list(ld.indices)
-        if not idx or not _is_var(idx[-1], k_var):
-            return False
-        # Remaining indices must be row/batch iterators (never n or k), so that A is read per row.
-        allowed = [iter_vars[p] for p in spatial[:-1]]
-        return all(_is_zero_index(i) or any(_is_var(i, v) for v in allowed) for i in idx[:-1])
-
-    if is_weight(loads[1]) and is_lhs(loads[0]):
-        lhs, rhs = ops[0], ops[1]
-    elif is_weight(loads[0]) and is_lhs(loads[1]):
-        lhs, rhs = ops[1], ops[0]
-    else:
-        return None
-    return KNPattern(
-        m_iters=spatial[:-1],
-        n_iter=n_pos,
-        k_iter=k_iter,
-        lhs=lhs,
-        rhs=rhs,
-        out_dtype=str(store.buffer.dtype),
-    )
-
-
-def find_kn_matmul(
-    sch: s_tir.Schedule, weight_kn: bool
-) -> tuple[SBlockInfo, KNPattern, list[s_tir.schedule.SBlockRV]] | None:
-    """The function's one matmul block (after inlining what can be), its roles, and the
-    injective blocks after it (epilogues). None for any other kind of function."""
-    infos = normalize_prim_func(sch)
-    if infos is None:
-        return None
-    infos = try_inline_contiguous_spatial(sch, infos)
-    if infos is None:
-        return None
-    reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
-    if len(reductions) != 1 or not all(
-        info.is_injective() for i, info in enumerate(infos) if i != reductions[0]
-    ):
-        return None
-    main: SBlockInfo = infos[reductions[0]]
-    pat = match_matmul(sch.get(main.block_rv), weight_kn)
-    if pat is None:
-        return None
-    return main, pat, [info.block_rv for info in infos[reductions[0] + 1 :]]
-
-
-def _to_fp32(expr: tirx.Expr) -> tirx.Expr:
-    """``expr`` as float32, dropping a cast that only rounded an fp32 value to fp16."""
-    if _dtype(expr) == "float32":
-        return expr
-    if isinstance(expr, tirx.Cast) and _dtype(expr.value) == "float32":
-        return expr.value
-    return tirx.Cast("float32", expr)
-
-
-def is_fp16_matmul(pat: KNPattern) -> bool:
-    """fp16 operands and output: the case that must accumulate in fp32."""
-    return pat.out_dtype == "float16" and _dtype(pat.lhs) == _dtype(pat.rhs) == "float16"
-
-
-def accumulate_in_fp32(sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV) -> bool:
-    """Make an fp16 ``acc = acc + term`` reduction block accumulate in fp32.
-
-    The block must write an intermediate (cache / rfactor) buffer whose consumer rounds it
-    back. ``unsafe_set_dtype`` alone keeps the arithmetic in fp16 (``acc = f32(f16(acc) +
-    a * b)``), so the body is rebuilt as ``acc = acc + f32(a) * f32(b)`` (or ``acc +
-    f32(term)``) and swapped in with ``ScheduleState.replace``.
-    """
-    block = sch.get(block_rv)
-    store = block.body
-    if not isinstance(store, tirx.BufferStore) or str(store.buffer.dtype) != "float16":
-        return False
-    value = store.value
-    if not isinstance(value, tirx.Add):
-        return False
-    acc, term = value.a, value.b
-    if isinstance(term, TensorLoad) and term.source.same_as(store.buffer):
-        acc, term = term, acc
-    if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
-        return False
-    if isinstance(term, tirx.Mul):
-        term = tirx.Mul(_to_fp32(term.a), _to_fp32(term.b))
-    sch.unsafe_set_dtype(block_rv, 0, "float32")
-    block = sch.get(block_rv)
-    acc_buf = block.body.buffer
-    idx = list(block.body.indices)
-    init = tirx.BufferStore(acc_buf, tirx.FloatImm("float32", 0.0), idx)
-    # The consumer reads of the old fp16 buffer were cast by unsafe_set_dtype; the terms
-    # read other buffers, except the rfactor partials, which are fp32 already (_to_fp32).
-    body = tirx.BufferStore(acc_buf, tirx.Add(tirx.BufferLoad(acc_buf, idx), _to_fp32(term)), idx)
-    new_block = s_tir.SBlock(
-        block.iter_vars,
-        block.reads,
-        block.writes,
-        block.name_hint,
-        body,
-        init,
-        block.alloc_buffers,
-        block.match_buffers,
-        block.annotations,
-    )
-    sch.state.replace(sch.get_sref(block_rv), new_block, {block: new_block})
-    return True
 
 
 def _pick_tile(extent: int | tirx.Expr, lanes: int, max_tile: int) -> tuple[int, bool]:
@@ -287,16 +93,8 @@ def _tiles_per_chunk(tiles: int | None, want: int, min_tasks: int) -> int:
     if tiles is None:
         return want
     want = max(1, min(want, -(-tiles // min_tasks)))
-    best = _largest_divisor(tiles, want)
+    best = largest_divisor(tiles, want)
     return best if 2 * best >= want else want
-
-
-def _largest_divisor(x: int, cap: int) -> int:
-    """Largest divisor of x that is <= cap (>= 1)."""
-    for d in range(min(cap, x), 0, -1):
-        if x % d == 0:
-            return d
-    return 1
 
 
 class MatmulKN(CPUScheduleRule):
@@ -417,7 +215,7 @@ class MatmulKN(CPUScheduleRule):
             self.fp32_accumulate and is_fp16_matmul(pat) and accumulate_in_fp32(sch, block)
         )
         acc_bytes = 4 if acc_fp32 else DataType(pat.out_dtype).itemsize
-        w_bytes = DataType(_dtype(pat.rhs)).itemsize
+        w_bytes = DataType(operand_dtype(pat.rhs)).itemsize
         lanes = max(1, vector_bytes(target) // acc_bytes)
 
         if m_loops:
@@ -450,13 +248,13 @@ class MatmulKN(CPUScheduleRule):
         m_g, m_i = sch.split(m_loop, [None, m_tile])
         groups = get_extent(sch, m_g)
         if isinstance(groups, int):
-            m_oo, m_o = sch.split(m_g, [None, _largest_divisor(groups, m_block // m_tile)])
+            m_oo, m_o = sch.split(m_g, [None, largest_divisor(groups, m_block // m_tile)])
         else:
             m_oo, m_o = sch.split(m_g, [1, None])
 
         # k: [k steps, rows streamed together].
         if isinstance(k_extent, int):
-            k_i = _largest_divisor(k_extent, self.k_tile)
+            k_i = largest_divisor(k_extent, self.k_tile)
         else:
             k_i = self.k_tile
         k_o, k_ii = sch.split(k_loop, [None, k_i])
@@ -555,8 +353,7 @@ class MatmulNK(CPUScheduleRule):
         else:
             m_loop = sch.add_unit_loop(n_loop)
 
-        fp16 = self.fp32_accumulate and pat.out_dtype == "float16"
-        fp16 = fp16 and _dtype(pat.lhs) == _dtype(pat.rhs) == "float16"
+        fp16 = self.fp32_accumulate and is_fp16_matmul(pat)
         if fp16:
             # Final sum into a local fp32 accumulator too; its copy rounds to fp16.
             writeback = sch.cache_write(block, 0, "local")
@@ -569,7 +366,7 @@ class MatmulNK(CPUScheduleRule):
         if isinstance(k_extent, int):
             while k_v > 1 and k_extent % k_v:
                 k_v //= 2  # a divisor of K keeps the vector loop free of tail tests
-        n_i = _largest_divisor(n_extent, self.n_tile) if isinstance(n_extent, int) else 1
+        n_i = largest_divisor(n_extent, self.n_tile) if isinstance(n_extent, int) else 1
 
         n_o, n_ii = sch.split(n_loop, [None, n_i])
         k_o, k_vi = sch.split(k_loop, [None, k_v])
