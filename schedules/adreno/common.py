@@ -30,6 +30,7 @@ __all__ = [
     "KNMatmulRule",
     "accumulate_in_fp32",
     "find_kn_matmul",
+    "fold_epilogues",
     "is_decode_shaped",
     "is_fp16_matmul",
     "largest_divisor",
@@ -132,3 +133,15 @@ class KNMatmulRule(GPUScheduleRule):
 
     def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
         raise NotImplementedError
+
+
+def fold_epilogues(sch: s_tir.Schedule, epilogues: list[Any]) -> list[Any]:
+    """Inline the epilogues (residual add, cast, ...) into the matmul's write-back where
+    TVM can; returns those it cannot, which the caller computes at the write-back's loop."""
+    remaining = []
+    for epi in epilogues:
+        try:
+            sch.reverse_compute_inline(epi)
+        except ScheduleError:
+            remaining.append(epi)
+    return remaining

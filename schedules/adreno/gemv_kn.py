@@ -28,13 +28,13 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
-from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from .common import (
     KNMatch,
     KNMatmulRule,
     accumulate_in_fp32,
+    fold_epilogues,
     is_fp16_matmul,
     largest_divisor,
     mark,
@@ -116,12 +116,7 @@ class GemvKN(KNMatmulRule):
         sch.decompose_reduction(block, b_k)
 
         # Epilogues folded into the rounding write-back, same threads as the sum.
-        remaining = []
-        for epi in epilogues:
-            try:
-                sch.reverse_compute_inline(epi)
-            except ScheduleError:
-                remaining.append(epi)
+        remaining = fold_epilogues(sch, epilogues)
         # Under the sum's thread loop: each thread stores the column it summed.
         for blk in [writeback, *remaining]:
             sch.reverse_compute_at(blk, b_x, preserve_unit_loops=True)

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.ir import Call, TensorLoad
-from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from .common import (
     KNMatch,
     KNMatmulRule,
     accumulate_in_fp32,
+    fold_epilogues,
     is_fp16_matmul,
     largest_divisor,
     mark,
@@ -107,12 +107,7 @@ class PrefillMatmulKN(KNMatmulRule):
             sch.vectorize(sch.get_loops(w_local)[-1])
 
         # Epilogues folded into the write-back (round to fp16, residual add, cast...).
-        remaining = []
-        for epi in epilogues:
-            try:
-                sch.reverse_compute_inline(epi)
-            except ScheduleError:
-                remaining.append(epi)
+        remaining = fold_epilogues(sch, epilogues)
         for blk in [writeback, *remaining]:
             sch.reverse_compute_at(blk, m_o, preserve_unit_loops=True)
             w_loops = sch.get_loops(blk)
