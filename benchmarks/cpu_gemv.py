@@ -118,6 +118,8 @@ def build(
     from tvm.relax.frontend.nn import op, spec
     from tvm.s_tir import dlight as dl
 
+    from mlc_edge.compiler.build import fuse_into_tir
+
     class Linear(nn.Module):
         def __init__(self) -> None:
             self.w = nn.Parameter((n, k) if nk else (k, n), dtype)
@@ -135,17 +137,7 @@ def build(
             "prefill": {"x": spec.Tensor([1, "seq_len", k], dtype), "$": plain},
         }
     )
-    t = relax.transform
-    mod = tvm.transform.Sequential(
-        [
-            t.FuseTransposeMatmul(),
-            t.LegalizeOps(),
-            t.AnnotateTIROpPattern(),
-            t.FoldConstant(),
-            t.FuseOps(),
-            t.FuseTIR(),
-        ]
-    )(mod)
+    mod = fuse_into_tir()(mod)
     if schedule:
         with target:
             mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)

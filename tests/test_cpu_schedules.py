@@ -20,6 +20,8 @@ from tvm.relax.frontend.nn import op, spec
 from tvm.s_tir import dlight as dl
 from tvm.target.codegen import llvm_get_system_cpu
 
+from mlc_edge.compiler.build import fuse_into_tir
+
 # (K, N, I): K=72, N=100: no divisor of N is a multiple of the vector width (50-wide tiles);
 # N=97: no usable divisor at all (tail predicate); N=2368 = 37 register tiles: a ragged last
 # column chunk; K=256, N=512, I=384: the regular case with several column chunks.
@@ -95,18 +97,7 @@ def _export(k: int, n: int, inter: int, dtype: str, nk: bool = False) -> tvm.IRM
                 args["r"] = spec.Tensor([*lead, n], dtype)
             specs[f"{p}_{kind}"] = {**args, "$": {"param_mode": "plain", "effect_mode": "none"}}
     mod, _ = model.export_tvm(spec=specs)
-    passes = tvm.transform.Sequential(
-        [
-            # As the model build does: nn.Linear's transpose + matmul become one NK matmul.
-            relax.transform.FuseTransposeMatmul(),
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
-    )
-    return passes(mod)
+    return fuse_into_tir()(mod)  # as the model build does
 
 
 def _build(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool):
@@ -287,17 +278,7 @@ def test_other_ops_keep_results(target) -> None:
             "decode": {"ids": spec.Tensor([1], "int32"), "$": plain},
         }
     )
-    t = relax.transform
-    mod = tvm.transform.Sequential(
-        [
-            t.FuseTransposeMatmul(),
-            t.LegalizeOps(),
-            t.AnnotateTIROpPattern(),
-            t.FoldConstant(),
-            t.FuseOps(),
-            t.FuseTIR(),
-        ]
-    )(mod)
+    mod = fuse_into_tir()(mod)
     # min_work=1: these test shapes are small, the rule must still take every function.
     rules = [MatmulKN(), MatmulNK(), dl.cpu.GEMV(), ParallelSpatial(min_work=1)]
     fast_mod = mod.clone()

@@ -106,6 +106,21 @@ class ApplySchedules:
         return dl.ApplyDefaultSchedule(*self.rules)(mod.clone())
 
 
+def fuse_into_tir() -> tvm.transform.Pass:
+    """Relax operators -> fused TIR PrimFuncs, ready for the schedule rules. nn.Linear's
+    transpose + matmul become one matmul first. The model build and the schedule rules'
+    tests and benchmarks all start from this."""
+    t = relax.transform
+    return tvm.transform.Sequential([
+        t.FuseTransposeMatmul(),
+        t.LegalizeOps(),
+        t.AnnotateTIROpPattern(),
+        t.FoldConstant(),
+        t.FuseOps(),
+        t.FuseTIR(),
+    ], name="mlc_edge_fuse_into_tir")
+
+
 def compile_pipeline(
     target_spec: TargetSpec,
     metadata: dict[str, Any],
@@ -129,12 +144,7 @@ def compile_pipeline(
         [
             AttachLogitProcessor(),
             AttachVarBounds(bounds),
-            t.FuseTransposeMatmul(),
-            t.LegalizeOps(),
-            t.AnnotateTIROpPattern(),
-            t.FoldConstant(),
-            t.FuseOps(),
-            t.FuseTIR(),
+            fuse_into_tir(),
             t.DeadCodeElimination(),
             ApplySchedules(target_spec.schedule_rules()),
             *kernel_guards,
