@@ -37,14 +37,17 @@ class KVCacheShape:
 
 
 class DecoderLM(nn.Module):
-    """Base class of the model definitions; subclasses set ``dtype``, ``hidden_size``,
-    ``vocab_size``, ``prefill_chunk_size``, ``target`` and implement the hooks."""
+    """Base class of the model definitions: ``__init__`` keeps what every family's
+    functions read from the config; subclasses add their modules and implement the hooks."""
 
-    dtype: str
-    hidden_size: int
-    vocab_size: int
-    prefill_chunk_size: int
-    target: Target
+    def __init__(self, cfg: Any, scheme: Any, target: Target):
+        self.config = cfg
+        self.dtype: str = scheme.dtype
+        self.hidden_size: int = cfg.hidden_size
+        self.vocab_size: int = cfg.vocab_size
+        self.prefill_chunk_size: int = cfg.prefill_chunk_size
+        self.target = target
+        self.tie_word_embeddings: bool = cfg.tie_word_embeddings
 
     # -- hooks ---------------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, hidden]

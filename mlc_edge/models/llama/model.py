@@ -83,14 +83,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(DecoderLM):
     def __init__(self, cfg: LlamaConfig, scheme: WeightScheme, target: Target):
-        self.config = cfg
-        self.dtype = scheme.dtype
-        self.hidden_size = cfg.hidden_size
-        self.vocab_size = cfg.vocab_size
-        self.prefill_chunk_size = cfg.prefill_chunk_size
-        self.target = target
+        super().__init__(cfg, scheme, target)
         self.model = LlamaModel(cfg, scheme)
-        self.tie_word_embeddings = cfg.tie_word_embeddings
         if not cfg.tie_word_embeddings:
             self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme, bias=False)
 

@@ -61,14 +61,8 @@ class PhiModel(nn.Module):
 
 class PhiForCausalLM(DecoderLM):
     def __init__(self, cfg: PhiConfig, scheme: WeightScheme, target: Target):
-        self.config = cfg
-        self.dtype = scheme.dtype
-        self.hidden_size = cfg.hidden_size
-        self.vocab_size = cfg.vocab_size
-        self.prefill_chunk_size = cfg.prefill_chunk_size
-        self.target = target
+        super().__init__(cfg, scheme, target)
         self.model = PhiModel(cfg, scheme)
-        self.tie_word_embeddings = cfg.tie_word_embeddings
         if cfg.tie_word_embeddings:
             # transformers ties only the weight: the output bias stays its own tensor.
             self.lm_head_bias = nn.Parameter((cfg.vocab_size,), scheme.dtype)
