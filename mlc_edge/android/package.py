@@ -261,7 +261,7 @@ def plan_steps(pre: Preflight, opts: PackageOptions, stage: Path) -> list[Step]:
     for entry in read_series().entries:
         state = pre.patches.get(entry.name, "applies")
         if state == "applied":
-            steps.append(Step(f"patch {entry.name}: already applied",
+            steps.append(Step(f"patch {entry.name}: already applied", action=lambda: None,
                               describe=[f"# {entry.name} is already applied to {mlc}"]))
         else:
             steps.append(Step(f"apply {entry.name}",
