@@ -49,8 +49,12 @@ URL = "https://huggingface.co/me/tiny-MLC"
 
 
 def llvm_missing() -> str | None:
+    """Why llvm-ar/llvm-nm 14 are missing; CI installs them and sets MLC_EDGE_REQUIRE_LLVM=1,
+    where their absence is an error, not a skip."""
     if LLVM_AR.is_file() and LLVM_NM.is_file():
         return None
+    if os.environ.get("MLC_EDGE_REQUIRE_LLVM") == "1":
+        raise RuntimeError("MLC_EDGE_REQUIRE_LLVM=1 but /usr/bin/llvm-ar-14 is missing")
     return "no /usr/bin/llvm-ar-14 (apt-get install llvm-14, as .ci/run does)"
 
 
