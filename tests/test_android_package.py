@@ -524,3 +524,18 @@ def test_push_without_a_phone_says_so_in_one_line(phone_bundle, tmp_path, monkey
     with pytest.raises(SystemExit):
         main(["push", str(tmp_path)])  # not a package output
     assert "no package.json" in capsys.readouterr().err
+
+
+def test_targets_reports_the_android_build_tools(tmp_path, monkeypatch, capsys):
+    for key, value in fake_tools(tmp_path / "tools").items():
+        monkeypatch.setenv(key, value)
+    main(["targets", "--json"])
+    tools = {t["name"]: t for t in json.loads(capsys.readouterr().out)["android_build"]}
+    assert set(tools) == {"Android NDK", "Android SDK", "JDK", "CMake", "Ninja",
+                          "Rust (aarch64-linux-android)", "adb"}
+    assert tools["Android NDK"]["version"] == NDK and tools["CMake"]["version"] == "3.28.3"
+    assert [n for n, t in tools.items() if t["problem"]] == ["adb"]
+    main(["targets"])
+    text = capsys.readouterr().out
+    assert "Android app build (mlc-edge package, push):" in text
+    assert re.search(r"^  adb +missing: adb not found", text, re.MULTILINE)
