@@ -109,7 +109,7 @@ def check_mlc_llm(tree: Path | None) -> list[str]:
     the build uses, the app sources, and our patches applying (or applied)."""
     commit = pins()["mlc_llm"]["commit"]
     get = (f"git clone https://github.com/mlc-ai/mlc-llm && git checkout {commit[:8]} && "
-           "git submodule update --init 3rdparty/tokenizers-cpp 3rdparty/xgrammar "
+           "git submodule update --init --recursive 3rdparty/tokenizers-cpp 3rdparty/xgrammar "
            "3rdparty/argparse 3rdparty/stb")
     if tree is None:
         return [f"no mlc-llm checkout: set MLC_LLM_SOURCE_DIR or --mlc-llm-source ({get})"]
@@ -127,12 +127,14 @@ def check_mlc_llm(tree: Path | None) -> list[str]:
     for rel in (layout["app_source"] + "/gradlew", layout["app_source"] + "/settings.gradle"):
         if not (tree / rel).is_file():
             problems.append(f"mlc-llm checkout {tree} lacks {rel}: check out {commit[:8]} again")
-    for sub in pins()["mlc_llm"]["submodules"]:
+    wanted = [*pins()["mlc_llm"]["submodules"], *pins()["mlc_llm"]["nested_submodules"]]
+    for sub in wanted:
         if sub in pins()["mlc_llm"]["not_needed"]:
             continue
         if not (tree / sub).is_dir() or not any((tree / sub).iterdir()):
+            top = "/".join(sub.split("/")[:2])
             problems.append(f"mlc-llm submodule {sub} is empty: git -C {tree} submodule "
-                            f"update --init {sub}")
+                            f"update --init --recursive {top}")
     for state in patch_states(tree):
         if state.state == "conflicts":
             problems.append(f"patch {state.entry.name} does not apply to {tree} "
