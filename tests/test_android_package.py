@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -539,3 +540,104 @@ def test_targets_reports_the_android_build_tools(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "Android app build (mlc-edge package, push):" in text
     assert re.search(r"^  adb +missing: adb not found", text, re.MULTILINE)
+
+
+# -- opt-in: the patched runtime list, built for aarch64 Linux, loads our library --------------
+
+SHIM_ANDROID_LOG = """// The NDK's <android/log.h> on aarch64 Linux: logcat lines go to stderr.
+#pragma once
+#include <cstdio>
+enum { ANDROID_LOG_VERBOSE = 2, ANDROID_LOG_DEBUG = 3, ANDROID_LOG_FATAL = 7 };
+inline int __android_log_write(int, const char* tag, const char* text) {
+  return std::fprintf(stderr, "%s: %s\\n", tag, text);
+}
+"""
+
+LOADER = """// Loads a system library linked into this program as MLC's engine does
+// (cpp/serve/function_table.cc): ffi.SystemLib(prefix) -> vm_load_executable ->
+// vm_initialization -> _metadata, and prints the metadata JSON.
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+#include <iostream>
+#include <string>
+
+int main(int argc, char** argv) {
+  namespace ffi = tvm::ffi;
+  std::string prefix = std::string(argv[1]) + "_";
+  try {
+    ffi::Module lib =
+        ffi::Function::GetGlobalRequired("ffi.SystemLib")(prefix).cast<ffi::Module>();
+    auto load = lib->GetFunction("vm_load_executable");
+    if (!load.has_value()) {
+      std::cerr << "no vm_load_executable under prefix " << prefix << std::endl;
+      return 2;
+    }
+    ffi::Module vm = load.value()().cast<ffi::Module>();
+    constexpr int kDLCPU = 1, kPooled = 2;
+    vm->GetFunction("vm_initialization").value()(kDLCPU, 0, kPooled, kDLCPU, 0, kPooled);
+    std::cout << vm->GetFunction("_metadata").value()().cast<ffi::String>() << std::endl;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return 1;
+  }
+  return 0;
+}
+"""
+
+
+def cross_missing() -> str | None:
+    for var in ("TVM_SOURCE_DIR", "MLC_LLM_SOURCE_DIR"):
+        if not os.environ.get(var):
+            return f"{var} is not set: the aarch64 runtime build needs a TVM and an mlc-llm tree"
+    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64"):
+        if shutil.which(tool) is None:
+            return f"no {tool} (apt-get install g++-aarch64-linux-gnu qemu-user)"
+    return None
+
+
+@pytest.mark.skipif(cross_missing() is not None, reason=str(cross_missing()))
+def test_patched_runtime_loads_our_library_on_aarch64_linux(phone_bundle, tmp_path):
+    """mlc4j's tvm_runtime.h with our patch, compiled by Debian's aarch64 g++ against
+    TVM_SOURCE_DIR (the NDK's <android/log.h> replaced by a shim), linked with our phone
+    library's objects and run under qemu: the system library registers under its prefix,
+    the VM loads, and ``_metadata`` comes back."""
+    tvm_src, mlc = Path(os.environ["TVM_SOURCE_DIR"]), Path(os.environ["MLC_LLM_SOURCE_DIR"])
+    assert check_tvm_source(tvm_src) == [], "TVM_SOURCE_DIR is not the wheel's TVM"
+    header_rel = "android/mlc4j/src/cpp/tvm_runtime.h"
+    (tmp_path / "mlc" / header_rel).parent.mkdir(parents=True)
+    shutil.copy(mlc / header_rel, tmp_path / "mlc" / header_rel)
+    patch = patches_dir() / "0002-mlc4j-tvm-0.27-runtime.patch"
+    if subprocess.run(["git", "apply", "--check", "--reverse", str(patch)],
+                      cwd=tmp_path / "mlc").returncode != 0:  # not yet applied there
+        subprocess.run(["git", "apply", str(patch)], cwd=tmp_path / "mlc", check=True)
+    (tmp_path / "shim" / "android").mkdir(parents=True)
+    (tmp_path / "shim" / "android" / "log.h").write_text(SHIM_ANDROID_LOG)
+    (tmp_path / "runtime.cc").write_text('#include "tvm_runtime.h"\n')
+    (tmp_path / "loader.cc").write_text(LOADER)
+    with tarfile.open(phone_bundle / "lib" / f"{LIB}.tar") as tf:
+        tf.extractall(tmp_path / "lib", filter="data")
+    # The include folders and definitions of mlc4j's CMakeLists.txt for tvm4j_runtime_packed.
+    flags = ["-std=c++17", "-O1", "-fPIC", "-DTVM_LOG_CUSTOMIZE=1",
+             "-DTVM_FFI_USE_LIBBACKTRACE=0", "-DTVM_FFI_BACKTRACE_ON_SEGFAULT=0",
+             "-DTVM_VM_ENABLE_PROFILER=0", f"-I{tmp_path / 'shim'}",
+             f"-I{(tmp_path / 'mlc' / header_rel).parent}",
+             *(f"-I{tvm_src / d}" for d in ("3rdparty/tvm-ffi/3rdparty/dlpack/include",
+                                            "3rdparty/OpenCL-Headers", "include", "src",
+                                            "3rdparty/tvm-ffi/include", "3rdparty/tvm-ffi/src"))]
+    gxx = "aarch64-linux-gnu-g++"
+    for name in ("runtime", "loader"):
+        res = subprocess.run([gxx, *flags, "-c", f"{name}.cc", "-o", f"{name}.o"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=3000)
+        assert res.returncode == 0, res.stderr[-3000:]
+    objects = sorted(str(p) for p in (tmp_path / "lib").glob("*.o"))
+    res = subprocess.run([gxx, "runtime.o", "loader.o", *objects, "-o", "loader", "-ldl",
+                          "-lpthread"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "./loader", LIB],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metadata = json.loads(run.stdout)
+    assert metadata["model_type"] == "llama" and metadata["context_window_size"] == 512
+    assert metadata["kv_cache"]["num_hidden_layers"] == 3 and metadata["memory_usage"]
