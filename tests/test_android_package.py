@@ -70,8 +70,16 @@ def script(path: Path, body: str) -> Path:
 def phone_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phone")
     make_llama(root / "hf")
-    return compile_bundle(root / "hf", root / "tiny-phone", "--target", "android-opencl",
-                          "--model-lib", LIB, "--model-url", URL)
+    return compile_bundle(
+        root / "hf",
+        root / "tiny-phone",
+        "--target",
+        "android-opencl",
+        "--model-lib",
+        LIB,
+        "--model-url",
+        URL,
+    )
 
 
 # -- patches/ ---------------------------------------------------------------------------------
@@ -187,9 +195,16 @@ def test_patch_application_is_idempotent(mlc_llm_source, tmp_path):
 # -- preflight with fake tools -----------------------------------------------------------------
 
 
-def fake_tools(root: Path, *, ndk: str = NDK, platforms: tuple[str, ...] = ("android-34",
-               "android-35"), java: str = "17.0.9", cmake: str = "3.28.3", ninja: bool = True,
-               rust_targets: str = "aarch64-linux-android") -> dict[str, str]:
+def fake_tools(
+    root: Path,
+    *,
+    ndk: str = NDK,
+    platforms: tuple[str, ...] = ("android-34", "android-35"),
+    java: str = "17.0.9",
+    cmake: str = "3.28.3",
+    ninja: bool = True,
+    rust_targets: str = "aarch64-linux-android",
+) -> dict[str, str]:
     """An NDK, SDK, JDK and PATH made of folders and scripts; returns the environment."""
     ndk_dir = root / "ndk"
     (ndk_dir / "build" / "cmake").mkdir(parents=True)
@@ -214,22 +229,39 @@ def fake_tools(root: Path, *, ndk: str = NDK, platforms: tuple[str, ...] = ("and
     script(bin_dir / "cargo", "exit 0")
     for tool in ("git", "tar", "mkdir", "test"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    return {"ANDROID_NDK": str(ndk_dir), "ANDROID_HOME": str(sdk), "JAVA_HOME": str(jdk),
-            "PATH": str(bin_dir), "HOME": str(root)}
+    return {
+        "ANDROID_NDK": str(ndk_dir),
+        "ANDROID_HOME": str(sdk),
+        "JAVA_HOME": str(jdk),
+        "PATH": str(bin_dir),
+        "HOME": str(root),
+    }
 
 
 def test_preflight_gives_one_line_per_problem(tmp_path):
     good = find_toolchain(fake_tools(tmp_path / "good"))
     assert [t.problem for t in good.build_tools()] == [None] * 6
 
-    bad = find_toolchain(fake_tools(tmp_path / "bad", ndk="26.1.10909125",
-                                    platforms=("android-34",), java="11.0.2", cmake="4.1.0",
-                                    ninja=False, rust_targets="x86_64-unknown-linux-gnu"))
+    bad = find_toolchain(
+        fake_tools(
+            tmp_path / "bad",
+            ndk="26.1.10909125",
+            platforms=("android-34",),
+            java="11.0.2",
+            cmake="4.1.0",
+            ninja=False,
+            rust_targets="x86_64-unknown-linux-gnu",
+        )
+    )
     problems = [t.problem for t in bad.build_tools()]
-    expected = [r"NDK 26\.1\.10909125, the build needs 27\.0\.11718014",
-                r"android-35 missing.*sdkmanager \"platforms;android-35\"",
-                r"Java 11\.0\.2.*JDK 17", r"CMake 4\.1\.0 .*outside", r"Ninja not found",
-                r"rustup target add aarch64-linux-android"]
+    expected = [
+        r"NDK 26\.1\.10909125, the build needs 27\.0\.11718014",
+        r"android-35 missing.*sdkmanager \"platforms;android-35\"",
+        r"Java 11\.0\.2.*JDK 17",
+        r"CMake 4\.1\.0 .*outside",
+        r"Ninja not found",
+        r"rustup target add aarch64-linux-android",
+    ]
     assert len(problems) == len(expected)
     for problem, pattern in zip(problems, expected, strict=True):
         assert problem and "\n" not in problem and re.search(pattern, problem), problem
@@ -238,8 +270,9 @@ def test_preflight_gives_one_line_per_problem(tmp_path):
     assert all(t.problem and "\n" not in t.problem for t in nothing.all())
 
 
-def test_package_refuses_with_each_problem_on_one_error_line(phone_bundle, tmp_path,
-                                                             monkeypatch, capsys):
+def test_package_refuses_with_each_problem_on_one_error_line(
+    phone_bundle, tmp_path, monkeypatch, capsys
+):
     env = fake_tools(tmp_path / "tools", java="11.0.2", ninja=False)
     for key in ("ANDROID_NDK_HOME", "ANDROID_SDK_ROOT", "MLC_LLM_SOURCE_DIR", "TVM_SOURCE_DIR"):
         monkeypatch.delenv(key, raising=False)
@@ -251,10 +284,14 @@ def test_package_refuses_with_each_problem_on_one_error_line(phone_bundle, tmp_p
     assert e.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == [line for line in lines if "memory plan" not in line and "Warning" not in
-                      line]
-    for pattern in (r"JDK 17", r"Ninja", r"no mlc-llm checkout.*MLC_LLM_SOURCE_DIR",
-                    r"no TVM source tree.*TVM_SOURCE_DIR", r"not-a-bundle is not a bundle"):
+    assert errors == [line for line in lines if "memory plan" not in line and "Warning" not in line]
+    for pattern in (
+        r"JDK 17",
+        r"Ninja",
+        r"no mlc-llm checkout.*MLC_LLM_SOURCE_DIR",
+        r"no TVM source tree.*TVM_SOURCE_DIR",
+        r"not-a-bundle is not a bundle",
+    ):
         assert len([x for x in errors if re.search(pattern, x)]) == 1, (pattern, errors)
     assert len(errors) == 5
     assert not dist.exists() and not list(tmp_path.glob(".dist.partial-*"))
@@ -293,12 +330,18 @@ def test_pack_turns_the_tar_into_an_archive_with_the_library_symbol(phone_bundle
     assert problems == [] and model is not None and model.model_lib == LIB
     archive = tmp_path / "libmodel_android.a"
     assert pack([model], archive, LLVM_AR, LLVM_NM, tmp_path / "work") == [
-        f"{LIB}{LIBRARY_SYMBOL_SUFFIX}"]
-    members = subprocess.run([str(LLVM_AR), "t", str(archive)], capture_output=True, text=True,
-                             check=True).stdout.split()
+        f"{LIB}{LIBRARY_SYMBOL_SUFFIX}"
+    ]
+    members = subprocess.run(
+        [str(LLVM_AR), "t", str(archive)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert sorted(members) == [f"{LIB}_lib0.o", f"{LIB}_{LIB}_devc.o"]
-    nm = subprocess.run([str(LLVM_NM), "--defined-only", "-g", str(archive)],
-                        capture_output=True, text=True, check=True).stdout
+    nm = subprocess.run(
+        [str(LLVM_NM), "--defined-only", "-g", str(archive)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert re.search(rf"^\S+ R {LIB}___tvm_ffi__library_bin$", nm, re.MULTILINE)
     # A library whose prefix is not the one the app config names is refused, by name.
     with pytest.raises(UserError, match=r"lacks other___tvm_ffi__library_bin.*tiny"):
@@ -338,8 +381,9 @@ def test_merged_app_config_parses_as_mlcchat_expects(phone_bundle):
     # MLCChat's ModelRecord (gson): model_url, model_id, model_lib non-null Strings,
     # estimated_vram_bytes a Long.
     assert set(entry) == {"model_url", "model_id", "model_lib", "estimated_vram_bytes"}
-    assert all(isinstance(entry[k], str) and entry[k] for k in ("model_url", "model_id",
-                                                                 "model_lib"))
+    assert all(
+        isinstance(entry[k], str) and entry[k] for k in ("model_url", "model_id", "model_lib")
+    )
     assert isinstance(entry["estimated_vram_bytes"], int) and entry["model_lib"] == LIB
     assert entry["model_url"] == URL  # compile --model-url, kept from the bundle's entry
     # ModelConfig, read from the pushed folder: tokenizer_files, context/prefill sizes.
@@ -348,11 +392,13 @@ def test_merged_app_config_parses_as_mlcchat_expects(phone_bundle):
     assert isinstance(chat["context_window_size"], int)
     assert isinstance(chat["prefill_chunk_size"], int)
     # A bundle made before model_url existed gets the placeholder; one given here wins.
-    old = dataclasses.replace(model, entry={k: v for k, v in model.entry.items()
-                                            if k != "model_url"})
+    old = dataclasses.replace(
+        model, entry={k: v for k, v in model.entry.items() if k != "model_url"}
+    )
     (placeholder,) = merged_app_config([old])["model_list"]
-    assert placeholder["model_url"].startswith("https://") and ".invalid/" in \
-        placeholder["model_url"]
+    assert (
+        placeholder["model_url"].startswith("https://") and ".invalid/" in placeholder["model_url"]
+    )
     urls = merged_app_config([old], {model.model_id: "https://example.org/tiny"})
     assert urls["model_list"][0]["model_url"] == "https://example.org/tiny"
     with pytest.raises(UserError, match="model ids repeat"):
@@ -367,6 +413,18 @@ def test_the_bundle_records_model_url_and_metadata(phone_bundle):
     assert record["metadata"]["model_type"] == "llama" and record["metadata"]["memory_usage"]
 
 
+def test_memory_verdict_uses_the_builds_floor(phone_bundle):
+    """The tiny model (about 49 MiB) loads with the 16 GiB floor and not with 32 MiB on a
+    phone that reports nothing: the verdict follows the floor the build compiles in."""
+    model, _ = read_phone_bundle(phone_bundle)
+    assert model is not None and model.metadata is not None
+    ok = package_mod.memory_verdict(model, 16 << 30, reported=0)
+    assert ok["loads"] and ok["floor_bytes"] == 16 << 30 and ok["context_fits"]
+    low = package_mod.memory_verdict(model, 32 << 20, reported=0)
+    assert not low["loads"] and low["kv_capacity_tokens"] <= 0
+    assert low["loads_with_upstream_floor"]  # 5 GiB is plenty for it
+
+
 # -- the build's steps, with fake CMake and Gradle ------------------------------------------------
 
 
@@ -375,10 +433,13 @@ def fake_mlc_llm(root: Path) -> Path:
     an APK, mlc4j's sources."""
     mlc = root / "mlc-llm"
     app = mlc / "android" / "MLCChat"
-    script(app / "gradlew", 'echo "gradle $*"; mkdir -p app/build/outputs/apk/debug && '
-           'test -f dist/lib/mlc4j/output/arm64-v8a/libtvm4j_runtime_packed.so && '
-           'test -f dist/lib/mlc4j/src/main/assets/mlc-app-config.json && '
-           'echo apk > app/build/outputs/apk/debug/app-debug.apk')
+    script(
+        app / "gradlew",
+        'echo "gradle $*"; mkdir -p app/build/outputs/apk/debug && '
+        "test -f dist/lib/mlc4j/output/arm64-v8a/libtvm4j_runtime_packed.so && "
+        "test -f dist/lib/mlc4j/src/main/assets/mlc-app-config.json && "
+        "echo apk > app/build/outputs/apk/debug/app-debug.apk",
+    )
     (app / "settings.gradle").write_text("include ':app'\n")
     (mlc / "android" / "mlc4j" / "src" / "cpp").mkdir(parents=True)
     (mlc / "android" / "mlc4j" / "build.gradle").write_text("// mlc4j\n")
@@ -388,17 +449,20 @@ def fake_mlc_llm(root: Path) -> Path:
 
 def fake_cmake(path: Path, fail_configure: bool = False) -> None:
     """Configure checks the traps' flags; install makes mlc4j's outputs."""
-    script(path, f"""
+    script(
+        path,
+        f"""
 case "$*" in
   *--version*) echo 'cmake version 3.28.3' ;;
   *"--target install"*) b="$2"; mkdir -p "$b/output/arm64-v8a";
       echo so > "$b/output/arm64-v8a/libtvm4j_runtime_packed.so";
       echo jar > "$b/output/tvm4j_core.jar" ;;
   *--build*) echo building ;;
-  *) {'echo "CMake Error: fake failure"; exit 3' if fail_configure else 'true'};
+  *) {'echo "CMake Error: fake failure"; exit 3' if fail_configure else "true"};
      case "$*" in *-DTVM_SOURCE_DIR=*) ;; *) echo "no TVM_SOURCE_DIR"; exit 4 ;; esac;
      case "$*" in *USE_CUSTOM_LOGGING*) echo "custom logging"; exit 5 ;; esac ;;
-esac""")
+esac""",
+    )
 
 
 @pytest.fixture
@@ -408,8 +472,13 @@ def fake_build(phone_bundle, tmp_path, monkeypatch):
         pytest.skip(llvm_missing())
     env = fake_tools(tmp_path / "tools")
     mlc = fake_mlc_llm(tmp_path)
-    opts = package_mod.PackageOptions(bundles=[phone_bundle], dist=tmp_path / "dist",
-                                      mlc_llm_source=mlc, tvm_source=tmp_path / "tvm", env=env)
+    opts = package_mod.PackageOptions(
+        bundles=[phone_bundle],
+        dist=tmp_path / "dist",
+        mlc_llm_source=mlc,
+        tvm_source=tmp_path / "tvm",
+        env=env,
+    )
 
     def preflight(o):
         model, _ = read_phone_bundle(phone_bundle)
@@ -426,10 +495,19 @@ def test_package_runs_every_step_into_dist(fake_build, capsys):
     summary = package_mod.package(opts)
     dist = opts.dist
     assert sorted(p.name for p in dist.iterdir()) == [
-        "lib", "mlc-app-config.json", "mlc-chat-debug.apk", "mlc4j", "package.json"]
+        "lib",
+        "mlc-app-config.json",
+        "mlc-chat-debug.apk",
+        "mlc4j",
+        "package.json",
+    ]
     assert (dist / "mlc4j" / "arm64-v8a" / "libtvm4j_runtime_packed.so").is_file()
-    nm = subprocess.run([str(LLVM_NM), "-g", str(dist / "lib" / "libmodel_android.a")],
-                        capture_output=True, text=True, check=True).stdout
+    nm = subprocess.run(
+        [str(LLVM_NM), "-g", str(dist / "lib" / "libmodel_android.a")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"{LIB}___tvm_ffi__library_bin" in nm
     assert json.loads((dist / "package.json").read_text())["apk"] == summary["apk"]
     err = capsys.readouterr().err
@@ -448,14 +526,26 @@ def test_a_failed_step_leaves_no_dist(fake_build):
     assert not opts.dist.exists() and not list(opts.dist.parent.glob(".dist.partial-*"))
 
 
-def test_dry_run_lists_the_cmake_line_with_tvm_source_dir(phone_bundle, tmp_path, monkeypatch,
-                                                          capsys):
+def test_dry_run_lists_the_cmake_line_with_tvm_source_dir(
+    phone_bundle, tmp_path, monkeypatch, capsys
+):
     for key, value in fake_tools(tmp_path / "tools").items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit):  # the fake mlc-llm/TVM trees are problems: exit 1
-        main(["package", str(phone_bundle), "-o", str(tmp_path / "dist"), "--dry-run",
-              "--json", "--mlc-llm-source", str(fake_mlc_llm(tmp_path)),
-              "--tvm-source", str(tmp_path / "tvm")])
+        main(
+            [
+                "package",
+                str(phone_bundle),
+                "-o",
+                str(tmp_path / "dist"),
+                "--dry-run",
+                "--json",
+                "--mlc-llm-source",
+                str(fake_mlc_llm(tmp_path)),
+                "--tvm-source",
+                str(tmp_path / "tvm"),
+            ]
+        )
     summary = json.loads(capsys.readouterr().out)
     commands = summary["commands"]
     (configure,) = [c for c in commands if " -S " in c]
@@ -475,15 +565,19 @@ def fake_dist(root: Path, bundle: Path) -> Path:
     dist = root / "dist"
     dist.mkdir()
     (dist / "mlc-chat-debug.apk").write_text("apk")
-    record = {"apk": str(dist / "mlc-chat-debug.apk"),
-              "models": [{"model_id": "tiny-phone", "model_lib": LIB, "bundle": str(bundle)}]}
+    record = {
+        "apk": str(dist / "mlc-chat-debug.apk"),
+        "models": [{"model_id": "tiny-phone", "model_lib": LIB, "bundle": str(bundle)}],
+    }
     (dist / "package.json").write_text(json.dumps(record))
     return dist
 
 
 def fake_adb(bin_dir: Path, log: Path, state: str = "device") -> None:
-    script(bin_dir / "adb", f'echo "$*" >> {log}\n'
-           f'case "$*" in *get-state*) echo {state}; [ {state} = device ] ;; esac')
+    script(
+        bin_dir / "adb",
+        f'echo "$*" >> {log}\ncase "$*" in *get-state*) echo {state}; [ {state} = device ] ;; esac',
+    )
 
 
 def test_push_issues_the_adb_commands_in_order(phone_bundle, tmp_path, monkeypatch, capsys):
@@ -493,8 +587,9 @@ def test_push_issues_the_adb_commands_in_order(phone_bundle, tmp_path, monkeypat
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     main(["push", str(dist), "--json"])
     files = "/storage/emulated/0/Android/data/ai.mlc.mlcchat/files"
-    weights = sorted(p.name for p in phone_bundle.iterdir()
-                     if p.is_file() and p.name != "mlc-app-config.json")
+    weights = sorted(
+        p.name for p in phone_bundle.iterdir() if p.is_file() and p.name != "mlc-app-config.json"
+    )
     assert "tensor-cache.json" in weights and "params_shard_0.bin" in weights
     pushed = " ".join(str(phone_bundle / w) for w in weights)
     assert log.read_text().splitlines() == [
@@ -532,8 +627,15 @@ def test_targets_reports_the_android_build_tools(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     main(["targets", "--json"])
     tools = {t["name"]: t for t in json.loads(capsys.readouterr().out)["android_build"]}
-    assert set(tools) == {"Android NDK", "Android SDK", "JDK", "CMake", "Ninja",
-                          "Rust (aarch64-linux-android)", "adb"}
+    assert set(tools) == {
+        "Android NDK",
+        "Android SDK",
+        "JDK",
+        "CMake",
+        "Ninja",
+        "Rust (aarch64-linux-android)",
+        "adb",
+    }
     assert tools["Android NDK"]["version"] == NDK and tools["CMake"]["version"] == "3.28.3"
     assert [n for n, t in tools.items() if t["problem"]] == ["adb"]
     main(["targets"])
@@ -609,8 +711,12 @@ def test_patched_runtime_loads_our_library_on_aarch64_linux(phone_bundle, tmp_pa
     (tmp_path / "mlc" / header_rel).parent.mkdir(parents=True)
     shutil.copy(mlc / header_rel, tmp_path / "mlc" / header_rel)
     patch = patches_dir() / "0002-mlc4j-tvm-0.27-runtime.patch"
-    if subprocess.run(["git", "apply", "--check", "--reverse", str(patch)],
-                      cwd=tmp_path / "mlc").returncode != 0:  # not yet applied there
+    if (
+        subprocess.run(
+            ["git", "apply", "--check", "--reverse", str(patch)], cwd=tmp_path / "mlc"
+        ).returncode
+        != 0
+    ):  # not yet applied there
         subprocess.run(["git", "apply", str(patch)], cwd=tmp_path / "mlc", check=True)
     (tmp_path / "shim" / "android").mkdir(parents=True)
     (tmp_path / "shim" / "android" / "log.h").write_text(SHIM_ANDROID_LOG)
@@ -619,24 +725,53 @@ def test_patched_runtime_loads_our_library_on_aarch64_linux(phone_bundle, tmp_pa
     with tarfile.open(phone_bundle / "lib" / f"{LIB}.tar") as tf:
         tf.extractall(tmp_path / "lib", filter="data")
     # The include folders and definitions of mlc4j's CMakeLists.txt for tvm4j_runtime_packed.
-    flags = ["-std=c++17", "-O1", "-fPIC", "-DTVM_LOG_CUSTOMIZE=1",
-             "-DTVM_FFI_USE_LIBBACKTRACE=0", "-DTVM_FFI_BACKTRACE_ON_SEGFAULT=0",
-             "-DTVM_VM_ENABLE_PROFILER=0", f"-I{tmp_path / 'shim'}",
-             f"-I{(tmp_path / 'mlc' / header_rel).parent}",
-             *(f"-I{tvm_src / d}" for d in ("3rdparty/tvm-ffi/3rdparty/dlpack/include",
-                                            "3rdparty/OpenCL-Headers", "include", "src",
-                                            "3rdparty/tvm-ffi/include", "3rdparty/tvm-ffi/src"))]
+    flags = [
+        "-std=c++17",
+        "-O1",
+        "-fPIC",
+        "-DTVM_LOG_CUSTOMIZE=1",
+        "-DTVM_FFI_USE_LIBBACKTRACE=0",
+        "-DTVM_FFI_BACKTRACE_ON_SEGFAULT=0",
+        "-DTVM_VM_ENABLE_PROFILER=0",
+        f"-I{tmp_path / 'shim'}",
+        f"-I{(tmp_path / 'mlc' / header_rel).parent}",
+        *(
+            f"-I{tvm_src / d}"
+            for d in (
+                "3rdparty/tvm-ffi/3rdparty/dlpack/include",
+                "3rdparty/OpenCL-Headers",
+                "include",
+                "src",
+                "3rdparty/tvm-ffi/include",
+                "3rdparty/tvm-ffi/src",
+            )
+        ),
+    ]
     gxx = "aarch64-linux-gnu-g++"
     for name in ("runtime", "loader"):
-        res = subprocess.run([gxx, *flags, "-c", f"{name}.cc", "-o", f"{name}.o"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=3000)
+        res = subprocess.run(
+            [gxx, *flags, "-c", f"{name}.cc", "-o", f"{name}.o"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=3000,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
     objects = sorted(str(p) for p in (tmp_path / "lib").glob("*.o"))
-    res = subprocess.run([gxx, "runtime.o", "loader.o", *objects, "-o", "loader", "-ldl",
-                          "-lpthread"], cwd=tmp_path, capture_output=True, text=True)
+    res = subprocess.run(
+        [gxx, "runtime.o", "loader.o", *objects, "-o", "loader", "-ldl", "-lpthread"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    run = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "./loader", LIB],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "./loader", LIB],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     metadata = json.loads(run.stdout)
     assert metadata["model_type"] == "llama" and metadata["context_window_size"] == 512

@@ -45,33 +45,49 @@ def read_phone_bundle(bundle: Path) -> tuple[PhoneModel | None, list[str]]:
     if not (bundle / "mlc-chat-config.json").is_file():
         return None, [f"{bundle} is not a bundle (no mlc-chat-config.json)"]
     if not (bundle / APP_CONFIG).is_file():
-        return None, [f"{bundle} has no {APP_CONFIG}: compile it for the phone (mlc-edge "
-                      f"compile {bundle} --target android-opencl)"]
+        return None, [
+            f"{bundle} has no {APP_CONFIG}: compile it for the phone (mlc-edge "
+            f"compile {bundle} --target android-opencl)"
+        ]
     try:
         entries = json.loads((bundle / APP_CONFIG).read_text())["model_list"]
         entry = entries[0]
         model_id, model_lib = str(entry["model_id"]), str(entry["model_lib"])
     except (ValueError, KeyError, IndexError, TypeError):
-        return None, [f"{bundle / APP_CONFIG} is not an app config with one model_list entry: "
-                      f"compile the bundle again"]
+        return None, [
+            f"{bundle / APP_CONFIG} is not an app config with one model_list entry: "
+            f"compile the bundle again"
+        ]
     problems = []
     if not _PREFIX.fullmatch(model_lib):
-        problems.append(f"{bundle}: model_lib '{model_lib}' is not a C identifier, so it "
-                        f"cannot prefix a system library: compile with --model-lib NAME")
+        problems.append(
+            f"{bundle}: model_lib '{model_lib}' is not a C identifier, so it "
+            f"cannot prefix a system library: compile with --model-lib NAME"
+        )
     library = bundle / "lib" / f"{model_lib}.tar"
     record_path = library.with_suffix(".json")
     if not library.is_file():
-        problems.append(f"{bundle} has no lib/{model_lib}.tar: compile it with --target "
-                        f"android-opencl")
+        problems.append(
+            f"{bundle} has no lib/{model_lib}.tar: compile it with --target android-opencl"
+        )
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     target = str(record.get("target", ""))
     if library.is_file() and not target.startswith("android-"):
-        problems.append(f"{bundle}: lib/{model_lib}.tar was not compiled for a phone "
-                        f"(target '{target or 'unknown'}'): compile with --target android-opencl")
+        problems.append(
+            f"{bundle}: lib/{model_lib}.tar was not compiled for a phone "
+            f"(target '{target or 'unknown'}'): compile with --target android-opencl"
+        )
     if problems:
         return None, problems
-    model = PhoneModel(bundle.absolute(), model_id, model_lib, library.absolute(), target,
-                       entry, record.get("metadata"))
+    model = PhoneModel(
+        bundle.absolute(),
+        model_id,
+        model_lib,
+        library.absolute(),
+        target,
+        entry,
+        record.get("metadata"),
+    )
     return model, []
 
 
@@ -82,8 +98,10 @@ def check_unique(models: list[PhoneModel]) -> list[str]:
     seen_id: dict[str, Path] = {}
     for m in models:
         if m.model_lib in seen_lib:
-            problems.append(f"{m.bundle} and {seen_lib[m.model_lib]} have the same model_lib "
-                            f"'{m.model_lib}': compile one again with another --model-lib")
+            problems.append(
+                f"{m.bundle} and {seen_lib[m.model_lib]} have the same model_lib "
+                f"'{m.model_lib}': compile one again with another --model-lib"
+            )
         else:
             for other, where in seen_lib.items():
                 a, b = sorted((other, m.model_lib), key=len)
@@ -91,18 +109,22 @@ def check_unique(models: list[PhoneModel]) -> list[str]:
                     problems.append(
                         f"model_lib '{a}' ({where if a == other else m.bundle}) is a prefix of "
                         f"'{b}': their symbols could collide; compile one with another "
-                        f"--model-lib")
+                        f"--model-lib"
+                    )
             seen_lib[m.model_lib] = m.bundle
         if m.model_id in seen_id:
-            problems.append(f"{m.bundle} and {seen_id[m.model_id]} have the same model_id "
-                            f"'{m.model_id}': rename one bundle folder and compile it again")
+            problems.append(
+                f"{m.bundle} and {seen_id[m.model_id]} have the same model_id "
+                f"'{m.model_id}': rename one bundle folder and compile it again"
+            )
         else:
             seen_id[m.model_id] = m.bundle
     return problems
 
 
-def pack_commands(models: list[PhoneModel], objects_dir: Path, archive: Path,
-                  llvm_ar: Path) -> tuple[list[tuple[Path, str, Path]], list[str]]:
+def pack_commands(
+    models: list[PhoneModel], objects_dir: Path, archive: Path, llvm_ar: Path
+) -> tuple[list[tuple[Path, str, Path]], list[str]]:
     """What packing does: each tar member extracted as ``<model_lib>_<member>`` (every tar
     has a ``lib0.o``), then one ``llvm-ar`` over all. Returns (extractions, ar argv)."""
     extractions = []
@@ -115,8 +137,9 @@ def pack_commands(models: list[PhoneModel], objects_dir: Path, archive: Path,
     return extractions, argv
 
 
-def pack(models: list[PhoneModel], archive: Path, llvm_ar: Path, llvm_nm: Path,
-         work: Path) -> list[str]:
+def pack(
+    models: list[PhoneModel], archive: Path, llvm_ar: Path, llvm_nm: Path, work: Path
+) -> list[str]:
     """Write ``archive`` (``libmodel_android.a``) from the models' tars and check that each
     library's symbol is defined in it; returns the symbols found."""
     objects = work / "objects"
@@ -135,11 +158,13 @@ def pack(models: list[PhoneModel], archive: Path, llvm_ar: Path, llvm_nm: Path,
 
 
 def defined_symbols(archive: Path, llvm_nm: Path) -> set[str]:
-    res = subprocess.run([str(llvm_nm), "--defined-only", "-g", str(archive)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [str(llvm_nm), "--defined-only", "-g", str(archive)], capture_output=True, text=True
+    )
     if res.returncode != 0:
-        raise UserError(f"{llvm_nm} failed on {archive}: "
-                        f"{(res.stderr.strip().splitlines() or ['?'])[0]}")
+        raise UserError(
+            f"{llvm_nm} failed on {archive}: {(res.stderr.strip().splitlines() or ['?'])[0]}"
+        )
     return {line.split()[-1] for line in res.stdout.splitlines() if len(line.split()) >= 3}
 
 
@@ -150,27 +175,35 @@ def check_library_symbols(archive: Path, model_libs: list[str], llvm_nm: Path) -
     missing = [lib for lib in model_libs if library_symbol(lib) not in found]
     if missing:
         have = sorted(s.removesuffix(LIBRARY_SYMBOL_SUFFIX) for s in found)
-        raise UserError(f"{archive.name} lacks {library_symbol(missing[0])} (libraries in it: "
-                        f"{', '.join(have) or 'none'}): compile that bundle again")
+        raise UserError(
+            f"{archive.name} lacks {library_symbol(missing[0])} (libraries in it: "
+            f"{', '.join(have) or 'none'}): compile that bundle again"
+        )
     return sorted(library_symbol(lib) for lib in model_libs)
 
 
-def merged_app_config(models: list[PhoneModel], model_urls: dict[str, str] | None = None
-                      ) -> dict[str, Any]:
+def merged_app_config(
+    models: list[PhoneModel], model_urls: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The app's ``mlc-app-config.json``: one entry per model with every field MLCChat's
     ``ModelRecord`` reads (``model_id``, ``model_lib``, ``model_url``, ``estimated_vram_bytes``).
     """
     model_urls = model_urls or {}
     entries = []
     for m in models:
-        url = model_urls.get(m.model_id) or m.entry.get("model_url") or \
-            placeholder_model_url(m.model_id)
-        entries.append({
-            "model_id": m.model_id,
-            "model_lib": m.model_lib,
-            "model_url": url,
-            "estimated_vram_bytes": int(m.entry["estimated_vram_bytes"]),
-        })
+        url = (
+            model_urls.get(m.model_id)
+            or m.entry.get("model_url")
+            or placeholder_model_url(m.model_id)
+        )
+        entries.append(
+            {
+                "model_id": m.model_id,
+                "model_lib": m.model_lib,
+                "model_url": url,
+                "estimated_vram_bytes": int(m.entry["estimated_vram_bytes"]),
+            }
+        )
     ids = [e["model_id"] for e in entries]
     if len(set(ids)) != len(ids):  # the app aborts on a repeated id (require in addModelConfig)
         raise UserError(f"model ids repeat in the app config: {ids}")

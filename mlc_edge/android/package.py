@@ -101,19 +101,33 @@ def memory_verdict(model: PhoneModel, floor_bytes: int, reported: int | None) ->
     spec = ModelSpec.from_chat_config(chat)
     metadata = model.metadata
     if metadata is None:  # a library compiled before build records held _metadata
-        print(f"memory plan of {model.model_id}: compiling its _metadata for {model.target} ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"memory plan of {model.model_id}: compiling its _metadata for {model.target} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         metadata = compiled_metadata(spec, model.target)
-    plan = plan_for(metadata, model.model_id, model.target, spec.scheme.dtype, reported, None,
-                    tensor_cache_records(model.bundle), floors=(UPSTREAM_FLOOR_BYTES, floor_bytes))
+    plan = plan_for(
+        metadata,
+        model.model_id,
+        model.target,
+        spec.scheme.dtype,
+        reported,
+        None,
+        tensor_cache_records(model.bundle),
+        floors=(UPSTREAM_FLOOR_BYTES, floor_bytes),
+    )
     upstream, ours = plan.loads
     return {
-        "model_id": model.model_id, "target": model.target,
+        "model_id": model.model_id,
+        "target": model.target,
         "reported_memory_bytes": plan.reported_memory_bytes,
         "total_bytes": plan.total_bytes,
         "loads_with_upstream_floor": upstream.loads,
-        "floor_bytes": ours.floor_bytes, "loads": ours.loads,
-        "kv_capacity_tokens": ours.kv_capacity_tokens, "context_fits": ours.context_fits,
+        "floor_bytes": ours.floor_bytes,
+        "loads": ours.loads,
+        "kv_capacity_tokens": ours.kv_capacity_tokens,
+        "context_fits": ours.context_fits,
         "context_window_size": plan.context_window_size,
     }
 
@@ -131,8 +145,10 @@ def run_preflight(opts: PackageOptions) -> Preflight:
 
     models: list[PhoneModel] = []
     if not opts.bundles:
-        problems.append("no bundles: give one or more phone bundles (mlc-edge compile ... "
-                        "--target android-opencl)")
+        problems.append(
+            "no bundles: give one or more phone bundles (mlc-edge compile ... "
+            "--target android-opencl)"
+        )
     for bundle in opts.bundles:
         model, bundle_problems = read_phone_bundle(bundle)
         problems += bundle_problems
@@ -140,13 +156,17 @@ def run_preflight(opts: PackageOptions) -> Preflight:
             models.append(model)
     problems += check_unique(models)
     if opts.release and (opts.keystore is None or opts.key_alias is None):
-        problems.append("--release needs --keystore FILE and --key-alias NAME (passwords in "
-                        "MLC_EDGE_KEYSTORE_PASSWORD and MLC_EDGE_KEY_PASSWORD)")
+        problems.append(
+            "--release needs --keystore FILE and --key-alias NAME (passwords in "
+            "MLC_EDGE_KEYSTORE_PASSWORD and MLC_EDGE_KEY_PASSWORD)"
+        )
     if opts.release and opts.keystore is not None and not opts.keystore.is_file():
         problems.append(f"keystore {opts.keystore} does not exist")
     if opts.release and not env.get("MLC_EDGE_KEYSTORE_PASSWORD"):
-        problems.append("--release: set MLC_EDGE_KEYSTORE_PASSWORD (and MLC_EDGE_KEY_PASSWORD "
-                        "when the key's differs)")
+        problems.append(
+            "--release: set MLC_EDGE_KEYSTORE_PASSWORD (and MLC_EDGE_KEY_PASSWORD "
+            "when the key's differs)"
+        )
     problems += _check_dist(opts.dist)
 
     memory = []
@@ -157,7 +177,8 @@ def run_preflight(opts: PackageOptions) -> Preflight:
             problems.append(
                 f"{model.model_id} does not load on {model.target} even with the "
                 f"{opts.memory_floor_gb} GiB floor (KV capacity {verdict['kv_capacity_tokens']} "
-                f"tokens; mlc-edge memory {model.bundle}): use a smaller model or context")
+                f"tokens; mlc-edge memory {model.bundle}): use a smaller model or context"
+            )
     return Preflight(toolchain, models, memory, states, problems)
 
 
@@ -195,14 +216,16 @@ def build_env(toolchain: Toolchain, opts: PackageOptions) -> dict[str, str]:
     env = dict(toolchain.env)
     assert toolchain.ndk.path and toolchain.sdk.path and toolchain.jdk.path
     java_home = toolchain.jdk.path.parent.parent
-    env.update({
-        "ANDROID_NDK": str(toolchain.ndk.path),
-        "ANDROID_HOME": str(toolchain.sdk.path),
-        "JAVA_HOME": str(java_home),
-        "TVM_SOURCE_DIR": str(opts.tvm_source),
-        "MLC_LLM_SOURCE_DIR": str(opts.mlc_llm_source),
-        "PATH": os.pathsep.join([str(java_home / "bin"), env.get("PATH", "")]),
-    })
+    env.update(
+        {
+            "ANDROID_NDK": str(toolchain.ndk.path),
+            "ANDROID_HOME": str(toolchain.sdk.path),
+            "JAVA_HOME": str(java_home),
+            "TVM_SOURCE_DIR": str(opts.tvm_source),
+            "MLC_LLM_SOURCE_DIR": str(opts.mlc_llm_source),
+            "PATH": os.pathsep.join([str(java_home / "bin"), env.get("PATH", "")]),
+        }
+    )
     if opts.release:
         # Gradle reads ORG_GRADLE_PROJECT_<name> as project properties: the passwords stay
         # off the command line. android.injected.signing.* signs a release without editing
@@ -210,7 +233,8 @@ def build_env(toolchain: Toolchain, opts: PackageOptions) -> dict[str, str]:
         store_pw = env.get("MLC_EDGE_KEYSTORE_PASSWORD", "")
         env["ORG_GRADLE_PROJECT_android.injected.signing.store.password"] = store_pw
         env["ORG_GRADLE_PROJECT_android.injected.signing.key.password"] = env.get(
-            "MLC_EDGE_KEY_PASSWORD", store_pw)
+            "MLC_EDGE_KEY_PASSWORD", store_pw
+        )
     return env
 
 
@@ -223,8 +247,14 @@ def cmake_configure_argv(toolchain: Toolchain, opts: PackageOptions, build: Path
     android = pins()["android"]
     platform = f"android-{android['native_api_level']}"
     return [
-        str(toolchain.cmake.path), "-S", str(opts.mlc_llm_source / "android" / "mlc4j"),
-        "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={toolchain.ninja.path}",
+        str(toolchain.cmake.path),
+        "-S",
+        str(opts.mlc_llm_source / "android" / "mlc4j"),
+        "-B",
+        str(build),
+        "-G",
+        "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={toolchain.ninja.path}",
         "-DCMAKE_BUILD_TYPE=Release",
         f"-DCMAKE_TOOLCHAIN_FILE={toolchain.toolchain_file}",
         "-DCMAKE_INSTALL_PREFIX=.",
@@ -261,11 +291,17 @@ def plan_steps(pre: Preflight, opts: PackageOptions, stage: Path) -> list[Step]:
     for entry in read_series().entries:
         state = pre.patches.get(entry.name, "applies")
         if state == "applied":
-            steps.append(Step(f"patch {entry.name}: already applied", action=lambda: None,
-                              describe=[f"# {entry.name} is already applied to {mlc}"]))
+            steps.append(
+                Step(
+                    f"patch {entry.name}: already applied",
+                    action=lambda: None,
+                    describe=[f"# {entry.name} is already applied to {mlc}"],
+                )
+            )
         else:
-            steps.append(Step(f"apply {entry.name}",
-                              ["git", "-C", str(mlc), "apply", str(entry.path)]))
+            steps.append(
+                Step(f"apply {entry.name}", ["git", "-C", str(mlc), "apply", str(entry.path)])
+            )
 
     objects = build / "objects"
     extractions, ar_argv = pack_commands(pre.models, objects, archive, tc.llvm_bin / "llvm-ar")
@@ -281,35 +317,81 @@ def plan_steps(pre: Preflight, opts: PackageOptions, stage: Path) -> list[Step]:
                 assert source is not None
                 dst.write_bytes(source.read())
 
-    steps.append(Step("extract the model libraries", action=extract, describe=[
-        f"mkdir -p {shlex.quote(str(objects))} {shlex.quote(str(archive.parent))}",
-        *(f"tar -xOf {shlex.quote(str(tar))} {member} > {shlex.quote(str(dst))}"
-          for tar, member, dst in extractions)]))
+    steps.append(
+        Step(
+            "extract the model libraries",
+            action=extract,
+            describe=[
+                f"mkdir -p {shlex.quote(str(objects))} {shlex.quote(str(archive.parent))}",
+                *(
+                    f"tar -xOf {shlex.quote(str(tar))} {member} > {shlex.quote(str(dst))}"
+                    for tar, member, dst in extractions
+                ),
+            ],
+        )
+    )
     steps.append(Step("pack libmodel_android.a", ar_argv))
     libs = [m.model_lib for m in pre.models]
     nm = tc.llvm_bin / "llvm-nm"
-    steps.append(Step(
-        "check each library's symbol", action=lambda: check_library_symbols(archive, libs, nm),
-        describe=[f"{shlex.quote(str(nm))} --defined-only -g {shlex.quote(str(archive))}  "
-                  f"# must define {', '.join(m + '___tvm_ffi__library_bin' for m in libs)}"]))
+    steps.append(
+        Step(
+            "check each library's symbol",
+            action=lambda: check_library_symbols(archive, libs, nm),
+            describe=[
+                f"{shlex.quote(str(nm))} --defined-only -g {shlex.quote(str(archive))}  "
+                f"# must define {', '.join(m + '___tvm_ffi__library_bin' for m in libs)}"
+            ],
+        )
+    )
 
-    steps.append(Step("configure mlc4j (CMake)", cmake_configure_argv(tc, opts, cmake_build),
-                      long=True))
+    steps.append(
+        Step("configure mlc4j (CMake)", cmake_configure_argv(tc, opts, cmake_build), long=True)
+    )
     cmake = str(tc.cmake.path)
-    steps.append(Step("build mlc4j (TVM runtime, mlc-llm, tokenizers; the longest step)",
-                      [cmake, "--build", str(cmake_build), "--target", "tvm4j_runtime_packed",
-                       "--config", "release", f"-j{opts.jobs}"], long=True))
-    steps.append(Step("install mlc4j's outputs",
-                      [cmake, "--build", str(cmake_build), "--target", "install", "--config",
-                       "release", f"-j{opts.jobs}"], long=True))
+    steps.append(
+        Step(
+            "build mlc4j (TVM runtime, mlc-llm, tokenizers; the longest step)",
+            [
+                cmake,
+                "--build",
+                str(cmake_build),
+                "--target",
+                "tvm4j_runtime_packed",
+                "--config",
+                "release",
+                f"-j{opts.jobs}",
+            ],
+            long=True,
+        )
+    )
+    steps.append(
+        Step(
+            "install mlc4j's outputs",
+            [
+                cmake,
+                "--build",
+                str(cmake_build),
+                "--target",
+                "install",
+                "--config",
+                "release",
+                f"-j{opts.jobs}",
+            ],
+            long=True,
+        )
+    )
 
     app_config = merged_app_config(pre.models)
     asset = app / layout["app_config_asset"]
 
     def stage_app() -> None:
         shutil.rmtree(app, ignore_errors=True)
-        shutil.copytree(mlc / layout["app_source"], app, symlinks=True,
-                        ignore=shutil.ignore_patterns("build", ".gradle", "dist"))
+        shutil.copytree(
+            mlc / layout["app_source"],
+            app,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("build", ".gradle", "dist"),
+        )
         mlc4j_in_app.mkdir(parents=True, exist_ok=True)
         for name in layout["mlc4j_copied"]:
             src = mlc / layout["mlc4j_source"] / name
@@ -319,21 +401,31 @@ def plan_steps(pre: Preflight, opts: PackageOptions, stage: Path) -> list[Step]:
         asset.write_text(json.dumps(app_config, indent=2) + "\n")
         (app / "local.properties").write_text(f"sdk.dir={tc.sdk.path}\n")
 
-    steps.append(Step("stage the app", action=stage_app, describe=[
-        f"cp -r {mlc / layout['app_source']} {app}",
-        *(f"cp -r {mlc / layout['mlc4j_source'] / n} {mlc4j_in_app / n}"
-          for n in layout["mlc4j_copied"]),
-        f"cp -r {cmake_build / 'output'} {mlc4j_in_app / 'output'}",
-        f"# write {asset} (the merged app config, {len(app_config['model_list'])} models)",
-        f"# write {app / 'local.properties'}: sdk.dir={tc.sdk.path}"]))
+    steps.append(
+        Step(
+            "stage the app",
+            action=stage_app,
+            describe=[
+                f"cp -r {mlc / layout['app_source']} {app}",
+                *(
+                    f"cp -r {mlc / layout['mlc4j_source'] / n} {mlc4j_in_app / n}"
+                    for n in layout["mlc4j_copied"]
+                ),
+                f"cp -r {cmake_build / 'output'} {mlc4j_in_app / 'output'}",
+                f"# write {asset} (the merged app config, {len(app_config['model_list'])} models)",
+                f"# write {app / 'local.properties'}: sdk.dir={tc.sdk.path}",
+            ],
+        )
+    )
 
     gradle = layout["gradle"][variant]
     gradle_argv = ["./gradlew", "--no-daemon", gradle["task"]]
     if opts.release:
-        gradle_argv += [f"-Pandroid.injected.signing.store.file={opts.keystore}",
-                        f"-Pandroid.injected.signing.key.alias={opts.key_alias}"]
-    steps.append(Step(f"build the APK (Gradle {gradle['task']})", gradle_argv, cwd=app,
-                      long=True))
+        gradle_argv += [
+            f"-Pandroid.injected.signing.store.file={opts.keystore}",
+            f"-Pandroid.injected.signing.key.alias={opts.key_alias}",
+        ]
+    steps.append(Step(f"build the APK (Gradle {gradle['task']})", gradle_argv, cwd=app, long=True))
 
     def collect() -> None:
         shutil.copy2(app / gradle["apk"], stage / apk_name)
@@ -342,9 +434,18 @@ def plan_steps(pre: Preflight, opts: PackageOptions, stage: Path) -> list[Step]:
         shutil.copy2(archive, stage / "lib" / archive.name)
         shutil.copytree(cmake_build / "output", stage / "mlc4j")
 
-    steps.append(Step("collect the outputs", action=collect, describe=[
-        f"cp {app / gradle['apk']} DIST/{apk_name}", "# write DIST/mlc-app-config.json",
-        f"cp {archive} DIST/lib/", f"cp -r {cmake_build / 'output'} DIST/mlc4j"]))
+    steps.append(
+        Step(
+            "collect the outputs",
+            action=collect,
+            describe=[
+                f"cp {app / gradle['apk']} DIST/{apk_name}",
+                "# write DIST/mlc-app-config.json",
+                f"cp {archive} DIST/lib/",
+                f"cp -r {cmake_build / 'output'} DIST/mlc4j",
+            ],
+        )
+    )
     return steps
 
 
@@ -360,20 +461,26 @@ def run_step(step: Step, env: dict[str, str], logs: Path, index: int, total: int
             out.write("$ " + " ".join(step.lines()) + "\n")
             out.flush()
             try:
-                proc = subprocess.Popen(step.argv, cwd=step.cwd, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    step.argv, cwd=step.cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
             except OSError as e:
                 raise UserError(f"{step.title}: cannot run {step.argv[0]} ({e.strerror})") from None
             while proc.poll() is None:  # a line a minute on the long steps
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
-                    print(f"      ... {step.title}: {time.perf_counter() - start:.0f} s "
-                          f"(log: {log})", file=sys.stderr, flush=True)
+                    print(
+                        f"      ... {step.title}: {time.perf_counter() - start:.0f} s (log: {log})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         if proc.returncode != 0:
             tail = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-            raise UserError(f"{step.title} failed (exit {proc.returncode}): "
-                            f"{tail[0].strip() if tail else ''} (full log: {log})")
+            raise UserError(
+                f"{step.title} failed (exit {proc.returncode}): "
+                f"{tail[0].strip() if tail else ''} (full log: {log})"
+            )
     if step.long:
         print(f"      done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
@@ -383,13 +490,23 @@ def package(opts: PackageOptions, dry_run: bool = False) -> dict[str, Any]:
     opts.dist = opts.dist.absolute()
     pre = run_preflight(opts)
     summary: dict[str, Any] = {
-        "dist": str(opts.dist), "build_dir": str(opts.build),
+        "dist": str(opts.dist),
+        "build_dir": str(opts.build),
         "variant": "release" if opts.release else "debug",
-        "models": [{"model_id": m.model_id, "model_lib": m.model_lib, "bundle": str(m.bundle),
-                    "target": m.target, **{k: v for k, v in mem.items() if k != "model_id"}}
-                   for m, mem in zip(pre.models, pre.memory, strict=True)],
-        "patches": pre.patches, "memory_floor_gb": opts.memory_floor_gb,
-        "mlc_llm_commit": pins()["mlc_llm"]["commit"], "tvm_commit": pins()["tvm"]["commit"],
+        "models": [
+            {
+                "model_id": m.model_id,
+                "model_lib": m.model_lib,
+                "bundle": str(m.bundle),
+                "target": m.target,
+                **{k: v for k, v in mem.items() if k != "model_id"},
+            }
+            for m, mem in zip(pre.models, pre.memory, strict=True)
+        ],
+        "patches": pre.patches,
+        "memory_floor_gb": opts.memory_floor_gb,
+        "mlc_llm_commit": pins()["mlc_llm"]["commit"],
+        "tvm_commit": pins()["tvm"]["commit"],
         "problems": pre.problems,
     }
     if dry_run:
@@ -422,8 +539,13 @@ def package(opts: PackageOptions, dry_run: bool = False) -> dict[str, Any]:
 def _dry_run_lines(pre: Preflight, opts: PackageOptions) -> list[str]:
     """The commands, with what preflight could not find shown as <...>."""
     tc = pre.toolchain
-    missing = {"ndk": "<ANDROID_NDK>", "sdk": "<ANDROID_HOME>", "jdk": "<JAVA_HOME>/bin/java",
-               "cmake": "<cmake>", "ninja": "<ninja>"}
+    missing = {
+        "ndk": "<ANDROID_NDK>",
+        "sdk": "<ANDROID_HOME>",
+        "jdk": "<JAVA_HOME>/bin/java",
+        "cmake": "<cmake>",
+        "ninja": "<ninja>",
+    }
     for name, placeholder in missing.items():
         tool = getattr(tc, name)
         if tool.path is None:

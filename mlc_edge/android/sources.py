@@ -52,32 +52,43 @@ def wheel_runtime_sources(root: Path | None = None) -> dict[str, str]:
 def check_tvm_source(tree: Path | None, reference: dict[str, str] | None = None) -> list[str]:
     """Problems with ``tree`` as the TVM source of the runtime (empty: it is the wheel's)."""
     commit = pins()["tvm"]["commit"]
-    get = f"git clone https://github.com/apache/tvm && git checkout {commit} && " \
-          "git submodule update --init --recursive"
+    get = (
+        f"git clone https://github.com/apache/tvm && git checkout {commit} && "
+        "git submodule update --init --recursive"
+    )
     if tree is None:
-        return [f"no TVM source tree: set TVM_SOURCE_DIR or --tvm-source to a checkout of TVM "
-                f"{commit} (the installed wheel's commit; {get})"]
+        return [
+            f"no TVM source tree: set TVM_SOURCE_DIR or --tvm-source to a checkout of TVM "
+            f"{commit} (the installed wheel's commit; {get})"
+        ]
     if not (tree / "src" / "runtime").is_dir():
         return [f"TVM source {tree} has no src/runtime: point it at a TVM checkout ({get})"]
     reference = wheel_runtime_sources() if reference is None else reference
-    differ = [rel for rel, digest in reference.items()
-              if not (tree / rel).is_file() or _sha256(tree / rel) != digest]
+    differ = [
+        rel
+        for rel, digest in reference.items()
+        if not (tree / rel).is_file() or _sha256(tree / rel) != digest
+    ]
     problems = []
     if differ:
         problems.append(
             f"TVM source {tree} is not the installed wheel's TVM ({commit}): {len(differ)} of "
             f"{len(reference)} runtime files differ or are missing (e.g. {differ[0]}); "
-            f"check out {commit} there")
+            f"check out {commit} there"
+        )
     missing = [rel for rel in TVM_BUILD_FILES if not (tree / rel).is_file()]
     if missing:
-        problems.append(f"TVM source {tree} lacks {', '.join(missing)}: run git submodule "
-                        f"update --init --recursive there")
+        problems.append(
+            f"TVM source {tree} lacks {', '.join(missing)}: run git submodule "
+            f"update --init --recursive there"
+        )
     return problems
 
 
 def git(tree: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        ["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @dataclass(frozen=True)
@@ -108,9 +119,11 @@ def check_mlc_llm(tree: Path | None) -> list[str]:
     """Problems with ``tree`` as the mlc-llm checkout: the pinned commit, the submodules
     the build uses, the app sources, and our patches applying (or applied)."""
     commit = pins()["mlc_llm"]["commit"]
-    get = (f"git clone https://github.com/mlc-ai/mlc-llm && git checkout {commit[:8]} && "
-           "git submodule update --init --recursive 3rdparty/tokenizers-cpp 3rdparty/xgrammar "
-           "3rdparty/argparse 3rdparty/stb")
+    get = (
+        f"git clone https://github.com/mlc-ai/mlc-llm && git checkout {commit[:8]} && "
+        "git submodule update --init --recursive 3rdparty/tokenizers-cpp 3rdparty/xgrammar "
+        "3rdparty/argparse 3rdparty/stb"
+    )
     if tree is None:
         return [f"no mlc-llm checkout: set MLC_LLM_SOURCE_DIR or --mlc-llm-source ({get})"]
     if not (tree / "android" / "mlc4j" / "CMakeLists.txt").is_file():
@@ -121,8 +134,10 @@ def check_mlc_llm(tree: Path | None) -> list[str]:
         problems.append(f"{tree} is not a git checkout: the patches need one ({get})")
         return problems
     if head.stdout.strip() != commit:
-        problems.append(f"mlc-llm checkout {tree} is at {head.stdout.strip()[:12]}, the "
-                        f"patches are for {commit[:12]}: git -C {tree} checkout {commit[:8]}")
+        problems.append(
+            f"mlc-llm checkout {tree} is at {head.stdout.strip()[:12]}, the "
+            f"patches are for {commit[:12]}: git -C {tree} checkout {commit[:8]}"
+        )
     layout = app_layout()
     for rel in (layout["app_source"] + "/gradlew", layout["app_source"] + "/settings.gradle"):
         if not (tree / rel).is_file():
@@ -133,12 +148,16 @@ def check_mlc_llm(tree: Path | None) -> list[str]:
             continue
         if not (tree / sub).is_dir() or not any((tree / sub).iterdir()):
             top = "/".join(sub.split("/")[:2])
-            problems.append(f"mlc-llm submodule {sub} is empty: git -C {tree} submodule "
-                            f"update --init --recursive {top}")
+            problems.append(
+                f"mlc-llm submodule {sub} is empty: git -C {tree} submodule "
+                f"update --init --recursive {top}"
+            )
     for state in patch_states(tree):
         if state.state == "conflicts":
-            problems.append(f"patch {state.entry.name} does not apply to {tree} "
-                            f"({state.detail}): start from a clean checkout of {commit[:8]}")
+            problems.append(
+                f"patch {state.entry.name} does not apply to {tree} "
+                f"({state.detail}): start from a clean checkout of {commit[:8]}"
+            )
     return problems
 
 
@@ -152,7 +171,9 @@ def apply_patches(tree: Path) -> list[str]:
         if res.returncode != 0:
             from ..errors import UserError
 
-            raise UserError(f"patch {state.entry.name} failed on {tree}: "
-                            f"{(res.stderr.strip().splitlines() or ['git apply failed'])[0]}")
+            raise UserError(
+                f"patch {state.entry.name} failed on {tree}: "
+                f"{(res.stderr.strip().splitlines() or ['git apply failed'])[0]}"
+            )
         applied.append(state.entry.name)
     return applied

@@ -28,8 +28,12 @@ class Tool:
     problem: str | None = None  # one line: what is wrong and what to do
 
     def as_dict(self) -> dict[str, str | None]:
-        return {"name": self.name, "path": str(self.path) if self.path else None,
-                "version": self.version, "problem": self.problem}
+        return {
+            "name": self.name,
+            "path": str(self.path) if self.path else None,
+            "version": self.version,
+            "problem": self.problem,
+        }
 
 
 @dataclass
@@ -82,8 +86,10 @@ def find_sdk(env: Mapping[str, str]) -> Tool:
     tool = Tool("Android SDK")
     var = next((v for v in ("ANDROID_HOME", "ANDROID_SDK_ROOT") if env.get(v)), None)
     if var is None:
-        tool.problem = ("Android SDK not found: install it (Android Studio or the command-line "
-                        "tools) and set ANDROID_HOME")
+        tool.problem = (
+            "Android SDK not found: install it (Android Studio or the command-line "
+            "tools) and set ANDROID_HOME"
+        )
         return tool
     sdk = Path(env[var])
     if not sdk.is_dir():
@@ -95,8 +101,9 @@ def find_sdk(env: Mapping[str, str]) -> Tool:
     tool.version = " ".join(p for p in wanted if p not in missing) or None
     if missing:
         install = " ".join(f'"platforms;{p}"' for p in missing)
-        tool.problem = (f"Android SDK platform {', '.join(missing)} missing in {sdk}: "
-                        f"sdkmanager {install}")
+        tool.problem = (
+            f"Android SDK platform {', '.join(missing)} missing in {sdk}: sdkmanager {install}"
+        )
     return tool
 
 
@@ -109,19 +116,24 @@ def find_ndk(env: Mapping[str, str], sdk: Path | None) -> Tool:
     elif sdk is not None and (sdk / "ndk" / wanted).is_dir():
         ndk = sdk / "ndk" / wanted
     else:
-        tool.problem = (f"Android NDK {wanted} not found: sdkmanager \"ndk;{wanted}\" and "
-                        f"set ANDROID_NDK to its folder")
+        tool.problem = (
+            f'Android NDK {wanted} not found: sdkmanager "ndk;{wanted}" and '
+            f"set ANDROID_NDK to its folder"
+        )
         return tool
     props = ndk / "source.properties"
     if not props.is_file():
-        tool.problem = (f"{ndk} is not an Android NDK (no source.properties): set ANDROID_NDK "
-                        f"to NDK {wanted}")
+        tool.problem = (
+            f"{ndk} is not an Android NDK (no source.properties): set ANDROID_NDK to NDK {wanted}"
+        )
         return tool
     match = re.search(r"Pkg\.Revision\s*=\s*(\S+)", props.read_text())
     tool.path, tool.version = ndk, match.group(1) if match else "unknown"
     if tool.version != wanted:
-        tool.problem = (f"ANDROID_NDK is NDK {tool.version}, the build needs {wanted}: "
-                        f"sdkmanager \"ndk;{wanted}\" and point ANDROID_NDK at it")
+        tool.problem = (
+            f"ANDROID_NDK is NDK {tool.version}, the build needs {wanted}: "
+            f'sdkmanager "ndk;{wanted}" and point ANDROID_NDK at it'
+        )
     elif not (ndk / "build" / "cmake" / "android.toolchain.cmake").is_file():
         tool.problem = f"NDK {ndk} has no build/cmake/android.toolchain.cmake: reinstall it"
     elif not (ndk / "toolchains" / "llvm" / "prebuilt" / NDK_HOST / "bin" / "llvm-ar").is_file():
@@ -142,8 +154,10 @@ def find_jdk(env: Mapping[str, str]) -> Tool:
         java, javac = _which("java", env), _which("javac", env)
         where = "java on PATH"
         if java is None:
-            tool.problem = (f"JDK {wanted} not found: install it (e.g. openjdk-{wanted}-jdk or "
-                            f"Android Studio's jbr) and set JAVA_HOME")
+            tool.problem = (
+                f"JDK {wanted} not found: install it (e.g. openjdk-{wanted}-jdk or "
+                f"Android Studio's jbr) and set JAVA_HOME"
+            )
             return tool
     tool.path = java
     out = _output([str(java), "-version"], env)
@@ -155,9 +169,11 @@ def find_jdk(env: Mapping[str, str]) -> Tool:
     parts = _version_tuple(tool.version)
     major = parts[1] if parts[:1] == (1,) else parts[0]
     if major < wanted:
-        tool.problem = (f"{where} is Java {tool.version}; the app build (Gradle plugin "
-                        f"{pins()['android']['android_gradle_plugin']}) needs JDK {wanted} or "
-                        f"newer: set JAVA_HOME")
+        tool.problem = (
+            f"{where} is Java {tool.version}; the app build (Gradle plugin "
+            f"{pins()['android']['android_gradle_plugin']}) needs JDK {wanted} or "
+            f"newer: set JAVA_HOME"
+        )
     elif javac is None or not Path(javac).is_file():
         tool.problem = f"{where} is a JRE without javac: set JAVA_HOME to a JDK {wanted}"
     return tool
@@ -167,8 +183,9 @@ def _sdk_cmake_bin(sdk: Path | None, name: str) -> Path | None:
     """The SDK's own CMake/Ninja (``cmake/<version>/bin``), newest first."""
     if sdk is None:
         return None
-    for folder in sorted((sdk / "cmake").glob("*"), key=lambda p: _version_tuple(p.name),
-                         reverse=True):
+    for folder in sorted(
+        (sdk / "cmake").glob("*"), key=lambda p: _version_tuple(p.name), reverse=True
+    ):
         if (folder / "bin" / name).is_file():
             return folder / "bin" / name
     return None
@@ -178,8 +195,10 @@ def find_cmake(env: Mapping[str, str], sdk: Path | None) -> Tool:
     rng = pins()["android"]["cmake"]
     tool = Tool("CMake")
     cmake = _which("cmake", env) or _sdk_cmake_bin(sdk, "cmake")
-    install = (f"install CMake >= {rng['min']} and < {rng['below']} "
-               f"(sdkmanager \"cmake;3.22.1\" or pip install \"cmake<{rng['below']}\")")
+    install = (
+        f"install CMake >= {rng['min']} and < {rng['below']} "
+        f'(sdkmanager "cmake;3.22.1" or pip install "cmake<{rng["below"]}")'
+    )
     if cmake is None:
         tool.problem = f"CMake not found: {install}"
         return tool
@@ -200,8 +219,9 @@ def find_ninja(env: Mapping[str, str], sdk: Path | None) -> Tool:
     tool = Tool("Ninja")
     tool.path = _which("ninja", env) or _sdk_cmake_bin(sdk, "ninja")
     if tool.path is None:
-        tool.problem = ("Ninja not found: install it (apt-get install ninja-build, or pip "
-                        "install ninja)")
+        tool.problem = (
+            "Ninja not found: install it (apt-get install ninja-build, or pip install ninja)"
+        )
     else:
         tool.version = (_output([str(tool.path), "--version"], env) or "").strip() or None
     return tool
@@ -212,8 +232,10 @@ def find_rust(env: Mapping[str, str]) -> Tool:
     tool = Tool(f"Rust ({target})")
     rustup, cargo = _which("rustup", env), _which("cargo", env)
     if rustup is None or cargo is None:
-        tool.problem = ("Rust not found (rustup and cargo on PATH build the tokenizers): "
-                        f"install it from rustup.rs, then rustup target add {target}")
+        tool.problem = (
+            "Rust not found (rustup and cargo on PATH build the tokenizers): "
+            f"install it from rustup.rs, then rustup target add {target}"
+        )
         return tool
     tool.path = rustup
     installed = _output([str(rustup), "target", "list", "--installed"], env)
@@ -233,8 +255,10 @@ def find_adb(env: Mapping[str, str], sdk: Path | None) -> Tool:
         adb = sdk / "platform-tools" / "adb"
     tool.path = adb
     if adb is None:
-        tool.problem = ("adb not found: install the SDK's platform-tools (sdkmanager "
-                        "platform-tools) or apt-get install adb")
+        tool.problem = (
+            "adb not found: install the SDK's platform-tools (sdkmanager "
+            "platform-tools) or apt-get install adb"
+        )
     return tool
 
 
@@ -242,7 +266,12 @@ def find_toolchain(env: Mapping[str, str] | None = None) -> Toolchain:
     env = dict(os.environ if env is None else env)
     sdk = find_sdk(env)
     return Toolchain(
-        ndk=find_ndk(env, sdk.path), sdk=sdk, jdk=find_jdk(env),
-        cmake=find_cmake(env, sdk.path), ninja=find_ninja(env, sdk.path), rust=find_rust(env),
-        adb=find_adb(env, sdk.path), env=env,
+        ndk=find_ndk(env, sdk.path),
+        sdk=sdk,
+        jdk=find_jdk(env),
+        cmake=find_cmake(env, sdk.path),
+        ninja=find_ninja(env, sdk.path),
+        rust=find_rust(env),
+        adb=find_adb(env, sdk.path),
+        env=env,
     )
