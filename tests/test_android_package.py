@@ -34,6 +34,7 @@ from mlc_edge.android.pins import patch_targets, patches_dir, pins, read_series
 from mlc_edge.android.sources import (
     TVM_BUILD_FILES,
     apply_patches,
+    check_mlc_llm,
     check_tvm_source,
     patch_states,
     wheel_root,
@@ -295,6 +296,24 @@ def test_package_refuses_with_each_problem_on_one_error_line(
         assert len([x for x in errors if re.search(pattern, x)]) == 1, (pattern, errors)
     assert len(errors) == 5
     assert not dist.exists() and not list(tmp_path.glob(".dist.partial-*"))
+
+
+def test_mlc_llm_checkout_problems_one_line_each(tmp_path):
+    mlc = fake_mlc_llm(tmp_path)
+    subprocess.run(["git", "init", "-q", str(mlc)], check=True)
+    git = ["git", "-C", str(mlc), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "not the pinned commit"], check=True)
+    (mlc / "3rdparty" / "tokenizers-cpp").mkdir(parents=True)  # initialized, but empty
+    problems = check_mlc_llm(mlc)
+    assert all("\n" not in p for p in problems)
+    assert len([p for p in problems if "the patches are for 79d603f085f5" in p]) == 1
+    empty = [p for p in problems if "is empty" in p]
+    # argparse, stb, tokenizers-cpp (its nested submodules not repeated), xgrammar
+    assert len(empty) == 4 and "--recursive 3rdparty/tokenizers-cpp" in " ".join(empty)
+    assert len([p for p in problems if "does not apply" in p]) == len(read_series().entries)
+    assert "no mlc-llm checkout" in check_mlc_llm(None)[0]
+    assert "is not an mlc-llm checkout" in check_mlc_llm(tmp_path / "tools")[0]
 
 
 # -- the TVM source tree -------------------------------------------------------------------------
