@@ -257,7 +257,7 @@ def cmake_configure_argv(toolchain: Toolchain, opts: PackageOptions, build: Path
         f"-DCMAKE_MAKE_PROGRAM={toolchain.ninja.path}",
         "-DCMAKE_BUILD_TYPE=Release",
         f"-DCMAKE_TOOLCHAIN_FILE={toolchain.toolchain_file}",
-        "-DCMAKE_INSTALL_PREFIX=.",
+        f"-DCMAKE_INSTALL_PREFIX={build}",  # install() writes output/ here
         "-DCMAKE_CXX_FLAGS=-O3",
         f"-DANDROID_ABI={android['abi']}",
         f"-DANDROID_NATIVE_API_LEVEL={platform}",
