@@ -6,11 +6,14 @@
     mlc-edge run BUNDLE "prompt"
     mlc-edge memory BUNDLE_or_config.json --compare      # GPU memory, MLC's load check
     mlc-edge verify BUNDLE_or_config.json                # OpenCL kernels vs. the CPU
+    mlc-edge package BUNDLE... -o DIST                   # the Android app (APK)
+    mlc-edge push DIST                                   # install it, push the weights
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -123,11 +126,14 @@ def convert_cmd(model_dir: Path, output: Path, quantization: str, target: str | 
               help="bundle folder (default: MODEL_DIR when it is a bundle)")
 @click.option("--conv-template", default=None, help="conversation template (default: detected)")
 @click.option("--model-lib", default=None, help="library name (symbol prefix on Android)")
+@click.option("--model-url", default=None,
+              help="phone: where the app downloads the weights (default: a placeholder, "
+                   "for weights pushed with `mlc-edge push`)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
 @_size_options
 def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template: str | None,
-                model_lib: str | None, as_json: bool, preset: str | None, quantization: str,
-                **sizes: int | None) -> None:
+                model_lib: str | None, model_url: str | None, as_json: bool,
+                preset: str | None, quantization: str, **sizes: int | None) -> None:
     """Compile MODEL_DIR into a bundle (config + weights + library).
 
     Given a bundle (a folder with mlc-chat-config.json), compile only its library.
@@ -148,6 +154,8 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
     if model_lib is not None and not re.fullmatch(r"[0-9A-Za-z_]+", model_lib):
         raise UserError(f"--model-lib '{model_lib}' must be letters, digits and '_' only "
                         "(it prefixes the library's symbols)")
+    if model_url is not None and not re.fullmatch(r"https?://\S+", model_url):
+        raise UserError(f"--model-url '{model_url}' is not an http(s) URL")
     progress = not as_json
     is_bundle = (Path(model_dir) / "mlc-chat-config.json").is_file()
     if is_bundle:
@@ -179,6 +187,7 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
             app_config = write_app_config(
                 stage, Path(output).absolute().name, lib_name, metadata, spec.scheme.dtype,
                 weights_dir=None if (stage / "tensor-cache.json").is_file() else Path(output),
+                model_url=model_url,
             )
     lib = Path(output) / "lib" / lib.name
     summary = {"bundle": str(output), "model_lib": lib_name, "library": str(lib),
@@ -371,7 +380,100 @@ def targets_cmd(as_json: bool) -> None:
         lines.append(f"{'':<26} preset {r['default_preset']}; {r['library']}; {build}; {run}")
         if t.limits is not None:
             lines.append(f"{'':<26} limits: {t.limits.summary()}")
-    _emit(as_json, {"targets": rows}, lines)
+    # The Android app build (mlc-edge package / push): which of its tools are here.
+    from .android.toolchain import find_toolchain
+
+    tools = find_toolchain().all()
+    lines.append("")
+    lines.append("Android app build (mlc-edge package, push):")
+    for tool in tools:
+        state = f"missing: {tool.problem}" if tool.problem else \
+            f"ok ({tool.version or tool.path})"
+        lines.append(f"  {tool.name:<30} {state}")
+    _emit(as_json, {"targets": rows, "android_build": [t.as_dict() for t in tools]}, lines)
+
+
+@cli.command("package")
+@click.argument("bundles", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="DIST folder: the APK, mlc-app-config.json, libmodel_android.a, mlc4j")
+@click.option("--mlc-llm-source", type=click.Path(path_type=Path),
+              default=lambda: os.environ.get("MLC_LLM_SOURCE_DIR"),
+              help="mlc-llm checkout at the pinned commit [MLC_LLM_SOURCE_DIR]")
+@click.option("--tvm-source", type=click.Path(path_type=Path),
+              default=lambda: os.environ.get("TVM_SOURCE_DIR"),
+              help="TVM checkout at the wheel's commit [TVM_SOURCE_DIR]")
+@click.option("--build-dir", type=click.Path(path_type=Path), default=None,
+              help="CMake/Gradle work and logs (default: DIST.build; kept for the next run)")
+@click.option("--release", is_flag=True, help="a signed release APK (default: debug)")
+@click.option("--keystore", type=click.Path(path_type=Path), default=None)
+@click.option("--key-alias", default=None)
+@click.option("--memory-floor-gb", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="the OpenCL memory the engine assumes at least (upstream: 5)")
+@click.option("--reported-memory", default=None,
+              help="the phone's CL_DEVICE_GLOBAL_MEM_SIZE for the memory verdict, e.g. 5.4GB")
+@click.option("-j", "--jobs", type=int, default=os.cpu_count() or 4, show_default=True)
+@click.option("--dry-run", is_flag=True, help="check, then print every command; build nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def package_cmd(bundles: tuple[Path, ...], output: Path, mlc_llm_source: Path | None,
+                tvm_source: Path | None, build_dir: Path | None, release: bool,
+                keystore: Path | None, key_alias: str | None, memory_floor_gb: int,
+                reported_memory: str | None, jobs: int, dry_run: bool, as_json: bool) -> None:
+    """Build MLC-LLM's Android app (MLCChat) around phone BUNDLES: one APK.
+
+    Checks every tool first (NDK, SDK, JDK, CMake, Ninja, Rust, the TVM and mlc-llm
+    sources, the bundles, each model's memory verdict), then patches mlc-llm, packs the
+    libraries, builds mlc4j with CMake and the app with Gradle. Weights stay out of the
+    APK: `mlc-edge push DIST` installs it and pushes them.
+    """
+    from .android.package import PackageOptions, package
+    from .memory import parse_size
+
+    try:
+        reported = parse_size(reported_memory) if reported_memory is not None else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    opts = PackageOptions(
+        bundles=list(bundles), dist=output, mlc_llm_source=_abs(mlc_llm_source),
+        tvm_source=_abs(tvm_source), build_dir=_abs(build_dir), release=release,
+        keystore=_abs(keystore), key_alias=key_alias, memory_floor_gb=memory_floor_gb,
+        reported_memory=reported, jobs=jobs,
+    )
+    summary = package(opts, dry_run=dry_run)
+    lines = [f"{m['model_id']}: lib {m['model_lib']}, {m['total_bytes'] / 2**20:.0f} MiB; "
+             f"loads with the {memory_floor_gb} GiB floor: {'yes' if m['loads'] else 'NO'} "
+             f"(upstream 5 GiB: {'yes' if m['loads_with_upstream_floor'] else 'no'})"
+             for m in summary["models"]]
+    if dry_run:
+        lines += [f"problem: {p}" for p in summary["problems"]]
+        lines += summary["commands"]
+    else:
+        lines.append(f"APK ready: {summary['apk']} (install it and push the weights: "
+                     f"mlc-edge push {output})")
+    _emit(as_json, summary, lines)
+    if dry_run and summary["problems"]:
+        sys.exit(1)
+
+
+@cli.command("push")
+@click.argument("dist", type=click.Path(path_type=Path))
+@click.option("-s", "--serial", default=None, help="the phone's adb serial (adb devices)")
+@click.option("--no-install", is_flag=True, help="push the weights only")
+@click.option("--dry-run", is_flag=True, help="print the adb commands; run nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def push_cmd(dist: Path, serial: str | None, no_install: bool, dry_run: bool,
+             as_json: bool) -> None:
+    """Install DIST's APK (mlc-edge package) and push each model's weights with adb."""
+    from .android.push import push
+
+    summary = push(dist, os.environ, serial=serial, install=not no_install, dry_run=dry_run)
+    lines = summary["commands"] if dry_run else [
+        f"installed and pushed: {len(summary['commands'])} adb commands"]
+    _emit(as_json, summary, lines)
+
+
+def _abs(path: Path | None) -> Path | None:
+    return Path(path).absolute() if path is not None else None
 
 
 @cli.command("verify")

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +151,13 @@ def test_phone_bundle_has_the_tar_and_the_app_entry(bundle):
     assert (out / "mlc-chat-config.json").is_file() and (out / "tensor-cache.json").is_file()
 
     (entry,) = app["model_list"]
-    assert set(entry) == {"model_id", "model_lib", "estimated_vram_bytes"}  # no model_url
+    # MLCChat's ModelRecord: model_url is a non-null String (the app crashes without it).
+    assert set(entry) == {"model_id", "model_lib", "model_url", "estimated_vram_bytes"}
     assert entry["model_id"] == "tiny-llama-phone" and entry["model_lib"] == lib_name
+    # No --model-url: the documented placeholder, which parses as a URL and never resolves.
+    url = urllib.parse.urlparse(entry["model_url"])
+    assert url.scheme == "https" and url.hostname.endswith(".invalid")
+    assert url.path.endswith("/tiny-llama-phone")
 
     cache = json.loads((out / "tensor-cache.json").read_text())
     weights = sum(r["nbytes"] for shard in cache["records"] for r in shard["records"])

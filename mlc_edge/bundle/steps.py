@@ -64,18 +64,22 @@ def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
     path = out / "lib" / f"{model_lib}{target.lib_suffix}"
     export(executable, path)
     target.check_library(path)
-    write_build_record(path, target.name, target.device, str(target.tvm_target()))
+    write_build_record(path, target.name, target.device, str(target.tvm_target()), metadata)
     if progress:
         print(f"compiled in {time.perf_counter() - start:.1f} s: lib/{path.name}",
               file=sys.stderr, flush=True)
     return path, metadata
 
 
-def write_build_record(library: Path, target: str, device: str, tvm_target: str) -> None:
+def write_build_record(library: Path, target: str, device: str, tvm_target: str,
+                       metadata: dict[str, Any] | None = None) -> None:
     """``lib/<model_lib>.json`` beside the library: the target it was compiled for, so
-    ``run``/``bench`` pick its device and refuse a library this machine cannot run."""
+    ``run``/``bench`` pick its device and refuse a library this machine cannot run, and its
+    ``_metadata`` (read back by ``mlc-edge package``: a phone's library does not load here)."""
     record = {"model_lib": library.stem, "library": library.name, "target": target,
               "device": device, "tvm_target": tvm_target}
+    if metadata is not None:
+        record["metadata"] = metadata
     library.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -90,6 +90,7 @@ def plan_for(
     metadata: dict[str, Any], label: str, target_name: str, kv_dtype: str,
     reported_memory: int | None, budget: int | None,
     weight_records: list[tuple[str, int]] | None = None,
+    floors: tuple[int, ...] | None = None,
 ) -> MemoryPlan:
     from ..compiler.targets import get_target
 
@@ -104,6 +105,7 @@ def plan_for(
         reported_memory_bytes=reported_memory if reported_memory is not None
         else phone.global_mem_bytes,
         budget_bytes=budget,
+        **({"floors": floors} if floors is not None else {}),
     )
 
 
