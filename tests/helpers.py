@@ -111,3 +111,16 @@ def check_softmax(probs: np.ndarray, logits: np.ndarray, active: int) -> None:
         np.testing.assert_allclose(probs[row, 0], expected, rtol=1e-5, atol=1e-7)
     assert probs[0, 0, 3] == probs[0, 0, 200] == 0.5
     assert probs[1, 0].max() == 1.0 and probs[2, 0, 5] == np.float32(1 / 3)
+
+
+def library_functions(library) -> set[str]:
+    """The functions a VM library exports (what ``vm[name]`` finds): an executable, or the
+    path of an exported ``.so``."""
+    import re
+
+    import tvm
+    from tvm import relax
+
+    if not isinstance(library, relax.VMExecutable):
+        library = relax.VMExecutable(tvm.runtime.load_module(str(library)))
+    return set(re.findall(r"^@([^\s:]+):$", library.as_text(), re.M))

@@ -12,9 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-from helpers import check_softmax, compile_bundle, prompt_ids, softmax_cases
+from helpers import (
+    check_softmax,
+    compile_bundle,
+    library_functions,
+    prompt_ids,
+    softmax_cases,
+)
 from tiny_models import make_llama
 
+from mlc_edge.compiler.contract import required_functions
 from mlc_edge.convert.tensor_cache import read_tensor_cache_json
 from mlc_edge.runtime import Engine, Sampler
 
@@ -90,6 +97,12 @@ def test_bundle_files_follow_the_runtime_contract(bundle):
         assert len(data) <= 32 * 2**20 or len(shard["records"]) == 1
         assert shard["md5sum"] == hashlib.md5(data).hexdigest()
     assert cache["metadata"]["ParamBytes"] == sum(r["nbytes"] for r in records.values())
+
+
+def test_cpu_library_exports_what_the_engine_requires(bundle):
+    _, _, out = bundle
+    (library,) = (out / "lib").glob("*.so")
+    assert library_functions(library) == required_functions("cpu")
 
 
 def test_weights_load_with_tvms_reader_and_keep_their_values(bundle):

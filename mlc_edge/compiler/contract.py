@@ -12,31 +12,35 @@ GREEDY_TEMPERATURE = 1e-5
 
 # Every library: the model's forward passes, the KV cache, sampling's first step and the
 # in-place logit processors (``_metadata`` is read before anything else).
-MODEL_FUNCTIONS = frozenset({
-    "_metadata",
-    "embed",
-    "prefill",
-    "decode",
-    "batch_prefill",
-    "batch_decode",
-    "create_tir_paged_kv_cache",
-    "alloc_embedding_tensor",
-    "softmax_with_temperature",
-    "apply_logit_bias_inplace",
-    "apply_penalty_inplace",
-    "apply_bitmask_inplace",
-})
+MODEL_FUNCTIONS = frozenset(
+    {
+        "_metadata",
+        "embed",
+        "prefill",
+        "decode",
+        "batch_prefill",
+        "batch_decode",
+        "create_tir_paged_kv_cache",
+        "alloc_embedding_tensor",
+        "softmax_with_temperature",
+        "apply_logit_bias_inplace",
+        "apply_penalty_inplace",
+        "apply_bitmask_inplace",
+    }
+)
 
 # On CUDA, Vulkan and Metal the engine samples on the GPU: the first four are checked when
 # the engine starts (it stops without them), ``renormalize_by_top_p`` is called for any
 # request with top_p < 1.
-GPU_SAMPLER_FUNCTIONS = frozenset({
-    "multinomial_from_uniform",
-    "argsort_probs",
-    "sample_with_top_p",
-    "sampler_take_probs",
-    "renormalize_by_top_p",
-})
+GPU_SAMPLER_FUNCTIONS = frozenset(
+    {
+        "multinomial_from_uniform",
+        "argsort_probs",
+        "sample_with_top_p",
+        "sampler_take_probs",
+        "renormalize_by_top_p",
+    }
+)
 
 # Looked up too, but used only for speculative decoding, which mlc-edge bundles do not
 # support: not exported.
