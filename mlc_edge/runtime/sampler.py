@@ -39,8 +39,10 @@ class Sampler:
         probs = np.ascontiguousarray(probs, dtype="float32").reshape(1, -1)
         if not np.isfinite(probs).all():
             # MLC's engine stops its loop here ("Possibly prob distribution contains NAN").
-            raise RuntimeError("the library's softmax_with_temperature returned non-finite "
-                               f"probabilities at temperature {self.temperature}")
+            raise RuntimeError(
+                "the library's softmax_with_temperature returned non-finite "
+                f"probabilities at temperature {self.temperature}"
+            )
         uniform = float(self.rng.random())  # one per token at any temperature, as the engine
         if self.greedy:
             # The engine's argmax (top_p 0): the first maximum, so ties go to the lowest
