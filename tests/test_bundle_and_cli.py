@@ -23,6 +23,7 @@ from tiny_models import make_llama
 
 from mlc_edge.compiler.contract import required_functions
 from mlc_edge.convert.tensor_cache import read_tensor_cache_json
+from mlc_edge.errors import UserError
 from mlc_edge.runtime import Engine, Sampler
 
 REQUIRED_CHAT_CONFIG = (
@@ -168,7 +169,7 @@ def test_sampler_greedy_top_p_and_seed():
     assert [s1(probs) for _ in range(30)] == [s2(probs) for _ in range(30)]
     draws = [Sampler(1.0, top_p=0.9, seed=s)(probs) for s in range(200)]
     assert 3 not in draws and {1, 2} <= set(draws) and a[0] in range(4)
-    with pytest.raises(RuntimeError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         Sampler(0.0)(np.full(4, np.nan, "float32"))  # what greedy got before the fix
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import tvm
 
 from ..compiler.contract import GREEDY_TEMPERATURE
+from ..errors import UserError
 
 
 class Sampler:
@@ -39,9 +40,11 @@ class Sampler:
         probs = np.ascontiguousarray(probs, dtype="float32").reshape(1, -1)
         if not np.isfinite(probs).all():
             # MLC's engine stops its loop here ("Possibly prob distribution contains NAN").
-            raise RuntimeError(
+            # Libraries compiled before greedy rows became one-hot do this at temperature 0.
+            raise UserError(
                 "the library's softmax_with_temperature returned non-finite "
-                f"probabilities at temperature {self.temperature}"
+                f"probabilities at temperature {self.temperature} (MLC's engine would stop "
+                "here too); compile the bundle again with this mlc-edge"
             )
         uniform = float(self.rng.random())  # one per token at any temperature, as the engine
         if self.greedy:
