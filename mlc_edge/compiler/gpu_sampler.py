@@ -25,10 +25,10 @@ def _gather_rows(table: te.Tensor, rows: te.Tensor, name: str) -> te.Tensor:
     return te.compute((n, table.shape[1]), lambda i, j: table[rows[i], j], name=name)
 
 
-def _first_above(cum: te.Tensor, threshold: te.Tensor | None, last: Any, name: str,
+def _first_above(cum: te.Tensor, threshold: te.Tensor, last: Any, name: str,
                  scale: te.Tensor | None = None) -> te.Tensor:
-    """Per row ``i``: the first ``j`` with ``cum[i, j] > threshold[i] * scale[i]``, at most
-    ``last[i]`` (the rounding of a sum just below the threshold cannot step past it)."""
+    """Per row ``i``: the first ``j`` with ``cum[i, j] > threshold[i] (* scale[i])``, at most
+    ``last(i)`` (a total that rounds to just below the threshold cannot step past it)."""
     n, vocab = cum.shape
     k = te.reduce_axis((0, vocab), name="k")
 
