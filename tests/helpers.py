@@ -75,3 +75,52 @@ def top2_margins(model, ids: list[int], tokens: list[int]) -> list[float]:
         logits = model(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1 :]
     top2 = torch.topk(logits, 2, dim=-1).values
     return (top2[:, 0] - top2[:, 1]).tolist()
+
+
+def expected_probabilities(logits: np.ndarray, temperature: float, active: int) -> np.ndarray:
+    """numpy's ``softmax_with_temperature`` of one row: one-hot (ties share) when greedy."""
+    x = logits.astype("float64")[:active]
+    if temperature <= 1e-5:
+        w = (x == x.max()).astype("float64")
+    else:
+        w = np.exp(x / temperature - (x / temperature).max())
+    out = np.zeros(len(logits))
+    out[:active] = w / w.sum()
+    return out
+
+
+# Greedy at 0, 1e-6 and the 1e-5 boundary; sampling at 0.7 and 1. Row 0 ties at 3.0.
+TEMPERATURES = (0.0, 1e-6, 1e-5, 0.7, 1.0)
+
+
+def softmax_cases(vocab: int, active: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[5, 1, vocab]`` (ties in rows 0 and 2; past ``active``, the largest values)
+    and one temperature per row."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(len(TEMPERATURES), 1, vocab)).astype("float32")
+    logits[0, 0, [3, 200]] = 7.0  # two maxima share the mass
+    logits[2, 0, [5, 6, 7]] = 9.0  # three at the boundary temperature
+    logits[:, 0, active:] = 50.0  # beyond the active vocabulary: ignored, probability 0
+    return logits, np.array(TEMPERATURES, "float32")
+
+
+def check_softmax(probs: np.ndarray, logits: np.ndarray, active: int) -> None:
+    assert probs.shape == logits.shape and np.isfinite(probs).all()
+    for row, t in enumerate(TEMPERATURES):
+        expected = expected_probabilities(logits[row, 0], float(t), active)
+        np.testing.assert_allclose(probs[row, 0], expected, rtol=1e-5, atol=1e-7)
+    assert probs[0, 0, 3] == probs[0, 0, 200] == 0.5
+    assert probs[1, 0].max() == 1.0 and probs[2, 0, 5] == np.float32(1 / 3)
+
+
+def library_functions(library) -> set[str]:
+    """The functions a VM library exports (what ``vm[name]`` finds): an executable, or the
+    path of an exported ``.so``."""
+    import re
+
+    import tvm
+    from tvm import relax
+
+    if not isinstance(library, relax.VMExecutable):
+        library = relax.VMExecutable(tvm.runtime.load_module(str(library)))
+    return set(re.findall(r"^@([^\s:]+):$", library.as_text(), re.M))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-from helpers import opencl_missing
+from helpers import library_functions, opencl_missing
 from tiny_models import make_llama
 
 from mlc_edge.bundle.app_config import APP_CONFIG
@@ -30,6 +30,7 @@ from mlc_edge.compiler.build import (
     compile_pipeline,
     instantiate,
 )
+from mlc_edge.compiler.contract import required_functions
 from mlc_edge.compiler.passes import RequireKernels
 from mlc_edge.compiler.targets import TARGETS, AndroidOpenCLTarget, DeviceLimits, get_target
 from mlc_edge.config import ModelSpec, load_preset
@@ -131,6 +132,12 @@ def test_every_device_function_is_an_opencl_kernel(built):
     for name in ("fused_rope", "tir_kv_cache_transpose_append", "apply_bitmask_inplace_tir",
                  "apply_penalty_inplace_tir", "apply_logit_bias_inplace_tir"):
         assert f"{LIB}_{name}_kernel" in kernels, name
+
+
+def test_phone_library_exports_what_the_engine_requires(built):
+    # OpenCL: the engine samples on the CPU, so no GPU sampler functions.
+    _, executable, _, _ = built
+    assert library_functions(executable) == required_functions("opencl")
 
 
 def test_metadata_is_read_at_compile_time(built):

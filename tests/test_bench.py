@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, prompt_ids
+from helpers import compile_bundle, greedy_compare, library_functions, prompt_ids
 from tiny_models import make_llama
 
 from mlc_edge.cli import main
+from mlc_edge.compiler.contract import required_functions
 from mlc_edge.compiler.cuda import kernel_format
 from mlc_edge.compiler.targets import get_target
 from mlc_edge.runtime import Engine
@@ -198,6 +199,12 @@ def test_cuda_build_holds_compiled_kernels(models, capsys):
     cuda = {t["name"]: t for t in json.loads(listing)["targets"]}["cuda"]
     assert cuda["can_build"] and cuda["device"] == "cuda" and cuda["arch"] == "sm_80"
     assert cuda["runs_here"] == (cuda_problem() is None)
+
+
+def test_cuda_library_exports_what_the_engine_requires(models):
+    # CUDA: the engine samples on the GPU and needs the sampler's functions too.
+    (library,) = (_cuda_bundle(models) / "lib").glob("*.so")
+    assert library_functions(library) == required_functions("cuda")
 
 
 def test_cuda_bundle_without_a_gpu_gets_one_error_line(models, capsys):

@@ -12,10 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
-from helpers import compile_bundle, prompt_ids
+from helpers import (
+    check_softmax,
+    compile_bundle,
+    library_functions,
+    prompt_ids,
+    softmax_cases,
+)
 from tiny_models import make_llama
 
+from mlc_edge.compiler.contract import required_functions
 from mlc_edge.convert.tensor_cache import read_tensor_cache_json
+from mlc_edge.errors import UserError
 from mlc_edge.runtime import Engine, Sampler
 
 REQUIRED_CHAT_CONFIG = (
@@ -92,6 +100,12 @@ def test_bundle_files_follow_the_runtime_contract(bundle):
     assert cache["metadata"]["ParamBytes"] == sum(r["nbytes"] for r in records.values())
 
 
+def test_cpu_library_exports_what_the_engine_requires(bundle):
+    _, _, out = bundle
+    (library,) = (out / "lib").glob("*.so")
+    assert library_functions(library) == required_functions("cpu")
+
+
 def test_weights_load_with_tvms_reader_and_keep_their_values(bundle):
     model, _, out = bundle
     load = tvm.get_global_func("vm.builtin.tensor_cache.load")
@@ -134,20 +148,78 @@ def test_generation_stops_when_the_context_window_is_full(tmp_path):
     engine = Engine(out)
     ids = prompt_ids(model.config.vocab_size)
     # eos is token 1; a sampler that never picks it keeps generating until the window ends
-    result = engine.generate(ids, 1000, lambda logits: int(np.argmax(logits[2:])) + 2)
+    class NeverEos(Sampler):
+        def __call__(self, probs: np.ndarray) -> int:
+            return int(np.argmax(probs[2:])) + 2
+
+    result = engine.generate(ids, 1000, NeverEos(1.0))
     assert result.finish_reason == "context window full"
     assert len(ids) + len(result.token_ids) == 48 + 1  # the last token is sampled, not fed
 
 
 def test_sampler_greedy_top_p_and_seed():
     logits = np.array([1.0, 3.0, 2.0, -1.0], dtype="float32")
-    assert Sampler(0.0)(logits) == 1
-    assert {Sampler(1.0, top_p=0.01, seed=s)(logits) for s in range(20)} == {1}
-    a = [Sampler(1.0, seed=7)(logits) for _ in range(1)]
+    probs = np.exp(logits) / np.exp(logits).sum()  # the library's output at temperature 1
+    one_hot = np.array([0.0, 1.0, 0.0, 0.0], dtype="float32")  # ... and at temperature 0
+    assert Sampler(0.0)(one_hot) == 1
+    assert {Sampler(0.0, seed=s)(probs) for s in range(20)} == {1}  # greedy: the argmax
+    assert {Sampler(1.0, top_p=0.01, seed=s)(probs) for s in range(20)} == {1}
+    a = [Sampler(1.0, seed=7)(probs) for _ in range(1)]
     s1, s2 = Sampler(1.0, seed=3), Sampler(1.0, seed=3)
-    assert [s1(logits) for _ in range(30)] == [s2(logits) for _ in range(30)]
-    draws = [Sampler(1.0, top_p=0.9, seed=s)(logits) for s in range(200)]
+    assert [s1(probs) for _ in range(30)] == [s2(probs) for _ in range(30)]
+    draws = [Sampler(1.0, top_p=0.9, seed=s)(probs) for s in range(200)]
     assert 3 not in draws and {1, 2} <= set(draws) and a[0] in range(4)
+    with pytest.raises(UserError, match="non-finite"):
+        Sampler(0.0)(np.full(4, np.nan, "float32"))  # what greedy got before the fix
+
+
+def test_softmax_with_temperature_through_the_vm(bundle):
+    _, _, out = bundle
+    vm = Engine(out).vm
+    logits, temps = softmax_cases(384, 384)
+    # One row a call: the library is planned for max_batch_size (1) rows.
+    probs = np.concatenate([
+        vm["softmax_with_temperature"](tvm.runtime.tensor(logits[row : row + 1]),
+                                       tvm.runtime.tensor(temps[row : row + 1])).numpy()
+        for row in range(len(temps))])
+    check_softmax(probs, logits, 384)
+
+
+def test_softmax_with_temperature_zeroes_ids_past_the_active_vocabulary():
+    from tvm import relax
+    from tvm.relax.frontend import nn
+    from tvm.relax.frontend.nn import op
+
+    from mlc_edge.models.decoder import softmax_with_temperature_te
+
+    class Softmax(nn.Module):
+        def softmax(self, logits: nn.Tensor, temperature: nn.Tensor) -> nn.Tensor:
+            return op.tensor_expr_op(softmax_with_temperature_te, "softmax",
+                                     args=[logits, temperature, 384])
+
+    none = {"param_mode": "none", "effect_mode": "none"}
+    mod, _ = Softmax().export_tvm(spec={"softmax": {
+        "logits": nn.spec.Tensor(["batch_size", 1, "vocab_size"], "float32"),
+        "temperature": nn.spec.Tensor(["batch_size"], "float32"), "$": none}})
+    vm = relax.VirtualMachine(relax.build(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    logits, temps = softmax_cases(390, 384)
+    probs = vm["softmax"](tvm.runtime.tensor(logits), tvm.runtime.tensor(temps)).numpy()
+    check_softmax(probs, logits, 384)
+    assert not probs[:, 0, 384:].any()
+
+
+def test_greedy_generation_samples_through_the_library(bundle):
+    model, _, out = bundle
+    engine = Engine(out)
+    ids = prompt_ids(model.config.vocab_size)
+    result = engine.generate(ids, 8, Sampler(0.0))
+    # The argmax of the logits, step by step: what greedy means.
+    engine.reset()
+    logits, expected = engine.prefill(ids), []
+    for _ in range(len(result.token_ids)):
+        expected.append(int(np.argmax(logits)))
+        logits = engine.decode(expected[-1])
+    assert result.token_ids == expected
 
 
 def test_logit_processors_match_numpy(bundle):

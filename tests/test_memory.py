@@ -105,23 +105,65 @@ def test_pruned_llama_from_config_alone(pruned: Path) -> None:
 
 
 def test_load_prediction_by_hand() -> None:
-    kv = {"head_dim": 128, "num_key_value_heads": 8, "num_hidden_layers": 32}
-    params = 2 * PRUNED_PARAMS
+    """MLC's EstimateMemoryUsageOnMode (engine_estimate.py), each term computed by hand."""
+    kv = {"head_dim": 128, "num_key_value_heads": 8, "num_attention_heads": 24,
+          "num_hidden_layers": 32}
+    params = 2 * PRUNED_PARAMS  # 8,622,839,808
     temps = {"prefill": 1_000_000, "decode": 70_000}
-    logits = 128256 * 4
-    # 12 GB Adreno phone: 5.4 GB reported, above the 5 GiB floor.
-    five = predict_load(params, temps, kv, int(5.4 * GB), 5 * 2**30, logits, 768)
-    free = 5.4 * GB * 0.85 - params - 2 * 1_000_000 - 48 * 2**20 - logits
+    sizes = {"vocab_size": 128256, "prefill_chunk_size": 16}
+    # S = 1 sequence (mode "interactive"), P = 16, V = 128256, D = 128, KV = 8, H = 24, L = 32
+    temp = 2 * 1_000_000
+    per_token = 128 * 8 * 32 * 4 + 1.25  # 131,073.25
+    aux = 2 * 88 + 16 * 25 * 8 + 16 * 128 * 32 * 4 + 48 * 2**20  # 50,597,168
+    model_ws = 16 * 4 + 1 * 4 + (2 * 16 + 1) * (128 * 24) * 2  # 202,820
+    logit_ws = 1 * 20 + 1 * 128256 * 16.125  # 2,068,148
+    assert (aux, model_ws, logit_ws) == (50_597_168, 202_820, 2_068_148)
+
+    # 12 GB Adreno phone: 5.4 GB reported, above the 5 GiB floor: refused.
+    five = predict_load(params, temps, kv, int(5.4 * GB), 5 * 2**30, 768, **sizes)
+    free = 5.4 * GB * 0.85 - params - temp - aux - model_ws - logit_ws
     assert five.memory_bytes == int(5.4 * GB)
-    assert five.kv_capacity_tokens == math.floor(free / KV_PER_TOKEN) < 0
+    assert five.kv_capacity_tokens == int(free / per_token) == -31_186
     assert not five.loads
-    sixteen = predict_load(params, temps, kv, int(5.4 * GB), 16 * 2**30, logits, 768)
-    free = 16 * 2**30 * 0.85 - params - 2 * 1_000_000 - 48 * 2**20 - logits
+    # Our 16 GiB floor: 14,602,888,806.4 - 8,622,839,808 - 54,867,988 = 5,925,180,862.4 free.
+    sixteen = predict_load(params, temps, kv, int(5.4 * GB), 16 * 2**30, 768, **sizes)
+    free = 16 * 2**30 * 0.85 - params - temp - aux - model_ws - logit_ws
+    assert free == 5_925_180_862.4
     assert sixteen.memory_bytes == 16 * 2**30
-    assert sixteen.kv_capacity_tokens == math.floor(free / KV_PER_TOKEN) == 45_220
+    assert sixteen.kv_capacity_tokens == int(free / per_token) == 45_205  # 45,220 before
     assert sixteen.loads and sixteen.context_fits
+    e = sixteen.engine
+    assert (e.temp_buffer_bytes, e.kv_bytes_per_token, e.kv_aux_workspace_bytes,
+            e.model_workspace_bytes, e.logit_processor_workspace_bytes) == (
+        temp, per_token, aux, model_ws, logit_ws)
     # A 1.2B fp16 model loads with the upstream floor.
-    assert predict_load(2 * 1_235_814_400, temps, kv, 0, 5 * 2**30, logits, 768).loads
+    assert predict_load(2 * 1_235_814_400, temps, kv, 0, 5 * 2**30, 768, **sizes).loads
+
+
+def test_load_prediction_at_the_boundary() -> None:
+    """The tiny Llama's shapes: where the old formula (48 MiB and the logits only,
+    4 bytes a token entry) still found room, the engine refuses."""
+    kv = {"head_dim": 16, "num_key_value_heads": 2, "num_attention_heads": 4,
+          "num_hidden_layers": 3}
+    sizes = {"vocab_size": 384, "prefill_chunk_size": 16}
+    temps = {"prefill": 1000}
+    per_token = 16 * 2 * 3 * 4 + 1.25  # 385.25
+    aux = 2 * 88 + 16 * 5 * 8 + 16 * 16 * 6 * 4 + 48 * 2**20  # 50,338,608
+    model_ws = 16 * 4 + 4 + 33 * (16 * 4) * 2  # 4,292
+    logit_ws = 20 + 384 * 16.125  # 6,212
+    memory = 100 * 2**20  # x 0.85 = 89,128,960
+    # params leaving exactly 1,000 bytes too few
+    params = 89_128_960 - 2 * 1000 - aux - model_ws - logit_ws + 1000
+    assert params == 38_778_848
+    p = predict_load(params, temps, kv, memory, 0, 16, **sizes)
+    assert p.kv_capacity_tokens == int(-1000 / per_token) == -2 and not p.loads
+    old_free = 89_128_960 - params - 2 * 1000 - 48 * 2**20 - 384 * 4  # the old formula: 14,928
+    assert old_free // (16 * 2 * 3 * 4) == 38
+    # 300 bytes to spare: less than a token, truncated to 0 tokens: still refused.
+    assert predict_load(params - 1300, temps, kv, memory, 0, 16, **sizes).kv_capacity_tokens == 0
+    # 3,850 bytes: 9.99 tokens, truncated toward zero.
+    p = predict_load(params - 4850, temps, kv, memory, 0, 16, **sizes)
+    assert p.kv_capacity_tokens == int(3850 / 385.25) == 9 and p.loads and not p.context_fits
 
 
 def test_parse_size() -> None:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import compile_bundle, opencl_missing
+from helpers import check_softmax, compile_bundle, opencl_missing, softmax_cases
 from tiny_models import make_llama
 
 from mlc_edge.cli import main
@@ -79,7 +79,8 @@ def checker(bundle):
     source = load_source(bundle)
     return model_checker(source.spec, get_target(source.target_name),
                          only=r"^(rms_norm\d*|matmul\d*|fused_rope|apply_bitmask_inplace_tir|"
-                              r"batch_prefill_paged_kv|tir_attention_merge_state)$")
+                              r"batch_prefill_paged_kv|tir_attention_merge_state|"
+                              r"softmax_with_temperature_tir)$")
 
 
 def _prefill(checker, prefix: str) -> str:
@@ -241,6 +242,18 @@ def test_launch_sizes_are_the_host_codes(checker):
         assert len(launches) == len(regions), name
         for launch, region in zip(launches, regions, strict=True):
             assert math.prod(launch.local_size) == region.work_group_size(), name
+
+
+def test_softmax_with_temperature_on_opencl(checker):
+    """The phone's kernel at temperatures 0, 1e-6, 1e-5, 0.7 and 1, with ties: one-hot
+    when greedy, softmax of logits / T otherwise (the engine samples from this)."""
+    name = "softmax_with_temperature_tir"
+    assert len(checker.kernels(name)) == 1  # one work-group per row
+    logits, temps = softmax_cases(384, 384)
+    prepared = checker.prepare(name, {"batch_size": len(temps), "vocab_size": 384})
+    prepared.arrays.update(logits=logits, temperature=temps)
+    got, _ = checker.run_function(name, prepared)
+    check_softmax(got["probs"], logits, 384)
 
 
 def test_merge_state_passes_with_no_known_issue(checker):

@@ -1,6 +1,7 @@
 """Model definition → Relax IR → our passes and schedules → a runnable library.
 
     export_tvm        the nn.Module's functions as Relax, weights as packed parameters
+    Attach…           the runtime's logit processors; on CUDA, the engine's GPU sampler
     FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
     Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
     schedules         the target's rules give each PrimFunc its loops and threads
@@ -24,6 +25,7 @@ from tvm.s_tir import dlight as dl
 from ..config import ModelSpec
 from ..models import DecoderLM
 from .passes import (
+    AttachGPUSampler,
     AttachLogitProcessor,
     AttachMetadata,
     AttachVarBounds,
@@ -143,6 +145,7 @@ def compile_pipeline(
     return tvm.transform.Sequential(
         [
             AttachLogitProcessor(),
+            AttachGPUSampler(target_spec.device),
             AttachVarBounds(bounds),
             fuse_into_tir(),
             t.DeadCodeElimination(),

@@ -15,14 +15,13 @@ The breakdown (``MemoryPlan``), all in bytes:
     logits        [max_batch, 1, vocab] float32: the logits of one step
     overhead      the runtime's fixed ~48 MiB (mlc-runtime-abi.md, "GPU memory on the phone")
 
-``predict_load`` is the engine's own check (mlc-runtime-abi.md, from mlc-llm
-``cpp/serve/config.cc``)::
+``predict_load`` is the engine's own check, ``EstimateMemoryUsageOnMode`` of mlc-llm
+``cpp/serve/config.cc``, term by term in ``engine_estimate.py``::
 
     memory      = max(reported CL_DEVICE_GLOBAL_MEM_SIZE, floor)   floor 5 GiB upstream
-    KV capacity = (memory x 0.85 - params - 2 x max(memory_usage) - 48 MiB - workspaces)
-                  / (head_dim x kv_heads x layers x 4 bytes)        tokens; <= 0 aborts
-
-"workspaces" is not itemized on that page; we take the logits buffer above.
+    KV capacity = (memory x 0.85 - params - 2 x max(memory_usage) - aux KV workspace
+                   - model workspace - logit-processor workspace)
+                  / (head_dim x kv_heads x layers x 4 + 1.25)       tokens; <= 0 aborts
 """
 
 from __future__ import annotations
@@ -35,14 +34,13 @@ from typing import Any
 import numpy as np
 
 from ..models.vocab import split_parameter
+from .engine_estimate import EngineEstimate, estimate_engine_memory
 
 MiB = 1 << 20
 GiB = 1 << 30
 
 PAGE_SIZE = 16  # the runtime's KV page (mlc_edge.runtime.engine.PAGE_SIZE, MLC's 16)
 RUNTIME_OVERHEAD_BYTES = 48 * MiB
-GPU_MEMORY_UTILIZATION = 0.85  # the app engine's share of memory (mode "interactive")
-KV_BYTES_PER_ELEMENT_PAIR = 4  # the formula's "4 bytes": k and v in fp16
 UPSTREAM_FLOOR_BYTES = 5 * GiB  # TotalDetectGlobalMemory on OpenCL, upstream
 OUR_FLOOR_BYTES = 16 * GiB  # the floor of our runtime build
 
@@ -131,6 +129,7 @@ class LoadPrediction:
     kv_capacity_tokens: int
     loads: bool  # capacity > 0: the engine does not abort
     context_fits: bool  # capacity >= the context window
+    engine: EngineEstimate  # the terms of the engine's formula
 
 
 @dataclass
@@ -233,19 +232,21 @@ def predict_load(
     metadata_kv: dict[str, int],
     reported_bytes: int,
     floor_bytes: int,
-    workspace_bytes: int,
     context_window_size: int,
+    *,
+    vocab_size: int,
+    prefill_chunk_size: int,
 ) -> LoadPrediction:
-    """MLC's KV capacity check, exactly as mlc-runtime-abi.md gives it."""
+    """MLC's KV capacity check with the app's engine (mode "interactive") on a device
+    reporting ``reported_bytes``, raised to ``floor_bytes``."""
     memory = max(int(reported_bytes), int(floor_bytes))
-    temps = max(memory_usage.values(), default=0)
-    free = (memory * GPU_MEMORY_UTILIZATION - params_bytes - 2 * temps
-            - RUNTIME_OVERHEAD_BYTES - workspace_bytes)
-    per_token = (metadata_kv["head_dim"] * metadata_kv["num_key_value_heads"]
-                 * metadata_kv["num_hidden_layers"] * KV_BYTES_PER_ELEMENT_PAIR)
-    capacity = math.floor(free / per_token)
+    estimate = estimate_engine_memory(
+        memory_bytes=memory, params_bytes=params_bytes, memory_usage=memory_usage,
+        kv_cache=metadata_kv, vocab_size=vocab_size, prefill_chunk_size=prefill_chunk_size,
+    )
+    capacity = estimate.kv_capacity_tokens
     return LoadPrediction(int(floor_bytes), memory, capacity, capacity > 0,
-                          capacity >= context_window_size)
+                          capacity >= context_window_size, estimate)
 
 
 def make_plan(
@@ -281,7 +282,8 @@ def make_plan(
     )
     plan.loads = [
         predict_load(weights.total, memory_usage, metadata["kv_cache"], reported_memory_bytes,
-                     floor, logits, context)
+                     floor, context, vocab_size=vocab,
+                     prefill_chunk_size=int(metadata["prefill_chunk_size"]))
         for floor in floors
     ]
     # The engine (mode "interactive") sizes its KV cache to min(context, capacity): a

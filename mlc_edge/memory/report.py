@@ -46,6 +46,16 @@ def rows(plan: MemoryPlan) -> list[tuple[str, int | None, str]]:
         ("  fits", None, _yes(plan.fits_max_alloc)),
         ("reported GPU memory", plan.reported_memory_bytes, ""),
     ]
+    if plan.loads:  # the engine's terms (engine_estimate.py); only the capacity varies
+        e = plan.loads[0].engine
+        out += [
+            ("engine: temp buffer (2 x max)", e.temp_buffer_bytes, ""),
+            ("engine: aux KV workspace", round(e.kv_aux_workspace_bytes), ""),
+            ("engine: model workspace", round(e.model_workspace_bytes), ""),
+            ("engine: logit-processor workspace",
+             round(e.logit_processor_workspace_bytes), ""),
+            ("engine: KV bytes per token", None, f"{e.kv_bytes_per_token:g}"),
+        ]
     for p in plan.loads:
         out.append((f"floor {p.floor_bytes / GiB:g} GiB: KV capacity (tokens)", None,
                     f"{p.kv_capacity_tokens:,}"))

@@ -20,7 +20,48 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
+from ..compiler.contract import GREEDY_TEMPERATURE
 from .kv_cache_kernels import replace_merge_state
+
+
+def softmax_with_temperature_te(
+    logits: te.Tensor, temperature: te.Tensor, active_vocab_size: int
+) -> te.Tensor:
+    """``softmax(logits / T)`` per row; for ``T <= GREEDY_TEMPERATURE`` the maximum's ids
+    share probability 1 equally (dividing by 0 would make every entry NaN). Ids from
+    ``active_vocab_size`` on get 0.
+
+    One expression, ``weight``, is both summed and normalised: ``exp(x - max)`` when
+    sampling, ``x == max`` (1 or 0) when greedy.
+    """
+    batch, _, vocab = logits.shape
+    f32 = "float32"
+
+    def greedy(b):
+        return temperature[b] <= tirx.const(GREEDY_TEMPERATURE, f32)
+
+    def scaled(b, v):  # -inf past the active vocabulary: never the maximum
+        return tirx.if_then_else(
+            v < active_vocab_size,
+            tirx.if_then_else(greedy(b), logits[b, 0, v], logits[b, 0, v] / temperature[b]),
+            tirx.min_value(f32),
+        )
+
+    k = te.reduce_axis((0, vocab), name="k")
+    row_max = te.compute((batch,), lambda b: te.max(scaled(b, k), axis=k), name="row_max")
+
+    def weight(b, v):
+        x = scaled(b, v)
+        return tirx.if_then_else(
+            v < active_vocab_size,
+            tirx.if_then_else(greedy(b), (x == row_max[b]).astype(f32), te.exp(x - row_max[b])),
+            tirx.const(0, f32),
+        )
+
+    j = te.reduce_axis((0, vocab), name="j")
+    total = te.compute((batch,), lambda b: te.sum(weight(b, j), axis=j), name="total")
+    return te.compute((batch, 1, vocab), lambda b, _, v: weight(b, v) / total[b],
+                      name="probs")
 
 
 @dataclass(frozen=True)
@@ -134,9 +175,14 @@ class DecoderLM(nn.Module):
         return op.zeros((self.prefill_chunk_size, self.hidden_size), self.dtype)
 
     def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
-        batch, _, vocab = logits.shape
-        scaled = logits / op.reshape(temperature, (batch, 1, 1))
-        return op.softmax(scaled, axis=-1)
+        """Token probabilities ``[b, 1, V]``; greedy rows (temperature <= 1e-5) one-hot.
+
+        MLC's engine passes each request's temperature unchanged, 0 for greedy, and samples
+        from what this returns (docs/runtime-contract.md)."""
+        return op.tensor_expr_op(
+            softmax_with_temperature_te, name_hint="softmax_with_temperature_tir",
+            args=[logits, temperature, self.vocab_size],
+        )
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         h, dtype = self.hidden_size, self.dtype

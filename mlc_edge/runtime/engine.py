@@ -1,5 +1,6 @@
 """Load a bundle and generate: read ``_metadata``, load weights by name, create the paged
-KV cache, embed, prefill in chunks, decode, sample on the CPU.
+KV cache, embed, prefill in chunks, decode, turn logits into probabilities with the
+library's ``softmax_with_temperature``, sample on the CPU.
 
 This follows MLC-LLM's engine so a bundle that works here is laid out the way the
 phone's runtime expects: the same functions, names and argument conventions.
@@ -192,6 +193,13 @@ class Engine:
     def decode(self, token_id: int) -> np.ndarray:
         return self._forward("decode", [token_id])
 
+    def probabilities(self, logits: np.ndarray, temperature: float) -> np.ndarray:
+        """The library's ``softmax_with_temperature`` of one token's logits, called as
+        MLC's engine calls it: the temperature as given, 0 for greedy."""
+        logits = tvm.runtime.tensor(logits.astype("float32").reshape(1, 1, -1), self.device)
+        temp = tvm.runtime.tensor(np.array([max(temperature, 0.0)], "float32"), self.device)
+        return self.vm["softmax_with_temperature"](logits, temp).numpy().reshape(-1)
+
     # -- generation -----------------------------------------------------------------------
     def stop_token_ids(self) -> set[int]:
         eos = self.chat_config.get("eos_token_id")
@@ -207,6 +215,8 @@ class Engine:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Generate from ``prompt_ids``; ``on_token`` sees each new token as it comes.
+        Each token is drawn by ``sampler`` from the library's probabilities at the
+        sampler's temperature.
 
         Stops at a stop token, at ``max_tokens`` or when the context window is full
         (``finish_reason`` says which)."""
@@ -224,7 +234,7 @@ class Engine:
         result.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
         while True:
-            token = sampler(logits)
+            token = sampler(self.probabilities(logits, sampler.temperature))
             result.token_ids.append(token)
             if on_token is not None:
                 on_token(token)

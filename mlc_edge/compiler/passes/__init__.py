@@ -3,6 +3,7 @@
 import tvm_ffi
 
 from ...errors import UserError
+from .attach_gpu_sampler import AttachGPUSampler
 from .attach_logit_processor import AttachLogitProcessor
 from .attach_metadata import AttachMetadata, memory_usage
 from .attach_var_bounds import AttachVarBounds
@@ -17,6 +18,7 @@ from .require_kernels import RequireKernels
 tvm_ffi.register_error("UserError", UserError)
 
 __all__ = [
+    "AttachGPUSampler",
     "AttachLogitProcessor",
     "AttachMetadata",
     "AttachVarBounds",
