@@ -50,12 +50,24 @@ def _intel_missing() -> str | None:
 pytestmark = pytest.mark.skipif(_intel_missing() is not None, reason=str(_intel_missing()))
 
 LLAMA_3_2_1B = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
-    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 64, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
     "tie_word_embeddings": True,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 }
 
 
@@ -66,9 +78,13 @@ def intel() -> OpenCLRunner:
 
 def _check(func, runner: OpenCLRunner, rules: list, seq_lens=(16,)):
     target = get_target("android-opencl").tvm_target()
-    checker = KernelChecker(IRModule({"f": func}), schedule(func, rules), target,
-                            Sizes(vocab_size=1, seq_lens=seq_lens, batch_size=2),
-                            runner=runner)
+    checker = KernelChecker(
+        IRModule({"f": func}),
+        schedule(func, rules),
+        target,
+        Sizes(vocab_size=1, seq_lens=seq_lens, batch_size=2),
+        runner=runner,
+    )
     return checker, checker.check("f")
 
 
@@ -99,10 +115,12 @@ def test_intel_runs_real_fp16(intel):
 def test_the_default_is_a_device_with_fp16_and_never_oclgrind(monkeypatch):
     monkeypatch.delenv("MLC_EDGE_OPENCL_DEVICE", raising=False)
     assert select_device().fp16  # Intel's, installed here
-    fake = [OpenCLDevice("oclgrind", "Oclgrind", "Oclgrind Simulator", False, True, None),
-            OpenCLDevice("pocl", "Portable Computing Language", "cpu", False, False, None),
-            OpenCLDevice("nvidia", "NVIDIA CUDA", "RTX", False, True, None),
-            OpenCLDevice("intel", "Intel(R) OpenCL", "cpu", True, False, None)]
+    fake = [
+        OpenCLDevice("oclgrind", "Oclgrind", "Oclgrind Simulator", False, True, None),
+        OpenCLDevice("pocl", "Portable Computing Language", "cpu", False, False, None),
+        OpenCLDevice("nvidia", "NVIDIA CUDA", "RTX", False, True, None),
+        OpenCLDevice("intel", "Intel(R) OpenCL", "cpu", True, False, None),
+    ]
     ranked = [d.implementation for d in sorted(fake, key=OpenCLDevice.rank)]
     assert ranked == ["intel", "nvidia", "pocl", "oclgrind"]
 
@@ -142,8 +160,7 @@ def test_ours_at_the_fp16_rounding_floor_stock_above_it(intel, kind, k):
     _, ours = _check(KINDS[kind](k), intel, adreno_rules())
     _, stock = _check(KINDS[kind](k), intel, stock_rules())
     for r in ours:
-        assert r.passed and r.max_rel_error <= 1.05 * FP16_UNIT_ROUNDOFF, (r.sizes,
-                                                                           r.max_rel_error)
+        assert r.passed and r.max_rel_error <= 1.05 * FP16_UNIT_ROUNDOFF, (r.sizes, r.max_rel_error)
     worst_ours = max(r.max_rel_error for r in ours)
     worst_stock = max(r.max_rel_error for r in stock)
     assert worst_stock > 2 * FP16_UNIT_ROUNDOFF and worst_stock > 2 * worst_ours, worst_stock
@@ -194,10 +211,10 @@ def test_a_half_accumulator_fails_in_fp16_and_passes_the_float_rewrite(fp16):
 
 def test_the_tiny_model_in_fp16(tmp_path, capsys):
     make_llama(tmp_path / "hf")
-    code, report = _run_cli(capsys, str(tmp_path / "hf"), "--device", "intel",
-                            "--num-hidden-layers", "1")  # the same kernels, faster
-    assert code == 0 and report["passed"], [
-        r for r in report["results"] if r["status"] == "FAIL"]
+    code, report = _run_cli(
+        capsys, str(tmp_path / "hf"), "--device", "intel", "--num-hidden-layers", "1"
+    )  # the same kernels, faster
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
     assert not report["fp16_as_float"] and "2^-11" in report["note"]
     assert report["tolerance"] == FP16_TOLERANCE and "Intel" in report["device"]
     assert report["checked_kernels"] >= 50
@@ -208,15 +225,14 @@ def test_one_layer_of_llama_3_2_1b_in_fp16(tmp_path, capsys):
     """Real shapes (K up to 8192, the tied 128256 x 2048 lm_head), one layer, 7-token
     chunks: every kernel within the fp16 budget; our linear layers at the rounding."""
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2_1B))
-    code, report = _run_cli(capsys, str(tmp_path), "--device", "intel",
-                            "--num-hidden-layers", "1", "--seq-lens", "7")
-    assert code == 0 and report["passed"], [
-        r for r in report["results"] if r["status"] == "FAIL"]
+    code, report = _run_cli(
+        capsys, str(tmp_path), "--device", "intel", "--num-hidden-layers", "1", "--seq-lens", "7"
+    )
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
     assert not report["fp16_as_float"]
     heads = [r for r in report["results"] if r["function"].startswith("fused_NT_matmul")]
     assert len(heads) == 3  # decode/prefill, batch_decode, batch_prefill
     linear = [r for r in report["results"] if re.match(r"(fused_)?(NT_)?matmul", r["function"])]
     assert len(linear) >= 12
     for r in linear:  # one rounding (two where a residual add is fused)
-        assert r["max_rel_error"] <= 1.25 * FP16_UNIT_ROUNDOFF, (r["function"],
-                                                                 r["max_rel_error"])
+        assert r["max_rel_error"] <= 1.25 * FP16_UNIT_ROUNDOFF, (r["function"], r["max_rel_error"])
