@@ -28,6 +28,7 @@ from mlc_edge.verify import KernelChecker, OpenCLRunner, Sizes
 from mlc_edge.verify.devices import (
     OpenCLDevice,
     available_devices,
+    implementation_of,
     intel_library,
     prepare_environment,
     select_device,
@@ -123,6 +124,9 @@ def test_the_default_is_a_device_with_fp16_and_never_oclgrind(monkeypatch):
     ]
     ranked = [d.implementation for d in sorted(fake, key=OpenCLDevice.rank)]
     assert ranked == ["intel", "nvidia", "pocl", "oclgrind"]
+    # "intel" is the CPU runtime, not Intel's GPU driver
+    assert implementation_of("Intel(R) OpenCL") == "intel"
+    assert implementation_of("Intel(R) OpenCL Graphics") == "Intel(R) OpenCL Graphics"
 
 
 def test_devices_by_name_and_a_missing_one(monkeypatch, capsys, tmp_path):

@@ -39,7 +39,8 @@ from typing import Any
 
 from ..errors import UserError
 
-# Implementations by name -> substring of their platform name (lower case).
+# Implementations by name -> their platform's name (lower case): all of it for Intel's
+# CPU runtime (its GPU driver's platform is "Intel(R) OpenCL Graphics"), else a part.
 PLATFORMS = {
     "intel": "intel(r) opencl",
     "pocl": "portable computing language",
@@ -160,10 +161,11 @@ class OpenCLDevice:
         return (self.simulator, not self.fp16, not self.gpu)
 
 
-def _implementation(platform: str) -> str:
+def implementation_of(platform: str) -> str:
+    """``intel``, ``pocl``, ``oclgrind`` or ``nvidia`` for a platform name; else the name."""
     lower = platform.lower()
     for name, marker in PLATFORMS.items():
-        if marker in lower:
+        if lower == marker or (name != "intel" and marker in lower):
             return name
     return platform
 
@@ -184,7 +186,7 @@ def available_devices() -> list[OpenCLDevice]:
         for d in devices:
             found.append(
                 OpenCLDevice(
-                    _implementation(p.name.strip()),
+                    implementation_of(p.name.strip()),
                     p.name.strip(),
                     d.name.strip(),
                     "cl_khr_fp16" in d.extensions,
