@@ -319,6 +319,23 @@ def test_the_tied_lm_head_is_ours_in_every_function(tmp_path):
         assert accumulator_dtypes(scheduled[name]) == {"float32"}, name
 
 
+def test_the_tied_lm_head_is_ours_on_cuda_too():
+    """Every GPU target: the CUDA build (TVM's stock rules otherwise) gets the NK GEMV
+    for the output layer, fp32 accumulation; nvcc compiles it where it is installed."""
+    from mlc_edge.compiler.cuda import cuda_build, cuda_rules
+
+    target = get_target("cuda")
+    with target.tvm_target():
+        mod = dl.ApplyDefaultSchedule(*cuda_rules())(IRModule({"f": nt_matmul("batch_size",
+                                                                             2048, 1000)}))
+    assert annotations(mod["f"]) == [GEMV_NK]
+    assert accumulator_dtypes(mod["f"]) == {"float32"}
+    if target.build_problem() is None:
+        with target.tvm_target(), cuda_build("sm_80"):
+            lib = tvm.tirx.build(mod, target=target.tvm_target())
+        assert len(lib.imports) == 1  # the kernels, compiled by nvcc (not run here)
+
+
 @needs_opencl
 def test_every_kernel_of_the_tiny_model_passes_with_our_rules(tiny_spec, runner):
     checker = model_checker(tiny_spec, get_target("android-opencl"), runner=runner)
