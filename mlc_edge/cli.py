@@ -491,11 +491,14 @@ def _abs(path: Path | None) -> Path | None:
 @click.option("--fp16", type=click.Choice(["auto", "float"]), default="auto",
               show_default=True,
               help="auto: native fp16 where the device has cl_khr_fp16, else half as float")
+@click.option("--device", default=None,
+              help="OpenCL implementation or device: intel, pocl, oclgrind, or a name "
+                   "(default: the best present, one with real fp16 first)")
 @click.option("--strict", is_flag=True, help="count known issues (TVM's kernels) as failures")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def verify_cmd(path: Path, target: str | None, preset: str | None, quantization: str,
                num_hidden_layers: int | None, seq_lens: str, only: str | None, fp16: str,
-               strict: bool, as_json: bool) -> None:
+               device: str | None, strict: bool, as_json: bool) -> None:
     """Run every OpenCL kernel of a bundle (or a config.json) on this machine's OpenCL
     device and compare it with the same function compiled for the CPU.
 
@@ -514,7 +517,8 @@ def verify_cmd(path: Path, target: str | None, preset: str | None, quantization:
     if not as_json:
         click.echo(f"compiling {source.spec.family.model_type} for {source.target_name} "
                    "and checking its kernels ...", err=True)
-    report = verify(source, fp16=fp16, seq_lens=lens, only=only, strict=strict)
+    report = verify(source, fp16=fp16, seq_lens=lens, only=only, strict=strict,
+                    device=device)
     _emit(as_json, report.as_dict(), report.lines())
     if not report.passed:
         sys.exit(1)

@@ -37,6 +37,7 @@ from mlc_edge.verify import KernelChecker, OpenCLRunner, Sizes, model_checker
 
 GEMV = "adreno.gemv_kn"
 PREFILL = "adreno.prefill_matmul_kn"
+GEMV_NK = "adreno.gemv_nk"
 
 
 
@@ -86,6 +87,31 @@ def kn_matmul(rows: str | int, k: int, n: int, epilogue: str | None = None,
     else:
         out = mm
     func = te.create_prim_func([*args, out]).with_attr("tirx.noalias", True)
+    return func.with_attr("global_symbol", "f")
+
+
+def nt_matmul(rows: str | int, k: int, n: int, dtype: str = "float16") -> tirx.PrimFunc:
+    """The tied output layer: ``x[.., K] @ weight[N, K]^T`` cast to fp32 logits, as
+    LegalizeOps + FuseTIR make it. ``rows``: ``"batch_size"`` (batch decode's
+    ``[b, 1, K]``), ``"batch_prefill"`` (``[1, b, K]``: the last token of each sequence),
+    1 (decode), or ``"seq_len"`` (a chunk's tokens: not a GEMV)."""
+    i64 = "int64"
+    one = tirx.IntImm(i64, 1)
+    if rows == "batch_prefill":
+        lead = (one, tirx.Var("batch_size", i64))
+    elif isinstance(rows, str):
+        var = tirx.Var(rows, i64)
+        lead = (var, one) if rows == "batch_size" else (one, var)
+    else:
+        lead = (one, tirx.IntImm(i64, rows))
+    k, n = tirx.IntImm(i64, k), tirx.IntImm(i64, n)
+    x = te.placeholder((*lead, k), dtype, name="x")
+    w = te.placeholder((n, k), dtype, name="weight")
+    r = te.reduce_axis((tirx.IntImm(i64, 0), k), name="k")
+    mm = te.compute((*lead, n), lambda b, i, j: te.sum(x[b, i, r] * w[j, r], axis=r),
+                    name="NT_matmul")
+    out = te.compute((*lead, n), lambda *i: mm(*i).astype("float32"), name="compute")
+    func = te.create_prim_func([x, w, out]).with_attr("tirx.noalias", True)
     return func.with_attr("global_symbol", "f")
 
 
@@ -195,6 +221,40 @@ def test_a_broken_launch_of_our_kernels_is_caught(runner):
         assert not result.passed, rows
 
 
+@needs_opencl
+@pytest.mark.parametrize("rows,k,n", [
+    ("batch_size", 2048, 300),      # batch decode's lm_head; N not a multiple of 32 rows
+    ("batch_prefill", 96, 75),      # batch prefill's [1, b, K]; odd N
+    (1, 37, 40),                    # decode; odd K: vectors of 1, K not split
+    ("batch_size", 8192, 64),       # a long reduction
+])
+def test_tied_lm_head_gemv_matches_the_cpu(runner, rows, k, n):
+    func, checker, results = check(nt_matmul(rows, k, n), runner, seq_lens=(1,))
+    assert annotations(func) == [GEMV_NK]
+    for result in results:
+        assert result.passed, (result.sizes, result.max_rel_error, result.error)
+    assert accumulator_dtypes(func) == {"float32"}
+
+
+def test_a_chunk_of_tokens_is_not_the_nk_gemv():
+    """A prefill chunk's rows are tokens: a matmul's, not a GEMV's (the weight would be
+    read once per token)."""
+    func = schedule(nt_matmul("seq_len", 256, 128), adreno_rules())["f"]
+    assert GEMV_NK not in annotations(func)
+
+
+@needs_opencl
+def test_a_broken_launch_of_the_nk_gemv_is_caught(runner):
+    _, checker, _ = check(nt_matmul("batch_size", 512, 256), runner, seq_lens=(1,))
+
+    def halve(kernel, launch):
+        global_size, local_size = launch
+        return ((global_size[0] // 2, *global_size[1:]), local_size)
+
+    for result in checker.check("f", hook=halve):
+        assert not result.passed
+
+
 # -- structure: fp32 accumulation, our rules on the model's linear layers --------------------
 
 
@@ -242,6 +302,38 @@ def test_our_rules_schedule_every_linear_layer_of_the_model(tiny_spec):
         assert accumulator_dtypes(scheduled[name]) == {"float32"}, name
     kinds = {annotations(scheduled[name])[0] for name in linear}
     assert kinds == {GEMV, PREFILL}
+
+
+def test_the_tied_lm_head_is_ours_in_every_function(tmp_path):
+    """Tied embeddings ([vocab, hidden] used as the lm_head): decode, prefill,
+    batch_decode and batch_prefill's output layers get the NK GEMV, fp32 accumulation."""
+    make_llama(tmp_path, tie_word_embeddings=True, num_hidden_layers=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    spec = ModelSpec.create(config, "q0f16t", load_preset("edge-512"))
+    unscheduled, scheduled = scheduled_module(spec, get_target("android-opencl"))
+    heads = [gv.name_hint for gv, f in unscheduled.functions_items()
+             if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("fused_NT_matmul")]
+    assert len(heads) == 3, heads  # decode/prefill share one; batch_decode; batch_prefill
+    for name in heads:
+        assert annotations(scheduled[name]) == [GEMV_NK], name
+        assert accumulator_dtypes(scheduled[name]) == {"float32"}, name
+
+
+def test_the_tied_lm_head_is_ours_on_cuda_too():
+    """Every GPU target: the CUDA build (TVM's stock rules otherwise) gets the NK GEMV
+    for the output layer, fp32 accumulation; nvcc compiles it where it is installed."""
+    from mlc_edge.compiler.cuda import cuda_build, cuda_rules
+
+    target = get_target("cuda")
+    with target.tvm_target():
+        mod = dl.ApplyDefaultSchedule(*cuda_rules())(IRModule({"f": nt_matmul("batch_size",
+                                                                             2048, 1000)}))
+    assert annotations(mod["f"]) == [GEMV_NK]
+    assert accumulator_dtypes(mod["f"]) == {"float32"}
+    if target.build_problem() is None:
+        with target.tvm_target(), cuda_build("sm_80"):
+            lib = tvm.tirx.build(mod, target=target.tvm_target())
+        assert len(lib.imports) == 1  # the kernels, compiled by nvcc (not run here)
 
 
 @needs_opencl

@@ -118,6 +118,15 @@ class MatmulWithoutTensorCores(gpu.Matmul):
 
 
 def cuda_rules() -> list[object]:
-    """TVM's stock GPU rules, in MLC-LLM's order."""
-    return [MatmulWithoutTensorCores(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
-            gpu.GeneralReduction(), gpu.Fallback()]
+    """Our GEMV for the tied lm_head (weight ``[vocab, hidden]``; the stock rules give it
+    fp16 accumulators), then TVM's stock GPU rules, in MLC-LLM's order."""
+    from dataclasses import replace
+
+    from ..schedules.adreno import AdrenoTuning, GemvNK
+
+    # Vectors of 4: TVM 0.27's CUDA code generator writes a float32x8 zero as
+    # make_ulonglong4 with 8 arguments, which nvcc refuses.
+    tuning = AdrenoTuning.load()
+    tuning = replace(tuning, gemv_nk=replace(tuning.gemv_nk, vector=4))
+    return [GemvNK(tuning), MatmulWithoutTensorCores(), gpu.GEMV(), gpu.LowBatchGEMV(),
+            gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]

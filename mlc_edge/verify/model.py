@@ -144,9 +144,10 @@ def library_device_code(library: Path) -> bytes:
 def verify(
     source: VerifySource, fp16: str = "auto", seq_lens: tuple[int, ...] = (1, 7, 16),
     only: str | None = None, progress: Any = None, strict: bool = False,
+    device: str | None = None,
 ) -> VerifyReport:
     target_spec = get_target(source.target_name)
-    runner = OpenCLRunner(fp16=fp16)
+    runner = OpenCLRunner(fp16=fp16, device=device)
     checker = model_checker(source.spec, target_spec, default_sizes(source.spec, seq_lens),
                             runner, only=only)
     report = checker.check_all(progress)

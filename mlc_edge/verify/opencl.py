@@ -4,13 +4,13 @@ PoCL (the CPU) or an NVIDIA GPU's OpenCL run the kernels written for Adreno; nei
 ``cl_khr_fp16``, so fp16 kernels run with ``half`` rewritten to ``float`` (``as_float``):
 that checks indexing, launch sizes and fusion, not fp16 rounding.
 
-The device: GPUs before CPUs, ``MLC_EDGE_OPENCL_DEVICE=<index>`` picks another. An NVIDIA
-driver without an ICD file is found through ``OCL_ICD_VENDORS`` (tvm-0.27-notes.md).
+The device: ``devices.select_device`` (by implementation or name: ``intel``, ``pocl``,
+``oclgrind``; default the best present, e.g. Intel's CPU runtime with real fp16). An
+NVIDIA driver without an ICD file is found through ``OCL_ICD_VENDORS``.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .devices import pyopencl, select_device
 from .expr import evaluate
 from .lower import KernelCall, LoweredFunction
 
@@ -62,14 +63,7 @@ def kernel_signature(program: str, kernel: str) -> list[tuple[str, str, bool]]:
 
 
 def _cl() -> Any:
-    try:
-        import pyopencl as cl
-    except ImportError:
-        raise UserError(
-            "pyopencl is not installed: pip install pyopencl (and an OpenCL driver, "
-            "e.g. Debian's pocl-opencl-icd)"
-        ) from None
-    return cl
+    return pyopencl()
 
 
 @dataclass
@@ -78,6 +72,7 @@ class DeviceInfo:
     platform: str
     fp16: bool  # cl_khr_fp16
     max_work_group_size: int
+    implementation: str = ""  # intel, pocl, oclgrind, ... (devices.py)
 
     def describe(self) -> str:
         return f"{self.name} ({self.platform})"
@@ -87,23 +82,18 @@ class OpenCLRunner:
     """One OpenCL device, the programs built for it, and kernel launches.
 
     ``fp16="auto"`` runs fp16 kernels natively where the device has ``cl_khr_fp16`` and
-    as float otherwise; ``"float"`` always rewrites them.
+    as float otherwise; ``"float"`` always rewrites them. ``device``: an implementation
+    or device name, or an index (``devices.select_device``; None: the best present).
     """
 
-    def __init__(self, fp16: str = "auto", device_index: int | None = None):
+    def __init__(self, fp16: str = "auto", device_index: int | None = None,
+                 device: str | None = None):
         cl = _cl()
         self.cl = cl
-        devices = self._devices()
-        if not devices:
-            raise UserError(
-                "no OpenCL device found: install an OpenCL driver (Debian: "
-                "apt-get install pocl-opencl-icd) or set OCL_ICD_VENDORS"
-            )
-        if device_index is None:
-            device_index = int(os.environ.get("MLC_EDGE_OPENCL_DEVICE", "0"))
-        # GPUs first: an NVIDIA/Intel GPU is a better stand-in for a phone than the CPU.
-        devices.sort(key=lambda d: 0 if d.type & cl.device_type.GPU else 1)
-        self.device = devices[min(device_index, len(devices) - 1)]
+        if device is None and device_index is not None:
+            device = str(device_index)
+        selected = select_device(device)
+        self.device = selected.device
         self.context = cl.Context([self.device])
         self.queue = cl.CommandQueue(
             self.context, properties=cl.command_queue_properties.PROFILING_ENABLE
@@ -114,16 +104,9 @@ class OpenCLRunner:
         self.as_float = fp16 == "float" or not has_fp16
         self.info = DeviceInfo(
             self.device.name.strip(), self.device.platform.name.strip(), has_fp16,
-            int(self.device.max_work_group_size),
+            int(self.device.max_work_group_size), selected.implementation,
         )
         self._programs: dict[tuple[str, str], tuple[Any, list[tuple[str, str, bool]]]] = {}
-
-    def _devices(self) -> list[Any]:
-        try:
-            platforms = self.cl.get_platforms()
-        except self.cl.Error:  # no ICD at all
-            return []
-        return [d for p in platforms for d in p.get_devices()]
 
     def host_dtype(self, dtype: str) -> np.dtype:
         """The numpy type a buffer of TVM type ``dtype`` has on this device."""

@@ -9,6 +9,9 @@ alone (the baseline of ``benchmarks/opencl_kernels.py``).
                       the work-group, fp32 accumulation             (gemv_kn.py)
     PrefillMatmulKN   prefill chunks ``[1, seq_len, K] x [K, N]``: all rows of a chunk per
                       thread in registers, weights read once a chunk, fp32   (prefill_matmul.py)
+    GemvNK            the tied lm_head ``[b, 1, K] x [N, K]^T`` (weight ``[vocab, hidden]``)
+                      of decode/prefill/batch_decode/batch_prefill: rows read contiguously,
+                      K split across the work-group, fp32 accumulation      (gemv_nk.py)
 
 Their tunables (tiles, vector widths, work-groups, unrolling) are the ``"schedule"``
 section of ``<gpu>.json`` beside this module (``tuning.py``); a GPU without a file gets
@@ -23,6 +26,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 
 from .common import SCHEDULE_ANNOTATION
 from .gemv_kn import GemvKN
+from .gemv_nk import GemvNK
 from .prefill_matmul import PrefillMatmulKN
 from .tuning import AdrenoTuning
 
@@ -30,6 +34,7 @@ __all__ = [
     "SCHEDULE_ANNOTATION",
     "AdrenoTuning",
     "GemvKN",
+    "GemvNK",
     "PrefillMatmulKN",
     "adreno_rules",
     "stock_rules",
@@ -58,7 +63,7 @@ def stock_rules() -> list[ScheduleRule]:
 
 
 def adreno_rules(gpu: str = "default") -> list[ScheduleRule]:
-    """Our KN matmul rules tuned for ``gpu`` (``adreno-750``, ...; unknown: the defaults),
-    then the stock rules for every other function."""
+    """Our KN matmul rules and the NK GEMV tuned for ``gpu`` (``adreno-750``, ...;
+    unknown: the defaults), then the stock rules for every other function."""
     tuning = AdrenoTuning.load(gpu)
-    return [GemvKN(tuning), PrefillMatmulKN(tuning), *stock_rules()]
+    return [GemvKN(tuning), PrefillMatmulKN(tuning), GemvNK(tuning), *stock_rules()]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
@@ -37,6 +38,7 @@ __all__ = [
     "mark",
     "max_threads",
     "pick_vector",
+    "sum_loops",
 ]
 
 # Block annotation naming the rule that scheduled a matmul (tests read it back).
@@ -96,11 +98,14 @@ class KNMatch:
 
 
 class KNMatmulRule(GPUScheduleRule):
-    """An Adreno rule for ``[.., K] x [K, N]`` matmuls: finds the pattern (decode-shaped
-    or not, as the subclass wants) and hands it to ``schedule``; a primitive refusing an
-    unexpected variant of the pattern passes the function on to the next rule."""
+    """An Adreno rule for ``[.., K] x [K, N]`` (or ``[N, K]``) matmuls: finds the pattern
+    (decode-shaped or not, as the subclass wants) and hands it to ``schedule``; a
+    primitive refusing an unexpected variant of the pattern passes the function on to the
+    next rule."""
 
-    decode_shaped: bool  # GemvKN: one token per row; PrefillMatmulKN: a chunk of tokens
+    decode_shaped: bool | None  # GemvKN: one token per row; PrefillMatmulKN: a chunk;
+    # None: either (the rule decides)
+    weight_kn: bool = True  # W[k, n]; False: W[n, k] (GemvNK)
 
     def __init__(self, tuning: AdrenoTuning | None = None):
         self.tuning = tuning or AdrenoTuning.load()
@@ -116,14 +121,16 @@ class KNMatmulRule(GPUScheduleRule):
             return None
 
     def match(self, sch: s_tir.Schedule) -> KNMatch | None:
-        found = find_kn_matmul(sch, weight_kn=True)
+        found = find_kn_matmul(sch, weight_kn=self.weight_kn)
         if found is None:
             return None
         main, pat, epilogues = found
         block = main.block_rv
         iters = sch.get(block).iter_vars
         loops = sch.get_loops(block)
-        if len(loops) != len(iters) or is_decode_shaped(sch.get(block)) != self.decode_shaped:
+        if len(loops) != len(iters) or (
+                self.decode_shaped is not None
+                and is_decode_shaped(sch.get(block)) != self.decode_shaped):
             return None
         n = static_int(iters[pat.n_iter].dom.extent)
         k = static_int(iters[pat.k_iter].dom.extent)
@@ -145,3 +152,30 @@ def fold_epilogues(sch: s_tir.Schedule, epilogues: list[Any]) -> list[Any]:
         except ScheduleError:
             remaining.append(epi)
     return remaining
+
+
+def sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
+               above: s_tir.schedule.LoopRV) -> tuple[s_tir.schedule.LoopRV, ...]:
+    """The final sum's (reduction, column) loops below ``above``, in that order; a unit
+    reduction loop (one partial) is added back."""
+    loops = sch.get_loops(block)
+    above_var = sch.get(above).loop_var
+    start = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(above_var))
+    below = loops[start + 1 :]
+    realize = get_sblockrealize(sch, block)
+    red_values = [value for iv, value in zip(realize.block.iter_vars, realize.iter_values,
+                                             strict=True)
+                  if iv.iter_type == tirx.IterVar.CommReduce]
+    red = [lp for lp in below
+           if any(_uses(value, sch.get(lp).loop_var) for value in red_values)]
+    spatial = [lp for lp in below if lp not in red]
+    if len(spatial) != 1 or len(red) > 1:
+        raise ValueError("unexpected loops of the final sum")
+    if not red:
+        red = [sch.add_unit_loop(block)]
+    sch.reorder(spatial[0], red[0])
+    return red[0], spatial[0]
+
+
+def _uses(expr: tirx.Expr, var: tirx.Var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))

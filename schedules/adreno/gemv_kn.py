@@ -26,8 +26,7 @@ in pieces along K and accumulates in fp16 (~2% error at K = 4864).
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+from tvm import s_tir
 from tvm.target import Target
 
 from .common import (
@@ -40,6 +39,7 @@ from .common import (
     mark,
     max_threads,
     pick_vector,
+    sum_loops,
 )
 from .tuning import GemvTuning
 
@@ -110,7 +110,7 @@ class GemvKN(KNMatmulRule):
 
         # Sum of the TY partials of each column, one column per thread.
         sch.reverse_compute_at(block, n_or, preserve_unit_loops=False)
-        b_k, b_n = _sum_loops(sch, block, n_or)
+        b_k, b_n = sum_loops(sch, block, n_or)
         _, b_x = sch.split(b_n, [vec // ty, tx * ty])  # exact: ty divides vec
         sch.bind(b_x, "threadIdx.x")
         sch.decompose_reduction(block, b_k)
@@ -123,29 +123,3 @@ class GemvKN(KNMatmulRule):
         mark(sch, part, RULE_NAME)
         return sch
 
-
-def _sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
-               above: s_tir.schedule.LoopRV) -> tuple[s_tir.schedule.LoopRV, ...]:
-    """The final sum's (reduction, column) loops below ``above``, in that order; a unit
-    reduction loop (one partial) is added back."""
-    loops = sch.get_loops(block)
-    above_var = sch.get(above).loop_var
-    start = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(above_var))
-    below = loops[start + 1 :]
-    realize = get_sblockrealize(sch, block)
-    red_values = [value for iv, value in zip(realize.block.iter_vars, realize.iter_values,
-                                             strict=True)
-                  if iv.iter_type == tirx.IterVar.CommReduce]
-    red = [lp for lp in below
-           if any(_uses(value, sch.get(lp).loop_var) for value in red_values)]
-    spatial = [lp for lp in below if lp not in red]
-    if len(spatial) != 1 or len(red) > 1:
-        raise ValueError("unexpected loops of the final sum")
-    if not red:
-        red = [sch.add_unit_loop(block)]
-    sch.reorder(spatial[0], red[0])
-    return red[0], spatial[0]
-
-
-def _uses(expr: tirx.Expr, var: tirx.Var) -> bool:
-    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))

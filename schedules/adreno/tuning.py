@@ -5,7 +5,8 @@ section with the tiles, vector widths, work-group shapes and unroll factors of o
 
     "schedule": {
       "gemv": {"vector": 8, "threads_n": 16, "threads_k": 16, "unroll_k": 4},
-      "prefill": {"rows": 16, "vector": 8, "threads": 64, "unroll_k": 2}
+      "prefill": {"rows": 16, "vector": 8, "threads": 64, "unroll_k": 2},
+      "gemv_nk": {"vector": 8, "threads_k": 8, "rows": 32, "unroll_k": 4}
     }
 
 A GPU without a file, or a file without some value, takes ``default.json``'s. Work-groups
@@ -45,6 +46,18 @@ class GemvTuning:
 
 
 @dataclass(frozen=True)
+class GemvNKTuning:
+    """GEMV with the weight ``[N, K]`` (the tied lm_head): ``threads_k`` threads share
+    one weight row, each reading ``vector`` halves of it per load; ``rows`` weight rows
+    per work-group; ``unroll_k`` loads per unrolled step of a thread."""
+
+    vector: int = 8
+    threads_k: int = 8
+    rows: int = 32
+    unroll_k: int = 4
+
+
+@dataclass(frozen=True)
 class PrefillTuning:
     """Prefill matmul ``[1, seq_len, K] x [K, N]``: each thread keeps ``rows`` x ``vector``
     fp32 accumulators in registers (all rows of a chunk), ``threads`` threads per
@@ -62,6 +75,7 @@ class AdrenoTuning:
     max_threads: int  # min(schedule_threads, max_work_group_size)
     gemv: GemvTuning
     prefill: PrefillTuning
+    gemv_nk: GemvNKTuning = GemvNKTuning()
 
     @classmethod
     def from_dict(cls, gpu: str, data: dict[str, Any],
@@ -70,14 +84,16 @@ class AdrenoTuning:
         default = default or {}
         merged = {**default, **data}
         sched = {**default.get("schedule", {}), **data.get("schedule", {})}
-        for part in ("gemv", "prefill"):
+        for part in ("gemv", "prefill", "gemv_nk"):
             sched[part] = {**default.get("schedule", {}).get(part, {}),
                            **data.get("schedule", {}).get(part, {})}
         gemv = _section(GemvTuning, sched["gemv"], gpu, "gemv")
         prefill = _section(PrefillTuning, sched["prefill"], gpu, "prefill")
+        gemv_nk = _section(GemvNKTuning, sched["gemv_nk"], gpu, "gemv_nk")
         threads = min(int(merged.get("schedule_threads", 256)),
                       int(merged.get("max_work_group_size", 256)))
-        return cls(gpu=gpu, max_threads=threads, gemv=gemv, prefill=prefill)
+        return cls(gpu=gpu, max_threads=threads, gemv=gemv, prefill=prefill,
+                   gemv_nk=gemv_nk)
 
     @classmethod
     def load(cls, gpu: str = DEFAULT_GPU) -> AdrenoTuning:

@@ -1,0 +1,160 @@
+"""GEMV with the weight stored ``[N, K]`` ("NT"), for Adreno: ``[b, 1, K] x [N, K]^T``.
+
+The tied output layer (the embedding table ``[vocab, hidden]`` used as the lm_head, as in
+Llama-3.2-1B/3B, Qwen2.5 and Qwen3 small models) of ``decode``, ``prefill``,
+``batch_decode`` (``[b, 1, K]``) and ``batch_prefill`` (``[1, b, K]``: the last token of
+each sequence): one token per sequence, so a GEMV per sequence. Our KN rules never match
+it (its weight is ``[N, K]``) and TVM's stock ``Matmul`` gives it fp16 accumulators
+(1.7 % of max|logit|) and reads each weight tile several times.
+
+Loop nest (V = vector, TK x TN threads in one work-group dimension, U = unroll)::
+
+    blockIdx.y  the rows (sequences)
+    blockIdx.x  n tiles of TN weight rows
+      threadIdx.x = tn * TK + tk           # TK threads share one weight row's reduction
+        part[V] = 0                        # fp32, registers
+        for k_o in K / (U * TK * V)
+          for k_u in U (unrolled)          # k = ((k_o * U + k_u) * TK + tk) * V
+            part[:] += f32(A[k:k+V]) * f32(W[n, k:k+V])   # one vector load of V halves
+        lanes = sum(part)                  # fp32, one store to local memory, one barrier
+        threads tn < TN: sum of their row's TK partials (fp32), rounded to fp16 once,
+        epilogue (the cast to fp32 logits) and store
+
+The TK threads of a row read neighbouring V-half vectors of it (each row is read
+contiguously, each weight element once per row of A: once per decode step at batch 1).
+V, TK and U divide K (powers of two for V and TK): no guard in the reduction; a tile
+of rows past N is guarded on whole threads.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from .common import (
+    KNMatch,
+    KNMatmulRule,
+    accumulate_in_fp32,
+    fold_epilogues,
+    is_fp16_matmul,
+    largest_divisor,
+    mark,
+    max_threads,
+    pick_vector,
+    sum_loops,
+)
+from .tuning import GemvNKTuning
+
+RULE_NAME = "adreno.gemv_nk"
+
+# Row extents of one token per sequence: the sequences of a batch, or 1. A prefill
+# chunk's rows (``seq_len`` tokens) are a matmul's, not a GEMV's: left to the next rule.
+ONE_TOKEN_PER_ROW = {"batch_size"}
+
+
+def _rows_are_sequences(m: KNMatch) -> bool:
+    for i in m.pat.m_iters:
+        extent = m.iters[i].dom.extent
+        if isinstance(extent, tirx.IntImm):
+            if extent.value != 1:
+                return False
+        elif not (isinstance(extent, tirx.Var) and extent.name in ONE_TOKEN_PER_ROW):
+            return False
+    return True
+
+
+class GemvNK(KNMatmulRule):
+    """``C[.., n] = sum_k A[.., k] * W[n, k]`` with one token per row (sequences)."""
+
+    weight_kn = False
+    decode_shaped = None  # batch_prefill's [1, b, K] logits are sequences too
+
+    def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
+        if not _rows_are_sequences(m):
+            return None
+        sch, block, pat, epilogues, loops = m.sch, m.block, m.pat, m.epilogues, m.loops
+        n_ext, k_ext = m.n, m.k
+        t: GemvNKTuning = self.tuning.gemv_nk
+        threads = max_threads(target, self.tuning.max_threads)
+        vec = pick_vector(k_ext, t.vector)
+        tk = pick_vector(k_ext // vec, min(t.threads_k, threads))
+        tn = max(1, min(t.rows, threads // tk, n_ext))
+        unroll = largest_divisor(k_ext // (tk * vec), t.unroll_k)
+
+        m_loops = [loops[i] for i in pat.m_iters]
+        n_loop, k_loop = loops[pat.n_iter], loops[pat.k_iter]
+        sch.reorder(*m_loops, n_loop, k_loop)
+        if len(m_loops) > 1:
+            sch.fuse(*m_loops)
+        elif not m_loops:
+            sch.add_unit_loop(n_loop)
+
+        fp16 = is_fp16_matmul(pat)
+        # The row's final sum goes to a per-thread accumulator (fp32 for fp16), which the
+        # write-back rounds once and the epilogues consume.
+        writeback = sch.cache_write(block, 0, "local")
+
+        n_o, n_t = sch.split(n_loop, [None, tn])
+        k_o, k_u, k_t, k_v = sch.split(k_loop, [None, unroll, tk, vec])
+        # Stage 1 (rf): each thread's V lanes, fp32 registers, over its part of K.
+        lanes = sch.rfactor(sch.fuse(k_t, k_v), 0)
+        # Stage 2 (rf2): each thread's lanes summed, one value to local memory.
+        m_b, n_ob, n_tb, k_tv = sch.get_loops(block)[-4:]
+        k_t2, _ = sch.split(k_tv, [tk, vec])
+        partial = sch.rfactor(k_t2, 0)
+        sch.set_scope(lanes, 0, "local")
+        sch.set_scope(partial, 0, "shared")
+        if fp16:
+            for blk in (lanes, partial, block):
+                accumulate_in_fp32(sch, blk)
+
+        m_r, n_or, n_tr, k_or, k_ur, k_tvr = sch.get_loops(lanes)[-6:]
+        k_tr, k_vr = sch.split(k_tvr, [tk, vec])
+        sch.reorder(n_tr, k_tr, k_or, k_ur, k_vr)
+        sch.bind(m_r, "blockIdx.y")
+        sch.bind(n_or, "blockIdx.x")
+        # One flat work-group dimension, tk fastest: the threads of a row read
+        # neighbouring vectors of it.
+        thread = sch.fuse(n_tr, k_tr)
+        sch.bind(thread, "threadIdx.x")
+        sch.unroll(k_ur)
+        sch.vectorize(k_vr)
+        init = sch.decompose_reduction(lanes, k_or)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+        # The lanes' sum, by the thread that computed them.
+        sch.reverse_compute_at(partial, thread, preserve_unit_loops=True)
+        sch.decompose_reduction(partial, _loops_below(sch, partial, thread)[0])
+
+        # The TK partials of each row, summed by thread tn of the work-group.
+        sch.reverse_compute_at(block, n_or, preserve_unit_loops=False)
+        b_k, b_n = sum_loops(sch, block, n_or)
+        # The rounding write-back (and the epilogues folded into it), by the same threads:
+        # thread tn reads the row's fp32 sum it made. Placed before the threads are bound
+        # (so each covers exactly TN rows), each split the same way as the sum: the
+        # split's guard keeps the threads past TN from storing.
+        remaining = fold_epilogues(sch, epilogues)
+        for blk in [writeback, *remaining]:
+            sch.reverse_compute_at(blk, n_or, preserve_unit_loops=True)
+        _bind_rows(sch, b_n, tn * tk)
+        sch.decompose_reduction(block, b_k)
+        for blk in [writeback, *remaining]:
+            _bind_rows(sch, sch.fuse(*_loops_below(sch, blk, n_or)), tn * tk)
+        mark(sch, lanes, RULE_NAME)
+        return sch
+
+
+def _loops_below(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, loop: s_tir.schedule.LoopRV
+) -> list[s_tir.schedule.LoopRV]:
+    """The loops of ``block`` below ``loop``, outermost first."""
+    var = sch.get(loop).loop_var
+    loops = sch.get_loops(block)
+    at = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(var))
+    return loops[at + 1 :]
+
+
+def _bind_rows(sch: s_tir.Schedule, rows: s_tir.schedule.LoopRV, threads: int) -> None:
+    """One row per thread of the flat work-group, the threads past the rows guarded."""
+    _, inner = sch.split(rows, [None, threads])
+    sch.bind(inner, "threadIdx.x")
