@@ -278,10 +278,12 @@ def convert_weights(
                         held = None  # release the previous table before reading the next
                         held = (src.hf_names, _load_fused(ckpt, src.hf_names))
                     tensor = held[1][p.rows[0] : p.rows[1]]
-                if src.is_linear_weight:
-                    tensor = scheme.convert_linear_weight(tensor)
-                else:
-                    tensor = scheme.convert_plain(tensor)
+                # A value beyond the scheme's range becomes Inf: check_finite names it.
+                with np.errstate(over="ignore"):
+                    if src.is_linear_weight:
+                        tensor = scheme.convert_linear_weight(tensor)
+                    else:
+                        tensor = scheme.convert_plain(tensor)
                 if tuple(tensor.shape) != p.shape:
                     raise UserError(
                         f"{_describe(ckpt, src.hf_names)}, which converts to "
