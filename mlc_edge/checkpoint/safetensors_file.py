@@ -274,7 +274,10 @@ def _parse_entry(where: str, name: str, entry: object) -> TensorInfo:
     ):
         raise corrupt(f"has an invalid shape {shape!r}")
     if len(shape) > _MAX_DIMS or math.prod(d for d in shape if d) > _MAX_DIM:
-        raise corrupt(f"has an impossible shape of {len(shape)} dimensions")
+        raise corrupt(
+            f"has an impossible shape of {len(shape)} dimensions (numpy takes at most "
+            f"{_MAX_DIMS} and 2**63 elements)"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
