@@ -12,6 +12,10 @@ The cases found are kept in ``tests/corpus/safetensors/`` and replayed on every 
 A longer run (it also saves what it finds there)::
 
     python tests/test_safetensors_fuzz.py --seconds 600
+    python tests/test_safetensors_fuzz.py --seconds 600 --atheris   # coverage-guided
+
+``--atheris`` needs ``pip install atheris`` (not a test dependency: CI replays the corpus
+and runs hypothesis); it starts from the corpus and follows the parser's coverage.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -248,8 +253,40 @@ def _long_run(seconds: float) -> None:
     print(f"{len(found)} kinds of failure found")
 
 
+def _atheris_run(seconds: float) -> None:
+    import atheris
+
+    atheris.instrument_all()  # the parser (already imported) reports its coverage
+    found: dict[str, bytes] = {}
+    tmp = tempfile.TemporaryDirectory()
+    path = Path(tmp.name) / "x.safetensors"
+    seeds = Path(tmp.name) / "seeds"
+    seeds.mkdir()
+    for case in CORPUS.glob("*.safetensors"):
+        shutil.copy(case, seeds / case.name)
+    (seeds / "valid.safetensors").write_bytes(valid_file())
+
+    def one_input(data: bytes) -> None:
+        why = problem(data, path)
+        if why is not None and why.split(":")[0] not in found:
+            found[why.split(":")[0]] = data  # libFuzzer exits without atexit: save now
+            name = f"found-{hashlib.sha1(data).hexdigest()[:10]}.safetensors"
+            (CORPUS / name).write_bytes(data)
+            print(f"found: {why} -> {name}", flush=True)
+
+    # libFuzzer prints the number of inputs run ("Done N runs in S second(s)").
+    atheris.Setup([sys.argv[0], f"-max_total_time={int(seconds)}", "-rss_limit_mb=4096",
+                   "-max_len=4096", str(seeds)], one_input)
+    atheris.Fuzz()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60)
-    _long_run(parser.parse_args().seconds)
+    parser.add_argument("--atheris", action="store_true", help="coverage-guided (atheris)")
+    args = parser.parse_args()
+    if args.atheris:
+        _atheris_run(args.seconds)
+    else:
+        _long_run(args.seconds)
     sys.exit(0)
