@@ -58,8 +58,11 @@ class Env:
         where = self.tmp / name
         where.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or 'not root'})")
         self.mounts.append(where)
@@ -114,15 +117,19 @@ def _(env: Env) -> Case:
 @case("shard-truncated-run")
 def _(env: Env) -> Case:
     os.truncate(_shard(env.bundle), 300_000)
-    return Case(["run", str(env.bundle), "hi", "--max-tokens", "2"],
-                "params_shard_0.bin is truncated: 300,000 bytes, but tensor-cache.json says")
+    return Case(
+        ["run", str(env.bundle), "hi", "--max-tokens", "2"],
+        "params_shard_0.bin is truncated: 300,000 bytes, but tensor-cache.json says",
+    )
 
 
 @case("shard-truncated-bench")
 def _(env: Env) -> Case:
     os.truncate(_shard(env.bundle), 1000)
-    return Case(["bench", str(env.bundle), "-r", "1", "-p", "16", "-n", "0"],
-                "params_shard_0.bin is truncated: 1,000 bytes")
+    return Case(
+        ["bench", str(env.bundle), "-r", "1", "-p", "16", "-n", "0"],
+        "params_shard_0.bin is truncated: 1,000 bytes",
+    )
 
 
 @case("shard-truncated-verify")
@@ -177,8 +184,9 @@ def _(env: Env) -> Case:
 def _(env: Env) -> Case:
     small = env.mount_tmpfs("small", "120k")
     out = small / "bundle"
-    return Case(["convert", str(env.hf), "-o", str(out)],
-                "no space left on the device for", output=out)
+    return Case(
+        ["convert", str(env.hf), "-o", str(out)], "no space left on the device for", output=out
+    )
 
 
 @case("disk-full-while-writing")
@@ -191,8 +199,9 @@ def _(env: Env) -> Case:
     env.restore.append((steps, "weight_bytes", steps.weight_bytes))
     steps.weight_bytes = lambda spec: 1
     out = small / "bundle"
-    return Case(["convert", str(env.hf), "-o", str(out)],
-                "params_shard_0.bin (staged as", output=out)
+    return Case(
+        ["convert", str(env.hf), "-o", str(out)], "params_shard_0.bin (staged as", output=out
+    )
 
 
 @case("disk-full-simulated")
@@ -215,21 +224,26 @@ def _(env: Env) -> Case:
 
     env.restore.append((tc, "open", None))
     tc.open = FullFile
-    return Case(["convert", str(env.hf), "-o", str(env.bundle)],
-                "no space left on the device; the bundle needs 0.3 MiB")
+    return Case(
+        ["convert", str(env.hf), "-o", str(env.bundle)],
+        "no space left on the device; the bundle needs 0.3 MiB",
+    )
 
 
 @case("output-under-proc")
 def _(env: Env) -> Case:
-    return Case(["convert", str(env.hf), "-o", "/proc/mlc-edge-test/bundle"],
-                "cannot create /proc/mlc-edge-test")
+    return Case(
+        ["convert", str(env.hf), "-o", "/proc/mlc-edge-test/bundle"],
+        "cannot create /proc/mlc-edge-test",
+    )
 
 
 @case("output-read-only")
 def _(env: Env) -> Case:
     ro = env.mount_tmpfs("ro", "1m", read_only=True)
-    return Case(["convert", str(env.hf), "-o", str(ro / "bundle")], "read-only",
-                output=ro / "bundle")
+    return Case(
+        ["convert", str(env.hf), "-o", str(ro / "bundle")], "read-only", output=ro / "bundle"
+    )
 
 
 @case("output-under-a-file")
@@ -253,30 +267,43 @@ def _(env: Env) -> Case:
 @case("weight-nan")
 def _(env: Env) -> Case:
     _edit_weight(env.hf, WEIGHT, lambda w: w.__setitem__((3, 5), np.nan))
-    return Case(["convert", str(env.hf), "-o", str(env.tmp / "out")],
-                f"weight {WEIGHT} holds 1 NaN and 0 Inf values", output=env.tmp / "out")
+    return Case(
+        ["convert", str(env.hf), "-o", str(env.tmp / "out")],
+        f"weight {WEIGHT} holds 1 NaN and 0 Inf values",
+        output=env.tmp / "out",
+    )
 
 
 @case("weight-inf")
 def _(env: Env) -> Case:
     _edit_weight(env.hf, "lm_head.weight", lambda w: w.__setitem__((0, 0), -np.inf))
-    return Case(["convert", str(env.hf), "-o", str(env.tmp / "out")],
-                "weight lm_head.weight holds 0 NaN and 1 Inf values", output=env.tmp / "out")
+    return Case(
+        ["convert", str(env.hf), "-o", str(env.tmp / "out")],
+        "weight lm_head.weight holds 0 NaN and 1 Inf values",
+        output=env.tmp / "out",
+    )
 
 
 @case("weight-beyond-fp16")
 def _(env: Env) -> Case:
     _edit_weight(env.hf, WEIGHT, lambda w: w.__setitem__((0, 1), 1e6))
-    return Case(["convert", str(env.hf), "-o", str(env.tmp / "out")],
-                "holds 0 NaN and 1 Inf values (first at [1, 0]", output=env.tmp / "out")
+    return Case(
+        ["convert", str(env.hf), "-o", str(env.tmp / "out")],
+        "holds 0 NaN and 1 Inf values (first at [1, 0]",
+        output=env.tmp / "out",
+    )
 
 
 @case("weight-nan-allowed")
 def _(env: Env) -> Case:
     _edit_weight(env.hf, WEIGHT, lambda w: w.__setitem__((3, 5), np.nan))
     env.made.append(env.tmp / "out")
-    return Case(["convert", str(env.hf), "-o", str(env.tmp / "out"), "--allow-non-finite",
-                 "--json"], f"weight {WEIGHT} holds 1 NaN", code=0, warning=True)
+    return Case(
+        ["convert", str(env.hf), "-o", str(env.tmp / "out"), "--allow-non-finite", "--json"],
+        f"weight {WEIGHT} holds 1 NaN",
+        code=0,
+        warning=True,
+    )
 
 
 @case("pickle-that-runs-code")
@@ -288,71 +315,102 @@ def _(env: Env) -> Case:
             return (os.system, (f"touch {env.tmp / 'PWNED'}",))
 
     (env.hf / "model.safetensors").unlink()
-    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": Evil()},
-               env.hf / "pytorch_model.bin")
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(2), "x": Evil()}, env.hf / "pytorch_model.bin"
+    )
     env.absent.append(env.tmp / "PWNED")
-    return Case(["convert", str(env.hf), "-o", str(env.tmp / "out")],
-                "holds Python objects other than tensors (posix.system)",
-                output=env.tmp / "out")
+    return Case(
+        ["convert", str(env.hf), "-o", str(env.tmp / "out")],
+        "holds Python objects other than tensors (posix.system)",
+        output=env.tmp / "out",
+    )
 
 
 @case("config-not-json")
 def _(env: Env) -> Case:
     (env.hf / "config.json").write_text('{"hidden_size": 64,')
-    return Case(["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
-                "config.json is not valid JSON", output=env.tmp / "out")
+    return Case(
+        ["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
+        "config.json is not valid JSON",
+        output=env.tmp / "out",
+    )
 
 
 @case("config-hidden-size-1e9")
 def _(env: Env) -> Case:
     _config(env.hf, hidden_size=10**9)
-    return Case(["compile", str(env.hf), "-o", str(env.tmp / "out")],
-                "hidden_size = 1000000000: it must be a whole number from 1 to 65,536",
-                output=env.tmp / "out")
+    return Case(
+        ["compile", str(env.hf), "-o", str(env.tmp / "out")],
+        "hidden_size = 1000000000: it must be a whole number from 1 to 65,536",
+        output=env.tmp / "out",
+    )
 
 
 @case("config-zero-heads")
 def _(env: Env) -> Case:
     _config(env.hf, num_attention_heads=0)
-    return Case(["convert", str(env.hf), "-o", str(env.tmp / "out")],
-                "num_attention_heads = 0", output=env.tmp / "out")
+    return Case(
+        ["convert", str(env.hf), "-o", str(env.tmp / "out")],
+        "num_attention_heads = 0",
+        output=env.tmp / "out",
+    )
 
 
 @case("config-negative-vocab")
 def _(env: Env) -> Case:
     _config(env.hf, vocab_size=-5)
-    return Case(["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
-                "vocab_size = -5", output=env.tmp / "out")
+    return Case(
+        ["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
+        "vocab_size = -5",
+        output=env.tmp / "out",
+    )
 
 
 @case("config-size-as-text")
 def _(env: Env) -> Case:
     _config(env.hf, intermediate_size="160")
-    return Case(["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
-                "intermediate_size = '160'", output=env.tmp / "out")
+    return Case(
+        ["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
+        "intermediate_size = '160'",
+        output=env.tmp / "out",
+    )
 
 
 @case("config-heads-not-grouped")
 def _(env: Env) -> Case:
     _config(env.hf, num_key_value_heads=3)
-    return Case(["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
-                "not a multiple of num_key_value_heads = 3", output=env.tmp / "out")
+    return Case(
+        ["gen-config", str(env.hf), "-o", str(env.tmp / "out")],
+        "not a multiple of num_key_value_heads = 3",
+        output=env.tmp / "out",
+    )
 
 
 @case("context-window-1e9")
 def _(env: Env) -> Case:
-    return Case(["gen-config", str(env.hf), "-o", str(env.tmp / "out"),
-                 "--context-window-size", "1000000000"],
-                "context_window_size 1,000,000,000 is larger than mlc-edge allows",
-                output=env.tmp / "out")
+    return Case(
+        [
+            "gen-config",
+            str(env.hf),
+            "-o",
+            str(env.tmp / "out"),
+            "--context-window-size",
+            "1000000000",
+        ],
+        "context_window_size 1,000,000,000 is larger than mlc-edge allows",
+        output=env.tmp / "out",
+    )
 
 
 @case("context-window-beyond-training")
 def _(env: Env) -> Case:
     env.made.append(env.tmp / "out")
-    return Case(["gen-config", str(env.hf), "-o", str(env.tmp / "out"),
-                 "--context-window-size", "100000"],
-                "exceeds the model's max_position_embeddings 512", code=0, warning=True)
+    return Case(
+        ["gen-config", str(env.hf), "-o", str(env.tmp / "out"), "--context-window-size", "100000"],
+        "exceeds the model's max_position_embeddings 512",
+        code=0,
+        warning=True,
+    )
 
 
 # -- the runner --------------------------------------------------------------------------
@@ -442,9 +500,11 @@ def test_failure(name, env, capsys):
 
 
 def _convert_process(hf: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mlc_edge", "convert", str(hf), "-o",
-                             str(out), "--json"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlc_edge", "convert", str(hf), "-o", str(out), "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_kill_9_during_conversion_keeps_the_old_bundle(pristine, tmp_path):
@@ -485,8 +545,10 @@ def test_kill_9_during_conversion_keeps_the_old_bundle(pristine, tmp_path):
         assert _snapshot(bundle) == before  # the old bundle, whole, after every kill
         if mid_stage >= 2 and _attempt >= 2:  # several kills, two inside the staging
             break
-    print(f"staging folder lives {lifetime * 1000:.0f} ms; {_attempt + 1} kills, "
-          f"{mid_stage} while it existed")
+    print(
+        f"staging folder lives {lifetime * 1000:.0f} ms; {_attempt + 1} kills, "
+        f"{mid_stage} while it existed"
+    )
     assert mid_stage >= 1, "no kill landed while a staging folder existed"
     stale = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     # The next run removes them (their processes are gone) and completes.

@@ -92,37 +92,47 @@ def frame(header: bytes, data: bytes = b"", length: int | None = None) -> bytes:
 
 
 def valid_file() -> bytes:
-    header = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
-              "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
-              "__metadata__": {"format": "pt"}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+        "__metadata__": {"format": "pt"},
+    }
     return frame(json.dumps(header).encode(), bytes(range(32)))
 
 
 # -- strategies -----------------------------------------------------------------------
 
-ints = st.one_of(st.integers(-3, 64), st.integers(-(2**70), 2**70),
-                 st.sampled_from([2**31, 2**32, 2**63 - 1, 2**63, 2**64, 10**30]))
+ints = st.one_of(
+    st.integers(-3, 64),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([2**31, 2**32, 2**63 - 1, 2**63, 2**64, 10**30]),
+)
 names = st.one_of(
     st.text(max_size=12),
     # unpaired surrogates and control characters survive json.dumps as \\u escapes
-    st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
-            max_size=6),
+    st.text(
+        st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=6
+    ),
 )
 json_values = st.recursive(
     st.none() | st.booleans() | ints | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
-                                                                max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=10,
 )
 entries = st.fixed_dictionaries(
     {},
     optional={
         "dtype": st.one_of(st.sampled_from(DTYPES), st.text(max_size=6), json_values),
-        "shape": st.one_of(st.lists(ints, max_size=5), json_values,
-                           st.lists(st.just(1), min_size=60, max_size=80)),
-        "data_offsets": st.one_of(st.lists(ints, min_size=2, max_size=2),
-                                  st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list),
-                                  json_values),
+        "shape": st.one_of(
+            st.lists(ints, max_size=5), json_values, st.lists(st.just(1), min_size=60, max_size=80)
+        ),
+        "data_offsets": st.one_of(
+            st.lists(ints, min_size=2, max_size=2),
+            st.tuples(st.integers(0, 64), st.integers(0, 64)).map(list),
+            json_values,
+        ),
     },
 )
 headers = st.dictionaries(names, st.one_of(entries, json_values), max_size=4)
@@ -133,13 +143,19 @@ def structured(draw) -> bytes:
     header = draw(headers)
     if draw(st.booleans()):
         header["__metadata__"] = draw(json_values)
-    raw = json.dumps(header, ensure_ascii=draw(st.booleans()),
-                     allow_nan=True).encode("utf-8", "surrogatepass")
+    raw = json.dumps(header, ensure_ascii=draw(st.booleans()), allow_nan=True).encode(
+        "utf-8", "surrogatepass"
+    )
     if draw(st.booleans()):  # a raw non-UTF-8 byte inside the header
         at = draw(st.integers(0, len(raw)))
         raw = raw[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])) + raw[at:]
-    length = draw(st.one_of(st.none(), st.integers(0, len(raw) + 16),
-                            st.sampled_from([2**63, 2**64 - 1, 100 * 2**20, 100 * 2**20 + 1])))
+    length = draw(
+        st.one_of(
+            st.none(),
+            st.integers(0, len(raw) + 16),
+            st.sampled_from([2**63, 2**64 - 1, 100 * 2**20, 100 * 2**20 + 1]),
+        )
+    )
     return frame(raw, draw(st.binary(max_size=96)), length)
 
 
@@ -182,8 +198,13 @@ INPUTS = {
 
 @pytest.mark.parametrize("kind", INPUTS)
 def test_fuzzed_files_end_in_one_line(kind, tmp_path):
-    @settings(max_examples=EXAMPLES, deadline=5000, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=5000,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(INPUTS[kind])
     def check(data: bytes) -> None:
         assert problem(data, tmp_path / "x.safetensors") is None, data[:200]
@@ -220,10 +241,10 @@ def test_the_corpus_is_there():
 # -- a longer run: python tests/test_safetensors_fuzz.py --seconds N ---------------------
 
 
-def _recorder(strategy, kind: str, counts: dict[str, int], found: dict[str, bytes],
-              path: Path):
-    @settings(max_examples=500, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+def _recorder(strategy, kind: str, counts: dict[str, int], found: dict[str, bytes], path: Path):
+    @settings(
+        max_examples=500, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(strategy)
     def record(data: bytes) -> None:
         counts[kind] += 1
@@ -275,8 +296,16 @@ def _atheris_run(seconds: float) -> None:
             print(f"found: {why} -> {name}", flush=True)
 
     # libFuzzer prints the number of inputs run ("Done N runs in S second(s)").
-    atheris.Setup([sys.argv[0], f"-max_total_time={int(seconds)}", "-rss_limit_mb=4096",
-                   "-max_len=4096", str(seeds)], one_input)
+    atheris.Setup(
+        [
+            sys.argv[0],
+            f"-max_total_time={int(seconds)}",
+            "-rss_limit_mb=4096",
+            "-max_len=4096",
+            str(seeds),
+        ],
+        one_input,
+    )
     atheris.Fuzz()
 
 

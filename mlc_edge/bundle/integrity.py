@@ -33,12 +33,18 @@ class WeightCheck:
 
     def line(self) -> str:
         what = "size and md5" if self.md5_checked else "size"
-        return (f"weights: {self.shards} shards, {self.nbytes:,} bytes; every shard's {what} "
-                f"matches {CACHE_JSON}")
+        return (
+            f"weights: {self.shards} shards, {self.nbytes:,} bytes; every shard's {what} "
+            f"matches {CACHE_JSON}"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"shards": self.shards, "bytes": self.nbytes, "md5_checked": self.md5_checked,
-                "passed": True}
+        return {
+            "shards": self.shards,
+            "bytes": self.nbytes,
+            "md5_checked": self.md5_checked,
+            "passed": True,
+        }
 
 
 def _tensors(shard: dict[str, Any]) -> str:
@@ -53,15 +59,19 @@ def _shard_path(bundle: Path, shard: Any) -> tuple[Path, int]:
     its recorded size."""
     cache = bundle / CACHE_JSON
     if not isinstance(shard, dict):
-        raise UserError(f"{cache} has a shard entry that is not an object; "
-                        "run `mlc-edge convert` again")
+        raise UserError(
+            f"{cache} has a shard entry that is not an object; run `mlc-edge convert` again"
+        )
     name, nbytes = shard.get("dataPath"), shard.get("nbytes")
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-        raise UserError(f"{cache} names shard {name!r}, not a file name in the bundle; "
-                        "run `mlc-edge convert` again")
+        raise UserError(
+            f"{cache} names shard {name!r}, not a file name in the bundle; "
+            "run `mlc-edge convert` again"
+        )
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise UserError(f"{cache} gives shard {name} the size {nbytes!r}; "
-                        "run `mlc-edge convert` again")
+        raise UserError(
+            f"{cache} gives shard {name} the size {nbytes!r}; run `mlc-edge convert` again"
+        )
     return bundle / name, nbytes
 
 
@@ -86,24 +96,30 @@ def check_weights(bundle: Path, md5: bool = True) -> WeightCheck:
         try:
             have = path.stat().st_size
         except OSError as err:
-            raise UserError(f"shard {path} ({_tensors(shard)}) cannot be read: "
-                            f"{err.strerror}; {REDO}") from None
+            raise UserError(
+                f"shard {path} ({_tensors(shard)}) cannot be read: {err.strerror}; {REDO}"
+            ) from None
         if have != want:
             how = "truncated" if have < want else "longer than recorded"
-            raise UserError(f"shard {path} is {how}: {have:,} bytes, but {CACHE_JSON} says "
-                            f"{want:,} ({_tensors(shard)}); {REDO}")
+            raise UserError(
+                f"shard {path} is {how}: {have:,} bytes, but {CACHE_JSON} says "
+                f"{want:,} ({_tensors(shard)}); {REDO}"
+            )
         if md5:
             recorded = shard.get("md5sum")
             if not recorded:
-                raise UserError(f"{CACHE_JSON} records no md5 for shard {path}; "
-                                "run `mlc-edge convert` again")
+                raise UserError(
+                    f"{CACHE_JSON} records no md5 for shard {path}; run `mlc-edge convert` again"
+                )
             try:
                 actual = _md5(path)
             except OSError as err:
                 raise UserError(f"shard {path} cannot be read: {err.strerror}; {REDO}") from None
             if actual != recorded:
-                raise UserError(f"shard {path} is corrupt: its md5 is {actual}, "
-                                f"{CACHE_JSON} says {recorded} ({_tensors(shard)}); {REDO}")
+                raise UserError(
+                    f"shard {path} is corrupt: its md5 is {actual}, "
+                    f"{CACHE_JSON} says {recorded} ({_tensors(shard)}); {REDO}"
+                )
         total += want
     return WeightCheck(len(shards), total, md5)
 
@@ -127,9 +143,11 @@ class BeforeVerify:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.as_dict() if self.weights else None,
-                "kernels": {"checked": False, "reason": self.kernels_not_checked},
-                "passed": True}
+        return {
+            "weights": self.weights.as_dict() if self.weights else None,
+            "kernels": {"checked": False, "reason": self.kernels_not_checked},
+            "passed": True,
+        }
 
 
 def before_verify(path: Path, target: str | None) -> BeforeVerify:
@@ -149,7 +167,11 @@ def before_verify(path: Path, target: str | None) -> BeforeVerify:
     spec = TARGETS.get(target or "") or TARGETS.get((target or "").split(":")[0])
     if target is not None and (spec is None or spec.codegen != "opencl"):
         what = f"lib/{libs[0].name} is a {target} library" if libs else f"{target} is"
-        return BeforeVerify(weights, (
-            f"{what}, not an OpenCL one, and verify runs OpenCL kernels only; "
-            "compile the bundle with --target android-opencl to check a phone's kernels"))
+        return BeforeVerify(
+            weights,
+            (
+                f"{what}, not an OpenCL one, and verify runs OpenCL kernels only; "
+                "compile the bundle with --target android-opencl to check a phone's kernels"
+            ),
+        )
     return BeforeVerify(weights, None)

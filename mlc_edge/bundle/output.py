@@ -53,11 +53,12 @@ def write_error(err: OSError, out_dir: Path, needs_bytes: int | None = None) -> 
         where = f"{out_dir / path.name} (staged as {path})"
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         need = f"; the bundle needs {_mib(needs_bytes)}" if needs_bytes else ""
-        return UserError(f"cannot write {where}: no space left on the device{need}; free "
-                         f"some space or choose another -o (nothing was written to {out_dir})")
+        return UserError(
+            f"cannot write {where}: no space left on the device{need}; free "
+            f"some space or choose another -o (nothing was written to {out_dir})"
+        )
     if err.errno == errno.EROFS:
-        return UserError(f"cannot write {where}: the file system is read-only; "
-                         "choose another -o")
+        return UserError(f"cannot write {where}: the file system is read-only; choose another -o")
     return UserError(f"cannot write {where}: {err.strerror}; choose another -o")
 
 
@@ -68,9 +69,11 @@ def require_space(out_dir: Path, needs_bytes: int | None, folder: Path | None = 
         return
     free = shutil.disk_usage(folder or out_dir).free
     if free < needs_bytes:
-        raise UserError(f"no space left on the device for {out_dir}: the bundle needs "
-                        f"{_mib(needs_bytes)} and {_mib(free)} is free; free some space or "
-                        "choose another -o")
+        raise UserError(
+            f"no space left on the device for {out_dir}: the bundle needs "
+            f"{_mib(needs_bytes)} and {_mib(free)} is free; free some space or "
+            "choose another -o"
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -94,8 +97,7 @@ def remove_stale_stages(parent: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _STAGE.match(entry.name)
-        if (match and entry.is_dir() and not entry.is_symlink()
-                and not _alive(int(match["pid"]))):
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match["pid"])):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -106,14 +108,17 @@ def _make_dirs(out_dir: Path) -> None:
     for ancestor in out_dir.parents:
         if ancestor.exists() or ancestor.is_symlink():
             if not ancestor.is_dir():
-                raise UserError(f"cannot create {out_dir}: {ancestor} is a file, not a "
-                                "folder; choose another -o")
+                raise UserError(
+                    f"cannot create {out_dir}: {ancestor} is a file, not a "
+                    "folder; choose another -o"
+                )
             break
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create {err.filename or out_dir.parent}: {err.strerror}; "
-                        "choose another -o") from None
+        raise UserError(
+            f"cannot create {err.filename or out_dir.parent}: {err.strerror}; choose another -o"
+        ) from None
 
 
 def _carry(src: Path, dst: Path) -> None:
@@ -161,8 +166,13 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
@@ -195,18 +205,24 @@ def staged(out_dir: Path, needs_bytes: int | None = None) -> Iterator[Path]:
     _make_dirs(out_dir)
     stale = remove_stale_stages(out_dir.parent)
     if stale:
-        print(f"removed {len(stale)} staging folder(s) left by interrupted runs in "
-              f"{out_dir.parent}", file=sys.stderr)
+        print(
+            f"removed {len(stale)} staging folder(s) left by interrupted runs in {out_dir.parent}",
+            file=sys.stderr,
+        )
     stage = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir()
     except OSError as err:
         if err.errno == errno.EROFS:
-            raise UserError(f"cannot write into {out_dir.parent}: the file system is "
-                            "read-only; choose another -o") from None
-        raise UserError(f"cannot create {out_dir}: {err.strerror} (making a folder in "
-                        f"{out_dir.parent}); choose another -o") from None
+            raise UserError(
+                f"cannot write into {out_dir.parent}: the file system is "
+                "read-only; choose another -o"
+            ) from None
+        raise UserError(
+            f"cannot create {out_dir}: {err.strerror} (making a folder in "
+            f"{out_dir.parent}); choose another -o"
+        ) from None
     try:
         require_space(out_dir, needs_bytes, stage)
         yield stage

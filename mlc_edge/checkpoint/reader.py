@@ -111,9 +111,11 @@ def _bin_unreadable(path: Path, err: BaseException) -> str:
         # A pickle that names a callable (os.system, ...): it would run code on load.
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
-        return (f"{path} holds Python objects other than tensors{what}, which would run "
-                "code if loaded; mlc-edge loads only tensors from .bin files: use the "
-                "model's safetensors files or re-save it with save_pretrained")
+        return (
+            f"{path} holds Python objects other than tensors{what}, which would run "
+            "code if loaded; mlc-edge loads only tensors from .bin files: use the "
+            "model's safetensors files or re-save it with save_pretrained"
+        )
     # torch's messages run to several sentences; the first names the damage.
     why = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
     return f"{path} cannot be read ({why}); it may be truncated or corrupt: download it again"

@@ -211,8 +211,7 @@ def _load_fused(ckpt: Checkpoint, hf_names: tuple[str, ...]) -> np.ndarray:
     return out
 
 
-def check_finite(name: str, hf_names: tuple[str, ...], tensor: np.ndarray,
-                 allow: bool) -> None:
+def check_finite(name: str, hf_names: tuple[str, ...], tensor: np.ndarray, allow: bool) -> None:
     """NaN or Inf in a weight: an error naming the tensor, or with ``allow`` a warning.
 
     Every tensor passes through here anyway, so the check costs one pass over it. It
@@ -224,15 +223,20 @@ def check_finite(name: str, hf_names: tuple[str, ...], tensor: np.ndarray,
     inf = int(tensor.size - nan - np.isfinite(tensor).sum())
     first = tuple(int(i) for i in np.argwhere(~np.isfinite(tensor))[0])
     source = " + ".join(hf_names)
-    what = (f"weight {source} holds {nan} NaN and {inf} Inf values (first at "
-            f"{list(first)} of {name} as stored, {tensor.dtype})")
+    what = (
+        f"weight {source} holds {nan} NaN and {inf} Inf values (first at "
+        f"{list(first)} of {name} as stored, {tensor.dtype})"
+    )
     if allow:
-        print(f"warning: {what}; converted anyway (--allow-non-finite)", file=sys.stderr,
-              flush=True)
+        print(
+            f"warning: {what}; converted anyway (--allow-non-finite)", file=sys.stderr, flush=True
+        )
         return
-    raise UserError(f"{what}; the checkpoint is damaged or overflows "
-                    f"{tensor.dtype}: download it again, or pass --allow-non-finite to "
-                    "convert it anyway")
+    raise UserError(
+        f"{what}; the checkpoint is damaged or overflows "
+        f"{tensor.dtype}: download it again, or pass --allow-non-finite to "
+        "convert it anyway"
+    )
 
 
 def convert_weights(
