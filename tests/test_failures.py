@@ -575,3 +575,20 @@ def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
     removed = remove_stale_stages(tmp_path)
     assert removed == [dead]
     assert live.is_dir() and (tmp_path / "user.partial-1").is_dir()
+
+
+def test_output_on_a_mount_point_or_through_a_symlink(env, capsys):
+    """The atomic swap cannot move a mount point or should not replace a link: both
+    still get the new weights, and old shards go."""
+    mount = env.mount_tmpfs("mnt", "4m")
+    link = env.tmp / "link"
+    link.symlink_to(env.bundle)
+    shutil.copytree(env.bundle, mount, dirs_exist_ok=True)
+    for out in (mount, link):
+        (out / "params_shard_7.bin").write_bytes(b"old")
+        code, _, err = run_cli(capsys, ["convert", str(env.hf), "-o", str(out), "--json"])
+        assert code == 0, err
+        assert not (out / "params_shard_7.bin").exists()
+        assert run_cli(capsys, ["verify", str(out)])[0] == 0
+    assert link.is_symlink()
+    assert [p for p in env.tmp.iterdir() if ".partial-" in p.name] == []

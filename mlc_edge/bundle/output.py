@@ -176,21 +176,44 @@ def _exchange(a: Path, b: Path) -> bool:
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+    # Unsupported here, or -o is a mount point (EXDEV/EBUSY): move entry by entry.
+    if code in (
+        errno.EINVAL,
+        errno.ENOSYS,
+        errno.ENOTSUP,
+        errno.EOPNOTSUPP,
+        errno.EXDEV,
+        errno.EBUSY,
+    ):
         return False
     raise OSError(code, os.strerror(code), str(b))
 
 
 def _replace_entries(stage: Path, out_dir: Path) -> None:
-    """Without an atomic swap: move the complete stage's entries over the old ones."""
-    for old in out_dir.iterdir():
-        if not (stage / old.name).exists() and not (stage / old.name).is_symlink():
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    """Without an atomic swap (no renameat2, or -o is a mount point): move the complete
+    stage's entries over the old ones one by one, then drop the old ones it replaces."""
     for entry in stage.iterdir():
         target = out_dir / entry.name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        os.replace(entry, target)
+        try:
+            os.replace(entry, target)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            # Another file system: copy beside the target, then replace it in one step.
+            part = target.with_name(f".{target.name}.partial-{os.getpid()}")
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, part, symlinks=True)
+            else:
+                shutil.copy2(entry, part, follow_symlinks=False)
+            os.replace(part, target)
+    for old in out_dir.iterdir():
+        if not (stage / old.name).exists() and not (stage / old.name).is_symlink():
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
 
 
 @contextmanager
@@ -201,6 +224,8 @@ def staged(out_dir: Path, needs_bytes: int | None = None) -> Iterator[Path]:
     first and named if the disk fills up anyway.
     """
     out_dir = Path(out_dir).absolute()
+    if out_dir.is_symlink():  # swap the folder it points to, not the link
+        out_dir = out_dir.resolve()
     check_destination(out_dir)
     _make_dirs(out_dir)
     stale = remove_stale_stages(out_dir.parent)
