@@ -42,6 +42,7 @@ def _size_options(func: Any) -> Any:
     return func
 
 
+NON_FINITE_HELP = "convert weights holding NaN or Inf (a warning instead of an error)"
 TARGET_HELP = ("the target the bundle is for: a device's largest allocation splits the "
                "embedding/output layer (give the same to gen-config, convert and compile)")
 
@@ -104,15 +105,17 @@ def gen_config_cmd(model_dir: Path, output: Path, conv_template: str | None, tar
 @click.option("--quantization", default="q0f16t", show_default=True, help=QUANT_HELP)
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@click.option("--allow-non-finite", is_flag=True, help=NON_FINITE_HELP)
 def convert_cmd(model_dir: Path, output: Path, quantization: str, target: str | None,
-                as_json: bool) -> None:
+                as_json: bool, allow_non_finite: bool) -> None:
     """Convert the weights into tensor-cache.json + params_shard_*.bin."""
     from .bundle.output import staged
-    from .bundle.steps import write_weights
+    from .bundle.steps import weight_bytes, write_weights
 
     spec = _spec(model_dir, quantization, None, target, {})
-    with staged(output) as stage:
-        cache = write_weights(model_dir, spec, stage, progress=not as_json)
+    with staged(output, needs_bytes=weight_bytes(spec)) as stage:
+        cache = write_weights(model_dir, spec, stage, progress=not as_json,
+                              allow_non_finite=allow_non_finite)
     meta = cache["metadata"]
     _emit(as_json, {"output": str(output), "shards": len(cache["records"]), **meta},
           [f"wrote {meta['ParamSize']:,} parameters ({meta['ParamBytes'] / 2**20:.1f} MiB) in "
@@ -130,9 +133,11 @@ def convert_cmd(model_dir: Path, output: Path, quantization: str, target: str | 
               help="phone: where the app downloads the weights (default: a placeholder, "
                    "for weights pushed with `mlc-edge push`)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@click.option("--allow-non-finite", is_flag=True, help=NON_FINITE_HELP)
 @_size_options
 def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template: str | None,
                 model_lib: str | None, model_url: str | None, as_json: bool,
+                allow_non_finite: bool,
                 preset: str | None, quantization: str, **sizes: int | None) -> None:
     """Compile MODEL_DIR into a bundle (config + weights + library).
 
@@ -142,6 +147,7 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
     from .bundle.steps import (
         default_model_lib,
         require_weights_match,
+        weight_bytes,
         write_chat_config,
         write_library,
         write_weights,
@@ -169,7 +175,7 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
         spec = _spec(model_dir, quantization, preset, target, sizes)
     lib_name = model_lib or default_model_lib(model_dir, spec, target)
     app_config = None
-    with staged(output) as stage:
+    with staged(output, needs_bytes=None if is_bundle else weight_bytes(spec)) as stage:
         if not is_bundle:
             write_chat_config(model_dir, spec, stage, conv_template)
         # For a device with limits the library comes first: its guards refuse a model the
@@ -178,7 +184,7 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
         if library_first:
             lib, metadata = write_library(spec, target, stage, lib_name, progress)
         if not is_bundle:
-            write_weights(model_dir, spec, stage, progress)
+            write_weights(model_dir, spec, stage, progress, allow_non_finite)
         if not library_first:
             lib, metadata = write_library(spec, target, stage, lib_name, progress)
         if target_spec.system_lib:  # a phone bundle: the app's entry for it
@@ -505,8 +511,16 @@ def verify_cmd(path: Path, target: str | None, preset: str | None, quantization:
     Exits non-zero when a kernel fails, or when the bundle's library holds kernels other
     than the ones recompiled from its config (recompile it).
     """
+    from .bundle.integrity import before_verify
     from .verify import load_source, verify
 
+    # A bundle's weights first (size and md5), for a bundle of any target.
+    checked = before_verify(path, target)
+    if checked.kernels_not_checked:
+        _emit(as_json, {"bundle": str(path), **checked.as_dict()}, checked.lines())
+        return
+    if checked.weights and not as_json:
+        click.echo(checked.weights.line(), err=True)
     try:
         lens = tuple(int(s) for s in seq_lens.split(",") if s.strip())
     except ValueError:

@@ -25,7 +25,22 @@ def resolve_spec(
     """HF config + preset + per-value flags → what gets built."""
     sizes = load_preset(preset)
     sizes.update({k: v for k, v in overrides.items() if v is not None and k in PRESET_KEYS})
-    return ModelSpec.create(read_hf_config(model_dir), quantization, sizes)
+    spec = ModelSpec.create(read_hf_config(model_dir), quantization, sizes)
+    warn_context_window(spec)
+    return spec
+
+
+def warn_context_window(spec: ModelSpec) -> None:
+    """A context window longer than the positions the model was trained on works (RoPE
+    has a value for every position) but the answers degrade past them: say so, once."""
+    trained = spec.model_config.get("max_position_embeddings")
+    window = spec.runtime_sizes["context_window_size"]
+    if isinstance(trained, int) and window > trained:
+        print(f"warning: context_window_size {window:,} exceeds the model's "
+              f"max_position_embeddings {trained:,} (config.json): positions past "
+              f"{trained:,} were never trained and output degrades there; use "
+              f"--context-window-size {trained} or less unless the model is known to extend",
+              file=sys.stderr, flush=True)
 
 
 def default_model_lib(model_dir: Path, spec: ModelSpec, target_name: str) -> str:
@@ -40,14 +55,28 @@ def write_chat_config(
     return generate_chat_config(model_dir, spec, out, conv_template)
 
 
-def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool) -> dict[str, Any]:
+def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool,
+                  allow_non_finite: bool = False) -> dict[str, Any]:
     from ..compiler.build import parameter_list
     from ..convert.weights import convert_weights
 
     mapping = spec.family.weight_map(spec.config)
     return convert_weights(
-        Path(model_dir), out, parameter_list(spec), mapping, spec.scheme, progress=progress
+        Path(model_dir), out, parameter_list(spec), mapping, spec.scheme, progress=progress,
+        allow_non_finite=allow_non_finite,
     )
+
+
+def weight_bytes(spec: ModelSpec) -> int:
+    """Bytes of the bundle's converted weights, known before any is written."""
+    import math
+
+    import numpy as np
+
+    from ..compiler.build import parameter_list
+
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize
+               for _, shape, dtype in parameter_list(spec))
 
 
 def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,13 +36,19 @@ class _BinFile:
         self._bfloat16 = torch.bfloat16
         self.path = path
         try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            # torch warns (on stderr) about pickle protocols it cannot check; the
+            # refusal below is the one line the user needs.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as err:
             if "mmap" not in str(err):
                 raise UserError(_bin_unreadable(path, err)) from None
             # Files in torch's legacy (pre-zip) format cannot be memory-mapped.
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err2:  # any failure means a bad file
                 raise UserError(_bin_unreadable(path, err2)) from None
         except Exception as err:  # pickle/zip errors vary by damage
@@ -99,6 +107,15 @@ def _import_torch(path: Path) -> Any:
 
 
 def _bin_unreadable(path: Path, err: BaseException) -> str:
+    if "Weights only load failed" in str(err):
+        # A pickle that names a callable (os.system, ...): it would run code on load.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        return (
+            f"{path} holds Python objects other than tensors{what}, which would run "
+            "code if loaded; mlc-edge loads only tensors from .bin files: use the "
+            "model's safetensors files or re-save it with save_pretrained"
+        )
     # torch's messages run to several sentences; the first names the damage.
     why = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
     return f"{path} cannot be read ({why}); it may be truncated or corrupt: download it again"

@@ -111,8 +111,14 @@ class SafetensorsFile:
             )
         raw = self._file.read(header_len)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except _DuplicateName as dup:
+            raise UserError(
+                f"{where} is corrupt: its header names tensor {_show(dup.args[0])} twice; "
+                f"download it again"
+            ) from None
+        # ValueError: a number too long to convert; RecursionError: nesting too deep.
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise UserError(
                 f"{where} is not a valid safetensors file (its header is not JSON); "
                 f"download it again"
@@ -139,6 +145,15 @@ class SafetensorsFile:
                 f"{where} is truncated: its header describes {data_end} bytes of tensor "
                 f"data but the file holds {data_size}; download it again"
             )
+        # Two tensors sharing bytes: one of them is not what the header says.
+        previous: TensorInfo | None = None
+        for info in sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.begin):
+            if previous is not None and info.begin < previous.end:
+                raise UserError(
+                    f"{where} is corrupt: tensors {_show(previous.name)} and "
+                    f"{_show(info.name)} overlap in the file; download it again"
+                )
+            previous = info
         return metadata, tensors, data_start
 
     # -- queries ------------------------------------------------------------------
@@ -171,8 +186,9 @@ class SafetensorsFile:
         np_dtype = _DTYPES[info.st_dtype][2] if info.st_dtype in _DTYPES else None
         if np_dtype is None:
             raise UserError(
-                f"tensor {name} in {self.path} is stored as {info.dtype}, which mlc-edge "
-                f"cannot read; use a checkpoint with float32, float16 or bfloat16 weights"
+                f"tensor {_show(name)} in {self.path} is stored as {_show(info.dtype)}, "
+                f"which mlc-edge cannot read; use a checkpoint with float32, float16 or "
+                f"bfloat16 weights"
             )
         out = np.empty(info.shape, dtype=np_dtype)
         view = out.reshape(-1).view(np.uint8)
@@ -181,7 +197,7 @@ class SafetensorsFile:
         if got != info.nbytes:
             # The file shrank after open (e.g. a download still being written over).
             raise UserError(
-                f"{self.path} is truncated: tensor {name} needs {info.nbytes} bytes but "
+                f"{self.path} is truncated: tensor {_show(name)} needs {info.nbytes} bytes but "
                 f"only {got} could be read; download it again"
             )
         if info.st_dtype == "BF16":
@@ -207,12 +223,43 @@ class SafetensorsFile:
         self.close()
 
 
+class _DuplicateName(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object; a key given twice (json.loads would keep the last) is refused."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateName(key)
+        out[key] = value
+    return out
+
+
+_SHOWN_CHARS = 120
+
+
+def _show(text: object) -> str:
+    """A name from the file, safe to print on one line: escaped if it holds control or
+    unpaired-surrogate characters, cut if long."""
+    text = str(text)
+    if not text.isprintable():
+        text = ascii(text)[1:-1]
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
+# numpy arrays have at most 64 axes; a dimension must fit an int64.
+_MAX_DIMS = 64
+_MAX_DIM = (1 << 63) - 1
+
+
 def _parse_entry(where: str, name: str, entry: object) -> TensorInfo:
     """Check one header entry; anything malformed means the file is corrupt."""
 
     def corrupt(why: str) -> UserError:
         return UserError(
-            f"{where} is corrupt: tensor {name} {why}; download it again"
+            f"{where} is corrupt: tensor {_show(name)} {_show(why)}; download it again"
         )
 
     if not isinstance(entry, dict):
@@ -226,6 +273,11 @@ def _parse_entry(where: str, name: str, entry: object) -> TensorInfo:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise corrupt(f"has an invalid shape {shape!r}")
+    if len(shape) > _MAX_DIMS or math.prod(d for d in shape if d) > _MAX_DIM:
+        raise corrupt(
+            f"has an impossible shape of {len(shape)} dimensions (numpy takes at most "
+            f"{_MAX_DIMS} and 2**63 elements)"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -238,7 +290,6 @@ def _parse_entry(where: str, name: str, entry: object) -> TensorInfo:
         expected = math.prod(shape) * _DTYPES[st_dtype][1]
         if end - begin != expected:
             raise corrupt(
-                f"has {end - begin} bytes of data but shape {shape} of {st_dtype} "
-                f"needs {expected}"
+                f"has {end - begin} bytes of data but shape {shape} of {st_dtype} needs {expected}"
             )
     return TensorInfo(name, st_dtype, tuple(shape), begin, end)

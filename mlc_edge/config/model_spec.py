@@ -35,6 +35,50 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+# Upper bounds far above any released model, below sizes that would only fail later (an
+# allocation of terabytes, an hour-long compile): a value outside them is a broken config.
+_CONFIG_BOUNDS: dict[str, tuple[int, bool]] = {  # key -> (largest value, required)
+    "hidden_size": (1 << 16, True),
+    "intermediate_size": (1 << 20, True),
+    "num_hidden_layers": (1 << 10, True),
+    "num_attention_heads": (1 << 10, True),
+    "num_key_value_heads": (1 << 10, False),
+    "head_dim": (1 << 12, False),
+    "vocab_size": (1 << 22, True),
+    "max_position_embeddings": (1 << 24, False),
+}
+_RUNTIME_BOUNDS = {"context_window_size": 1 << 24, "prefill_chunk_size": 1 << 16,
+                   "max_batch_size": 1 << 10}
+
+
+def check_config_values(hf_config: dict[str, Any]) -> None:
+    """Refuse sizes no model has (a hidden size of 10^9, zero heads, a negative vocab)
+    before anything is built or allocated from them."""
+    if not isinstance(hf_config, dict):
+        raise UserError("config.json does not hold a JSON object; fix or download it again")
+    for key, (largest, required) in _CONFIG_BOUNDS.items():
+        value = hf_config.get(key)
+        if value is None:
+            if required:
+                raise UserError(f"config.json has no '{key}': is this a complete Hugging "
+                                "Face config?")
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= largest:
+            raise UserError(f"config.json has {key} = {value!r}: it must be a whole number "
+                            f"from 1 to {largest:,}; fix config.json or download it again")
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config.get("num_key_value_heads")
+    if kv_heads is not None and heads % kv_heads:
+        raise UserError(f"config.json has num_attention_heads = {heads}, not a multiple of "
+                        f"num_key_value_heads = {kv_heads}; fix config.json")
+    for key in ("rope_theta", "rms_norm_eps", "layer_norm_eps"):
+        value = hf_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value < float("inf")
+                                  or (key == "rope_theta" and value == 0)):
+            raise UserError(f"config.json has {key} = {value!r}, not a usable number; fix "
+                            "config.json or download it again")
+
+
 @dataclass
 class ModelSpec:
     family: ModelFamily
@@ -46,13 +90,19 @@ class ModelSpec:
     def create(
         cls, hf_config: dict[str, Any], quantization: str, runtime_sizes: dict[str, int]
     ) -> ModelSpec:
+        if not isinstance(hf_config, dict):
+            raise UserError("config.json does not hold a JSON object; fix or download it")
         family = find_family(hf_config)
+        check_config_values(hf_config)
         # A bundle made for a device with an allocation limit records it: its weights
         # (and every library compiled from it) keep the embedding/output split.
         scheme = get_scheme(quantization).with_max_alloc(hf_config.get(SPLIT_LIMIT_KEY))
         for key, value in runtime_sizes.items():
             if value < 1:
                 raise UserError(f"{key} must be a positive integer, got {value}")
+            if value > _RUNTIME_BOUNDS.get(key, value):
+                raise UserError(f"{key} {value:,} is larger than mlc-edge allows "
+                                f"({_RUNTIME_BOUNDS[key]:,})")
         model_config = {**hf_config, **runtime_sizes, "tensor_parallel_shards": 1}
         config = family.config_class.from_hf(hf_config)
         for key in PRESET_KEYS:

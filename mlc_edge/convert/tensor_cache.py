@@ -80,7 +80,11 @@ class TensorCacheWriter:
         if nbytes:
             raw = array.reshape(-1).view(np.uint8)  # a view: no copy of the tensor
             assert self._file is not None
-            self._file.write(raw)
+            try:
+                self._file.write(raw)
+            except OSError as err:  # e.g. the disk is full: say which file
+                err.filename = err.filename or self._file.name
+                raise
             self._md5.update(raw)
         shard["nbytes"] += nbytes
         self._names.add(name)
@@ -103,7 +107,11 @@ class TensorCacheWriter:
     def _close_shard(self) -> None:
         if self._file is None:
             return
-        self._file.close()
+        try:
+            self._file.close()  # flushes: a full disk may show only here
+        except OSError as err:
+            err.filename = err.filename or self._file.name
+            raise
         self._file = None
         self._shards[-1]["md5sum"] = self._md5.hexdigest()
         self._md5 = None
@@ -121,7 +129,12 @@ class TensorCacheWriter:
             },
             "records": self._shards,
         }
-        (self.out_dir / CACHE_JSON).write_text(json.dumps(cache, indent=2) + "\n")
+        path = self.out_dir / CACHE_JSON
+        try:
+            path.write_text(json.dumps(cache, indent=2) + "\n")
+        except OSError as err:
+            err.filename = err.filename or str(path)
+            raise
         return cache
 
     def close(self) -> None:

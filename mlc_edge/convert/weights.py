@@ -211,6 +211,34 @@ def _load_fused(ckpt: Checkpoint, hf_names: tuple[str, ...]) -> np.ndarray:
     return out
 
 
+def check_finite(name: str, hf_names: tuple[str, ...], tensor: np.ndarray, allow: bool) -> None:
+    """NaN or Inf in a weight: an error naming the tensor, or with ``allow`` a warning.
+
+    Every tensor passes through here anyway, so the check costs one pass over it. It
+    runs on the converted tensor, so a value beyond fp16's range (now Inf) is caught too.
+    """
+    if tensor.dtype.kind != "f" or np.isfinite(tensor).all():
+        return
+    nan = int(np.isnan(tensor).sum())
+    inf = int(tensor.size - nan - np.isfinite(tensor).sum())
+    first = tuple(int(i) for i in np.argwhere(~np.isfinite(tensor))[0])
+    source = " + ".join(hf_names)
+    what = (
+        f"weight {source} holds {nan} NaN and {inf} Inf values (first at "
+        f"{list(first)} of {name} as stored, {tensor.dtype})"
+    )
+    if allow:
+        print(
+            f"warning: {what}; converted anyway (--allow-non-finite)", file=sys.stderr, flush=True
+        )
+        return
+    raise UserError(
+        f"{what}; the checkpoint is damaged or overflows "
+        f"{tensor.dtype}: download it again, or pass --allow-non-finite to "
+        "convert it anyway"
+    )
+
+
 def convert_weights(
     model_dir: Path,
     out_dir: Path,
@@ -218,11 +246,13 @@ def convert_weights(
     mapping: dict[str, ParamSource],
     scheme: WeightScheme,
     progress: bool = True,
+    allow_non_finite: bool = False,
 ) -> dict[str, Any]:
     """Write ``tensor-cache.json`` and shards for ``expected`` into ``out_dir``.
 
     ``expected`` lists (bundle name, shape, dtype) in the order the runtime loads them;
     ``mapping`` says which checkpoint tensors make each one. Returns the json written.
+    A NaN or Inf in a weight is refused unless ``allow_non_finite`` (then a warning).
     """
     layout = _Layout(scheme)
     with Checkpoint.open(Path(model_dir)) as ckpt:
@@ -252,10 +282,12 @@ def convert_weights(
                         held = None  # release the previous table before reading the next
                         held = (src.hf_names, _load_fused(ckpt, src.hf_names))
                     tensor = held[1][p.rows[0] : p.rows[1]]
-                if src.is_linear_weight:
-                    tensor = scheme.convert_linear_weight(tensor)
-                else:
-                    tensor = scheme.convert_plain(tensor)
+                # A value beyond the scheme's range becomes Inf: check_finite names it.
+                with np.errstate(over="ignore"):
+                    if src.is_linear_weight:
+                        tensor = scheme.convert_linear_weight(tensor)
+                    else:
+                        tensor = scheme.convert_plain(tensor)
                 if tuple(tensor.shape) != p.shape:
                     raise UserError(
                         f"{_describe(ckpt, src.hf_names)}, which converts to "
@@ -266,6 +298,7 @@ def convert_weights(
                     raise ValueError(
                         f"parameter {p.name} converted to {tensor.dtype}, expected {p.dtype}"
                     )
+                check_finite(p.name, src.hf_names, tensor, allow_non_finite)
                 writer.add(p.name, tensor)
                 del tensor
                 bar.update(p.source_bytes)

@@ -20,6 +20,7 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: works with a runtime-only TVM
 
+from ..bundle.integrity import check_weights
 from ..errors import UserError
 from .sampler import Sampler
 
@@ -145,6 +146,9 @@ class Engine:
         load = tvm.get_global_func("vm.builtin.tensor_cache.load")
         by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
         clear = tvm.get_global_func("vm.builtin.tensor_cache.clear")
+        # Sizes only (one stat per shard): a short shard is one line here, not TVM's
+        # C++ traceback. `mlc-edge verify` also checks the md5 sums.
+        check_weights(self.bundle, md5=False)
         load(str(self.bundle), self.device.dlpack_device_type(), self.device.index)
         try:
             return by_name([p["name"] for p in self.metadata["params"]])
