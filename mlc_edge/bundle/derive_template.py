@@ -196,7 +196,7 @@ def derive_template(chat_template: str, special_tokens: list[str], bos_token: st
             return DerivedTemplate(None, f"rendering it failed ({err})")
         ours = render_mlc(template, messages, prefix_text)
         if ours != theirs:
-            roles = "+".join(r for r, _ in messages)
+            roles = "+".join(r for r, c in messages if c is not None)
             return DerivedTemplate(None, f"MLC's format renders the conversation {roles} "
                                          f"differently ({_first_difference(ours, theirs)})")
     return DerivedTemplate(template, bos_prefix=bool(prefix_text))
@@ -215,10 +215,8 @@ def _first_difference(ours: str, theirs: str) -> str:
     return f"MLC {show(ours[i:])} where the template has {show(theirs[i:])}"
 
 
-def _token_text(token: Any) -> str | None:
-    if isinstance(token, dict):  # tokenizer_config.json's AddedToken form
-        token = token.get("content")
-    return token if isinstance(token, str) else None
+_TEXT_FIELDS = ("system_template", "system_message", "roles", "seps", "role_content_sep",
+                "role_empty_sep")
 
 
 def checkpoint_template(model_dir: Path, family_model_type: str,
@@ -238,6 +236,11 @@ def checkpoint_template(model_dir: Path, family_model_type: str,
         derived = derive_template(chat_template, specials, bos, eos)
         if derived.template is not None:
             template = derived.template
+            # Named after the template it equals, if any (``mlc-edge`` and MLC-LLM know it).
+            named = make_template(choose_template(family_model_type, vocab, chat_template),
+                                  vocab, bos_token_id, eos_token_ids)
+            if all(named[k] == template[k] for k in _TEXT_FIELDS):
+                template["name"] = named["name"]
             stops = [vocab[t] for t in template["stop_str"] if t in vocab]
             template["stop_token_ids"] = sorted(set(stops) | set(eos_token_ids))
             if derived.bos_prefix and bos_token_id is not None:
