@@ -68,7 +68,10 @@ def write_gguf(model, path: Path, arch: str = "llama", types: dict[str, object] 
                                     or cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     types = types or {}
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -93,16 +96,31 @@ def write_gguf(model, path: Path, arch: str = "llama", types: dict[str, object] 
     return path
 
 
+FAMILIES = {"Llama": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3"}
+
+
 @pytest.fixture(scope="module")
-def tiny_llama_gguf(tmp_path_factory):
+def tiny_ggufs(tmp_path_factory):
+    """family -> (transformers model, its GGUF); 32-wide rows fill whole quant blocks."""
     path = tmp_path_factory.mktemp("gguf")
-    # 32 columns: rows fill whole quantization blocks.
-    model = make_model("Llama", path / "hf", hidden_size=64, intermediate_size=96)
-    return model, write_gguf(model, path / "tiny.gguf")
+    made = {}
+    for family, arch in FAMILIES.items():
+        model = make_model(family, path / family, hidden_size=64, intermediate_size=96)
+        made[family] = model, write_gguf(model, path / f"{family}.gguf", arch=arch)
+    return made
 
 
-def test_tensors_come_back_as_the_hugging_face_ones(tiny_llama_gguf):
-    model, path = tiny_llama_gguf
+@pytest.fixture(scope="module")
+def tiny_llama_gguf(tiny_ggufs):
+    return tiny_ggufs["Llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensors_and_config_come_back_as_the_hugging_face_ones(tiny_ggufs, family):
+    from mlc_edge.checkpoint.gguf_file import read_metadata
+    from mlc_edge.config import ModelSpec
+
+    model, path = tiny_ggufs[family]
     state = model.state_dict()
     f = GGUFFile(path)
     tied = model.config.tie_word_embeddings
@@ -110,17 +128,31 @@ def test_tensors_come_back_as_the_hugging_face_ones(tiny_llama_gguf):
     for name in f.names():
         assert f.shape(name) == tuple(state[name].shape), name
         np.testing.assert_array_equal(f.load(name), state[name].numpy(), err_msg=name)
+    _, config = read_metadata(f._reader, path)
     f.close()
+    ours = ModelSpec.create(config, "q0f32t", {"max_batch_size": 1, "prefill_chunk_size": 16,
+                                               "context_window_size": 64}).config
+    cfg = model.config
+    assert (ours.num_hidden_layers, ours.num_attention_heads, ours.num_key_value_heads,
+            ours.head_dim, ours.intermediate_size, ours.vocab_size) == (
+        cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        cfg.intermediate_size, cfg.vocab_size)
+    assert ours.tie_word_embeddings == tied
+    assert ours.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)
 
 
-def test_transformers_reads_our_tiny_gguf_as_the_same_model(tiny_llama_gguf, tmp_path):
-    """The permutation in ``write_gguf`` is llama.cpp's: transformers, which undoes it on
-    its own, loads the original weights from the file."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_reads_our_tiny_gguf_as_the_same_model(tiny_ggufs, family):
+    """The GGUFs written here are laid out as llama.cpp's converter lays them out:
+    transformers, which undoes llama.cpp's layout on its own, loads the original weights."""
     from transformers import AutoModelForCausalLM
 
-    model, path = tiny_llama_gguf
+    model, path = tiny_ggufs[family]
+    # The config given: transformers' Qwen3 GGUF reader ignores key_length (head_dim);
+    # the tensor layout is what this test is about.
     theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  dtype=torch.float32)
+                                                  config=model.config, dtype=torch.float32)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(theirs.state_dict()[name], tensor, rtol=0, atol=0)
 
@@ -155,7 +187,10 @@ def test_quantized_blocks_dequantize_as_gguf_does(tmp_path):
 def test_a_folder_with_one_gguf_and_its_checkpoint(tiny_llama_gguf, tmp_path):
     _, path = tiny_llama_gguf
     assert find_gguf(path) == path
-    assert find_gguf(path.parent) == path  # the folder also holds hf/, no config.json
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "m.gguf").symlink_to(path)
+    assert find_gguf(single) == single / "m.gguf"
     (tmp_path / "a.gguf").write_bytes(b"")
     (tmp_path / "b.gguf").write_bytes(b"")
     with pytest.raises(UserError, match="several GGUF files"):
