@@ -125,7 +125,9 @@ def derive_template(chat_template: str, special_tokens: list[str], bos_token: st
         plain = render_jinja(chat_template, CHECKS[0], bos, eos)
     except Exception as err:  # a template may raise on our probes (e.g. tool-only)
         return DerivedTemplate(None, f"rendering it failed ({err})")
-    prefix_text = bos if bos and sys_text.startswith(bos) else ""
+    # A leading BOS becomes system_prefix_token_ids, unless the token also structures the
+    # conversation (SmolLM2's BOS is <|im_start|>): then it stays text.
+    prefix_text = bos if bos and sys_text.startswith(bos) and sys_text.count(bos) == 1 else ""
     ua = _between(multi, _U1, _A1)
     au = _between(multi, _A1, _U2)
     end = _between(multi, _U2, None)
