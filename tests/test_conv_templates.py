@@ -352,10 +352,22 @@ NUMBERED_TEMPLATE = (
 # ChatML that marks messages after the fourth: only a three-turn check can tell.
 LATE_TEMPLATE = SMOLLM2_TEMPLATE.replace(
     "message['content'] +", "('(again) ' if loop.index0 > 3 else '') + message['content'] +")
+# Llama 3's format with a default system block (as Llama 3.1's writes one): the leading
+# BOS becomes system_prefix_token_ids.
+LLAMA3_DEFAULT_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>' }}{% endif %}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
 DERIVED = {**{n: TOKENIZERS[n] for n in TOKENIZERS},
            "smollm2": (SMOLLM2_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
            "numbered": (NUMBERED_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
-           "late": (LATE_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None)}
+           "late": (LATE_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
+           "llama-3-default-system": (LLAMA3_DEFAULT_SYSTEM_TEMPLATE, _LLAMA3_TOKENS,
+                                      "<|begin_of_text|>", "<|eot_id|>", None)}
 # What MLC's format cannot express, and the warning naming it.
 NOT_EXPRESSIBLE = {"qwen3": "writes no system block", "llama-3": "writes no system block",
                    "numbered": "differs",
@@ -380,7 +392,7 @@ def test_derived_template_gives_the_tokenizers_token_ids(tmp_path, name, capsys)
     try:
         path = _tokenizer_dir(tmp_path, name)
     finally:
-        if name not in ("qwen2", "qwen2.5", "qwen3", "llama-3"):
+        if name not in ("qwen2", "qwen2.5", "qwen3", "llama-3"):  # ours only
             del TOKENIZERS[name]
     _, _, bos, eos, _ = DERIVED[name]
     tokenizer_json = json.loads((path / "tokenizer.json").read_text())
@@ -394,7 +406,8 @@ def test_derived_template_gives_the_tokenizers_token_ids(tmp_path, name, capsys)
         assert warning.count("\n") == 1
     else:
         assert warning == "" and template["name"] in ("chat_template", name)
-        assert template["stop_token_ids"] == [vocab["<|im_end|>"]]
+        assert template["stop_token_ids"] == [vocab[eos]]
+        assert template["system_prefix_token_ids"] == ([vocab[bos]] if bos else [])
     if name in ("numbered", "late"):
         return  # the fallback does not claim to match them
     tok = AutoTokenizer.from_pretrained(str(path))
