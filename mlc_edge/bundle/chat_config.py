@@ -109,8 +109,9 @@ def generate_chat_config(
     bos = generation.get("bos_token_id", hf.get("bos_token_id"))
     eos = _as_list(generation.get("eos_token_id", hf.get("eos_token_id")))
     pad = generation.get("pad_token_id", hf.get("pad_token_id"))
-    template = checkpoint_template(model_dir, spec.family.model_type, tokenizer_json, vocab,
-                                   bos, eos, conv_template)
+    template = checkpoint_template(
+        model_dir, spec.family.model_type, tokenizer_json, vocab, bos, eos, conv_template
+    )
     sizes = spec.runtime_sizes
     config = {
         "version": "0.1.0",

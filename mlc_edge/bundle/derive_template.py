@@ -25,8 +25,9 @@ from typing import Any
 from .conv_templates import choose_template, make_template, read_chat_template, render
 
 _SYSTEM = "\x01SYSTEM\x01"
-_U1, _A1, _U2, _A2, _U3 = (f"\x01{m}\x01" for m in ("USER1", "ASSISTANT1", "USER2",
-                                                     "ASSISTANT2", "USER3"))
+_U1, _A1, _U2, _A2, _U3 = (
+    f"\x01{m}\x01" for m in ("USER1", "ASSISTANT1", "USER2", "ASSISTANT2", "USER3")
+)
 
 Messages = list[tuple[str, str | None]]  # (role, content); None = the reply to write
 
@@ -38,8 +39,9 @@ class DerivedTemplate:
     bos_prefix: bool = False  # the template starts with the BOS token
 
 
-def render_jinja(chat_template: str, messages: Messages, bos_token: str = "",
-                 eos_token: str = "") -> str:
+def render_jinja(
+    chat_template: str, messages: Messages, bos_token: str = "", eos_token: str = ""
+) -> str:
     """``messages`` through the jinja template, with the environment transformers uses
     for ``apply_chat_template`` (trim_blocks, lstrip_blocks, sandboxed)."""
     from jinja2.ext import loopcontrols
@@ -48,14 +50,19 @@ def render_jinja(chat_template: str, messages: Messages, bos_token: str = "",
     def raise_exception(message: str) -> None:
         raise ValueError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     msgs = [{"role": r, "content": c} for r, c in messages if c is not None]
     return env.from_string(chat_template).render(
-        messages=msgs, add_generation_prompt=messages[-1][1] is None if messages else False,
-        bos_token=bos_token, eos_token=eos_token, tools=None, documents=None,
+        messages=msgs,
+        add_generation_prompt=messages[-1][1] is None if messages else False,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        tools=None,
+        documents=None,
     )
 
 
@@ -98,10 +105,16 @@ CHECKS: list[Messages] = [
     [("user", _U1), ("assistant", None)],
     [("system", _SYSTEM), ("user", _U1), ("assistant", None)],
     [("user", _U1), ("assistant", _A1), ("user", _U2), ("assistant", None)],
-    [("system", _SYSTEM), ("user", _U1), ("assistant", _A1), ("user", _U2),
-     ("assistant", None)],
-    [("system", _SYSTEM), ("user", _U1), ("assistant", _A1), ("user", _U2),
-     ("assistant", _A2), ("user", _U3), ("assistant", None)],
+    [("system", _SYSTEM), ("user", _U1), ("assistant", _A1), ("user", _U2), ("assistant", None)],
+    [
+        ("system", _SYSTEM),
+        ("user", _U1),
+        ("assistant", _A1),
+        ("user", _U2),
+        ("assistant", _A2),
+        ("user", _U3),
+        ("assistant", None),
+    ],
 ]
 
 
@@ -114,8 +127,9 @@ def render_mlc(template: dict[str, Any], messages: Messages, prefix_text: str = 
     return prefix_text + render(template, messages)
 
 
-def derive_template(chat_template: str, special_tokens: list[str], bos_token: str | None,
-                    eos_token: str | None) -> DerivedTemplate:
+def derive_template(
+    chat_template: str, special_tokens: list[str], bos_token: str | None, eos_token: str | None
+) -> DerivedTemplate:
     """MLC fields reproducing ``chat_template``; ``special_tokens`` are the tokenizer's
     added special tokens (for splitting separators from role prefixes and for stops)."""
     bos, eos = bos_token or "", eos_token or ""
@@ -140,8 +154,9 @@ def derive_template(chat_template: str, special_tokens: list[str], bos_token: st
     # sep0 is where ua and end agree before the assistant's role; likewise the role
     # prefixes share their opening (a special token) after each separator.
     shared = _common_prefix(head_ua, end)
-    split0 = _split_sep_role(_common_prefix(head_ua, head_au) if head_ua != head_au
-                             else shared, special_tokens)
+    split0 = _split_sep_role(
+        _common_prefix(head_ua, head_au) if head_ua != head_au else shared, special_tokens
+    )
     split0 = min(split0, len(shared))
     sep0, asst_role = head_ua[:split0], head_ua[split0:]
     if not end.startswith(sep0 + asst_role):
@@ -157,18 +172,25 @@ def derive_template(chat_template: str, special_tokens: list[str], bos_token: st
             user_role = candidate
             break
     if user_role is None:
-        return DerivedTemplate(None, "the first user message after the system message is "
-                                     "introduced differently from later ones")
+        return DerivedTemplate(
+            None,
+            "the first user message after the system message is "
+            "introduced differently from later ones",
+        )
     sep1 = head_au[: len(head_au) - len(user_role)]
     system_suffix = su[: len(su) - len(user_role + rcs)]
     system_prefix = sys_text[len(prefix_text) : sys_text.find(_SYSTEM)]
     # The default system message: what fills the system part without one.
     after_system = system_suffix + user_role + rcs + _U1 + end
     start = prefix_text + system_prefix
-    if not (plain.startswith(start) and plain.endswith(after_system)
-            and len(plain) >= len(start) + len(after_system)):
-        return DerivedTemplate(None, "without a system message it writes no system block "
-                                     "(MLC always writes one)")
+    if not (
+        plain.startswith(start)
+        and plain.endswith(after_system)
+        and len(plain) >= len(start) + len(after_system)
+    ):
+        return DerivedTemplate(
+            None, "without a system message it writes no system block (MLC always writes one)"
+        )
     default = plain[len(start) : len(plain) - len(after_system)]
     stops = [t for t in special_tokens if t and t in sep1]
     if eos and eos not in stops:
@@ -180,8 +202,11 @@ def derive_template(chat_template: str, special_tokens: list[str], bos_token: st
         "system_prefix_token_ids": [],
         "add_role_after_system_message": True,
         "roles": {"user": user_role, "assistant": asst_role},
-        "role_templates": {"user": "{user_message}", "assistant": "{assistant_message}",
-                           "tool": "{tool_message}"},
+        "role_templates": {
+            "user": "{user_message}",
+            "assistant": "{assistant_message}",
+            "tool": "{tool_message}",
+        },
         "messages": [],
         "seps": [sep0] if sep0 == sep1 else [sep0, sep1],
         "role_content_sep": rcs,
@@ -199,15 +224,24 @@ def derive_template(chat_template: str, special_tokens: list[str], bos_token: st
         ours = render_mlc(template, messages, prefix_text)
         if ours != theirs:
             roles = "+".join(r for r, c in messages if c is not None)
-            return DerivedTemplate(None, f"MLC's format renders the conversation {roles} "
-                                         f"differently ({_first_difference(ours, theirs)})")
+            return DerivedTemplate(
+                None,
+                f"MLC's format renders the conversation {roles} "
+                f"differently ({_first_difference(ours, theirs)})",
+            )
     return DerivedTemplate(template, bos_prefix=bool(prefix_text))
 
 
 def _first_difference(ours: str, theirs: str) -> str:
     i = len(_common_prefix(ours, theirs))
-    readable = {_SYSTEM: "<system>", _U1: "<user1>", _A1: "<reply1>", _U2: "<user2>",
-                _A2: "<reply2>", _U3: "<user3>"}
+    readable = {
+        _SYSTEM: "<system>",
+        _U1: "<user1>",
+        _A1: "<reply1>",
+        _U2: "<user2>",
+        _A2: "<reply2>",
+        _U3: "<user3>",
+    }
 
     def show(text: str) -> str:
         for marker, name in readable.items():
@@ -217,30 +251,48 @@ def _first_difference(ours: str, theirs: str) -> str:
     return f"MLC {show(ours[i:])} where the template has {show(theirs[i:])}"
 
 
-_TEXT_FIELDS = ("system_template", "system_message", "roles", "seps", "role_content_sep",
-                "role_empty_sep")
+_TEXT_FIELDS = (
+    "system_template",
+    "system_message",
+    "roles",
+    "seps",
+    "role_content_sep",
+    "role_empty_sep",
+)
 
 
-def checkpoint_template(model_dir: Path, family_model_type: str,
-                        tokenizer_json: dict[str, Any], vocab: dict[str, int],
-                        bos_token_id: int | None, eos_token_ids: list[int],
-                        name: str | None = None) -> dict[str, Any]:
+def checkpoint_template(
+    model_dir: Path,
+    family_model_type: str,
+    tokenizer_json: dict[str, Any],
+    vocab: dict[str, int],
+    bos_token_id: int | None,
+    eos_token_ids: list[int],
+    name: str | None = None,
+) -> dict[str, Any]:
     """The ``conv_template`` for a checkpoint: the named one when ``name`` is given
     (``--conv-template``), else derived from its own chat_template, else (saying why on
     stderr) the template its tokenizer and family suggest."""
     chat_template = read_chat_template(model_dir)
     if name is None and chat_template:
         by_id = {i: t for t, i in vocab.items()}
-        specials = [t["content"] for t in tokenizer_json.get("added_tokens", [])
-                    if t.get("special") and isinstance(t.get("content"), str)]
+        specials = [
+            t["content"]
+            for t in tokenizer_json.get("added_tokens", [])
+            if t.get("special") and isinstance(t.get("content"), str)
+        ]
         bos = by_id.get(bos_token_id) if bos_token_id is not None else None
         eos = by_id.get(eos_token_ids[0]) if eos_token_ids else None
         derived = derive_template(chat_template, specials, bos, eos)
         if derived.template is not None:
             template = derived.template
             # Named after the template it equals, if any (``mlc-edge`` and MLC-LLM know it).
-            named = make_template(choose_template(family_model_type, vocab, chat_template),
-                                  vocab, bos_token_id, eos_token_ids)
+            named = make_template(
+                choose_template(family_model_type, vocab, chat_template),
+                vocab,
+                bos_token_id,
+                eos_token_ids,
+            )
             if all(named[k] == template[k] for k in _TEXT_FIELDS):
                 template["name"] = named["name"]
             stops = [vocab[t] for t in template["stop_str"] if t in vocab]
@@ -249,9 +301,12 @@ def checkpoint_template(model_dir: Path, family_model_type: str,
                 template["system_prefix_token_ids"] = [bos_token_id]
             return template
         fallback = choose_template(family_model_type, vocab, chat_template)
-        print(f"warning: the checkpoint's chat_template cannot be written in MLC's "
-              f"format: {derived.problem}; using the '{fallback}' template",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: the checkpoint's chat_template cannot be written in MLC's "
+            f"format: {derived.problem}; using the '{fallback}' template",
+            file=sys.stderr,
+            flush=True,
+        )
         name = fallback
     name = name or choose_template(family_model_type, vocab, chat_template)
     return make_template(name, vocab, bos_token_id, eos_token_ids)

@@ -72,8 +72,7 @@ def _import_gguf(path: Path) -> Any:
         import gguf
     except ImportError:
         raise UserError(
-            f"{path} is a GGUF file and reading it needs the gguf package: "
-            f"pip install gguf==0.19.0"
+            f"{path} is a GGUF file and reading it needs the gguf package: pip install gguf==0.19.0"
         ) from None
     return gguf
 
@@ -173,8 +172,11 @@ def read_metadata(reader: Any, path: Path) -> tuple[str, dict[str, Any]]:
     if model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in names
         config["mlp_bias"] = "blk.0.ffn_up.bias" in names
-    for ours, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                      ("pad_token_id", "padding_token_id")):
+    for ours, key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         value = _field(reader, f"tokenizer.ggml.{key}")
         if value is not None:
             config[ours] = int(value)
@@ -198,9 +200,7 @@ def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
     ``2i + 1`` is HF row ``i + head_dim / 2``). Weights and biases alike."""
     shape = rows.shape
     head_dim = shape[0] // n_head
-    return (
-        rows.reshape(n_head, head_dim // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-    )
+    return rows.reshape(n_head, head_dim // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 class GGUFFile:
@@ -294,9 +294,12 @@ def prepare_model_dir(gguf_path: Path, out_dir: Path) -> Path:
     reader = _open_reader(gguf_path)
     _, config = read_metadata(reader, gguf_path)
     GGUFFile(gguf_path).close()  # refuse unsupported tensors before any other work
-    print(f"read {gguf_path.name}: {config['architectures'][0]}, "
-          f"{config['num_hidden_layers']} layers; building its tokenizer ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"read {gguf_path.name}: {config['architectures'][0]}, "
+        f"{config['num_hidden_layers']} layers; building its tokenizer ...",
+        file=sys.stderr,
+        flush=True,
+    )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _tokenizer_files(gguf_path, out_dir)
     os.symlink(gguf_path, out_dir / LINK_NAME)
