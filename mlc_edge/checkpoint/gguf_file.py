@@ -5,7 +5,7 @@ A ``.gguf`` file holds what a Hugging Face folder spreads over several files: me
 under llama.cpp's names (``blk.N.attn_q.weight``), many block-quantized. We read it with
 the ``gguf`` package (maintained with llama.cpp), which memory-maps the file:
 
-* ``hf_config`` turns the metadata into the ``config.json`` our families take;
+* ``read_metadata`` turns the metadata into the ``config.json`` our families take;
 * ``GGUFFile`` shows the tensors under Hugging Face names and shapes, and ``load``
   dequantizes one tensor at a time to float32 (peak memory: one tensor, as for
   safetensors), undoing llama.cpp's q/k row permutation for Llama (see ``_unpermute``);
