@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,28 @@ def _size_options(func: Any) -> Any:
 NON_FINITE_HELP = "convert weights holding NaN or Inf (a warning instead of an error)"
 TARGET_HELP = ("the target the bundle is for: a device's largest allocation splits the "
                "embedding/output layer (give the same to gen-config, convert and compile)")
+
+
+@contextlib.contextmanager
+def _gguf_as_folder(model_dir: Path) -> Iterator[Path]:
+    """A ``.gguf`` (or a folder holding one) as a Hugging Face-style folder, for as long
+    as the command runs; any other path as it is."""
+    from .checkpoint.gguf_file import find_gguf, prepare_model_dir
+
+    gguf_path = find_gguf(model_dir)
+    if gguf_path is None:
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="mlc-edge-gguf-") as tmp:
+        # Named after the file: the default library name comes from the folder's name.
+        folder = Path(tmp) / gguf_path.stem
+        folder.mkdir()
+        yield prepare_model_dir(gguf_path, folder)
+
+
+def _model_folder(model_dir: Path) -> Path:
+    """``model_dir``, or the folder made from its GGUF, kept until the command ends."""
+    return click.get_current_context().with_resource(_gguf_as_folder(model_dir))
 
 
 def _spec(model_dir: Path, quantization: str, preset: str | None, target: str | None,
@@ -93,6 +118,7 @@ def gen_config_cmd(model_dir: Path, output: Path, conv_template: str | None, tar
     from .bundle.output import staged
     from .bundle.steps import write_chat_config
 
+    model_dir = _model_folder(model_dir)
     spec = _spec(model_dir, quantization, preset, target, sizes)
     with staged(output) as stage:
         write_chat_config(model_dir, spec, stage, conv_template)
@@ -112,6 +138,7 @@ def convert_cmd(model_dir: Path, output: Path, quantization: str, target: str | 
     from .bundle.output import staged
     from .bundle.steps import weight_bytes, write_weights
 
+    model_dir = _model_folder(model_dir)
     spec = _spec(model_dir, quantization, None, target, {})
     with staged(output, needs_bytes=weight_bytes(spec)) as stage:
         cache = write_weights(model_dir, spec, stage, progress=not as_json,
@@ -172,6 +199,7 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
     else:
         if output is None:
             raise UserError("give the bundle folder with -o (e.g. -o dist/my-model)")
+        model_dir = _model_folder(model_dir)
         spec = _spec(model_dir, quantization, preset, target, sizes)
     lib_name = model_lib or default_model_lib(model_dir, spec, target)
     app_config = None

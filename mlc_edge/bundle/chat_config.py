@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import UserError
-from .conv_templates import choose_template, make_template, read_chat_template
+from .derive_template import checkpoint_template
 
 # Copied as they are when present; tokenizer.json is what the runtime tries first.
 TOKENIZER_FILES = (
@@ -109,8 +109,8 @@ def generate_chat_config(
     bos = generation.get("bos_token_id", hf.get("bos_token_id"))
     eos = _as_list(generation.get("eos_token_id", hf.get("eos_token_id")))
     pad = generation.get("pad_token_id", hf.get("pad_token_id"))
-    template_name = conv_template or choose_template(
-        spec.family.model_type, vocab, read_chat_template(model_dir)
+    template = checkpoint_template(
+        model_dir, spec.family.model_type, tokenizer_json, vocab, bos, eos, conv_template
     )
     sizes = spec.runtime_sizes
     config = {
@@ -129,7 +129,7 @@ def generate_chat_config(
         **{k: generation.get(k, v) for k, v in _SAMPLING_DEFAULTS.items()},
         "tokenizer_files": files,
         "tokenizer_info": _tokenizer_info(tokenizer_json),
-        "conv_template": make_template(template_name, vocab, bos, eos),
+        "conv_template": template,
         "pad_token_id": pad if pad is not None else 0,
         "bos_token_id": bos if bos is not None else -1,
         "eos_token_id": eos[0] if len(eos) == 1 else eos,

