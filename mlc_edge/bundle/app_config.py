@@ -2,7 +2,7 @@
 
 MLC's Android app lists its models in ``assets/mlc-app-config.json``
 (``{"model_list": [{model_id, model_lib, model_url, estimated_vram_bytes}]}``, see
-mlc-runtime-abi.md). A phone bundle carries its own entry, ready to be merged into that
+docs/runtime-contract.md). A phone bundle carries its own entry, ready to be merged into that
 list. ``model_url`` is where the app downloads the weights from when they are not on the
 phone; without a user-given URL it is a placeholder that parses and never resolves
 (android_app/README.md): the weights are pushed with ``mlc-edge push`` into

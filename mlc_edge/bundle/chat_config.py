@@ -1,6 +1,6 @@
 """``mlc-chat-config.json`` and the tokenizer files beside it.
 
-Every field MLC-LLM's runtime requires (mlc-runtime-abi.md) is written; the sampling
+Every field MLC-LLM's runtime requires (docs/runtime-contract.md) is written; the sampling
 defaults come from the checkpoint's ``generation_config.json`` when it has one.
 """
 

@@ -60,7 +60,7 @@ def spec_for_target(spec: ModelSpec, target_spec: TargetSpec) -> ModelSpec:
 def build_metadata(
     spec: ModelSpec, model: DecoderLM, params: list[tuple[str, Any]]
 ) -> dict[str, Any]:
-    """The ``_metadata`` fields the runtime reads (mlc-runtime-abi.md), less memory usage."""
+    """The ``_metadata`` fields the runtime reads (docs/runtime-contract.md), less memory usage."""
     kv = model.kv_cache_shape()
     sizes = spec.runtime_sizes
     return {

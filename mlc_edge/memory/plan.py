@@ -13,7 +13,7 @@ The breakdown (``MemoryPlan``), all in bytes:
     temporaries   ``_metadata.memory_usage`` (the compiler's static memory plan, per
                   function); one function runs at a time, so the peak counts the largest
     logits        [max_batch, 1, vocab] float32: the logits of one step
-    overhead      the runtime's fixed ~48 MiB (mlc-runtime-abi.md, "GPU memory on the phone")
+    overhead      the runtime's fixed ~48 MiB (docs/runtime-contract.md, "GPU memory")
 
 ``predict_load`` is the engine's own check, ``EstimateMemoryUsageOnMode`` of mlc-llm
 ``cpp/serve/config.cc``, term by term in ``engine_estimate.py``::

@@ -2,7 +2,7 @@
 
 A family implements ``embed``, ``forward_hidden`` (input embeddings → final hidden
 states, through the paged KV cache), ``get_logits`` and ``kv_cache_shape``; this base
-turns them into the functions MLC-LLM's runtime calls (see mlc-runtime-abi.md):
+turns them into the functions MLC-LLM's runtime calls (see docs/runtime-contract.md):
 ``embed``, ``prefill``, ``decode``, ``batch_prefill``, ``batch_decode``,
 ``create_tir_paged_kv_cache``, ``alloc_embedding_tensor`` and
 ``softmax_with_temperature``.

@@ -25,7 +25,7 @@ PACKAGE = "mlc_edge.schedules.adreno"
 DEFAULT_GPU = "default"
 
 # Unroll factors above this are refused: large unrolled kernels failed clBuildProgram on
-# Adreno 740 with CL_OUT_OF_HOST_MEMORY (edge-devices.md).
+# Adreno 740 with CL_OUT_OF_HOST_MEMORY (docs/devices.md).
 MAX_UNROLL = 16
 
 

@@ -2,7 +2,7 @@
 
 Runs right after ``StaticPlanBlockMemory``: by then every temporary lives in a storage
 allocation of constant size, and their sum per function is what the runtime must
-reserve beside the weights and the KV cache (``memory_usage`` in mlc-runtime-abi.md).
+reserve beside the weights and the KV cache (``memory_usage`` in docs/runtime-contract.md).
 """
 
 import json

@@ -2,7 +2,7 @@
 
 A function no schedule rule took keeps plain loops. TVM then compiles it as host (CPU)
 code that reads and writes buffers living in device memory: it builds without a word
-and fails or crashes on the phone (trap 2 of tvm-0.27-notes.md; TVM's own
+and fails or crashes on the phone (trap 2 in docs/tvm-0.27.md; TVM's own
 ``VerifyMemory`` does not catch it in 0.27's pipeline). Run right after the schedules,
 this pass refuses such a function by name.
 
