@@ -424,5 +424,5 @@ def test_smollm2_memory_plan_and_phone_kernels(smol_bundles, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
     assert report["checked_functions"] >= 50
-    softmax = [r for r in report["results"] if r["function"] == "softmax"]
+    softmax = [r for r in report["results"] if r["function"] == "softmax_with_temperature_tir"]
     assert softmax and softmax[0]["sizes"]["vocab_size"] == 49152

@@ -312,5 +312,5 @@ def test_one_layer_of_real_shapes(name, tmp_path, capsys):
     assert report["checked_functions"] >= 50
     assert {n["function"] for n in report["not_checked"]} == TREE_ATTENTION
     vocab = REAL_SHAPES[name]["vocab_size"]
-    softmax = [r for r in report["results"] if r["function"] == "softmax"]
+    softmax = [r for r in report["results"] if r["function"] == "softmax_with_temperature_tir"]
     assert softmax and softmax[0]["sizes"]["vocab_size"] == vocab
