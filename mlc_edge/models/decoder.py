@@ -20,7 +20,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from .kv_cache_kernels import replace_merge_state
+from .kv_cache_kernels import replace_merge_state, replace_transpose_append
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,9 @@ class DecoderLM(nn.Module):
         # TVM's GPU merge-state kernel races on S (see kv_cache_kernels.py): use ours.
         replace_merge_state(rx.BlockBuilder.current(), shape.num_attention_heads,
                             shape.head_dim, self.dtype, self.target)
+        # TVM's append kernel reads past position_map (see kv_cache_kernels.py): ours.
+        replace_transpose_append(rx.BlockBuilder.current(), shape.num_key_value_heads,
+                                 shape.head_dim, self.dtype, self.target)
         return cache
 
     def alloc_embedding_tensor(self) -> Tensor:
