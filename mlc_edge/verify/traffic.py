@@ -19,7 +19,7 @@ The tokens/s figures are predictions (bandwidth / bytes), not measurements.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -305,12 +305,13 @@ def _kernel_traffic(job: Job, text: str, calls: StepCalls) -> list[KernelTraffic
 def measure_traffic(
     checker: KernelChecker, steps: tuple[str, ...] = ("decode", "prefill"),
     chunk: int = 16, model_layers: int | None = None, layers: int = 1,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, sources: Mapping[str, str] | None = None,
 ) -> TrafficReport:
     """Bytes of each kernel of one step per ``steps``, run on Oclgrind with our plugin.
 
     ``layers``: the compiled library's layer count, ``model_layers`` the one the totals
-    are scaled to.
+    are scaled to; ``sources`` replaces kernels' program source by kernel name (tests
+    plant faults this way).
     """
     start = time.perf_counter()
     plugin = plugin_path()
@@ -330,7 +331,7 @@ def measure_traffic(
             try:
                 # the last case: the longest KV (decode) of the step's sizes
                 case = checker.cases(name)[-1]
-                jobs.append(make_job(checker, name, checker.prepare(name, case)))
+                jobs.append(make_job(checker, name, checker.prepare(name, case), sources))
             except NotChecked as e:
                 result.not_counted[name] = str(e)
 
