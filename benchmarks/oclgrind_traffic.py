@@ -27,19 +27,36 @@ import time
 from typing import Any
 
 LLAMA_3_2_1B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
-    "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 64, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
     "tie_word_embeddings": True,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 }
 MODEL_LAYERS = 16
 # --small: the same layer scaled down 4x in width (a prefill chunk of the full layer is
 # ~1G multiply-adds: minutes on Oclgrind); its ratios show the schedules' access
 # patterns, its bytes and predictions are not Llama-3.2-1B's.
-SMALL = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
-         "num_key_value_heads": 2, "vocab_size": 2048}
+SMALL = {
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 2048,
+}
 
 
 def measure(rules_name: str, steps: tuple[str, ...], config: dict[str, Any]) -> dict[str, Any]:
@@ -57,10 +74,14 @@ def measure(rules_name: str, steps: tuple[str, ...], config: dict[str, Any]) -> 
     start = time.perf_counter()
     checker = model_checker(spec, target, default_sizes(spec), OclgrindHost(), rules=rules)
     report = measure_traffic(
-        checker, steps, int(spec.runtime_sizes["prefill_chunk_size"]), MODEL_LAYERS, 1,
-        progress=lambda line: print(f"  {rules_name} {line}", file=sys.stderr, flush=True))
-    return {"rules": rules_name, "seconds": round(time.perf_counter() - start, 1),
-            "report": report}
+        checker,
+        steps,
+        int(spec.runtime_sizes["prefill_chunk_size"]),
+        MODEL_LAYERS,
+        1,
+        progress=lambda line: print(f"  {rules_name} {line}", file=sys.stderr, flush=True),
+    )
+    return {"rules": rules_name, "seconds": round(time.perf_counter() - start, 1), "report": report}
 
 
 def main() -> None:
@@ -68,27 +89,35 @@ def main() -> None:
     parser.add_argument("--steps", default="decode,prefill")
     parser.add_argument("--vocab", type=int, default=LLAMA_3_2_1B["vocab_size"])
     parser.add_argument("--rules", default="stock,adreno")
-    parser.add_argument("--small", action="store_true",
-                        help="hidden 512, intermediate 2048, 8/2 heads, vocabulary 2048")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="hidden 512, intermediate 2048, 8/2 heads, vocabulary 2048",
+    )
     args = parser.parse_args()
     steps = tuple(s for s in args.steps.split(",") if s)
     config = {**LLAMA_3_2_1B, "vocab_size": args.vocab, **(SMALL if args.small else {})}
     results = [measure(r, steps, config) for r in args.rules.split(",")]
 
     if args.small:
-        shape = ("a Llama-3.2-1B layer scaled down (hidden 512, intermediate 2048, 8/2 heads "
-                 "of 64, vocabulary 2048): ratios only, its bytes are not the 1B model's")
+        shape = (
+            "a Llama-3.2-1B layer scaled down (hidden 512, intermediate 2048, 8/2 heads "
+            "of 64, vocabulary 2048): ratios only, its bytes are not the 1B model's"
+        )
     elif args.vocab != LLAMA_3_2_1B["vocab_size"]:
         shape = f"one Llama-3.2-1B layer, vocabulary scaled to {args.vocab}"
     else:
         shape = "one Llama-3.2-1B layer (tied 128256 x 2048 embedding)"
-    print(f"{shape}; totals x{MODEL_LAYERS} layers; bytes counted on Oclgrind, fp16 as on "
-          "the phone")
+    print(
+        f"{shape}; totals x{MODEL_LAYERS} layers; bytes counted on Oclgrind, fp16 as on the phone"
+    )
     rows = []
     for step in steps:
         print(f"\n{step}: linear kernels, bytes requested / minimum")
-        print(f"{'function':<28} " + " ".join(f"{r['rules'] + ' bytes':>14} {'ratio':>6}"
-                                              for r in results))
+        print(
+            f"{'function':<28} "
+            + " ".join(f"{r['rules'] + ' bytes':>14} {'ratio':>6}" for r in results)
+        )
         per_rules = {}
         for r in results:
             s = next(x for x in r["report"].steps if x.step == step)
@@ -100,15 +129,26 @@ def main() -> None:
             for r in results:
                 k = per_rules[r["rules"]][i]
                 cells.append(f"{k.loaded:>14,} {k.ratio:>6.3f}")
-                rows.append({"step": step, "rules": r["rules"], "position": i,
-                             "function": k.function, "kernel": k.kernel,
-                             "bytes_loaded": k.loaded, "minimum": k.min_loaded,
-                             "ratio": round(k.ratio, 4), "lm_head": k.calls_in_layers == 0})
+                rows.append(
+                    {
+                        "step": step,
+                        "rules": r["rules"],
+                        "position": i,
+                        "function": k.function,
+                        "kernel": k.kernel,
+                        "bytes_loaded": k.loaded,
+                        "minimum": k.min_loaded,
+                        "ratio": round(k.ratio, 4),
+                        "lm_head": k.calls_in_layers == 0,
+                    }
+                )
             label = first[i].function + (" (lm_head)" if first[i].calls_in_layers == 0 else "")
             print(f"{label:<28} " + " ".join(cells))
     predictions = {}
-    print("\npredicted decode tokens/s of the whole model (bandwidth / bytes of one decode "
-          "step; a prediction, not measured on a phone)")
+    print(
+        "\npredicted decode tokens/s of the whole model (bandwidth / bytes of one decode "
+        "step; a prediction, not measured on a phone)"
+    )
     for r in results:
         step = next((x for x in r["report"].steps if x.step == "decode"), None)
         if step is None:
@@ -116,17 +156,30 @@ def main() -> None:
         predictions[r["rules"]] = {
             "bytes_per_step": round(step.total_bytes()),
             "minimum_per_step": round(step.minimum_bytes()),
-            "gpus": r["report"].predictions()}
-        cells = ", ".join(f"{p['gpu']} {p['predicted_decode_tok_s']:.1f}"
-                          for p in r["report"].predictions())
-        print(f"  {r['rules']:<8} {step.total_bytes() / 1e6:,.1f} MB/step "
-              f"(minimum {step.minimum_bytes() / 1e6:,.1f} MB): {cells}")
-    print(json.dumps({"benchmark": "oclgrind_traffic",
-                      "model": "llama-3.2-1b-small-layer" if args.small else "llama-3.2-1b-1-layer",
-                      "vocab_size": config["vocab_size"], "config": config,
-                      "model_layers": MODEL_LAYERS,
-                      "steps": list(steps), "rows": rows, "predictions": predictions,
-                      "seconds": {r["rules"]: r["seconds"] for r in results}}))
+            "gpus": r["report"].predictions(),
+        }
+        cells = ", ".join(
+            f"{p['gpu']} {p['predicted_decode_tok_s']:.1f}" for p in r["report"].predictions()
+        )
+        print(
+            f"  {r['rules']:<8} {step.total_bytes() / 1e6:,.1f} MB/step "
+            f"(minimum {step.minimum_bytes() / 1e6:,.1f} MB): {cells}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "oclgrind_traffic",
+                "model": "llama-3.2-1b-small-layer" if args.small else "llama-3.2-1b-1-layer",
+                "vocab_size": config["vocab_size"],
+                "config": config,
+                "model_layers": MODEL_LAYERS,
+                "steps": list(steps),
+                "rows": rows,
+                "predictions": predictions,
+                "seconds": {r["rules"]: r["seconds"] for r in results},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,16 +46,21 @@ def _reference(a):
 
 
 @needs_opencl
-@pytest.mark.parametrize(("ntoken", "heads", "head_dim"),
-                         [(1, 2, 16), (7, 2, 16), (16, 8, 64), (13, 8, 128), (3, 3, 96)])
+@pytest.mark.parametrize(
+    ("ntoken", "heads", "head_dim"), [(1, 2, 16), (7, 2, 16), (16, 8, 64), (13, 8, 128), (3, 3, 96)]
+)
 def test_ours_writes_every_kept_token_into_its_slot(ntoken, heads, head_dim):
     target = get_target("android-opencl").tvm_target()
     runner = OpenCLRunner()
     func = transpose_append(heads, head_dim, "float16")
     lowered = lower_for_device({TRANSPOSE_APPEND: func}, target)[TRANSPOSE_APPEND]
     arrays = _inputs(ntoken, heads, head_dim, runner.host_dtype("float16"))
-    out, launches = runner.run(lowered, arrays, lowered.host_env(
-        {"ntoken": ntoken, "num_pages": NUM_PAGES}), written=["pages"])
+    out, launches = runner.run(
+        lowered,
+        arrays,
+        lowered.host_env({"ntoken": ntoken, "num_pages": NUM_PAGES}),
+        written=["pages"],
+    )
     # exact: a copy
     np.testing.assert_array_equal(out["pages"], _reference(arrays))
     ((global_size, local_size),) = [launch for _, launch in launches]

