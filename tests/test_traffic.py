@@ -97,6 +97,14 @@ def test_our_decode_gemvs_read_each_weight_once(decode):
 
 
 @needs_oclgrind
+def test_our_kv_append_kernel_is_within_the_limit(decode):
+    # ours (mlc_edge/models/kv_cache_kernels.py): 16-byte copies, a 4-byte slot each
+    (append,) = [k for k in decode.kernels if k.function == "tir_kv_cache_transpose_append"]
+    assert append.ratio <= RATIO_LIMIT, append.as_dict()
+    assert append.stored == append.min_stored  # every K/V value written once
+
+
+@needs_oclgrind
 def test_a_schedule_that_reads_its_weight_twice_is_flagged(tiny, decode):
     # our qkv GEMV with its K loop run twice over the same rows
     source = tiny.lowered["matmul"].sources["matmul_kernel"]

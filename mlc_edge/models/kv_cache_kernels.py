@@ -116,9 +116,13 @@ def merge_state_inplace(num_heads: int, head_dim: int, v_dtype: str,
 
 def transpose_append(num_kv_heads: int, head_dim: int, dtype: str,
                      page_size: int = PAGE_SIZE) -> tirx.PrimFunc:
-    """The append kernel for a GPU, same signature as TVM's: one work-item per value
-    of K (and the same one of V), the slot read only for a token below ``ntoken``."""
-    per_token = num_kv_heads * head_dim
+    """The append kernel for a GPU, same signature as TVM's: one work-item per ``vec``
+    values of K (and the same of V; 8 halves = 16-byte loads where ``head_dim``
+    allows), the slot read only for a token below ``ntoken``. Each work-item reads its
+    token's slot: with 8 values a work-item that is 4 bytes per 32 copied (1.125x the
+    bytes a kernel reading each once would load, mlc-edge verify --traffic)."""
+    vec = next(v for v in (8, 4, 2, 1) if head_dim % v == 0)
+    per_token = num_kv_heads * head_dim // vec  # work-items of one token
 
     @T.prim_func(s_tir=True)
     def append(var_pages: T.handle, var_k_data: T.handle, var_v_data: T.handle,
@@ -141,14 +145,16 @@ def transpose_append(num_kv_heads: int, head_dim: int, dtype: str,
                     i: T.let[T.int64] = bx * APPEND_THREADS + tx
                     if i < ntoken * per_token:
                         token: T.let[T.int64] = i // per_token
-                        h: T.let[T.int64] = i % per_token // head_dim
-                        f: T.let[T.int64] = i % head_dim
+                        h: T.let[T.int64] = i % per_token // (head_dim // vec)
+                        f: T.let[T.int64] = i % (head_dim // vec) * vec
                         position: T.let[T.int32] = position_map[token]
                         if position != -1:
-                            pages[position // page_size, 0, h, position % page_size, f] = (
-                                k_data[token, h, f])
-                            pages[position // page_size, 1, h, position % page_size, f] = (
-                                v_data[token, h, f])
+                            for v in T.vectorized(vec):
+                                pages[position // page_size, 0, h, position % page_size,
+                                      f + v] = k_data[token, h, f + v]
+                            for v in T.vectorized(vec):
+                                pages[position // page_size, 1, h, position % page_size,
+                                      f + v] = v_data[token, h, f + v]
 
     return append.with_attr("global_symbol", TRANSPOSE_APPEND)
 
