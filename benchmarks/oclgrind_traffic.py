@@ -113,7 +113,7 @@ def main() -> None:
     )
     rows = []
     for step in steps:
-        print(f"\n{step}: linear kernels, bytes requested / minimum")
+        print(f"\n{step}: linear layers, bytes requested / minimum (weight + activation once)")
         print(
             f"{'function':<28} "
             + " ".join(f"{r['rules'] + ' bytes':>14} {'ratio':>6}" for r in results)
@@ -121,28 +121,26 @@ def main() -> None:
         per_rules = {}
         for r in results:
             s = next(x for x in r["report"].steps if x.step == step)
-            # by call order in the step: the same layer's projections side by side
-            per_rules[r["rules"]] = [k for k in s.kernels if k.linear]
-        first = per_rules[results[0]["rules"]]
-        for i in range(len(first)):
+            # each linear layer (function) with all its kernels (stock pads first)
+            per_rules[r["rules"]] = {x.function: x for x in s.linear_layers()}
+        for function, layer0 in per_rules[results[0]["rules"]].items():
             cells = []
             for r in results:
-                k = per_rules[r["rules"]][i]
-                cells.append(f"{k.loaded:>14,} {k.ratio:>6.3f}")
+                layer = per_rules[r["rules"]][function]
+                cells.append(f"{layer.loaded:>14,} {layer.ratio:>6.3f}")
                 rows.append(
                     {
                         "step": step,
                         "rules": r["rules"],
-                        "position": i,
-                        "function": k.function,
-                        "kernel": k.kernel,
-                        "bytes_loaded": k.loaded,
-                        "minimum": k.min_loaded,
-                        "ratio": round(k.ratio, 4),
-                        "lm_head": k.calls_in_layers == 0,
+                        "function": function,
+                        "kernels": [k.kernel for k in layer.kernels],
+                        "bytes_loaded": layer.loaded,
+                        "minimum": layer.minimum,
+                        "ratio": round(layer.ratio, 4),
+                        "lm_head": layer.lm_head,
                     }
                 )
-            label = first[i].function + (" (lm_head)" if first[i].calls_in_layers == 0 else "")
+            label = function + (" (lm_head)" if layer0.lm_head else "")
             print(f"{label:<28} " + " ".join(cells))
     predictions = {}
     print(

@@ -120,7 +120,7 @@ def test_a_schedule_that_reads_its_weight_twice_is_flagged(tiny, decode):
     kernel = next(k for k in step.kernels if k.kernel == "matmul_kernel")
     good = next(k for k in decode.kernels if k.kernel == "matmul_kernel")
     assert kernel.loaded == 2 * good.loaded and kernel.min_loaded == good.min_loaded
-    assert kernel.ratio > 2 and [k.kernel for k in step.over_limit()] == ["matmul_kernel"]
+    assert kernel.ratio > 2 and [x.function for x in step.over_limit()] == ["matmul"]
 
 
 @needs_oclgrind

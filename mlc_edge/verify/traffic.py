@@ -62,6 +62,7 @@ class BufferTraffic:
     stored: int
     min_loaded: int  # distinct bytes loaded
     min_stored: int
+    workspace: bool = False  # a buffer the host code allocates between two kernels
 
 
 @dataclass
@@ -98,6 +99,13 @@ class KernelTraffic:
     def ratio(self) -> float:
         return self.loaded / self.min_loaded if self.min_loaded else 1.0
 
+    @property
+    def needed(self) -> tuple[int, int]:
+        """(loaded, stored) distinct bytes of the function's own buffers: what it must
+        move; a workspace one kernel writes for the next is not needed."""
+        own = [b for b in self.buffers if not b.workspace]
+        return sum(b.min_loaded for b in own), sum(b.min_stored for b in own)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "function": self.function,
@@ -116,6 +124,40 @@ class KernelTraffic:
 
 
 @dataclass
+class LayerTraffic:
+    """A linear layer: the bytes its kernels load against its weight, activation (and
+    residual) read once."""
+
+    function: str
+    kernels: list[KernelTraffic]
+
+    @property
+    def loaded(self) -> int:
+        return sum(k.loaded for k in self.kernels)
+
+    @property
+    def minimum(self) -> int:
+        return sum(k.needed[0] for k in self.kernels)
+
+    @property
+    def ratio(self) -> float:
+        return self.loaded / self.minimum if self.minimum else 1.0
+
+    @property
+    def lm_head(self) -> bool:
+        return all(k.calls_in_layers == 0 for k in self.kernels)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "function": self.function,
+            "kernels": [k.kernel for k in self.kernels],
+            "bytes_loaded": self.loaded,
+            "minimum": self.minimum,
+            "ratio": round(self.ratio, 4),
+        }
+
+
+@dataclass
 class StepTraffic:
     step: str  # "decode" or "prefill"
     function: str  # the Relax function
@@ -128,16 +170,25 @@ class StepTraffic:
     def _scale(self, k: KernelTraffic) -> float:
         return k.calls_other + k.calls_in_layers * self.model_layers / self.layers
 
-    def over_limit(self, limit: float = RATIO_LIMIT) -> list[KernelTraffic]:
+    def linear_layers(self) -> list[LayerTraffic]:
+        """Each linear layer (a function taking a 2-D weight) with all its kernels: a
+        stock schedule may pad the activation into a workspace first."""
+        layers: dict[str, LayerTraffic] = {}
+        for k in self.kernels:
+            if k.linear:
+                layers.setdefault(k.function, LayerTraffic(k.function, [])).kernels.append(k)
+        return list(layers.values())
+
+    def over_limit(self, limit: float = RATIO_LIMIT) -> list[LayerTraffic]:
         """Linear layers that load more than ``limit`` x their minimum."""
-        return [k for k in self.kernels if k.linear and k.ratio > limit]
+        return [layer for layer in self.linear_layers() if layer.ratio > limit]
 
     def total_bytes(self) -> float:
         """Bytes loaded and stored by one step of the whole model."""
         return sum(self._scale(k) * (k.loaded + k.stored) for k in self.kernels)
 
     def minimum_bytes(self) -> float:
-        return sum(self._scale(k) * (k.min_loaded + k.min_stored) for k in self.kernels)
+        return sum(self._scale(k) * sum(k.needed) for k in self.kernels)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -149,7 +200,8 @@ class StepTraffic:
             "bytes_per_step": round(self.total_bytes()),
             "minimum_per_step": round(self.minimum_bytes()),
             "ratio_limit": RATIO_LIMIT,
-            "linear_over_limit": [k.kernel for k in self.over_limit()],
+            "linear_layers": [layer.as_dict() for layer in self.linear_layers()],
+            "linear_over_limit": [layer.function for layer in self.over_limit()],
             "kernels": [k.as_dict() for k in self.kernels],
             "not_counted": self.not_counted,
         }
@@ -211,8 +263,9 @@ class TrafficReport:
                 f"  {'kernel':<44} {'calls':>5} {'loaded':>12} {'minimum':>12} "
                 f"{'ratio':>6} {'stored':>10}"
             )
+            over = {layer.function for layer in s.over_limit()}
             for k in s.kernels:
-                flag = "  <- linear layer over the limit" if k in s.over_limit() else ""
+                flag = "  <- linear layer over the limit" if k.function in over else ""
                 out.append(
                     f"  {k.kernel:<44} {k.calls:>5} {k.loaded:>12,} {k.min_loaded:>12,} "
                     f"{k.ratio:>6.3f} {k.stored:>10,}{flag}"
@@ -222,7 +275,8 @@ class TrafficReport:
             if s.over_limit():
                 out.append(
                     f"  {len(s.over_limit())} linear layer(s) load more than "
-                    f"{RATIO_LIMIT}x their minimum: " + ", ".join(k.kernel for k in s.over_limit())
+                    f"{RATIO_LIMIT}x their minimum: "
+                    + ", ".join(f"{x.function} ({x.ratio:.2f}x)" for x in s.over_limit())
                 )
             out.append(
                 f"  whole model, one step: {s.total_bytes() / 1e6:,.2f} MB moved, "
@@ -343,7 +397,13 @@ def _kernel_traffic(job: Job, text: str, calls: StepCalls) -> list[KernelTraffic
         for index, counts in args:
             name = by_index.get(index, f"arg{index}")
             phone, here = job.element_bytes.get(name, (1, 1))
-            buffers.append(BufferTraffic(name, *(c * phone // here for c in counts)))
+            buffers.append(
+                BufferTraffic(
+                    name,
+                    *(c * phone // here for c in counts),
+                    workspace=name in job.payload["workspaces"],
+                )
+            )
         if any(other):
             buffers.append(BufferTraffic("(other)", other[0], other[1], 0, 0))
         result.append(
