@@ -529,10 +529,17 @@ def _abs(path: Path | None) -> Path | None:
               help="OpenCL implementation or device: intel, pocl, oclgrind, or a name "
                    "(default: the best present, one with real fp16 first)")
 @click.option("--strict", is_flag=True, help="count known issues (TVM's kernels) as failures")
+@click.option("--races", is_flag=True,
+              help="instead: run every kernel on Oclgrind; any data race, invalid or "
+                   "uninitialised access fails")
+@click.option("--traffic", is_flag=True,
+              help="instead: bytes each kernel of a decode step and a prefill chunk moves "
+                   "(Oclgrind), and the predicted decode tokens/s on each Adreno")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def verify_cmd(path: Path, target: str | None, preset: str | None, quantization: str,
                num_hidden_layers: int | None, seq_lens: str, only: str | None, fp16: str,
-               device: str | None, strict: bool, as_json: bool) -> None:
+               device: str | None, strict: bool, races: bool, traffic: bool,
+               as_json: bool) -> None:
     """Run every OpenCL kernel of a bundle (or a config.json) on this machine's OpenCL
     device and compare it with the same function compiled for the CPU.
 
@@ -556,6 +563,10 @@ def verify_cmd(path: Path, target: str | None, preset: str | None, quantization:
     if not lens or min(lens) < 1:
         raise UserError("--seq-lens must be positive numbers")
     source = load_source(path, target, preset, quantization, num_hidden_layers)
+    if races or traffic:
+        _verify_on_oclgrind(source, path, target, preset, quantization, lens, only, races,
+                            traffic, as_json)
+        return
     if not as_json:
         click.echo(f"compiling {source.spec.family.model_type} for {source.target_name} "
                    "and checking its kernels ...", err=True)
@@ -563,6 +574,37 @@ def verify_cmd(path: Path, target: str | None, preset: str | None, quantization:
                     device=device)
     _emit(as_json, report.as_dict(), report.lines())
     if not report.passed:
+        sys.exit(1)
+
+
+def _verify_on_oclgrind(source: Any, path: Path, target: str | None, preset: str | None,
+                        quantization: str, lens: tuple[int, ...], only: str | None,
+                        races: bool, traffic: bool, as_json: bool) -> None:
+    """``verify --races`` / ``--traffic`` (mlc_edge/verify/oclgrind.py, traffic.py)."""
+    from .verify import load_source, oclgrind
+    from .verify import traffic as traffic_mod
+
+    def progress(line: str) -> None:
+        if not as_json:
+            click.echo(line, err=True)
+
+    data: dict[str, Any] = {}
+    lines: list[str] = []
+    failed = False
+    if races:
+        report = oclgrind.races(source, lens, only, progress=progress)
+        data["races"], failed = report.as_dict(), not report.passed
+        lines += report.lines()
+    if traffic:
+        # the model's own layer count, for the totals of a library compiled with fewer
+        model_layers = load_source(path, target, preset, quantization).spec.model_config[
+            "num_hidden_layers"]
+        counted = traffic_mod.traffic(source, model_layers, progress=progress)
+        data["traffic"] = counted.as_dict()
+        lines += counted.lines()
+        failed = failed or any(s.over_limit() for s in counted.steps if s.step == "decode")
+    _emit(as_json, data if len(data) > 1 else next(iter(data.values())), lines)
+    if failed:
         sys.exit(1)
 
 

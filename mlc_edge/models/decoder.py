@@ -21,7 +21,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from ..compiler.contract import GREEDY_TEMPERATURE
-from .kv_cache_kernels import replace_merge_state
+from .kv_cache_kernels import replace_merge_state, replace_transpose_append
 
 
 def softmax_with_temperature_te(
@@ -169,6 +169,9 @@ class DecoderLM(nn.Module):
         # TVM's GPU merge-state kernel races on S (see kv_cache_kernels.py): use ours.
         replace_merge_state(rx.BlockBuilder.current(), shape.num_attention_heads,
                             shape.head_dim, self.dtype, self.target)
+        # TVM's append kernel reads past position_map (see kv_cache_kernels.py): ours.
+        replace_transpose_append(rx.BlockBuilder.current(), shape.num_key_value_heads,
+                                 shape.head_dim, self.dtype, self.target)
         return cache
 
     def alloc_embedding_tensor(self) -> Tensor:

@@ -277,6 +277,7 @@ class KernelChecker:
         self.target = target
         self.sizes = sizes
         self.runner = runner or OpenCLRunner()
+        self.module = scheduled  # its Relax functions say which kernels each one calls
         self.funcs = {
             gv.name_hint: f for gv, f in sorted(scheduled.functions_items(),
                                                 key=lambda x: x[0].name_hint)
