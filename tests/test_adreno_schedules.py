@@ -258,11 +258,12 @@ def shared_buffers(func: tirx.PrimFunc) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.parametrize("k,staged", [(8192, True), (16384, False)])
+@pytest.mark.parametrize("k,staged", [(4096, True), (8192, False)])
 def test_the_nk_gemv_stages_the_activation_row_in_local_memory(k, staged):
     """The activation row is copied once per work-group to local memory (read by all its
     weight rows from there: tests/test_traffic.py measures the bytes); a row that would
-    not fit in 32 KiB with the partial sums stays in global memory."""
+    not fit in the target's local memory (TVM's OpenCL target: 16 KiB) with the partial
+    sums stays in global memory."""
     func = schedule(nt_matmul("batch_size", k, 64), adreno_rules())["f"]
     assert annotations(func) == [GEMV_NK]
     rows = [shape for name, shape in shared_buffers(func).items() if name.startswith("x")]

@@ -27,7 +27,7 @@ The TK threads of a row read neighbouring V-half vectors of it (each row is read
 contiguously, each weight element once per row of A: once per decode step at batch 1).
 The activation row is read from global memory once per work-group (N / TN times, about
 1.03x the kernel's minimum bytes with TN = 32), not once per weight row (2x); a row too
-long for ``LOCAL_MEMORY_BUDGET`` stays in global memory.
+long for the local-memory budget stays in global memory.
 V, TK and U divide K (powers of two for V and TK): no guard in the reduction; a tile
 of rows past N is guarded on whole threads.
 """
@@ -58,11 +58,18 @@ RULE_NAME = "adreno.gemv_nk"
 # chunk's rows (``seq_len`` tokens) are a matmul's, not a GEMV's: left to the next rule.
 ONE_TOKEN_PER_ROW = {"batch_size"}
 
-# Bytes of local memory a work-group of the rule may take: Adreno 6xx/7xx GPUs give a
-# work-group 32 KiB. The staged activation row (K = 8192 halves: 16 KiB) and the TN * TK
-# fp32 partials must fit; a longer row is read from global memory by every weight row
-# instead (2x the kernel's minimum bytes, as before staging).
+# Bytes of local memory a work-group of the rule may take: Adreno 7xx/8xx GPUs give a
+# work-group 32 KiB, and the target's own ``max_shared_memory_per_block`` lowers it (TVM's
+# OpenCL targets say 16 KiB: we keep to it). The staged activation row and the TN * TK fp32
+# partials must fit; a longer row is read from global memory by every weight row instead
+# (2x the kernel's minimum bytes, as before staging). Tied lm_heads have K = hidden size:
+# 576-4096 halves in the models we compile, well inside.
 LOCAL_MEMORY_BUDGET = 32 * 1024
+
+
+def local_memory_budget(target: Target) -> int:
+    declared = target.attrs.get("max_shared_memory_per_block")
+    return min(LOCAL_MEMORY_BUDGET, int(declared)) if declared else LOCAL_MEMORY_BUDGET
 
 
 def _rows_are_sequences(m: KNMatch) -> bool:
@@ -134,7 +141,8 @@ class GemvNK(KNMatmulRule):
         sch.vectorize(k_vr)
         init = sch.decompose_reduction(lanes, k_or)
         sch.vectorize(sch.get_loops(init)[-1])
-        _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec)
+        _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec,
+                          local_memory_budget(target))
 
         # The lanes' sum, by the thread that computed them.
         sch.reverse_compute_at(partial, thread, preserve_unit_loops=True)
@@ -166,17 +174,18 @@ def _stage_activation(
     k_ext: int,
     threads: int,
     vec: int,
+    budget: int,
 ) -> None:
     """The row's activation A[m, 0:K], copied once per work-group into local memory by all
     its threads (V-half vectors), so that the TN weight rows read it from there: without
     it each row re-reads all of A from global memory (2x the kernel's minimum bytes).
-    A K too long for ``LOCAL_MEMORY_BUDGET`` is left in global memory."""
+    A K too long for ``budget`` bytes (``local_memory_budget``) is left in global memory."""
     a_index = read_index(sch, lanes, lhs)
     if a_index is None:
         return
     a_buffer = sch.get(lanes).reads[a_index].source
     partials = threads * 4  # the fp32 partial sums' local buffer, alongside
-    if k_ext * a_buffer.dtype.bits // 8 + partials > LOCAL_MEMORY_BUDGET:
+    if k_ext * a_buffer.dtype.bits // 8 + partials > budget:
         return
     a_shared = sch.cache_read(lanes, a_index, "shared")
     sch.compute_at(a_shared, n_or, preserve_unit_loops=True)
