@@ -243,6 +243,33 @@ def test_a_chunk_of_tokens_is_not_the_nk_gemv():
     assert GEMV_NK not in annotations(func)
 
 
+def shared_buffers(func: tirx.PrimFunc) -> dict[str, list[str]]:
+    """The local-memory ("shared") buffers the schedule allocates: name -> shape (before
+    lowering compacts them to what one work-group uses)."""
+    found: dict[str, list[str]] = {}
+
+    def on_block(block: s_tir.SBlock) -> None:
+        for buf in block.alloc_buffers:
+            if buf.scope() == "shared":
+                found[buf.name] = [str(d) if isinstance(d, tirx.Var) else str(int(d))
+                                   for d in buf.shape]
+
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
+    return found
+
+
+@pytest.mark.parametrize("k,staged", [(4096, True), (8192, False)])
+def test_the_nk_gemv_stages_the_activation_row_in_local_memory(k, staged):
+    """The activation row is copied once per work-group to local memory (read by all its
+    weight rows from there: tests/test_traffic.py measures the bytes); a row that would
+    not fit in the target's local memory (TVM's OpenCL target: 16 KiB) with the partial
+    sums stays in global memory."""
+    func = schedule(nt_matmul("batch_size", k, 64), adreno_rules())["f"]
+    assert annotations(func) == [GEMV_NK]
+    rows = [shape for name, shape in shared_buffers(func).items() if name.startswith("x")]
+    assert rows == ([["batch_size", "1", str(k)]] if staged else []), shared_buffers(func)
+
+
 @needs_opencl
 def test_a_broken_launch_of_the_nk_gemv_is_caught(runner):
     _, checker, _ = check(nt_matmul("batch_size", 512, 256), runner, seq_lens=(1,))

@@ -3,7 +3,8 @@ and uninitialised accesses (mlc_edge/verify/oclgrind.py).
 
 The check is checked: TVM's own merge kernel races and is caught, an out-of-bounds read
 planted into a kernel's source is caught and named, and every kernel of the tiny model
-(ours, and TVM's that we keep) passes both passes.
+(ours, and TVM's that we keep) passes both passes; so does the tied lm_head's, whose
+activation row is shared through local memory (and races without its barrier).
 """
 
 from __future__ import annotations
@@ -114,6 +115,38 @@ def _planted_out_of_bounds(checker, kernel: str = "reshape_kernel") -> dict[str,
     planted = re.sub(r"\) < (cse_v\d+)\)", r") <= \1)", body, count=1)
     assert planted != body
     return {kernel: source.replace(body, planted)}
+
+
+@needs_oclgrind
+def test_the_tied_lm_heads_staged_activation_is_race_free(tmp_path):
+    """Our NK GEMV copies the activation row to local memory with all threads of a
+    work-group, then reads it from every weight row: clean as built; with the barrier
+    between the copy and the reads removed, Oclgrind reports the race."""
+    make_llama(tmp_path, tie_word_embeddings=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    target = get_target("android-opencl")
+    spec = ModelSpec.create(config, "q0f16t", load_preset(target.default_preset))
+    checker = model_checker(spec, target, default_sizes(spec, (1,)), OclgrindHost())
+    heads = [name for name in checker.funcs if name.startswith("fused_NT_matmul")]
+    assert heads
+    assert check_races(checker, ("races", "uninitialized"), names=heads).passed
+
+    kernel = "fused_NT_matmul_cast_kernel"  # decode's
+    source = next(
+        lowered.sources[kernel] for lowered in checker.lowered.values() if kernel in lowered.sources
+    )
+    body = source[source.rindex(f"__kernel void {kernel}(") :]
+    assert "_shared_ptr[" in body.split("barrier(", 1)[0]  # the copy, before the first barrier
+    planted = body.replace("barrier(CLK_LOCAL_MEM_FENCE);", "", 1)
+    report = check_races(
+        checker,
+        ("races",),
+        names=["fused_NT_matmul_cast"],
+        sources={kernel: source.replace(body, planted)},
+    )
+    problems = [m for c in report.failed for _, m in c.problems()]
+    assert any("data race at local memory" in m.message for m in problems), problems
 
 
 @needs_oclgrind

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tvm import s_tir, tirx
+from tvm.ir import TensorLoad
 from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
@@ -38,6 +39,7 @@ __all__ = [
     "mark",
     "max_threads",
     "pick_vector",
+    "read_index",
     "sum_loops",
 ]
 
@@ -179,3 +181,17 @@ def sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
 
 def _uses(expr: tirx.Expr, var: tirx.Var) -> bool:
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def read_index(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, operand: tirx.Expr
+) -> int | None:
+    """Position in the block's reads of the buffer ``operand`` (a load, maybe cast) reads."""
+    while isinstance(operand, tirx.Cast):
+        operand = operand.value
+    if not isinstance(operand, TensorLoad):
+        return None
+    for i, region in enumerate(sch.get(block).reads):
+        if region.source.same_as(operand.source):
+            return i
+    return None

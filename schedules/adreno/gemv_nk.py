@@ -11,17 +11,23 @@ Loop nest (V = vector, TK x TN threads in one work-group dimension, U = unroll):
 
     blockIdx.y  the rows (sequences)
     blockIdx.x  n tiles of TN weight rows
+      threadIdx.x = t                      # all TN * TK threads, one vector each step
+        A_local[0:K] = A[m, 0:K]           # the activation row, once per work-group,
+                                           # then a barrier
       threadIdx.x = tn * TK + tk           # TK threads share one weight row's reduction
         part[V] = 0                        # fp32, registers
         for k_o in K / (U * TK * V)
           for k_u in U (unrolled)          # k = ((k_o * U + k_u) * TK + tk) * V
-            part[:] += f32(A[k:k+V]) * f32(W[n, k:k+V])   # one vector load of V halves
+            part[:] += f32(A_local[k:k+V]) * f32(W[n, k:k+V])  # V halves from each
         lanes = sum(part)                  # fp32, one store to local memory, one barrier
         threads tn < TN: sum of their row's TK partials (fp32), rounded to fp16 once,
         epilogue (the cast to fp32 logits) and store
 
 The TK threads of a row read neighbouring V-half vectors of it (each row is read
 contiguously, each weight element once per row of A: once per decode step at batch 1).
+The activation row is read from global memory once per work-group (N / TN times, about
+1.03x the kernel's minimum bytes with TN = 32), not once per weight row (2x); a row too
+long for the local-memory budget stays in global memory.
 V, TK and U divide K (powers of two for V and TK): no guard in the reduction; a tile
 of rows past N is guarded on whole threads.
 """
@@ -41,6 +47,7 @@ from .common import (
     mark,
     max_threads,
     pick_vector,
+    read_index,
     sum_loops,
 )
 from .tuning import GemvNKTuning
@@ -50,6 +57,19 @@ RULE_NAME = "adreno.gemv_nk"
 # Row extents of one token per sequence: the sequences of a batch, or 1. A prefill
 # chunk's rows (``seq_len`` tokens) are a matmul's, not a GEMV's: left to the next rule.
 ONE_TOKEN_PER_ROW = {"batch_size"}
+
+# Bytes of local memory a work-group of the rule may take: Adreno 7xx/8xx GPUs give a
+# work-group 32 KiB, and the target's own ``max_shared_memory_per_block`` lowers it (TVM's
+# OpenCL targets say 16 KiB: we keep to it). The staged activation row and the TN * TK fp32
+# partials must fit; a longer row is read from global memory by every weight row instead
+# (2x the kernel's minimum bytes, as before staging). Tied lm_heads have K = hidden size:
+# 576-4096 halves in the models we compile, well inside.
+LOCAL_MEMORY_BUDGET = 32 * 1024
+
+
+def local_memory_budget(target: Target) -> int:
+    declared = target.attrs.get("max_shared_memory_per_block")
+    return min(LOCAL_MEMORY_BUDGET, int(declared)) if declared else LOCAL_MEMORY_BUDGET
 
 
 def _rows_are_sequences(m: KNMatch) -> bool:
@@ -121,6 +141,8 @@ class GemvNK(KNMatmulRule):
         sch.vectorize(k_vr)
         init = sch.decompose_reduction(lanes, k_or)
         sch.vectorize(sch.get_loops(init)[-1])
+        _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec,
+                          local_memory_budget(target))
 
         # The lanes' sum, by the thread that computed them.
         sch.reverse_compute_at(partial, thread, preserve_unit_loops=True)
@@ -142,6 +164,35 @@ class GemvNK(KNMatmulRule):
             _bind_rows(sch, sch.fuse(*_loops_below(sch, blk, n_or)), tn * tk)
         mark(sch, lanes, RULE_NAME)
         return sch
+
+
+def _stage_activation(
+    sch: s_tir.Schedule,
+    lanes: s_tir.schedule.SBlockRV,
+    lhs: tirx.Expr,
+    n_or: s_tir.schedule.LoopRV,
+    k_ext: int,
+    threads: int,
+    vec: int,
+    budget: int,
+) -> None:
+    """The row's activation A[m, 0:K], copied once per work-group into local memory by all
+    its threads (V-half vectors), so that the TN weight rows read it from there: without
+    it each row re-reads all of A from global memory (2x the kernel's minimum bytes).
+    A K too long for ``budget`` bytes (``local_memory_budget``) is left in global memory."""
+    a_index = read_index(sch, lanes, lhs)
+    if a_index is None:
+        return
+    a_buffer = sch.get(lanes).reads[a_index].source
+    partials = threads * 4  # the fp32 partial sums' local buffer, alongside
+    if k_ext * a_buffer.dtype.bits // 8 + partials > budget:
+        return
+    a_shared = sch.cache_read(lanes, a_index, "shared")
+    sch.compute_at(a_shared, n_or, preserve_unit_loops=True)
+    fetch = sch.fuse(*_loops_below(sch, a_shared, n_or))
+    _, fetch_t, fetch_v = sch.split(fetch, [None, threads, vec])
+    sch.bind(fetch_t, "threadIdx.x")
+    sch.vectorize(fetch_v)
 
 
 def _loops_below(

@@ -41,6 +41,7 @@ from .common import (
     mark,
     max_threads,
     pick_vector,
+    read_index,
 )
 from .tuning import PrefillTuning
 
@@ -100,7 +101,7 @@ class PrefillMatmulKN(KNMatmulRule):
             sch.vectorize(p_loops[-1])
 
         # The weight vector of each k, loaded (and converted) once for all R rows.
-        w_index = _read_index(sch, block, pat.rhs)
+        w_index = read_index(sch, block, pat.rhs)
         if w_index is not None:
             w_local = sch.cache_read(block, w_index, "local")
             sch.compute_at(w_local, k_u, preserve_unit_loops=True)
@@ -147,16 +148,3 @@ def _clamp_rows(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV) -> None:
                              block.init, block.alloc_buffers, block.match_buffers,
                              block.annotations)
     sch.state.replace(sch.get_sref(pad), new_block, {block: new_block})
-
-
-def _read_index(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, operand: tirx.Expr
-                ) -> int | None:
-    """Position in the block's reads of the buffer ``operand`` (a load, maybe cast) reads."""
-    while isinstance(operand, tirx.Cast):
-        operand = operand.value
-    if not isinstance(operand, TensorLoad):
-        return None
-    for i, region in enumerate(sch.get(block).reads):
-        if region.source.same_as(operand.source):
-            return i
-    return None
