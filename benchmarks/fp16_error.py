@@ -24,31 +24,12 @@ import sys
 from typing import Any
 
 import numpy as np
+from model_shapes import LLAMA_3_2_1B_ONE_LAYER
 
 from mlc_edge.verify.devices import prepare_environment
 
 prepare_environment()  # before pyopencl: Intel's runtime from pip is found
 
-LLAMA_3_2_1B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "vocab_size": 128256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "rope_scaling": {
-        "factor": 32.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-}
 ENTRY_POINTS = ("batch_decode", "batch_prefill")
 CHUNK = 16
 INPUTS = {"U[-1,1]": False, "U[0,1)": True}  # name -> all positive
@@ -134,7 +115,7 @@ def measure(device: str) -> dict[str, Any]:
             f"error: {runner.info.describe()} has no cl_khr_fp16: give a "
             "device with real fp16 (--device intel)"
         )
-    spec = ModelSpec.create(LLAMA_3_2_1B, "q0f16t", load_preset("edge-512"))
+    spec = ModelSpec.create(LLAMA_3_2_1B_ONE_LAYER, "q0f16t", load_preset("edge-512"))
     target = get_target("android-opencl")
     kernels = matmul_kernels(spec, target)
     wanted = sorted({n for names in kernels.values() for n in names})

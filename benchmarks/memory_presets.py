@@ -16,20 +16,12 @@ import json
 import time
 from typing import Any
 
+from model_shapes import LLAMA_3_2_1B
+
 from mlc_edge.memory import plan_from_config
 
 MiB = 1 << 20
 
-LLAMA_3_2_1B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-    "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "num_hidden_layers": 16, "head_dim": 64, "vocab_size": 128256,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128001,
-    "hidden_act": "silu",
-}
 QWEN2_5_1_5B: dict[str, Any] = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
     "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,

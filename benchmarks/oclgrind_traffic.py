@@ -26,26 +26,8 @@ import sys
 import time
 from typing import Any
 
-LLAMA_3_2_1B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "vocab_size": 128256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "rope_scaling": {
-        "factor": 32.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-}
+from model_shapes import LLAMA_3_2_1B_ONE_LAYER
+
 MODEL_LAYERS = 16
 # --small: the same layer scaled down 4x in width (a prefill chunk of the full layer is
 # ~1G multiply-adds: minutes on Oclgrind); its ratios show the schedules' access
@@ -87,7 +69,7 @@ def measure(rules_name: str, steps: tuple[str, ...], config: dict[str, Any]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="decode,prefill")
-    parser.add_argument("--vocab", type=int, default=LLAMA_3_2_1B["vocab_size"])
+    parser.add_argument("--vocab", type=int, default=LLAMA_3_2_1B_ONE_LAYER["vocab_size"])
     parser.add_argument("--rules", default="stock,adreno")
     parser.add_argument(
         "--small",
@@ -96,7 +78,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     steps = tuple(s for s in args.steps.split(",") if s)
-    config = {**LLAMA_3_2_1B, "vocab_size": args.vocab, **(SMALL if args.small else {})}
+    config = {**LLAMA_3_2_1B_ONE_LAYER, "vocab_size": args.vocab, **(SMALL if args.small else {})}
     results = [measure(r, steps, config) for r in args.rules.split(",")]
 
     if args.small:
@@ -104,7 +86,7 @@ def main() -> None:
             "a Llama-3.2-1B layer scaled down (hidden 512, intermediate 2048, 8/2 heads "
             "of 64, vocabulary 2048): ratios only, its bytes are not the 1B model's"
         )
-    elif args.vocab != LLAMA_3_2_1B["vocab_size"]:
+    elif args.vocab != LLAMA_3_2_1B_ONE_LAYER["vocab_size"]:
         shape = f"one Llama-3.2-1B layer, vocabulary scaled to {args.vocab}"
     else:
         shape = "one Llama-3.2-1B layer (tied 128256 x 2048 embedding)"

@@ -43,14 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-LLAMA_3_2_1B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
-    "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 64, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-}
+from model_shapes import LLAMA_3_2_1B_ONE_LAYER
 
 PRUNED_LLAMA_3_1_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 3072, "intermediate_size": 9216,
@@ -137,7 +130,7 @@ def benchmark_rule_sets(
     from mlc_edge.config import ModelSpec, load_preset
     from mlc_edge.verify import OpenCLRunner, model_checker
 
-    spec = ModelSpec.create(config or LLAMA_3_2_1B, "q0f16t", load_preset("edge-512"))
+    spec = ModelSpec.create(config or LLAMA_3_2_1B_ONE_LAYER, "q0f16t", load_preset("edge-512"))
     target = get_target("android-opencl")
     runner = OpenCLRunner()
     checkers: dict[str, tuple[Any, float]] = {}
