@@ -124,3 +124,16 @@ def library_functions(library) -> set[str]:
     if not isinstance(library, relax.VMExecutable):
         library = relax.VMExecutable(tvm.runtime.load_module(str(library)))
     return set(re.findall(r"^@([^\s:]+):$", library.as_text(), re.M))
+
+
+def run_verify_json(capsys, *args: str) -> tuple[int, dict]:
+    """``mlc-edge verify ARGS --json`` in this process: its exit code and its JSON report."""
+    import json
+
+    try:
+        main(["verify", *args, "--json"])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr().out
+    return code, json.loads(out.strip().splitlines()[-1])

@@ -16,7 +16,13 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import check_softmax, compile_bundle, opencl_missing, softmax_cases
+from helpers import (
+    check_softmax,
+    compile_bundle,
+    opencl_missing,
+    run_verify_json,
+    softmax_cases,
+)
 from tiny_models import make_llama
 
 from mlc_edge.cli import main
@@ -105,21 +111,11 @@ def matmul(checker) -> str:
     return _prefill(checker, "matmul")
 
 
-def _run_cli(capsys, *args: str) -> tuple[int, dict]:
-    try:
-        main(["verify", *args, "--json"])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr().out
-    return code, json.loads(out.strip().splitlines()[-1])
-
-
 # -- the whole model -----------------------------------------------------------------------
 
 
 def test_every_kernel_of_the_tiny_bundle_passes(bundle, norm, capsys):
-    code, report = _run_cli(capsys, str(bundle))
+    code, report = run_verify_json(capsys, str(bundle))
     assert code == 0 and report["passed"], [
         r for r in report["results"] if r["status"] == "FAIL"]
     assert report["target"] == "android-opencl" and report["bundle"] == str(bundle)
@@ -304,7 +300,7 @@ def test_a_cpu_target_is_refused(bundle):
 def test_one_layer_of_real_shapes(name, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(REAL_SHAPES[name]))
     # No weights, no tokenizer: the config is all verify needs.
-    code, report = _run_cli(capsys, str(tmp_path), "--num-hidden-layers", "1",
+    code, report = run_verify_json(capsys, str(tmp_path), "--num-hidden-layers", "1",
                             "--seq-lens", "7")
     assert code == 0 and report["passed"], [
         r for r in report["results"] if r["status"] == "FAIL"]

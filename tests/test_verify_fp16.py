@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import run_verify_json
 from mlc_edge.schedules.adreno import adreno_rules, stock_rules
 from test_adreno_schedules import kn_matmul, nt_matmul, schedule
 from tiny_models import make_llama
@@ -87,16 +88,6 @@ def _check(func, runner: OpenCLRunner, rules: list, seq_lens=(16,)):
         runner=runner,
     )
     return checker, checker.check("f")
-
-
-def _run_cli(capsys, *args: str) -> tuple[int, dict]:
-    try:
-        main(["verify", *args, "--json"])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr().out
-    return code, json.loads(out.strip().splitlines()[-1])
 
 
 # -- the device --------------------------------------------------------------------------
@@ -215,7 +206,7 @@ def test_a_half_accumulator_fails_in_fp16_and_passes_the_float_rewrite(fp16):
 
 def test_the_tiny_model_in_fp16(tmp_path, capsys):
     make_llama(tmp_path / "hf")
-    code, report = _run_cli(
+    code, report = run_verify_json(
         capsys, str(tmp_path / "hf"), "--device", "intel", "--num-hidden-layers", "1"
     )  # the same kernels, faster
     assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
@@ -229,7 +220,7 @@ def test_one_layer_of_llama_3_2_1b_in_fp16(tmp_path, capsys):
     """Real shapes (K up to 8192, the tied 128256 x 2048 lm_head), one layer, 7-token
     chunks: every kernel within the fp16 budget; our linear layers at the rounding."""
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2_1B))
-    code, report = _run_cli(
+    code, report = run_verify_json(
         capsys, str(tmp_path), "--device", "intel", "--num-hidden-layers", "1", "--seq-lens", "7"
     )
     assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
