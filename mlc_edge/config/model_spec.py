@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..models import ModelFamily, find_family
+from ..models import ModelFamily, RuntimeSizes, find_family
 from ..models.vocab import vocab_pieces
 from ..quantization import WeightScheme, get_scheme
 from .presets import PRESET_KEYS
@@ -47,8 +47,11 @@ _CONFIG_BOUNDS: dict[str, tuple[int, bool]] = {  # key -> (largest value, requir
     "vocab_size": (1 << 22, True),
     "max_position_embeddings": (1 << 24, False),
 }
-_RUNTIME_BOUNDS = {"context_window_size": 1 << 24, "prefill_chunk_size": 1 << 16,
-                   "max_batch_size": 1 << 10}
+_RUNTIME_BOUNDS = {
+    "context_window_size": 1 << 24,
+    "prefill_chunk_size": 1 << 16,
+    "max_batch_size": 1 << 10,
+}
 
 
 def check_config_values(hf_config: dict[str, Any]) -> None:
@@ -60,23 +63,33 @@ def check_config_values(hf_config: dict[str, Any]) -> None:
         value = hf_config.get(key)
         if value is None:
             if required:
-                raise UserError(f"config.json has no '{key}': is this a complete Hugging "
-                                "Face config?")
+                raise UserError(
+                    f"config.json has no '{key}': is this a complete Hugging Face config?"
+                )
             continue
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= largest:
-            raise UserError(f"config.json has {key} = {value!r}: it must be a whole number "
-                            f"from 1 to {largest:,}; fix config.json or download it again")
+            raise UserError(
+                f"config.json has {key} = {value!r}: it must be a whole number "
+                f"from 1 to {largest:,}; fix config.json or download it again"
+            )
     heads, kv_heads = hf_config["num_attention_heads"], hf_config.get("num_key_value_heads")
     if kv_heads is not None and heads % kv_heads:
-        raise UserError(f"config.json has num_attention_heads = {heads}, not a multiple of "
-                        f"num_key_value_heads = {kv_heads}; fix config.json")
+        raise UserError(
+            f"config.json has num_attention_heads = {heads}, not a multiple of "
+            f"num_key_value_heads = {kv_heads}; fix config.json"
+        )
     for key in ("rope_theta", "rms_norm_eps", "layer_norm_eps"):
         value = hf_config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or not 0 <= value < float("inf")
-                                  or (key == "rope_theta" and value == 0)):
-            raise UserError(f"config.json has {key} = {value!r}, not a usable number; fix "
-                            "config.json or download it again")
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value < float("inf")
+            or (key == "rope_theta" and value == 0)
+        ):
+            raise UserError(
+                f"config.json has {key} = {value!r}, not a usable number; fix "
+                "config.json or download it again"
+            )
 
 
 @dataclass
@@ -101,12 +114,12 @@ class ModelSpec:
             if value < 1:
                 raise UserError(f"{key} must be a positive integer, got {value}")
             if value > _RUNTIME_BOUNDS.get(key, value):
-                raise UserError(f"{key} {value:,} is larger than mlc-edge allows "
-                                f"({_RUNTIME_BOUNDS[key]:,})")
+                raise UserError(
+                    f"{key} {value:,} is larger than mlc-edge allows ({_RUNTIME_BOUNDS[key]:,})"
+                )
         model_config = {**hf_config, **runtime_sizes, "tensor_parallel_shards": 1}
-        config = family.config_class.from_hf(hf_config)
-        for key in PRESET_KEYS:
-            setattr(config, key, runtime_sizes[key])
+        runtime = RuntimeSizes(**{key: runtime_sizes[key] for key in PRESET_KEYS})
+        config = family.config_class.from_hf(hf_config, runtime)
         if runtime_sizes["prefill_chunk_size"] > runtime_sizes["context_window_size"]:
             raise UserError("prefill_chunk_size must not exceed context_window_size")
         return cls(family, model_config, config, scheme)
@@ -130,8 +143,7 @@ class ModelSpec:
         if max_alloc_bytes is None or self.scheme.max_alloc_bytes is not None:
             return self
         c = self.config
-        if len(vocab_pieces(c.vocab_size, c.hidden_size, self.scheme.dtype,
-                            max_alloc_bytes)) == 1:
+        if len(vocab_pieces(c.vocab_size, c.hidden_size, self.scheme.dtype, max_alloc_bytes)) == 1:
             return self
         model_config = {**self.model_config, SPLIT_LIMIT_KEY: int(max_alloc_bytes)}
         return ModelSpec.create(model_config, self.scheme.name, self.runtime_sizes)

@@ -1,44 +1,22 @@
-"""Model families mlc-edge compiles, found from a config.json's ``architectures``."""
+"""Model families mlc-edge compiles, found from a config.json's ``architectures``.
+
+A family is one folder here whose ``__init__.py`` declares ``FAMILY`` (a ``ModelFamily``)
+and one line in ``FAMILIES``; what families share lives beside them (``hf_config.py``,
+``layers.py``, ``llama_style.py``, ``decoder.py``), never in a sibling family.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from .base import ParamSource
+from . import llama, phi, qwen2, qwen3
+from .base import ModelFamily, ParamSource
 from .decoder import DecoderLM, KVCacheShape
-from .llama.config import LlamaConfig
-from .llama.model import LlamaForCausalLM
-from .llama.weights import hf_weight_map as llama_weight_map
-from .phi.config import PhiConfig
-from .phi.model import PhiForCausalLM
-from .phi.weights import hf_weight_map as phi_weight_map
-from .qwen2.config import Qwen2Config
-from .qwen2.model import Qwen2ForCausalLM
-from .qwen2.weights import hf_weight_map as qwen2_weight_map
-from .qwen3.config import Qwen3Config
-from .qwen3.model import Qwen3ForCausalLM
-from .qwen3.weights import hf_weight_map as qwen3_weight_map
+from .hf_config import RuntimeSizes
 
-
-@dataclass(frozen=True)
-class ModelFamily:
-    model_type: str
-    architectures: tuple[str, ...]
-    config_class: type
-    model_class: type[DecoderLM]
-    weight_map: Callable[[Any], dict[str, ParamSource]]
-
-
-# (model_type, architectures, config_class, model_class, weight_map)
-FAMILIES: tuple[ModelFamily, ...] = (
-    ModelFamily("llama", ("LlamaForCausalLM",), LlamaConfig, LlamaForCausalLM, llama_weight_map),
-    ModelFamily("qwen2", ("Qwen2ForCausalLM",), Qwen2Config, Qwen2ForCausalLM, qwen2_weight_map),
-    ModelFamily("qwen3", ("Qwen3ForCausalLM",), Qwen3Config, Qwen3ForCausalLM, qwen3_weight_map),
-    ModelFamily("phi", ("PhiForCausalLM",), PhiConfig, PhiForCausalLM, phi_weight_map),
-)
+# Searched in this order; the error for an unknown architecture lists them in it too.
+FAMILIES: tuple[ModelFamily, ...] = (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, phi.FAMILY)
 
 
 def find_family(hf_config: dict[str, Any]) -> ModelFamily:
@@ -51,4 +29,18 @@ def find_family(hf_config: dict[str, Any]) -> ModelFamily:
     raise UserError(f"architecture {named} is not supported; supported: {supported}")
 
 
-__all__ = ["FAMILIES", "DecoderLM", "KVCacheShape", "ModelFamily", "ParamSource", "find_family"]
+def family_by_model_type(model_type: str) -> ModelFamily | None:
+    """The family whose bundles have ``model_type``, or None."""
+    return next((f for f in FAMILIES if f.model_type == model_type), None)
+
+
+__all__ = [
+    "FAMILIES",
+    "DecoderLM",
+    "KVCacheShape",
+    "ModelFamily",
+    "ParamSource",
+    "RuntimeSizes",
+    "family_by_model_type",
+    "find_family",
+]

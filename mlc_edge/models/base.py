@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .decoder import DecoderLM
 
 
 @dataclass(frozen=True)
@@ -16,3 +21,17 @@ class ParamSource:
 
     hf_names: tuple[str, ...]
     is_linear_weight: bool = False
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family, as its folder's ``__init__.py`` declares it (``FAMILY``)."""
+
+    model_type: str  # the bundle's model_type
+    architectures: tuple[str, ...]  # config.json ``architectures`` that select it
+    config_class: type  # ``from_hf(hf_config, RuntimeSizes)`` → its config
+    model_class: type[DecoderLM]
+    weight_map: Callable[[Any], dict[str, ParamSource]]  # config → {ours: ParamSource}
+    # The conversation template its checkpoints use when the tokenizer does not tell
+    # (a name in bundle/conv_templates.py).
+    conv_template: str

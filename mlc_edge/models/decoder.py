@@ -1,11 +1,14 @@
 """The runtime-facing surface shared by every decoder-only model.
 
-A family implements ``embed``, ``forward_hidden`` (input embeddings → final hidden
-states, through the paged KV cache), ``get_logits`` and ``kv_cache_shape``; this base
-turns them into the functions MLC-LLM's runtime calls (see docs/runtime-contract.md):
-``embed``, ``prefill``, ``decode``, ``batch_prefill``, ``batch_decode``,
-``create_tir_paged_kv_cache``, ``alloc_embedding_tensor`` and
-``softmax_with_temperature``.
+A family's model is a ``DecoderLM`` whose ``self.model`` is a ``layers.DecoderStack``
+(embedding, layers, final norm) and whose output layer is ``self.lm_head`` (absent when
+tied to the embedding). The hooks ``embed``, ``forward_hidden`` (input embeddings →
+final hidden states, through the paged KV cache), ``get_logits`` and ``kv_cache_shape``
+have defaults for that shape, read from the family's ``hf_config.DecoderConfig``; a
+family overrides only what differs. This base turns them into the functions MLC-LLM's
+runtime calls (see docs/runtime-contract.md): ``embed``, ``prefill``, ``decode``,
+``batch_prefill``, ``batch_decode``, ``create_tir_paged_kv_cache``,
+``alloc_embedding_tensor`` and ``softmax_with_temperature``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from ..compiler.contract import GREEDY_TEMPERATURE
+from .hf_config import DecoderConfig
 from .kv_cache_kernels import replace_merge_state, replace_transpose_append
+from .layers import DecoderStack
 
 
 def softmax_with_temperature_te(
@@ -60,8 +65,7 @@ def softmax_with_temperature_te(
 
     j = te.reduce_axis((0, vocab), name="j")
     total = te.compute((batch,), lambda b: te.sum(weight(b, j), axis=j), name="total")
-    return te.compute((batch, 1, vocab), lambda b, _, v: weight(b, v) / total[b],
-                      name="probs")
+    return te.compute((batch, 1, vocab), lambda b, _, v: weight(b, v) / total[b], name="probs")
 
 
 @dataclass(frozen=True)
@@ -79,29 +83,42 @@ class KVCacheShape:
 
 class DecoderLM(nn.Module):
     """Base class of the model definitions: ``__init__`` keeps what every family's
-    functions read from the config; subclasses add their modules and implement the hooks."""
+    functions read from the config; subclasses add ``self.model`` (and ``self.lm_head``)."""
 
-    def __init__(self, cfg: Any, scheme: Any, target: Target):
+    model: DecoderStack
+
+    def __init__(self, cfg: DecoderConfig, scheme: Any, target: Target):
         self.config = cfg
         self.dtype: str = scheme.dtype
         self.hidden_size: int = cfg.hidden_size
         self.vocab_size: int = cfg.vocab_size
-        self.prefill_chunk_size: int = cfg.prefill_chunk_size
+        self.prefill_chunk_size: int = cfg.runtime.prefill_chunk_size
         self.target = target
         self.tie_word_embeddings: bool = cfg.tie_word_embeddings
 
-    # -- hooks ---------------------------------------------------------------------------
+    # -- hooks (defaults for the shape above) ----------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, hidden]
-        raise NotImplementedError
+        return self.model.embed_tokens(input_ids)
 
     def forward_hidden(self, input_embeds: Tensor, kv: PagedKVCache) -> Tensor:
-        raise NotImplementedError
+        return self.model(input_embeds, kv)
 
     def get_logits(self, hidden: Tensor) -> Tensor:
-        raise NotImplementedError
+        if self.tie_word_embeddings:
+            return self.model.embed_tokens.logits(hidden)
+        return self.lm_head(hidden)
 
     def kv_cache_shape(self) -> KVCacheShape:
-        raise NotImplementedError
+        c = self.config
+        return KVCacheShape(
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            rope_theta=c.rope_theta,
+            rope_scaling=c.rope_scaling,
+            rotary_dim=c.rotary_dim,
+        )
 
     # -- runtime functions -----------------------------------------------------------------
     def _float32_logits(self, hidden: Tensor) -> Tensor:
@@ -167,11 +184,21 @@ class DecoderLM(nn.Module):
             target=self.target,
         )
         # TVM's GPU merge-state kernel races on S (see kv_cache_kernels.py): use ours.
-        replace_merge_state(rx.BlockBuilder.current(), shape.num_attention_heads,
-                            shape.head_dim, self.dtype, self.target)
+        replace_merge_state(
+            rx.BlockBuilder.current(),
+            shape.num_attention_heads,
+            shape.head_dim,
+            self.dtype,
+            self.target,
+        )
         # TVM's append kernel reads past position_map (see kv_cache_kernels.py): ours.
-        replace_transpose_append(rx.BlockBuilder.current(), shape.num_key_value_heads,
-                                 shape.head_dim, self.dtype, self.target)
+        replace_transpose_append(
+            rx.BlockBuilder.current(),
+            shape.num_key_value_heads,
+            shape.head_dim,
+            self.dtype,
+            self.target,
+        )
         return cache
 
     def alloc_embedding_tensor(self) -> Tensor:
@@ -183,7 +210,8 @@ class DecoderLM(nn.Module):
         MLC's engine passes each request's temperature unchanged, 0 for greedy, and samples
         from what this returns (docs/runtime-contract.md)."""
         return op.tensor_expr_op(
-            softmax_with_temperature_te, name_hint="softmax_with_temperature_tir",
+            softmax_with_temperature_te,
+            name_hint="softmax_with_temperature_tir",
             args=[logits, temperature, self.vocab_size],
         )
 

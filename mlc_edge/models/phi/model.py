@@ -1,7 +1,7 @@
 """Phi-2 in ``tvm.relax.frontend.nn``.
 
 One LayerNorm feeds attention and the MLP in parallel: ``x + attn(ln(x)) + mlp(ln(x))``.
-The attention is Llama's module (fused q/k/v with biases, output projection ``dense``
+The attention is the shared fused one (q/k/v with biases, output projection ``dense``
 with bias); the paged KV cache applies rotate-half RoPE to the first ``rotary_dim``
 dimensions of each head only, as transformers' Phi does.
 """
@@ -14,9 +14,9 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from ...quantization import WeightScheme
-from ..decoder import DecoderLM, KVCacheShape
-from ..llama.model import LlamaAttention
-from ..vocab import VocabEmbedding, VocabHead
+from ..decoder import DecoderLM
+from ..layers import DecoderStack, FusedQKVAttention
+from ..vocab import VocabHead
 from .config import GELU_APPROXIMATION, PhiConfig
 
 
@@ -35,7 +35,7 @@ class PhiDecoderLayer(nn.Module):
         self.input_layernorm = nn.LayerNorm(
             cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=scheme.dtype
         )
-        self.self_attn = LlamaAttention(cfg, scheme)
+        self.self_attn = FusedQKVAttention(cfg, scheme)
         self.mlp = PhiMLP(cfg, scheme)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
@@ -43,19 +43,14 @@ class PhiDecoderLayer(nn.Module):
         return self.self_attn(h, kv, layer_id) + self.mlp(h) + x
 
 
-class PhiModel(nn.Module):
+class PhiModel(DecoderStack):
     def __init__(self, cfg: PhiConfig, scheme: WeightScheme):
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, scheme)
-        self.layers = nn.ModuleList(
-            [PhiDecoderLayer(cfg, scheme) for _ in range(cfg.num_hidden_layers)]
-        )
+        super().__init__(cfg, scheme, lambda: PhiDecoderLayer(cfg, scheme))
         self.final_layernorm = nn.LayerNorm(
             cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=scheme.dtype
         )
 
-    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
-        for layer_id, layer in enumerate(self.layers):
-            x = layer(x, kv, layer_id)
+    def final_norm(self, x: Tensor) -> Tensor:
         return self.final_layernorm(x)
 
 
@@ -69,25 +64,6 @@ class PhiForCausalLM(DecoderLM):
         else:
             self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme, bias=True)
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def forward_hidden(self, input_embeds: Tensor, kv: PagedKVCache) -> Tensor:
-        return self.model(input_embeds, kv)
-
     def get_logits(self, hidden: Tensor) -> Tensor:
-        if self.tie_word_embeddings:
-            return self.model.embed_tokens.logits(hidden) + self.lm_head_bias
-        return self.lm_head(hidden)
-
-    def kv_cache_shape(self) -> KVCacheShape:
-        c = self.config
-        return KVCacheShape(
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-            rope_theta=c.rope_theta,
-            rope_scaling={},
-            rotary_dim=c.rotary_dim,
-        )
+        logits = super().get_logits(hidden)
+        return logits + self.lm_head_bias if self.tie_word_embeddings else logits

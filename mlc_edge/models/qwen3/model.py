@@ -1,4 +1,4 @@
-"""Qwen3 in ``tvm.relax.frontend.nn``: the Llama definition with q/k RMSNorm per head.
+"""Qwen3 in ``tvm.relax.frontend.nn``: the Llama-style decoder with q/k RMSNorm per head.
 
 transformers normalises each q and k head over ``head_dim`` before RoPE. The paged KV
 cache applies RoPE inside ``attention_with_fused_qkv``, so the heads are normalised on
@@ -12,12 +12,12 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from ...quantization import WeightScheme
-from ..llama.model import LlamaAttention
-from ..qwen2.model import LlamaWithAttention
+from ..layers import FusedQKVAttention
+from ..llama_style import LlamaStyleLM
 from .config import Qwen3Config
 
 
-class Qwen3Attention(LlamaAttention):
+class Qwen3Attention(FusedQKVAttention):
     def __init__(self, cfg: Qwen3Config, scheme: WeightScheme):
         super().__init__(cfg, scheme)
         norm = dict(axes=-1, epsilon=cfg.rms_norm_eps, bias=False, dtype=scheme.dtype)
@@ -34,5 +34,5 @@ class Qwen3Attention(LlamaAttention):
         return self.o_proj(op.reshape(out, (b, s, hq * d)))
 
 
-class Qwen3ForCausalLM(LlamaWithAttention):
+class Qwen3ForCausalLM(LlamaStyleLM):
     attention_class = Qwen3Attention
