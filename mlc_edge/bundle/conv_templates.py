@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..models import family_by_model_type
 
 
 def _template(**fields: Any) -> dict[str, Any]:
@@ -128,8 +129,6 @@ _TEMPLATES: dict[str, _Entry] = {
 
 TEMPLATE_NAMES = tuple(_TEMPLATES)
 
-# The template a family's checkpoints use when the tokenizer does not tell.
-_FAMILY_DEFAULT = {"llama": "llama-2", "qwen2": "qwen2", "qwen3": "qwen3", "phi": "phi-2"}
 _QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud."
 
 
@@ -150,7 +149,9 @@ def choose_template(
         if chat_template and _QWEN25_SYSTEM in chat_template:
             return "qwen2.5"
         return "qwen2"
-    return _FAMILY_DEFAULT.get(family_model_type, "llama-2")
+    # The template the family declares (models/<family>/__init__.py).
+    family = family_by_model_type(family_model_type)
+    return family.conv_template if family else "llama-2"
 
 
 def read_chat_template(model_dir: Path) -> str | None:
