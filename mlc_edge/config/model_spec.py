@@ -29,8 +29,14 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(f"no config.json in {model_dir}: give a Hugging Face model folder")
+    return read_json_file(path)
+
+
+def read_json_file(path: Path) -> Any:
+    """The JSON in ``path`` (a config.json, a bundle's mlc-chat-config.json), or one
+    UserError line naming the file and where it stops being JSON."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
