@@ -167,7 +167,7 @@ def _dequantized(gguf: Any, tensor: Any) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
 
 
-def llama3_rope_factors(
+def _llama3_rope_factors(
     head_dim: int, theta: float, factor: float, low: float, high: float, original: float
 ) -> np.ndarray:
     """The divisor of each rotary frequency under Llama 3's rope scaling, as llama.cpp
@@ -188,7 +188,9 @@ def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path
     The factors depend on ``original / low_freq_factor`` and ``original / high_freq_factor``
     only (the two wavelength thresholds), so ``original`` is llama.cpp's 8192 and the two
     factors follow from a line through the frequencies between the thresholds; with
-    fewer than two of those, Llama 3's own 1 and 4 are tried.
+    fewer than two of those, Llama 3's own 1 and 4 are tried. The largest factor is taken
+    for ``factor``: Llama 3's heads have frequencies past the low threshold (where it is
+    not, the recomputation differs and the file is refused).
     """
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)
     if factors.size != head_dim // 2:
@@ -216,7 +218,7 @@ def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path
     for low, high in candidates:
         if not 0 < low < high:
             continue
-        ours = llama3_rope_factors(head_dim, theta, top, low, high, original)
+        ours = _llama3_rope_factors(head_dim, theta, top, low, high, original)
         if np.allclose(ours, factors, rtol=1e-4, atol=0):
             return {
                 "rope_type": "llama3",
@@ -458,7 +460,7 @@ class GGUFFile:
         self._reader = None
 
 
-def _tokenizer_files(gguf_path: Path, out_dir: Path, arch: str) -> None:
+def _tokenizer_files(gguf_path: Path, out_dir: Path, model_type: str) -> None:
     """tokenizer.json + tokenizer_config.json (and the chat template) from the metadata."""
     try:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -470,7 +472,7 @@ def _tokenizer_files(gguf_path: Path, out_dir: Path, arch: str) -> None:
     # AutoTokenizer reads the GGUF's model config first, which transformers refuses for
     # architectures it cannot load (phi2); the tokenizer itself is built from
     # tokenizer.ggml.* alone, which the plain fast tokenizer does.
-    builder = PreTrainedTokenizerFast if arch == "phi2" else AutoTokenizer
+    builder = PreTrainedTokenizerFast if model_type == "phi" else AutoTokenizer
     try:
         tok = builder.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
@@ -512,7 +514,6 @@ def prepare_model_dir(gguf_path: Path, out_dir: Path) -> Path:
         flush=True,
     )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    arch = "phi2" if config["model_type"] == "phi" else config["model_type"]
-    _tokenizer_files(gguf_path, out_dir, arch)
+    _tokenizer_files(gguf_path, out_dir, config["model_type"])
     os.symlink(gguf_path, out_dir / LINK_NAME)
     return out_dir
