@@ -62,6 +62,7 @@ def write_gguf(
     arch: str = "llama",
     types: dict[str, object] | None = None,
     architecture_name: str | None = None,
+    rope_scaling: tuple[str, float] | None = None,
 ) -> Path:
     """``model`` (a transformers model) as llama.cpp writes it, tensors F32 unless
     ``types`` names a GGML type (or raw ``(bytes, type)``) for a GGUF tensor name."""
@@ -82,6 +83,9 @@ def write_gguf(
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
+    if rope_scaling is not None:  # as llama.cpp's TextModel.set_gguf_parameters writes it
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+        writer.add_rope_scaling_factor(rope_scaling[1])
     types = types or {}
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -251,10 +255,12 @@ def test_bad_ggufs_get_one_error_line(tiny_llama_gguf, tmp_path, capsys):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     gemma = write_gguf(model, tmp_path / "gemma.gguf", architecture_name="gemma")
+    linear = write_gguf(model, tmp_path / "linear.gguf", rope_scaling=("linear", 2.0))
     expected = {
         iq4: "stored as IQ4_NL",
         truncated: "truncated",
         gemma: "architecture 'gemma' is not supported",
+        linear: "GGUF rope scaling 'linear' is not supported",
     }
     for path, words in expected.items():
         lines = _cli_error(path, tmp_path, capsys)

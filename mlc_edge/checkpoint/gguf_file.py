@@ -282,12 +282,12 @@ def read_metadata(reader: Any, path: Path) -> tuple[str, dict[str, Any]]:
             config["head_dim"] = int(head_dim or hidden // heads)
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise UserError(f"{path}: GGUF rope scaling '{scaling}' is not supported (linear is)")
-        config["rope_scaling"] = {
-            "rope_type": "linear",
-            "factor": float(need("rope.scaling.factor")),
-        }
+        # Our families compile plain RoPE and Llama 3's (which llama.cpp stores as
+        # rope_freqs, below), not linear/yarn/longrope scaling.
+        raise UserError(
+            f"{path}: GGUF rope scaling '{scaling}' is not supported (plain RoPE and "
+            f"Llama 3's rope_freqs are)"
+        )
     if ROPE_FREQS in tensors:
         if arch != "llama":
             raise UserError(
