@@ -1,4 +1,4 @@
-"""GEMV with the weight stored ``[N, K]`` ("NT"), for Adreno: ``[b, 1, K] x [N, K]^T``.
+"""GEMV with the weight stored ``[N, K]`` ("NT"), for GPUs: ``[b, 1, K] x [N, K]^T``.
 
 The tied output layer (the embedding table ``[vocab, hidden]`` used as the lm_head, as in
 Llama-3.2-1B/3B, Qwen2.5 and Qwen3 small models) of ``decode``, ``prefill``,

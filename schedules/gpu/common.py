@@ -1,4 +1,4 @@
-"""What the Adreno KN rules share: finding the matmul, the fp32 accumulator, tile sizes.
+"""What the GPU KN rules share: finding the matmul, the fp32 accumulator, tile sizes.
 
 The pattern matching (``C[.., m, n] += A[.., m, k] * W[k, n]`` plus injective epilogues)
 and the fp32 rewrite of an fp16 reduction are ``schedules/kn_pattern.py``'s, shared with
@@ -24,7 +24,7 @@ from ..kn_pattern import (
     is_fp16_matmul,
     largest_divisor,
 )
-from .tuning import AdrenoTuning
+from .tuning import DEFAULT_GPU, KNTuning
 
 __all__ = [
     "SCHEDULE_ANNOTATION",
@@ -43,7 +43,8 @@ __all__ = [
     "sum_loops",
 ]
 
-# Block annotation naming the rule that scheduled a matmul (tests read it back).
+# Block annotation naming the rule that scheduled a matmul (tests read it back). The
+# rules' names keep the prefix of their first GPU ("adreno.gemv_kn"), on every GPU.
 SCHEDULE_ANNOTATION = "mlc_edge.schedule"
 
 
@@ -100,7 +101,7 @@ class KNMatch:
 
 
 class KNMatmulRule(GPUScheduleRule):
-    """An Adreno rule for ``[.., K] x [K, N]`` (or ``[N, K]``) matmuls: finds the pattern
+    """A GPU rule for ``[.., K] x [K, N]`` (or ``[N, K]``) matmuls: finds the pattern
     (decode-shaped or not, as the subclass wants) and hands it to ``schedule``; a
     primitive refusing an unexpected variant of the pattern passes the function on to the
     next rule."""
@@ -109,8 +110,8 @@ class KNMatmulRule(GPUScheduleRule):
     # None: either (the rule decides)
     weight_kn: bool = True  # W[k, n]; False: W[n, k] (GemvNK)
 
-    def __init__(self, tuning: AdrenoTuning | None = None):
-        self.tuning = tuning or AdrenoTuning.load()
+    def __init__(self, tuning: KNTuning | None = None):
+        self.tuning = tuning or KNTuning.from_dict(DEFAULT_GPU, {})
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
               ) -> s_tir.Schedule | None:

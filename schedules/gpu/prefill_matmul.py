@@ -1,4 +1,4 @@
-"""Prefill matmul with the weight stored ``[K, N]``, for Adreno: ``[1, seq_len, K] x [K, N]``.
+"""Prefill matmul with the weight stored ``[K, N]``, for GPUs: ``[1, seq_len, K] x [K, N]``.
 
 Prefill runs chunks of at most ``prefill_chunk_size`` (16) tokens, so one thread can hold
 a whole chunk's rows: every weight vector it loads is used for all of them, and a 16-row

@@ -1,4 +1,4 @@
-"""Decode GEMV with the weight stored ``[K, N]``, for Adreno: ``[b, 1, K] x [K, N]``.
+"""Decode GEMV with the weight stored ``[K, N]``, for GPUs: ``[b, 1, K] x [K, N]``.
 
 Loop nest (V = vector, TX * TY threads in one work-group dimension, U = unroll)::
 
