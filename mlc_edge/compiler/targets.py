@@ -110,14 +110,20 @@ class CpuTarget(TargetSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AndroidOpenCLTarget(TargetSpec):
-    """A phone GPU through OpenCL: kernels as OpenCL C source inside an arm64 system
-    library; its device description says which GPU (today Adreno's, the Adreno rules)."""
+class AndroidTarget(TargetSpec):
+    """A phone GPU: a system library .tar that MLC's Android app links, an arm64 host."""
+
+    lib_suffix: str = ".tar"
+    system_lib: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class AndroidOpenCLTarget(AndroidTarget):
+    """Through OpenCL: kernels as OpenCL C source inside the library; its device
+    description says which GPU (today Adreno's, the Adreno rules)."""
 
     device: str = "opencl"
     rules: str = "adreno"
-    lib_suffix: str = ".tar"
-    system_lib: bool = True
     codegen: str = "opencl"
 
     def tvm_target(self) -> Target:
@@ -134,14 +140,12 @@ class AndroidOpenCLTarget(TargetSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
-class VulkanTarget(TargetSpec):
+class VulkanTarget(AndroidTarget):
     """Listed so users find it, refused at compile time: the PyPI TVM has no Vulkan codegen.
     Any Android GPU: the GPU rule set with its default tunables."""
 
     device: str = "vulkan"
     rules: str = "gpu"
-    lib_suffix: str = ".tar"
-    system_lib: bool = True
     codegen: str = "vulkan"
 
     def tvm_target(self) -> Target:

@@ -37,22 +37,9 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from .common import (
-    KNMatch,
-    KNMatmulRule,
-    accumulate_in_fp32,
-    fold_epilogues,
-    is_fp16_matmul,
-    largest_divisor,
-    mark,
-    max_threads,
-    pick_vector,
-    read_index,
-    sum_loops,
-)
+from ..kn_pattern import accumulate_in_fp32, fold_epilogues, is_fp16_matmul, largest_divisor
+from .common import KNMatch, KNMatmulRule, bind_partials, pick_vector, read_index, sum_loops
 from .tuning import GemvNKTuning
-
-RULE_NAME = "adreno.gemv_nk"
 
 # Row extents of one token per sequence: the sequences of a batch, or 1. A prefill
 # chunk's rows (``seq_len`` tokens) are a matmul's, not a GEMV's: left to the next rule.
@@ -86,6 +73,7 @@ def _rows_are_sequences(m: KNMatch) -> bool:
 class GemvNK(KNMatmulRule):
     """``C[.., n] = sum_k A[.., k] * W[n, k]`` with one token per row (sequences)."""
 
+    rule_name = "adreno.gemv_nk"
     weight_kn = False
     decode_shaped = None  # batch_prefill's [1, b, K] logits are sequences too
 
@@ -95,7 +83,7 @@ class GemvNK(KNMatmulRule):
         sch, block, pat, epilogues, loops = m.sch, m.block, m.pat, m.epilogues, m.loops
         n_ext, k_ext = m.n, m.k
         t: GemvNKTuning = self.tuning.gemv_nk
-        threads = max_threads(target, self.tuning.max_threads)
+        threads = self.threads(target)
         vec = pick_vector(k_ext, t.vector)
         tk = pick_vector(k_ext // vec, min(t.threads_k, threads))
         tn = max(1, min(t.rows, threads // tk, n_ext))
@@ -131,16 +119,9 @@ class GemvNK(KNMatmulRule):
         m_r, n_or, n_tr, k_or, k_ur, k_tvr = sch.get_loops(lanes)[-6:]
         k_tr, k_vr = sch.split(k_tvr, [tk, vec])
         sch.reorder(n_tr, k_tr, k_or, k_ur, k_vr)
-        sch.bind(m_r, "blockIdx.y")
-        sch.bind(n_or, "blockIdx.x")
         # One flat work-group dimension, tk fastest: the threads of a row read
         # neighbouring vectors of it.
-        thread = sch.fuse(n_tr, k_tr)
-        sch.bind(thread, "threadIdx.x")
-        sch.unroll(k_ur)
-        sch.vectorize(k_vr)
-        init = sch.decompose_reduction(lanes, k_or)
-        sch.vectorize(sch.get_loops(init)[-1])
+        thread = bind_partials(sch, lanes, m_r, n_or, (n_tr, k_tr), k_or, k_ur, k_vr)
         _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec,
                           local_memory_budget(target))
 
@@ -162,7 +143,7 @@ class GemvNK(KNMatmulRule):
         sch.decompose_reduction(block, b_k)
         for blk in [writeback, *remaining]:
             _bind_rows(sch, sch.fuse(*_loops_below(sch, blk, n_or)), tn * tk)
-        mark(sch, lanes, RULE_NAME)
+        self.mark(sch, lanes)
         return sch
 
 
