@@ -27,8 +27,9 @@ class AdrenoTuning(KNTuning):
         return cls.for_device(limits)
 
     @classmethod
-    def for_device(cls, limits: DeviceLimits,
-                   tuned: dict[str, dict[str, Any]] | None = None) -> AdrenoTuning:
+    def for_device(
+        cls, limits: DeviceLimits, tuned: dict[str, dict[str, Any]] | None = None
+    ) -> AdrenoTuning:
         """The tunables of the GPU ``limits`` describes (``tuned``: instead of tuning.json)."""
         tuned = tuned_values() if tuned is None else tuned
         return cls.from_dict(limits.name, tuned.get(limits.name, {}), limits.max_threads)

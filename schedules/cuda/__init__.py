@@ -24,12 +24,18 @@ class MatmulWithoutTensorCores(gpu.Matmul):
     ``arch``, which only that branch reads."""
 
     def apply(self, func: tvm.tirx.PrimFunc, target: Target, tunable: bool) -> object:
-        plain = Target({"kind": target.kind.name,
-                        "max_num_threads": int(target.attrs["max_num_threads"]),
-                        "thread_warp_size": int(target.attrs["thread_warp_size"])})
+        plain = Target(
+            {
+                "kind": target.kind.name,
+                "max_num_threads": int(target.attrs["max_num_threads"]),
+                "thread_warp_size": int(target.attrs["thread_warp_size"]),
+            }
+        )
         return super().apply(func, plain, tunable)
 
 
 def cuda_rules() -> list[ScheduleRule]:
-    return [GemvNK(KNTuning.from_dict("cuda", CUDA_TUNING)),
-            *stock_rules(matmul=MatmulWithoutTensorCores())]
+    return [
+        GemvNK(KNTuning.from_dict("cuda", CUDA_TUNING)),
+        *stock_rules(matmul=MatmulWithoutTensorCores()),
+    ]

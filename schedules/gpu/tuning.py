@@ -69,8 +69,7 @@ class PrefillTuning:
     unroll_k: int
 
 
-SECTIONS: dict[str, type] = {"gemv": GemvTuning, "prefill": PrefillTuning,
-                             "gemv_nk": GemvNKTuning}
+SECTIONS: dict[str, type] = {"gemv": GemvTuning, "prefill": PrefillTuning, "gemv_nk": GemvNKTuning}
 
 
 def default_values() -> dict[str, Any]:
@@ -88,16 +87,19 @@ class KNTuning:
     gemv_nk: GemvNKTuning
 
     @classmethod
-    def from_dict(cls, gpu: str, values: dict[str, Any],
-                  max_threads: int | None = None) -> KNTuning:
+    def from_dict(
+        cls, gpu: str, values: dict[str, Any], max_threads: int | None = None
+    ) -> KNTuning:
         """The defaults with ``values`` (``{"gemv": {"threads_n": 32}}``, ...) over them;
         ``max_threads`` replaces the default work-group cap."""
         default = default_values()
         unknown = set(values) - set(SECTIONS)
         if unknown:
             raise ValueError(f"{gpu}: unknown tuning sections {sorted(unknown)}")
-        parts = {part: _section(kind, {**default[part], **values.get(part, {})}, gpu, part)
-                 for part, kind in SECTIONS.items()}
+        parts = {
+            part: _section(kind, {**default[part], **values.get(part, {})}, gpu, part)
+            for part, kind in SECTIONS.items()
+        }
         threads = int(default["max_threads"] if max_threads is None else max_threads)
         return cls(gpu=gpu, max_threads=threads, **parts)
 
@@ -113,6 +115,8 @@ def _section(kind: type, values: dict[str, Any], gpu: str, part: str) -> Any:
         if value < 1:
             raise ValueError(f"{gpu} tuning {part}.{name} must be >= 1, not {value}")
         if name.startswith("unroll") and value > MAX_UNROLL:
-            raise ValueError(f"{gpu} tuning {part}.{name} = {value}: keep unrolling "
-                             f"<= {MAX_UNROLL} (large unrolled kernels fail to build on Adreno)")
+            raise ValueError(
+                f"{gpu} tuning {part}.{name} = {value}: keep unrolling "
+                f"<= {MAX_UNROLL} (large unrolled kernels fail to build on Adreno)"
+            )
     return out
