@@ -20,6 +20,7 @@ from mlc_edge.schedules.adreno import (
     SCHEDULE_ANNOTATION,
     AdrenoTuning,
     GemvKN,
+    GemvNK,
     PrefillMatmulKN,
     adreno_rules,
     stock_rules,
@@ -270,6 +271,17 @@ def test_the_nk_gemv_stages_the_activation_row_in_local_memory(k, staged):
     rows = [shape for name, shape in shared_buffers(func).items() if name.startswith("x")]
     assert rows == ([["batch_size", "1", str(k)]] if staged else []), shared_buffers(func)
 
+
+
+def test_the_devices_local_memory_bounds_the_staged_row():
+    """A GPU whose description gives a work-group 8 KiB of local memory (less than the
+    target's 16 KiB) keeps a 4096-half row (8 KiB, plus the partial sums) in global memory."""
+    small = DeviceLimits.load("default").replace(local_mem_bytes=8 * 1024)
+    func = schedule(nt_matmul("batch_size", 4096, 64), [GemvNK(AdrenoTuning.for_device(small))])
+    assert annotations(func["f"]) == [GEMV_NK]
+    assert not [name for name in shared_buffers(func["f"]) if name.startswith("x")]
+    func = schedule(nt_matmul("batch_size", 2048, 64), [GemvNK(AdrenoTuning.for_device(small))])
+    assert [name for name in shared_buffers(func["f"]) if name.startswith("x")]
 
 @needs_opencl
 def test_a_broken_launch_of_the_nk_gemv_is_caught(runner):

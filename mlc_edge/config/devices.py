@@ -49,9 +49,11 @@ class DeviceLimits:
     threads; ``schedule_threads`` is what the schedules are given (``max_num_threads`` of
     the TVM target), lower because a kernel's own limit falls with its register use.
     ``max_mem_alloc_bytes`` (CL_DEVICE_MAX_MEM_ALLOC_SIZE) bounds every single buffer,
-    weights included. ``global_mem_bytes`` and ``memory_bandwidth_gb_s`` are for planning
-    (what fits, the decode speed ceiling), not checked. ``family`` is the TVM target's
-    ``device`` (``adreno`` sends TVM's stock rules down their Adreno branches).
+    weights included. ``local_mem_bytes`` (CL_DEVICE_LOCAL_MEM_SIZE) is what one
+    work-group's local memory may hold (the rules keep to it). ``global_mem_bytes`` and
+    ``memory_bandwidth_gb_s`` are for planning (what fits, the decode speed ceiling), not
+    checked. ``family`` is the TVM target's ``device`` (``adreno`` sends TVM's stock rules
+    down their Adreno branches).
     """
 
     name: str
@@ -61,6 +63,7 @@ class DeviceLimits:
     max_work_group_size: int
     schedule_threads: int
     max_mem_alloc_bytes: int
+    local_mem_bytes: int
     global_mem_bytes: int
     preferred_vector_width_half: int
     vector_load_bytes: int

@@ -1,6 +1,7 @@
 """An Adreno's tunables: the KN rules' defaults (``schedules/gpu/tuning.json``), the
-work-group cap of its device description (``configs/devices/``) and the values tuned for
-it (``tuning.json`` here: ``{"gpus": {"adreno-750": {"gemv": {"threads_k": 4}}}}``)."""
+work-group cap and local memory of its device description (``configs/devices/``) and the
+values tuned for it (``tuning.json`` here, by GPU: ``{"gpus": {"adreno-750": {"gemv":
+{"threads_k": 4}}}}``)."""
 
 from __future__ import annotations
 
@@ -32,4 +33,6 @@ class AdrenoTuning(KNTuning):
     ) -> AdrenoTuning:
         """The tunables of the GPU ``limits`` describes (``tuned``: instead of tuning.json)."""
         tuned = tuned_values() if tuned is None else tuned
-        return cls.from_dict(limits.name, tuned.get(limits.name, {}), limits.max_threads)
+        return cls.from_dict(
+            limits.name, tuned.get(limits.name, {}), limits.max_threads, limits.local_mem_bytes
+        )

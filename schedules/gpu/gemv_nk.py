@@ -45,18 +45,17 @@ from .tuning import GemvNKTuning
 # chunk's rows (``seq_len`` tokens) are a matmul's, not a GEMV's: left to the next rule.
 ONE_TOKEN_PER_ROW = {"batch_size"}
 
-# Bytes of local memory a work-group of the rule may take: Adreno 7xx/8xx GPUs give a
-# work-group 32 KiB, and the target's own ``max_shared_memory_per_block`` lowers it (TVM's
-# OpenCL targets say 16 KiB: we keep to it). The staged activation row and the TN * TK fp32
-# partials must fit; a longer row is read from global memory by every weight row instead
-# (2x the kernel's minimum bytes, as before staging). Tied lm_heads have K = hidden size:
-# 576-4096 halves in the models we compile, well inside.
-LOCAL_MEMORY_BUDGET = 32 * 1024
 
-
-def local_memory_budget(target: Target) -> int:
+def local_memory_budget(target: Target, device_bytes: int) -> int:
+    """Bytes of local memory a work-group of the rule may take: the device's (Adreno
+    7xx/8xx give a work-group 32 KiB, ``local_mem_bytes`` of its description), lowered by
+    the target's own ``max_shared_memory_per_block`` (TVM's OpenCL targets say 16 KiB: we
+    keep to it). The staged activation row and the TN * TK fp32 partials must fit; a longer
+    row is read from global memory by every weight row instead (2x the kernel's minimum
+    bytes, as before staging). Tied lm_heads have K = hidden size: 576-4096 halves in the
+    models we compile, well inside."""
     declared = target.attrs.get("max_shared_memory_per_block")
-    return min(LOCAL_MEMORY_BUDGET, int(declared)) if declared else LOCAL_MEMORY_BUDGET
+    return min(device_bytes, int(declared)) if declared else device_bytes
 
 
 def _rows_are_sequences(m: KNMatch) -> bool:
@@ -122,8 +121,8 @@ class GemvNK(KNMatmulRule):
         # One flat work-group dimension, tk fastest: the threads of a row read
         # neighbouring vectors of it.
         thread = bind_partials(sch, lanes, m_r, n_or, (n_tr, k_tr), k_or, k_ur, k_vr)
-        _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec,
-                          local_memory_budget(target))
+        budget = local_memory_budget(target, self.tuning.local_memory_bytes)
+        _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec, budget)
 
         # The lanes' sum, by the thread that computed them.
         sch.reverse_compute_at(partial, thread, preserve_unit_loops=True)

@@ -5,13 +5,14 @@ cap (its device description) and any values tuned for it (``schedules/adreno/``)
 its vector width (``schedules/cuda/``). The sections and their keys are those of
 ``tuning.json``; a value it does not know is refused::
 
-    {"max_threads": 256,
+    {"max_threads": 256, "local_memory_bytes": 32768,
      "gemv": {"vector": 8, "threads_n": 16, "threads_k": 8, "unroll_k": 4},
      "prefill": {"rows": 16, "vector": 8, "threads": 64, "unroll_k": 2},
      "gemv_nk": {"vector": 8, "threads_k": 8, "rows": 32, "unroll_k": 4}}
 
-Work-groups never exceed ``max_threads`` (the rules also cap them at the target's
-``max_num_threads`` when they are applied).
+Work-groups never exceed ``max_threads`` threads nor use more than ``local_memory_bytes``
+of local memory (the rules also keep to the target's ``max_num_threads`` and
+``max_shared_memory_per_block`` when they are applied).
 """
 
 from __future__ import annotations
@@ -82,16 +83,21 @@ def default_values() -> dict[str, Any]:
 class KNTuning:
     gpu: str  # whose values these are (a device description's name, or "default")
     max_threads: int  # the work-group cap
+    local_memory_bytes: int  # the local memory one work-group may use
     gemv: GemvTuning
     prefill: PrefillTuning
     gemv_nk: GemvNKTuning
 
     @classmethod
     def from_dict(
-        cls, gpu: str, values: dict[str, Any], max_threads: int | None = None
+        cls,
+        gpu: str,
+        values: dict[str, Any],
+        max_threads: int | None = None,
+        local_memory_bytes: int | None = None,
     ) -> KNTuning:
         """The defaults with ``values`` (``{"gemv": {"threads_n": 32}}``, ...) over them;
-        ``max_threads`` replaces the default work-group cap."""
+        ``max_threads`` and ``local_memory_bytes`` (a device's) replace the defaults."""
         default = default_values()
         unknown = set(values) - set(SECTIONS)
         if unknown:
@@ -100,8 +106,9 @@ class KNTuning:
             part: _section(kind, {**default[part], **values.get(part, {})}, gpu, part)
             for part, kind in SECTIONS.items()
         }
-        threads = int(default["max_threads"] if max_threads is None else max_threads)
-        return cls(gpu=gpu, max_threads=threads, **parts)
+        threads = default["max_threads"] if max_threads is None else max_threads
+        local = default["local_memory_bytes"] if local_memory_bytes is None else local_memory_bytes
+        return cls(gpu=gpu, max_threads=int(threads), local_memory_bytes=int(local), **parts)
 
 
 def _section(kind: type, values: dict[str, Any], gpu: str, part: str) -> Any:
