@@ -4,8 +4,8 @@
 
 ``find_kn_matmul`` finds it (``W[n, k]`` too, for the NK rules) and says which iterators
 are rows, columns and the reduction; ``accumulate_in_fp32`` turns an fp16 reduction into
-an fp32 one. Used by the CPU rules (``schedules/cpu/``) and the Adreno rules
-(``schedules/adreno/``).
+an fp32 one; ``fold_epilogues`` inlines the epilogues into the write-back. Used by the CPU
+rules (``schedules/cpu/``) and the GPU rules (``schedules/gpu/``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tvm import s_tir, tirx
 from tvm.ir import TensorLoad
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm.s_tir.schedule import ScheduleError
 
 
 @dataclass
@@ -54,6 +55,19 @@ def _is_zero_index(expr: tirx.Expr) -> bool:
     return isinstance(expr, tirx.IntImm) and expr.value == 0
 
 
+def split_accumulation(store: tirx.BufferStore) -> tuple[TensorLoad, tirx.Expr] | None:
+    """``(acc, term)`` of a store ``acc = acc + term`` (either order), or None."""
+    value = store.value
+    if not isinstance(value, tirx.Add):
+        return None
+    acc, term = value.a, value.b
+    if isinstance(term, TensorLoad) and term.source.same_as(store.buffer):
+        acc, term = term, acc
+    if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
+        return None
+    return acc, term
+
+
 def match_kn_matmul(block: s_tir.SBlock) -> KNPattern | None:
     """Return the KN matmul roles of ``block``, or None when it is not that pattern."""
     return match_matmul(block, weight_kn=True)
@@ -81,14 +95,10 @@ def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> KNPattern | None:
         return None
     if not _is_var(out_idx[-1], iter_vars[spatial[-1]]):
         return None
-    value = store.value
-    if not isinstance(value, tirx.Add):
+    found = split_accumulation(store)
+    if found is None:
         return None
-    acc, prod = value.a, value.b
-    if isinstance(prod, TensorLoad) and prod.source.same_as(store.buffer):
-        acc, prod = prod, acc
-    if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
-        return None
+    acc, prod = found
     if len(acc.indices) != len(out_idx) or not all(
         _same_index(a, b) for a, b in zip(acc.indices, out_idx, strict=True)
     ):
@@ -159,6 +169,20 @@ def find_kn_matmul(
     return main, pat, [info.block_rv for info in infos[reductions[0] + 1 :]]
 
 
+def fold_epilogues(
+    sch: s_tir.Schedule, epilogues: list[s_tir.schedule.SBlockRV]
+) -> list[s_tir.schedule.SBlockRV]:
+    """Inline the epilogues (residual add, cast, ...) into the matmul's write-back where
+    TVM can; returns those it cannot, which the caller computes at the write-back's loop."""
+    remaining = []
+    for epi in epilogues:
+        try:
+            sch.reverse_compute_inline(epi)
+        except ScheduleError:
+            remaining.append(epi)
+    return remaining
+
+
 def _to_fp32(expr: tirx.Expr) -> tirx.Expr:
     """``expr`` as float32, dropping a cast that only rounded an fp32 value to fp16."""
     if operand_dtype(expr) == "float32":
@@ -186,14 +210,10 @@ def accumulate_in_fp32(sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV) -
     store = block.body
     if not isinstance(store, tirx.BufferStore) or str(store.buffer.dtype) != "float16":
         return False
-    value = store.value
-    if not isinstance(value, tirx.Add):
+    found = split_accumulation(store)
+    if found is None:
         return False
-    acc, term = value.a, value.b
-    if isinstance(term, TensorLoad) and term.source.same_as(store.buffer):
-        acc, term = term, acc
-    if not (isinstance(acc, TensorLoad) and acc.source.same_as(store.buffer)):
-        return False
+    _, term = found
     if isinstance(term, tirx.Mul):
         term = tirx.Mul(_to_fp32(term.a), _to_fp32(term.b))
     sch.unsafe_set_dtype(block_rv, 0, "float32")

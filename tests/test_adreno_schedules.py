@@ -20,11 +20,12 @@ from mlc_edge.schedules.adreno import (
     SCHEDULE_ANNOTATION,
     AdrenoTuning,
     GemvKN,
+    GemvNK,
     PrefillMatmulKN,
     adreno_rules,
     stock_rules,
 )
-from mlc_edge.schedules.adreno.common import find_kn_matmul
+from mlc_edge.schedules.kn_pattern import find_kn_matmul
 from tiny_models import make_llama
 from tvm import IRModule, s_tir, te, tirx
 from tvm.s_tir import dlight as dl
@@ -33,6 +34,7 @@ from mlc_edge.compiler.build import scheduled_module
 from mlc_edge.compiler.passes.require_kernels import kernel_regions
 from mlc_edge.compiler.targets import get_target
 from mlc_edge.config import ModelSpec, load_preset
+from mlc_edge.config.devices import DeviceLimits
 from mlc_edge.verify import KernelChecker, OpenCLRunner, Sizes, model_checker
 
 GEMV = "adreno.gemv_kn"
@@ -270,6 +272,17 @@ def test_the_nk_gemv_stages_the_activation_row_in_local_memory(k, staged):
     assert rows == ([["batch_size", "1", str(k)]] if staged else []), shared_buffers(func)
 
 
+
+def test_the_devices_local_memory_bounds_the_staged_row():
+    """A GPU whose description gives a work-group 8 KiB of local memory (less than the
+    target's 16 KiB) keeps a 4096-half row (8 KiB, plus the partial sums) in global memory."""
+    small = DeviceLimits.load("default").replace(local_mem_bytes=8 * 1024)
+    func = schedule(nt_matmul("batch_size", 4096, 64), [GemvNK(AdrenoTuning.for_device(small))])
+    assert annotations(func["f"]) == [GEMV_NK]
+    assert not [name for name in shared_buffers(func["f"]) if name.startswith("x")]
+    func = schedule(nt_matmul("batch_size", 2048, 64), [GemvNK(AdrenoTuning.for_device(small))])
+    assert [name for name in shared_buffers(func["f"]) if name.startswith("x")]
+
 @needs_opencl
 def test_a_broken_launch_of_the_nk_gemv_is_caught(runner):
     _, checker, _ = check(nt_matmul("batch_size", 512, 256), runner, seq_lens=(1,))
@@ -349,7 +362,9 @@ def test_the_tied_lm_head_is_ours_in_every_function(tmp_path):
 def test_the_tied_lm_head_is_ours_on_cuda_too():
     """Every GPU target: the CUDA build (TVM's stock rules otherwise) gets the NK GEMV
     for the output layer, fp32 accumulation; nvcc compiles it where it is installed."""
-    from mlc_edge.compiler.cuda import cuda_build, cuda_rules
+    from mlc_edge.schedules.cuda import cuda_rules
+
+    from mlc_edge.compiler.cuda import cuda_build
 
     target = get_target("cuda")
     with target.tvm_target():
@@ -383,9 +398,20 @@ def _work_group(func: tirx.PrimFunc) -> int:
     return region.work_group_size()
 
 
+ROOT = Path(__file__).parents[1]
+
+
+def _default_tunables() -> dict:
+    return json.loads((ROOT / "schedules" / "gpu" / "tuning.json").read_text())
+
+
 def test_tunables_come_from_the_gpus_json():
-    path = Path(__file__).parents[1] / "schedules" / "adreno" / "adreno-750.json"
-    data = json.loads(path.read_text())
+    # The GPU's device description (its work-group cap) and the rule set's tunables (the
+    # defaults: none is tuned for the Adreno 750 in schedules/adreno/tuning.json).
+    path = ROOT / "configs" / "devices" / "adreno-750.json"
+    assert "adreno-750" not in json.loads(
+        (ROOT / "schedules" / "adreno" / "tuning.json").read_text())["gpus"]
+    data = {**json.loads(path.read_text()), "schedule": _default_tunables()}
     tuning = AdrenoTuning.load("adreno-750")
     assert tuning.gpu == "adreno-750"
     assert tuning.gemv.vector == data["schedule"]["gemv"]["vector"]
@@ -404,33 +430,29 @@ def test_an_unknown_gpu_gets_the_defaults():
 
 
 def test_other_tunables_give_another_schedule():
-    default = json.loads((Path(__file__).parents[1] / "schedules" / "adreno" /
-                          "default.json").read_text())
+    default = DeviceLimits.load("default")
     func = kn_matmul(1, 512, 1024)
-    base = AdrenoTuning.from_dict("x", {}, default)
-    wide = AdrenoTuning.from_dict("x", {"schedule": {"gemv": {"threads_n": 32}}}, default)
+    base = AdrenoTuning.for_device(default, {})
+    wide = AdrenoTuning.for_device(default, {"default": {"gemv": {"threads_n": 32}}})
     assert wide.gemv.vector == base.gemv.vector  # the other values: the defaults
     a = schedule(func, [GemvKN(base)])["f"]
     b = schedule(func, [GemvKN(wide)])["f"]
     assert _work_group(b) == 2 * _work_group(a)
     # the prefill rows and vector width change the register tile
     pre = kn_matmul("seq_len", 64, 256)
-    p8 = AdrenoTuning.from_dict("x", {"schedule": {"prefill": {"rows": 8, "vector": 2}}},
-                                default)
+    p8 = AdrenoTuning.for_device(default, {"default": {"prefill": {"rows": 8, "vector": 2}}})
     s16 = schedule(pre, [PrefillMatmulKN(base)])["f"].script()
     s8 = schedule(pre, [PrefillMatmulKN(p8)])["f"].script()
     assert "// T.int64(16)" in s16 and "// T.int64(8)" in s8
     # work-groups stay within the GPU's limits
-    small = AdrenoTuning.from_dict("x", {"schedule_threads": 256, "max_work_group_size": 64},
-                                   default)
+    small = AdrenoTuning.for_device(default.replace(schedule_threads=256,
+                                                    max_work_group_size=64), {})
     assert _work_group(schedule(func, [GemvKN(small)])["f"]) <= 64
     assert _work_group(schedule(pre, [PrefillMatmulKN(small)])["f"]) <= 64
 
 
 def test_bad_tunables_are_refused():
-    default = json.loads((Path(__file__).parents[1] / "schedules" / "adreno" /
-                          "default.json").read_text())
     with pytest.raises(ValueError, match="keep unrolling"):
-        AdrenoTuning.from_dict("x", {"schedule": {"prefill": {"unroll_k": 64}}}, default)
+        AdrenoTuning.from_dict("x", {"prefill": {"unroll_k": 64}})
     with pytest.raises(ValueError, match="unknown keys"):
-        AdrenoTuning.from_dict("x", {"schedule": {"gemv": {"tile": 4}}}, default)
+        AdrenoTuning.from_dict("x", {"gemv": {"tile": 4}})

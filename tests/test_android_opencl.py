@@ -32,8 +32,9 @@ from mlc_edge.compiler.build import (
 )
 from mlc_edge.compiler.contract import required_functions
 from mlc_edge.compiler.passes import RequireKernels
-from mlc_edge.compiler.targets import TARGETS, AndroidOpenCLTarget, DeviceLimits, get_target
+from mlc_edge.compiler.targets import TARGETS, AndroidOpenCLTarget, get_target
 from mlc_edge.config import ModelSpec, load_preset
+from mlc_edge.config.devices import DeviceLimits
 from mlc_edge.errors import UserError
 from mlc_edge.memory.plan import RUNTIME_OVERHEAD_BYTES
 from mlc_edge.runtime import Engine
@@ -328,6 +329,34 @@ def test_device_limits_ship_as_package_data():
     assert target.host.attrs["mtriple"] == "aarch64-linux-android"
     assert int(target.attrs["max_num_threads"]) == limits["adreno-750"].schedule_threads
 
+
+
+def test_a_new_adreno_is_one_device_file(tmp_path, monkeypatch):
+    """A device description with ``"target": "android-opencl"`` is a target of its own,
+    with its limits, its work-group cap in the schedules, and the Adreno rules."""
+    import shutil
+
+    from mlc_edge.compiler import targets
+    from mlc_edge.config import devices
+
+    shipped = devices._device_dir()
+    for name in ("default", "adreno-750"):
+        shutil.copy(Path(str(shipped.joinpath(f"{name}.json"))), tmp_path)
+    data = json.loads((tmp_path / "adreno-750.json").read_text())
+    data.update(name="adreno-999", gpu="Qualcomm Adreno 999", schedule_threads=128,
+                max_mem_alloc_bytes=2 << 30)
+    (tmp_path / "adreno-999.json").write_text(json.dumps(data))
+    monkeypatch.setattr(devices, "_device_dir", lambda: tmp_path)
+    found = targets.known_targets()
+    assert set(found) - set(TARGETS) == {"android-opencl:adreno-999"}
+    assert set(TARGETS) - set(found) == {"android-opencl:adreno-740",
+                                         "android-opencl:adreno-830"}
+    new = found["android-opencl:adreno-999"]
+    assert new.limits.max_mem_alloc_bytes == 2 << 30 and "Adreno 999" in new.description
+    assert int(new.tvm_target().attrs["max_num_threads"]) == 128
+    assert "adreno" in new.tvm_target().keys
+    rules = new.schedule_rules()
+    assert rules[0].tuning.gpu == "adreno-999" and rules[0].tuning.max_threads == 128
 
 # -- the GPU logit processors, run by an OpenCL implementation on the CPU (PoCL) -------------
 

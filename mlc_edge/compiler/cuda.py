@@ -22,8 +22,6 @@ from pathlib import Path
 
 import tvm
 import tvm_ffi
-from tvm.s_tir.dlight import gpu
-from tvm.target import Target
 
 # The magic number nvcc's fatbin files start with (0xBA55ED50, little endian).
 FATBIN_MAGIC = b"\x50\xed\x55\xba"
@@ -102,31 +100,3 @@ def kernel_format(library: Path) -> str:
     if FATBIN_MAGIC in data:
         return "fatbin"
     return "none"
-
-
-class MatmulWithoutTensorCores(gpu.Matmul):
-    """dlight's GPU Matmul, minus its tensor-core branch (taken for sm_70+ when no fixed
-    extent is <= 64, e.g. every prefill matmul): TVM 0.27's ``Tensorize`` segfaults on it
-    (seen compiling a Llama-3.2-1B-shaped model). The rule sees the target without
-    ``arch``, which only that branch reads."""
-
-    def apply(self, func: tvm.tirx.PrimFunc, target: Target, tunable: bool) -> object:
-        plain = Target({"kind": target.kind.name,
-                        "max_num_threads": int(target.attrs["max_num_threads"]),
-                        "thread_warp_size": int(target.attrs["thread_warp_size"])})
-        return super().apply(func, plain, tunable)
-
-
-def cuda_rules() -> list[object]:
-    """Our GEMV for the tied lm_head (weight ``[vocab, hidden]``; the stock rules give it
-    fp16 accumulators), then TVM's stock GPU rules, in MLC-LLM's order."""
-    from dataclasses import replace
-
-    from ..schedules.adreno import AdrenoTuning, GemvNK
-
-    # Vectors of 4: TVM 0.27's CUDA code generator writes a float32x8 zero as
-    # make_ulonglong4 with 8 arguments, which nvcc refuses.
-    tuning = AdrenoTuning.load()
-    tuning = replace(tuning, gemv_nk=replace(tuning.gemv_nk, vector=4))
-    return [GemvNK(tuning), MatmulWithoutTensorCores(), gpu.GEMV(), gpu.LowBatchGEMV(),
-            gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]

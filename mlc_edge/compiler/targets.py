@@ -1,9 +1,10 @@
 """The targets ``mlc-edge compile --target`` knows, and what each one builds.
 
-A target says how to make the TVM target, which schedule rules give its functions
-their loops/threads, how the library is exported, which device runs it and, for a GPU,
-the device limits the compile-time guards check (``DeviceLimits``, from the JSON files in
-``schedules/adreno/``).
+A target says how to make the TVM target, which rule set (``schedules/<rules>/``) gives
+its functions their loops/threads, how the library is exported, which device runs it and,
+for a GPU, its device description: the limits the compile-time guards check
+(``DeviceLimits``, ``configs/devices/<name>.json``). A device file with ``"target":
+"android-opencl"`` is listed as ``android-opencl:<name>``: adding an Adreno is that file.
 
     cpu                          this machine (LLVM), a .so that ``mlc-edge run`` loads
     android-opencl[:adreno-NNN]  Adreno GPU through OpenCL, a system library .tar for the app
@@ -14,88 +15,42 @@ the device limits the compile-time guards check (``DeviceLimits``, from the JSON
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import tvm
 from tvm.target import Target
 
+from ..config.devices import DEFAULT_DEVICE, DeviceLimits, device_names
 from ..errors import UserError
 
 # The phone's CPU runs the host side (the VM, kernel launches): Android on arm64.
 ANDROID_HOST: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-android"}
 
-MiB = 1 << 20
 
-
-@dataclass(frozen=True)
-class DeviceLimits:
-    """What one GPU allows, as its OpenCL driver reports it (see the JSON files' notes).
-
-    ``max_work_group_size`` (CL_DEVICE_MAX_WORK_GROUP_SIZE) bounds every kernel's
-    threads; ``schedule_threads`` is what the schedules are given (``max_num_threads`` of
-    the TVM target), lower because a kernel's own limit falls with its register use.
-    ``max_mem_alloc_bytes`` (CL_DEVICE_MAX_MEM_ALLOC_SIZE) bounds every single buffer,
-    weights included. ``global_mem_bytes`` and ``memory_bandwidth_gb_s`` are for planning
-    (what fits, the decode speed ceiling), not checked.
-    """
-
-    name: str
-    gpu: str
-    soc: str
-    max_work_group_size: int
-    schedule_threads: int
-    max_mem_alloc_bytes: int
-    global_mem_bytes: int
-    preferred_vector_width_half: int
-    vector_load_bytes: int
-    memory_bandwidth_gb_s: float
-    notes: str = ""
-
-    @classmethod
-    def load(cls, name: str, package: str = "mlc_edge.schedules.adreno") -> DeviceLimits:
-        data = json.loads(resources.files(package).joinpath(f"{name}.json").read_text())
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
-
-    def replace(self, **changes: Any) -> DeviceLimits:
-        return dataclasses.replace(self, **changes)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def summary(self) -> str:
-        return (
-            f"work-group <= {self.max_work_group_size} (kernels use {self.schedule_threads}), "
-            f"one buffer <= {self.max_mem_alloc_bytes / MiB:.0f} MiB, "
-            f"global memory {self.global_mem_bytes / 2**30:.1f} GiB reported, "
-            f"half vector width {self.preferred_vector_width_half} "
-            f"(loads of {self.vector_load_bytes} bytes), "
-            f"bandwidth {self.memory_bandwidth_gb_s:g} GB/s"
-        )
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TargetSpec:
     name: str
     description: str
     device: str  # the TVM runtime device the library runs on: "cpu", "opencl", ...
-    default_preset: str
-    lib_suffix: str  # ".so" loads on this machine; ".tar" is linked into an app
-    system_lib: bool
+    rules: str  # the rule set: schedules/<rules>/ ("cpu", "gpu", "adreno", "cuda")
+    lib_suffix: str = ".so"  # ".so" loads on this machine; ".tar" is linked into an app
+    system_lib: bool = False
+    default_preset: str = "edge-512"
     codegen: str = "llvm"  # the TVM target kind whose code generator builds the kernels
-    limits: DeviceLimits | None = None  # device limits the guards check (GPU targets)
+    limits: DeviceLimits | None = None  # the device description (GPU targets)
 
     def tvm_target(self) -> Target:
         raise NotImplementedError
 
     def schedule_rules(self) -> list[Any]:
-        raise NotImplementedError
+        """The rule set's rules, with the tunables of this target's device."""
+        from ..schedules import rule_set
+
+        return rule_set(self.rules, self.limits.name if self.limits else None)
 
     def with_limits(self, limits: DeviceLimits) -> TargetSpec:
         """The same target for a device with other limits (tests, a board of one's own)."""
@@ -143,52 +98,58 @@ class TargetSpec:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CpuTarget(TargetSpec):
+    device: str = "cpu"
+    rules: str = "cpu"
+
     def tvm_target(self) -> Target:
         # The machine's own CPU, so LLVM uses its vector units (AVX-512 / NEON).
         cpu = tvm.target.codegen.llvm_get_system_cpu()
         return Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
 
-    def schedule_rules(self) -> list[Any]:
-        from ..schedules.cpu import cpu_rules
 
-        return cpu_rules()
+@dataclass(frozen=True, kw_only=True)
+class AndroidTarget(TargetSpec):
+    """A phone GPU: a system library .tar that MLC's Android app links, an arm64 host."""
+
+    lib_suffix: str = ".tar"
+    system_lib: bool = True
 
 
-@dataclass(frozen=True)
-class AndroidOpenCLTarget(TargetSpec):
-    """Adreno through OpenCL: kernels as OpenCL C source inside an arm64 system library."""
+@dataclass(frozen=True, kw_only=True)
+class AndroidOpenCLTarget(AndroidTarget):
+    """Through OpenCL: kernels as OpenCL C source inside the library; its device
+    description says which GPU (today Adreno's, the Adreno rules)."""
+
+    device: str = "opencl"
+    rules: str = "adreno"
+    codegen: str = "opencl"
 
     def tvm_target(self) -> Target:
         assert self.limits is not None
         threads = self.limits.schedule_threads
-        # device "adreno" sends dlight down its Adreno branches; max_num_threads caps the
-        # work-groups the schedules (and the KV cache's kernels) choose.
+        # device "adreno" (the family) sends dlight down its Adreno branches;
+        # max_num_threads caps the work-groups the schedules (and the KV cache's kernels)
+        # choose.
         return Target(
-            {"kind": "opencl", "device": "adreno",
+            {"kind": "opencl", "device": self.limits.family,
              "max_num_threads": threads, "max_threads_per_block": threads},
             host=ANDROID_HOST,
         )
 
-    def schedule_rules(self) -> list[Any]:
-        from ..schedules.adreno import adreno_rules
 
-        # The GPU's own tunables (``"schedule"`` in its JSON), the defaults for others.
-        return adreno_rules(self.limits.name if self.limits else "default")
+@dataclass(frozen=True, kw_only=True)
+class VulkanTarget(AndroidTarget):
+    """Listed so users find it, refused at compile time: the PyPI TVM has no Vulkan codegen.
+    Any Android GPU: the GPU rule set with its default tunables."""
 
-
-@dataclass(frozen=True)
-class VulkanTarget(TargetSpec):
-    """Listed so users find it, refused at compile time: the PyPI TVM has no Vulkan codegen."""
+    device: str = "vulkan"
+    rules: str = "gpu"
+    codegen: str = "vulkan"
 
     def tvm_target(self) -> Target:
         return Target({"kind": "vulkan"}, host=ANDROID_HOST)
-
-    def schedule_rules(self) -> list[Any]:
-        from ..schedules.adreno import adreno_rules
-
-        return adreno_rules()
 
     def build_problem(self) -> str | None:
         problem = super().build_problem()
@@ -200,11 +161,15 @@ class VulkanTarget(TargetSpec):
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CudaTarget(TargetSpec):
-    """An NVIDIA GPU on a desktop: TVM's stock GPU schedules, kernels compiled by nvcc into
-    the library (see ``compiler/cuda.py``), a generic x86-64 host."""
+    """An NVIDIA GPU on a desktop: TVM's stock GPU schedules (``schedules/cuda/``),
+    kernels compiled by nvcc into the library (see ``compiler/cuda.py``), a generic x86-64
+    host."""
 
+    device: str = "cuda"
+    rules: str = "cuda"
+    codegen: str = "cuda"
     arch: str = "sm_80"
 
     def tvm_target(self) -> Target:
@@ -212,11 +177,6 @@ class CudaTarget(TargetSpec):
         # KV cache's kernels warn and assume it).
         return Target({"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152},
                       host={"kind": "llvm"})
-
-    def schedule_rules(self) -> list[Any]:
-        from .cuda import cuda_rules
-
-        return cuda_rules()
 
     def build_problem(self) -> str | None:
         from ..runtime.cuda import load_cuda_runtime
@@ -258,60 +218,42 @@ def _cuda(arch: str | None) -> CudaTarget:
     return CudaTarget(
         name="cuda" + (f":{arch}" if arch else ""),
         description=f"{what} through CUDA, on a desktop: a .so with the kernels built by nvcc",
-        device="cuda",
-        default_preset="edge-512",
-        lib_suffix=".so",
-        system_lib=False,
-        codegen="cuda",
         arch=arch or "sm_80",
     )
 
 
 def _android_opencl(gpu: str | None) -> AndroidOpenCLTarget:
-    limits = DeviceLimits.load(gpu or "default")
-    name = "android-opencl" + (f":{gpu}" if gpu else "")
+    limits = DeviceLimits.load(gpu or DEFAULT_DEVICE)
     what = f"{limits.gpu} ({limits.soc})" if gpu else "any Adreno 7xx/8xx phone GPU"
     return AndroidOpenCLTarget(
-        name=name,
+        name="android-opencl" + (f":{gpu}" if gpu else ""),
         description=f"{what} through OpenCL: a system library .tar for MLC's Android app",
-        device="opencl",
-        default_preset="edge-512",
-        lib_suffix=".tar",
-        system_lib=True,
-        codegen="opencl",
         limits=limits,
     )
 
 
-TARGETS: dict[str, TargetSpec] = {
-    t.name: t
-    for t in (
+def known_targets() -> dict[str, TargetSpec]:
+    """Every target, by name: the fixed ones and one per Adreno device description."""
+    targets = (
         CpuTarget(
             name="cpu",
             description="this machine's CPU (LLVM), to test a model before it goes on a phone",
-            device="cpu",
-            default_preset="edge-512",
-            lib_suffix=".so",
-            system_lib=False,
         ),
         _android_opencl(None),
-        _android_opencl("adreno-740"),
-        _android_opencl("adreno-750"),
-        _android_opencl("adreno-830"),
+        # One per device description of an Adreno (configs/devices/adreno-NNN.json).
+        *(_android_opencl(gpu) for gpu in device_names("android-opencl")),
         VulkanTarget(
             name="vulkan",
             description="Android GPU through Vulkan (not buildable with this TVM)",
-            device="vulkan",
-            default_preset="edge-512",
-            lib_suffix=".tar",
-            system_lib=True,
-            codegen="vulkan",
         ),
         _cuda(None),
         _cuda("sm_89"),
         _cuda("sm_90"),
     )
-}
+    return {t.name: t for t in targets}
+
+
+TARGETS: dict[str, TargetSpec] = known_targets()
 
 
 def get_target(name: str) -> TargetSpec:

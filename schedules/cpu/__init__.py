@@ -34,7 +34,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from ..kn_pattern import match_kn_matmul, match_matmul
-from .matmul_kn import MatmulKN, MatmulNK, vector_bytes
+from .matmul_kn import CPURule, MatmulKN, MatmulNK, vector_bytes
 
 __all__ = [
     "MatmulKN",
@@ -53,7 +53,7 @@ def _has_parallel_or_threads(func: tirx.PrimFunc) -> bool:
     return "T.parallel(" in text or "T.thread_binding(" in text or "T.launch_thread(" in text
 
 
-class ParallelSpatial(CPUScheduleRule):
+class ParallelSpatial(CPURule):
     """Run the outer data-parallel loops of each loop nest on the thread pool.
 
     Only loops that bind data-parallel block iterators are fused and parallelized (TVM's
@@ -77,14 +77,7 @@ class ParallelSpatial(CPUScheduleRule):
         extent = get_extent(sch, loop)
         return extent if isinstance(extent, int) else self.symbolic_guess
 
-    def apply(
-        self,
-        func: tirx.PrimFunc,
-        target: Target,
-        tunable: bool,
-    ) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
+    def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
         if _has_parallel_or_threads(func):
             return None
         sch = s_tir.Schedule(func)
@@ -129,6 +122,6 @@ class ParallelSpatial(CPUScheduleRule):
         return sch if changed else None
 
 
-def cpu_rules() -> list[CPUScheduleRule]:
+def cpu_rules() -> list[CPURule | CPUScheduleRule]:
     """The CPU schedule rules in priority order, for ``dl.ApplyDefaultSchedule(*cpu_rules())``."""
     return [MatmulKN(), MatmulNK(), dl.cpu.GEMV(), ParallelSpatial()]

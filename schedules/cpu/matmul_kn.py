@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from tvm import DataType, s_tir, tirx
+from tvm.s_tir.dlight.analysis import SBlockInfo
 from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
@@ -27,8 +28,10 @@ from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
 from ..kn_pattern import (
+    KNPattern,
     accumulate_in_fp32,
     find_kn_matmul,
+    fold_epilogues,
     is_fp16_matmul,
     largest_divisor,
     match_kn_matmul,
@@ -97,7 +100,51 @@ def _tiles_per_chunk(tiles: int | None, want: int, min_tasks: int) -> int:
     return best if 2 * best >= want else want
 
 
-class MatmulKN(CPUScheduleRule):
+class CPURule(CPUScheduleRule):
+    """A rule of ours for a CPU target: hands each PrimFunc to ``schedule_func``."""
+
+    def apply(
+        self,
+        func: tirx.PrimFunc,
+        target: Target,
+        tunable: bool,
+    ) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return self.schedule_func(func, target)
+
+    def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class _MatmulRule(CPURule):
+    """What MatmulKN and MatmulNK share: the function's one matmul with its weight as
+    ``weight_kn`` says, whose loops are its iterators, handed to ``schedule``."""
+
+    weight_kn: bool
+
+    def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        try:
+            sch = s_tir.Schedule(func)
+            found = find_kn_matmul(sch, weight_kn=self.weight_kn)
+            if found is None:
+                return None
+            main, pat, epilogues = found
+            if len(main.get_loops()) != len(sch.get(main.block_rv).iter_vars):
+                return None
+            return self.schedule(sch, target, main, pat, epilogues)
+        except Exception:  # noqa: BLE001
+            # A primitive refused this function (an unexpected variant of the pattern):
+            # leave it to the next rule rather than failing the whole build.
+            return None
+
+    def schedule(self, sch: s_tir.Schedule, target: Target, main: SBlockInfo,
+                 pat: KNPattern, epilogues: list[s_tir.schedule.SBlockRV]
+                 ) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class MatmulKN(_MatmulRule):
     """Parallel, vectorized schedule for ``A[.., m, k] x W[k, n]`` matmul/GEMV on CPU.
 
     Loop nest (n = weight columns, k = reduction, m = rows of A)::
@@ -138,6 +185,8 @@ class MatmulKN(CPUScheduleRule):
         Accumulate fp16 matmuls in fp32 (rounded back to fp16 before the epilogue).
     """
 
+    weight_kn = True
+
     def __init__(
         self,
         reg_vectors: int = 4,
@@ -156,31 +205,11 @@ class MatmulKN(CPUScheduleRule):
         self.min_tasks = min_tasks
         self.fp32_accumulate = fp32_accumulate
 
-    def apply(
-        self,
-        func: tirx.PrimFunc,
-        target: Target,
-        tunable: bool,
-    ) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            return self._schedule(func, target)
-        except Exception:  # noqa: BLE001
-            # A primitive refused this function (an unexpected variant of the pattern):
-            # leave it to the next rule rather than failing the whole build.
-            return None
-
-    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
-        found = find_kn_matmul(sch, weight_kn=True)
-        if found is None:
-            return None
-        main, pat, epilogues = found
+    def schedule(self, sch: s_tir.Schedule, target: Target, main: SBlockInfo,
+                 pat: KNPattern, epilogues: list[s_tir.schedule.SBlockRV]
+                 ) -> s_tir.Schedule | None:
         block = main.block_rv
         n_iters = len(sch.get(block).iter_vars)
-        if len(main.get_loops()) != n_iters:
-            return None
         m_doms = [sch.get(block).iter_vars[i].dom.extent for i in pat.m_iters]
         m_static = all(isinstance(d, tirx.IntImm) for d in m_doms)
         m_total = 1
@@ -266,12 +295,7 @@ class MatmulKN(CPUScheduleRule):
         sch.unroll(m_i)
 
         # Fold the epilogue chain into the write-back (bias/residual/cast become one store).
-        remaining: list[s_tir.schedule.SBlockRV] = []
-        for epi in epilogues:
-            try:
-                sch.reverse_compute_inline(epi)
-            except ScheduleError:  # not inlinable: computed per tile below
-                remaining.append(epi)
+        remaining = fold_epilogues(sch, epilogues)  # the others: computed per tile below
         sch.reverse_compute_at(writeback, m_oo, preserve_unit_loops=True)
         _vectorize_inner(sch, writeback, n_v)
         for epi in remaining:
@@ -287,7 +311,7 @@ class MatmulKN(CPUScheduleRule):
         return sch
 
 
-class MatmulNK(CPUScheduleRule):
+class MatmulNK(_MatmulRule):
     """Parallel, vectorized schedule for ``A[.., m, k] x W[n, k]^T`` (weight stored ``[N, K]``).
 
     The reduction runs over W's contiguous axis, so each output is a dot product: k is cut
@@ -315,36 +339,18 @@ class MatmulNK(CPUScheduleRule):
         Accumulate fp16 matmuls in fp32.
     """
 
+    weight_kn = False
+
     def __init__(self, n_tile: int = 4, k_vectors: int = 2, fp32_accumulate: bool = True):
         self.n_tile = n_tile
         self.k_vectors = k_vectors
         self.fp32_accumulate = fp32_accumulate
 
-    def apply(
-        self,
-        func: tirx.PrimFunc,
-        target: Target,
-        tunable: bool,
-    ) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            return self._schedule(func, target)
-        except Exception:  # noqa: BLE001
-            # A primitive refused this function: leave it to the next rule.
-            return None
-
-    def _schedule(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        sch = s_tir.Schedule(func)
-        found = find_kn_matmul(sch, weight_kn=False)
-        if found is None:
-            return None
-        main, pat, epilogues = found
+    def schedule(self, sch: s_tir.Schedule, target: Target, main: SBlockInfo,
+                 pat: KNPattern, epilogues: list[s_tir.schedule.SBlockRV]
+                 ) -> s_tir.Schedule | None:
         block = main.block_rv
-        n_iters = len(sch.get(block).iter_vars)
         loops = main.get_loops()
-        if len(loops) != n_iters:
-            return None
         m_loops = [loops[i] for i in pat.m_iters]
         n_loop, k_loop = loops[pat.n_iter], loops[pat.k_iter]
         sch.reorder(*m_loops, n_loop, k_loop)
@@ -390,13 +396,7 @@ class MatmulNK(CPUScheduleRule):
         # Lane sums, then the (fp16) write-back and epilogues, per group of rows.
         sch.reverse_compute_at(block, rf_m, preserve_unit_loops=True)
         tail = [writeback] if fp16 else []
-        remaining: list[s_tir.schedule.SBlockRV] = []
-        for epi in epilogues:
-            try:
-                sch.reverse_compute_inline(epi)
-            except ScheduleError:
-                remaining.append(epi)
-        for blk in tail + remaining:
+        for blk in tail + fold_epilogues(sch, epilogues):
             try:
                 sch.reverse_compute_at(blk, rf_m, preserve_unit_loops=True)
             except ScheduleError:  # leave it at the root (serial, still correct)

@@ -1,4 +1,4 @@
-"""Decode GEMV with the weight stored ``[K, N]``, for Adreno: ``[b, 1, K] x [K, N]``.
+"""Decode GEMV with the weight stored ``[K, N]``, for GPUs: ``[b, 1, K] x [K, N]``.
 
 Loop nest (V = vector, TX * TY threads in one work-group dimension, U = unroll)::
 
@@ -29,21 +29,9 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.target import Target
 
-from .common import (
-    KNMatch,
-    KNMatmulRule,
-    accumulate_in_fp32,
-    fold_epilogues,
-    is_fp16_matmul,
-    largest_divisor,
-    mark,
-    max_threads,
-    pick_vector,
-    sum_loops,
-)
+from ..kn_pattern import accumulate_in_fp32, fold_epilogues, is_fp16_matmul, largest_divisor
+from .common import KNMatch, KNMatmulRule, bind_partials, pick_vector, sum_loops
 from .tuning import GemvTuning
-
-RULE_NAME = "adreno.gemv_kn"
 
 
 class GemvKN(KNMatmulRule):
@@ -54,13 +42,14 @@ class GemvKN(KNMatmulRule):
     axis) are left to :class:`PrefillMatmulKN`.
     """
 
+    rule_name = "adreno.gemv_kn"
     decode_shaped = True
 
     def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
         sch, block, pat, epilogues, loops = m.sch, m.block, m.pat, m.epilogues, m.loops
         n_ext, k_ext = m.n, m.k
         t: GemvTuning = self.tuning.gemv
-        threads = max_threads(target, self.tuning.max_threads)
+        threads = self.threads(target)
         vec = pick_vector(n_ext, t.vector)
         # K is split across ty threads, a power of two dividing K (no guard in the
         # reduction) and the vector (the final sum then gives each thread whole columns).
@@ -94,17 +83,10 @@ class GemvKN(KNMatmulRule):
         part, store = rf, sch.cache_write(rf, 0, "local")
 
         m_r, n_or, n_tr, k_tr, k_or, k_ur, n_vr = sch.get_loops(part)[-7:]
-        sch.bind(m_r, "blockIdx.y")
-        sch.bind(n_or, "blockIdx.x")
         # One flat work-group dimension, tx fastest: neighbouring threads read
         # neighbouring vectors of a weight row.
         sch.reorder(k_tr, n_tr)
-        thread = sch.fuse(k_tr, n_tr)
-        sch.bind(thread, "threadIdx.x")
-        sch.unroll(k_ur)
-        sch.vectorize(n_vr)
-        init = sch.decompose_reduction(part, k_or)
-        sch.vectorize(sch.get_loops(init)[-1])
+        thread = bind_partials(sch, part, m_r, n_or, (k_tr, n_tr), k_or, k_ur, n_vr)
         sch.reverse_compute_at(store, thread, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(store)[-1])
 
@@ -120,6 +102,6 @@ class GemvKN(KNMatmulRule):
         # Under the sum's thread loop: each thread stores the column it summed.
         for blk in [writeback, *remaining]:
             sch.reverse_compute_at(blk, b_x, preserve_unit_loops=True)
-        mark(sch, part, RULE_NAME)
+        self.mark(sch, part)
         return sch
 

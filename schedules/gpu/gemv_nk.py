@@ -1,4 +1,4 @@
-"""GEMV with the weight stored ``[N, K]`` ("NT"), for Adreno: ``[b, 1, K] x [N, K]^T``.
+"""GEMV with the weight stored ``[N, K]`` ("NT"), for GPUs: ``[b, 1, K] x [N, K]^T``.
 
 The tied output layer (the embedding table ``[vocab, hidden]`` used as the lm_head, as in
 Llama-3.2-1B/3B, Qwen2.5 and Qwen3 small models) of ``decode``, ``prefill``,
@@ -37,39 +37,25 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from .common import (
-    KNMatch,
-    KNMatmulRule,
-    accumulate_in_fp32,
-    fold_epilogues,
-    is_fp16_matmul,
-    largest_divisor,
-    mark,
-    max_threads,
-    pick_vector,
-    read_index,
-    sum_loops,
-)
+from ..kn_pattern import accumulate_in_fp32, fold_epilogues, is_fp16_matmul, largest_divisor
+from .common import KNMatch, KNMatmulRule, bind_partials, pick_vector, read_index, sum_loops
 from .tuning import GemvNKTuning
-
-RULE_NAME = "adreno.gemv_nk"
 
 # Row extents of one token per sequence: the sequences of a batch, or 1. A prefill
 # chunk's rows (``seq_len`` tokens) are a matmul's, not a GEMV's: left to the next rule.
 ONE_TOKEN_PER_ROW = {"batch_size"}
 
-# Bytes of local memory a work-group of the rule may take: Adreno 7xx/8xx GPUs give a
-# work-group 32 KiB, and the target's own ``max_shared_memory_per_block`` lowers it (TVM's
-# OpenCL targets say 16 KiB: we keep to it). The staged activation row and the TN * TK fp32
-# partials must fit; a longer row is read from global memory by every weight row instead
-# (2x the kernel's minimum bytes, as before staging). Tied lm_heads have K = hidden size:
-# 576-4096 halves in the models we compile, well inside.
-LOCAL_MEMORY_BUDGET = 32 * 1024
 
-
-def local_memory_budget(target: Target) -> int:
+def local_memory_budget(target: Target, device_bytes: int) -> int:
+    """Bytes of local memory a work-group of the rule may take: the device's (Adreno
+    7xx/8xx give a work-group 32 KiB, ``local_mem_bytes`` of its description), lowered by
+    the target's own ``max_shared_memory_per_block`` (TVM's OpenCL targets say 16 KiB: we
+    keep to it). The staged activation row and the TN * TK fp32 partials must fit; a longer
+    row is read from global memory by every weight row instead (2x the kernel's minimum
+    bytes, as before staging). Tied lm_heads have K = hidden size: 576-4096 halves in the
+    models we compile, well inside."""
     declared = target.attrs.get("max_shared_memory_per_block")
-    return min(LOCAL_MEMORY_BUDGET, int(declared)) if declared else LOCAL_MEMORY_BUDGET
+    return min(device_bytes, int(declared)) if declared else device_bytes
 
 
 def _rows_are_sequences(m: KNMatch) -> bool:
@@ -86,6 +72,7 @@ def _rows_are_sequences(m: KNMatch) -> bool:
 class GemvNK(KNMatmulRule):
     """``C[.., n] = sum_k A[.., k] * W[n, k]`` with one token per row (sequences)."""
 
+    rule_name = "adreno.gemv_nk"
     weight_kn = False
     decode_shaped = None  # batch_prefill's [1, b, K] logits are sequences too
 
@@ -95,7 +82,7 @@ class GemvNK(KNMatmulRule):
         sch, block, pat, epilogues, loops = m.sch, m.block, m.pat, m.epilogues, m.loops
         n_ext, k_ext = m.n, m.k
         t: GemvNKTuning = self.tuning.gemv_nk
-        threads = max_threads(target, self.tuning.max_threads)
+        threads = self.threads(target)
         vec = pick_vector(k_ext, t.vector)
         tk = pick_vector(k_ext // vec, min(t.threads_k, threads))
         tn = max(1, min(t.rows, threads // tk, n_ext))
@@ -131,18 +118,11 @@ class GemvNK(KNMatmulRule):
         m_r, n_or, n_tr, k_or, k_ur, k_tvr = sch.get_loops(lanes)[-6:]
         k_tr, k_vr = sch.split(k_tvr, [tk, vec])
         sch.reorder(n_tr, k_tr, k_or, k_ur, k_vr)
-        sch.bind(m_r, "blockIdx.y")
-        sch.bind(n_or, "blockIdx.x")
         # One flat work-group dimension, tk fastest: the threads of a row read
         # neighbouring vectors of it.
-        thread = sch.fuse(n_tr, k_tr)
-        sch.bind(thread, "threadIdx.x")
-        sch.unroll(k_ur)
-        sch.vectorize(k_vr)
-        init = sch.decompose_reduction(lanes, k_or)
-        sch.vectorize(sch.get_loops(init)[-1])
-        _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec,
-                          local_memory_budget(target))
+        thread = bind_partials(sch, lanes, m_r, n_or, (n_tr, k_tr), k_or, k_ur, k_vr)
+        budget = local_memory_budget(target, self.tuning.local_memory_bytes)
+        _stage_activation(sch, lanes, pat.lhs, n_or, k_ext, tn * tk, vec, budget)
 
         # The lanes' sum, by the thread that computed them.
         sch.reverse_compute_at(partial, thread, preserve_unit_loops=True)
@@ -162,7 +142,7 @@ class GemvNK(KNMatmulRule):
         sch.decompose_reduction(block, b_k)
         for blk in [writeback, *remaining]:
             _bind_rows(sch, sch.fuse(*_loops_below(sch, blk, n_or)), tn * tk)
-        mark(sch, lanes, RULE_NAME)
+        self.mark(sch, lanes)
         return sch
 
 

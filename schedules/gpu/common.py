@@ -1,4 +1,4 @@
-"""What the Adreno KN rules share: finding the matmul, the fp32 accumulator, tile sizes.
+"""What the GPU KN rules share: finding the matmul, the fp32 accumulator, tile sizes.
 
 The pattern matching (``C[.., m, n] += A[.., m, k] * W[k, n]`` plus injective epilogues)
 and the fp32 rewrite of an fp16 reduction are ``schedules/kn_pattern.py``'s, shared with
@@ -17,33 +17,22 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
-from ..kn_pattern import (
-    KNPattern,
-    accumulate_in_fp32,
-    find_kn_matmul,
-    is_fp16_matmul,
-    largest_divisor,
-)
-from .tuning import AdrenoTuning
+from ..kn_pattern import KNPattern, find_kn_matmul
+from .tuning import DEFAULT_GPU, KNTuning
 
 __all__ = [
     "SCHEDULE_ANNOTATION",
     "KNMatch",
     "KNMatmulRule",
-    "accumulate_in_fp32",
-    "find_kn_matmul",
-    "fold_epilogues",
+    "bind_partials",
     "is_decode_shaped",
-    "is_fp16_matmul",
-    "largest_divisor",
-    "mark",
-    "max_threads",
     "pick_vector",
     "read_index",
     "sum_loops",
 ]
 
-# Block annotation naming the rule that scheduled a matmul (tests read it back).
+# Block annotation naming the rule that scheduled a matmul (tests read it back). The
+# rules' names keep the prefix of their first GPU ("adreno.gemv_kn"), on every GPU.
 SCHEDULE_ANNOTATION = "mlc_edge.schedule"
 
 
@@ -54,17 +43,6 @@ def pick_vector(n: int, want: int) -> int:
     while v * 2 <= want and n % (v * 2) == 0:
         v *= 2
     return v
-
-
-def max_threads(target: Target, configured: int) -> int:
-    """Threads a work-group may have: the tuning's cap and the target's ``max_num_threads``."""
-    limit = target.attrs.get("max_num_threads", None)
-    return min(configured, int(limit)) if limit is not None else configured
-
-
-def mark(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, rule: str) -> None:
-    """Name the rule on the block it scheduled (kept in the scheduled PrimFunc)."""
-    sch.annotate(block, SCHEDULE_ANNOTATION, rule)
 
 
 def is_decode_shaped(block: s_tir.SBlock) -> bool:
@@ -100,7 +78,7 @@ class KNMatch:
 
 
 class KNMatmulRule(GPUScheduleRule):
-    """An Adreno rule for ``[.., K] x [K, N]`` (or ``[N, K]``) matmuls: finds the pattern
+    """A GPU rule for ``[.., K] x [K, N]`` (or ``[N, K]``) matmuls: finds the pattern
     (decode-shaped or not, as the subclass wants) and hands it to ``schedule``; a
     primitive refusing an unexpected variant of the pattern passes the function on to the
     next rule."""
@@ -108,9 +86,10 @@ class KNMatmulRule(GPUScheduleRule):
     decode_shaped: bool | None  # GemvKN: one token per row; PrefillMatmulKN: a chunk;
     # None: either (the rule decides)
     weight_kn: bool = True  # W[k, n]; False: W[n, k] (GemvNK)
+    rule_name: str  # what ``mark`` writes on the blocks it scheduled
 
-    def __init__(self, tuning: AdrenoTuning | None = None):
-        self.tuning = tuning or AdrenoTuning.load()
+    def __init__(self, tuning: KNTuning | None = None):
+        self.tuning = tuning or KNTuning.from_dict(DEFAULT_GPU, {})
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
               ) -> s_tir.Schedule | None:
@@ -143,17 +122,41 @@ class KNMatmulRule(GPUScheduleRule):
     def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
         raise NotImplementedError
 
+    def threads(self, target: Target) -> int:
+        """Threads a work-group may have: the tuning's cap and the target's
+        ``max_num_threads``."""
+        limit = target.attrs.get("max_num_threads", None)
+        configured = self.tuning.max_threads
+        return min(configured, int(limit)) if limit is not None else configured
 
-def fold_epilogues(sch: s_tir.Schedule, epilogues: list[Any]) -> list[Any]:
-    """Inline the epilogues (residual add, cast, ...) into the matmul's write-back where
-    TVM can; returns those it cannot, which the caller computes at the write-back's loop."""
-    remaining = []
-    for epi in epilogues:
-        try:
-            sch.reverse_compute_inline(epi)
-        except ScheduleError:
-            remaining.append(epi)
-    return remaining
+    def mark(self, sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> None:
+        """Name the rule on the block it scheduled (kept in the scheduled PrimFunc)."""
+        sch.annotate(block, SCHEDULE_ANNOTATION, self.rule_name)
+
+
+def bind_partials(
+    sch: s_tir.Schedule,
+    block: s_tir.schedule.SBlockRV,
+    rows: s_tir.schedule.LoopRV,
+    tiles: s_tir.schedule.LoopRV,
+    threads: tuple[s_tir.schedule.LoopRV, ...],
+    outer: s_tir.schedule.LoopRV,
+    unrolled: s_tir.schedule.LoopRV,
+    vector: s_tir.schedule.LoopRV,
+) -> s_tir.schedule.LoopRV:
+    """Bind a GEMV's partial sums: ``rows`` to blockIdx.y, ``tiles`` to blockIdx.x, the
+    (adjacent) ``threads`` loops fused into threadIdx.x, ``unrolled`` unrolled and
+    ``vector`` vectorized, the zeroing before ``outer`` (the outer reduction loop)
+    vectorized too. Returns the thread loop."""
+    sch.bind(rows, "blockIdx.y")
+    sch.bind(tiles, "blockIdx.x")
+    thread = sch.fuse(*threads)
+    sch.bind(thread, "threadIdx.x")
+    sch.unroll(unrolled)
+    sch.vectorize(vector)
+    init = sch.decompose_reduction(block, outer)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return thread
 
 
 def sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,

@@ -1,4 +1,4 @@
-"""Prefill matmul with the weight stored ``[K, N]``, for Adreno: ``[1, seq_len, K] x [K, N]``.
+"""Prefill matmul with the weight stored ``[K, N]``, for GPUs: ``[1, seq_len, K] x [K, N]``.
 
 Prefill runs chunks of at most ``prefill_chunk_size`` (16) tokens, so one thread can hold
 a whole chunk's rows: every weight vector it loads is used for all of them, and a 16-row
@@ -31,26 +31,15 @@ from tvm import s_tir, tirx
 from tvm.ir import Call, TensorLoad
 from tvm.target import Target
 
-from .common import (
-    KNMatch,
-    KNMatmulRule,
-    accumulate_in_fp32,
-    fold_epilogues,
-    is_fp16_matmul,
-    largest_divisor,
-    mark,
-    max_threads,
-    pick_vector,
-    read_index,
-)
+from ..kn_pattern import accumulate_in_fp32, fold_epilogues, is_fp16_matmul, largest_divisor
+from .common import KNMatch, KNMatmulRule, pick_vector, read_index
 from .tuning import PrefillTuning
-
-RULE_NAME = "adreno.prefill_matmul_kn"
 
 
 class PrefillMatmulKN(KNMatmulRule):
     """KN matmuls with a token axis of several rows (prefill chunks, ``seq_len``)."""
 
+    rule_name = "adreno.prefill_matmul_kn"
     decode_shaped = False
 
     def schedule(self, m: KNMatch, target: Target) -> s_tir.Schedule | None:
@@ -59,7 +48,7 @@ class PrefillMatmulKN(KNMatmulRule):
             return None
         n_ext, k_ext = m.n, m.k
         t: PrefillTuning = self.tuning.prefill
-        threads = max_threads(target, self.tuning.max_threads)
+        threads = self.threads(target)
         rows = t.rows
         vec = pick_vector(n_ext, t.vector)
         tx = min(t.threads, n_ext // vec, threads)
@@ -115,7 +104,7 @@ class PrefillMatmulKN(KNMatmulRule):
             # Unrolled: the accumulator rows stay registers (indexed by constants).
             sch.unroll(w_loops[-2])
             sch.vectorize(w_loops[-1])
-        mark(sch, block, RULE_NAME)
+        self.mark(sch, block)
         return sch
 
 
