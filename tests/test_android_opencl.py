@@ -24,18 +24,14 @@ from tiny_models import make_llama
 
 from mlc_edge.bundle.app_config import APP_CONFIG
 from mlc_edge.cli import main
-from mlc_edge.compiler.build import (
-    build_metadata,
-    compile_model_with_metadata,
-    compile_pipeline,
-    instantiate,
-)
+from mlc_edge.compiler.build import build_metadata, compile_model_with_metadata, compile_pipeline
 from mlc_edge.compiler.contract import required_functions
 from mlc_edge.compiler.passes import RequireKernels
 from mlc_edge.compiler.targets import TARGETS, AndroidOpenCLTarget, DeviceLimits, get_target
 from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.errors import UserError
 from mlc_edge.memory.plan import RUNTIME_OVERHEAD_BYTES
+from mlc_edge.models.parameters import instantiate
 from mlc_edge.runtime import Engine
 
 LIB = "tiny"  # under 8 characters on purpose: TVM 0.27 mishandles such prefixes

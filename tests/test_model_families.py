@@ -225,7 +225,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_parameter_count_of_published_configs(name):
-    from mlc_edge.compiler.build import parameter_list
+    from mlc_edge.models.parameters import parameter_list
 
     hf, expected = PUBLISHED[name]
     params = parameter_list(ModelSpec.create(hf, "q0f16t", SIZES))

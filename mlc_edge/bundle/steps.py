@@ -57,13 +57,13 @@ def write_chat_config(
 
 def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool,
                   allow_non_finite: bool = False) -> dict[str, Any]:
-    from ..compiler.build import parameter_list
     from ..convert.weights import convert_weights
+    from ..models.parameters import parameter_list, table_pieces
 
     mapping = spec.family.weight_map(spec.config)
     return convert_weights(
         Path(model_dir), out, parameter_list(spec), mapping, spec.scheme, progress=progress,
-        allow_non_finite=allow_non_finite,
+        allow_non_finite=allow_non_finite, pieces=table_pieces(spec),
     )
 
 
@@ -73,7 +73,7 @@ def weight_bytes(spec: ModelSpec) -> int:
 
     import numpy as np
 
-    from ..compiler.build import parameter_list
+    from ..models.parameters import parameter_list
 
     return sum(math.prod(shape) * np.dtype(dtype).itemsize
                for _, shape, dtype in parameter_list(spec))
@@ -114,8 +114,8 @@ def write_build_record(library: Path, target: str, device: str, tvm_target: str,
 
 def require_weights_match(spec: ModelSpec, out: Path) -> None:
     """A library compiled into a bundle must fit the weights already there."""
-    from ..compiler.build import parameter_list
     from ..convert.tensor_cache import read_tensor_cache_json
+    from ..models.parameters import parameter_list
     from ..models.vocab import split_parameter
 
     if not (out / "tensor-cache.json").exists():

@@ -24,6 +24,7 @@ from tvm.s_tir import dlight as dl
 
 from ..config import ModelSpec
 from ..models import DecoderLM
+from ..models.parameters import instantiate
 from .passes import (
     AttachGPUSampler,
     AttachLogitProcessor,
@@ -36,18 +37,6 @@ from .passes import (
     RequireKernels,
 )
 from .targets import TargetSpec
-
-
-def instantiate(spec: ModelSpec, target: tvm.target.Target) -> DecoderLM:
-    model = spec.family.model_class(spec.config, spec.scheme, target)
-    model.to(spec.scheme.dtype)
-    return model
-
-
-def parameter_list(spec: ModelSpec) -> list[tuple[str, tuple[int, ...], str]]:
-    """The bundle's parameters in load order: (name, shape, dtype)."""
-    model = instantiate(spec, tvm.target.Target({"kind": "llvm"}))
-    return [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in model.named_parameters()]
 
 
 def spec_for_target(spec: ModelSpec, target_spec: TargetSpec) -> ModelSpec:
