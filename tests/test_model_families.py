@@ -89,12 +89,12 @@ def test_q0f16t_greedy_tokens(tiny):
                                   "phi2-partial-rotary", "llama-pruned-1-layer"], indirect=True)
 def test_compiles_for_android_opencl_with_every_function_a_kernel(tiny):
     """``RequireKernels`` runs inside the compile: a host fallback would raise UserError."""
-    from mlc_edge.compiler.build import compile_model_with_metadata
+    from mlc_edge.compiler.build import compile_model
     from mlc_edge.compiler.targets import get_target
 
     chat = json.loads((tiny.engine("q0f32t").bundle / "mlc-chat-config.json").read_text())
     spec = ModelSpec.from_chat_config({**chat, "quantization": "q0f16t"})
-    executable, metadata = compile_model_with_metadata(spec, get_target("android-opencl"),
+    executable, metadata = compile_model(spec, get_target("android-opencl"),
                                                        "family_test")
     source = executable.mod.imports[0].imports[0].inspect_source()
     assert "__kernel" in source and metadata["quantization"] == "q0f16t"

@@ -23,7 +23,7 @@ from tiny_models import make_model, tiny_config
 
 from mlc_edge.bundle.steps import require_weights_match
 from mlc_edge.cli import main
-from mlc_edge.compiler.build import compile_model_with_metadata
+from mlc_edge.compiler.build import compile_model
 from mlc_edge.compiler.targets import TARGETS, get_target
 from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.convert.tensor_cache import load_tensor_cache
@@ -274,7 +274,7 @@ def test_pieces_split_for_a_larger_limit_are_refused_with_the_fix(split_bundle):
     spec = ModelSpec.from_chat_config(json.loads((out / "mlc-chat-config.json").read_text()))
     smaller = _limited_cpu(336 * hidden * 4 - 1)
     with pytest.raises(UserError) as err:
-        compile_model_with_metadata(spec, smaller, "tiny")
+        compile_model(spec, smaller, "tiny")
     message = str(err.value)
     assert (f"weight 'model.embed_tokens.weight.0' (336x{hidden} float32) is "
             f"{336 * hidden * 4:,} bytes") in message
@@ -288,7 +288,7 @@ def test_pieces_split_for_a_larger_limit_are_refused_with_the_fix(split_bundle):
 def qwen2_7b():
     spec = ModelSpec.create(QWEN2_7B, "q0f16t", load_preset("edge-512"))
     target = get_target("android-opencl:adreno-740")
-    executable, metadata = compile_model_with_metadata(spec, target, "qwen2_7b")
+    executable, metadata = compile_model(spec, target, "qwen2_7b")
     return executable, metadata, target.limits.max_mem_alloc_bytes
 
 

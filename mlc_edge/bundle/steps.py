@@ -82,14 +82,14 @@ def weight_bytes(spec: ModelSpec) -> int:
 def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
                   progress: bool) -> tuple[Path, dict[str, Any]]:
     """Compile and export ``lib/<model_lib><suffix>``; returns its path and ``_metadata``."""
-    from ..compiler.build import compile_model_with_metadata, export
+    from ..compiler.build import compile_model, export
     from ..compiler.targets import get_target
 
     target = get_target(target_name)
     start = time.perf_counter()
     if progress:
         print(f"compiling {model_lib} for {target.name} ...", file=sys.stderr, flush=True)
-    executable, metadata = compile_model_with_metadata(spec, target, model_lib)
+    executable, metadata = compile_model(spec, target, model_lib)
     path = out / "lib" / f"{model_lib}{target.lib_suffix}"
     export(executable, path)
     target.check_library(path)
