@@ -26,7 +26,6 @@ from .safetensors_file import SafetensorsFile
 _ST_INDEX = "model.safetensors.index.json"
 _ST_SINGLE = "model.safetensors"
 _BIN_INDEX = "pytorch_model.bin.index.json"
-_BIN_SINGLE = "pytorch_model.bin"
 
 
 class _BinFile:

@@ -72,8 +72,6 @@ class WeightScheme:
     # How a linear layer's weight is stored: the converter and the model read it here.
     linear_weight_layout: LinearLayout
     linear_class: type[nn.Module]
-    bits_per_param: int
-    description: str
     max_alloc_bytes: int | None = None
 
     def with_max_alloc(self, max_alloc_bytes: int | None) -> WeightScheme:
@@ -111,15 +109,11 @@ class _Transposed(WeightScheme):
 class Q0F16T(_Transposed):
     name = "q0f16t"
     dtype = "float16"
-    bits_per_param = 16
-    description = "fp16, linear weights stored [in, out] (default)"
 
 
 class Q0F32T(_Transposed):
     name = "q0f32t"
     dtype = "float32"
-    bits_per_param = 32
-    description = "fp32, linear weights stored [in, out] (exact tests)"
 
 
 class Q0F16(WeightScheme):
@@ -127,8 +121,6 @@ class Q0F16(WeightScheme):
     dtype = "float16"
     linear_weight_layout = "NK"
     linear_class = NKLinear
-    bits_per_param = 16
-    description = "fp16, linear weights stored [out, in] like PyTorch"
 
 
 SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (Q0F16T(), Q0F32T(), Q0F16())}
