@@ -102,14 +102,12 @@ def prepare(out: Path, layers: int, context: int, chunk: int, target: str, seed:
 def weights_recipe(bundle: Path) -> dict[str, Any]:
     """Per bundle parameter, in load order: the checkpoint tensors (concatenated on axis 0)
     and whether the scheme transposes it, from mlc-edge's own weight map and scheme."""
-    import numpy as np
-
-    from mlc_edge.compiler.build import parameter_list
     from mlc_edge.config import ModelSpec
+    from mlc_edge.models.parameters import parameter_list
 
     spec = ModelSpec.from_chat_config(json.loads((bundle / "mlc-chat-config.json").read_text()))
     mapping = spec.family.weight_map(spec.config)
-    transposes = spec.scheme.convert_linear_weight(np.zeros((2, 3))).shape == (3, 2)
+    transposes = spec.scheme.linear_weight_layout == "KN"
     params = []
     for name, shape, dtype in parameter_list(spec):
         source = mapping[name]

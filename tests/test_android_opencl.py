@@ -24,12 +24,7 @@ from tiny_models import make_llama
 
 from mlc_edge.bundle.app_config import APP_CONFIG
 from mlc_edge.cli import main
-from mlc_edge.compiler.build import (
-    build_metadata,
-    compile_model_with_metadata,
-    compile_pipeline,
-    instantiate,
-)
+from mlc_edge.compiler.build import build_metadata, compile_model, compile_pipeline
 from mlc_edge.compiler.contract import required_functions
 from mlc_edge.compiler.passes import RequireKernels
 from mlc_edge.compiler.targets import TARGETS, AndroidOpenCLTarget, get_target
@@ -37,6 +32,7 @@ from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.config.devices import DeviceLimits
 from mlc_edge.errors import UserError
 from mlc_edge.memory.plan import RUNTIME_OVERHEAD_BYTES
+from mlc_edge.models.parameters import instantiate
 from mlc_edge.runtime import Engine
 
 LIB = "tiny"  # under 8 characters on purpose: TVM 0.27 mishandles such prefixes
@@ -68,7 +64,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def built(checkpoint, tmp_path_factory):
     """The tiny Llama compiled for android-opencl through the API, exported as a .tar."""
     spec = tiny_spec(checkpoint)
-    executable, metadata = compile_model_with_metadata(spec, get_target("android-opencl"), LIB)
+    executable, metadata = compile_model(spec, get_target("android-opencl"), LIB)
     tar = tmp_path_factory.mktemp("lib") / f"{LIB}.tar"
     executable.export_library(str(tar))
     return spec, executable, metadata, tar
@@ -217,7 +213,7 @@ def _fields(target) -> dict:
 def test_guard_refuses_a_function_left_as_host_code(checkpoint):
     target = _NoSchedules(**_fields(get_target("android-opencl")))
     with pytest.raises(UserError, match=r"function '\w+' was not made into a GPU kernel"):
-        compile_model_with_metadata(tiny_spec(checkpoint), target, LIB)
+        compile_model(tiny_spec(checkpoint), target, LIB)
 
 
 def test_guard_names_the_unscheduled_function():
@@ -240,14 +236,14 @@ def test_guard_refuses_work_groups_above_the_device_limit(checkpoint):
     small = base.with_limits(base.limits.replace(max_work_group_size=64))
     with pytest.raises(UserError, match=r"function '\w+' uses work-groups of \d+ threads .* "
                                         r"allows at most 64"):
-        compile_model_with_metadata(tiny_spec(checkpoint), small, LIB)
+        compile_model(tiny_spec(checkpoint), small, LIB)
 
 
 def test_guard_names_a_weight_above_the_largest_allocation(checkpoint):
     base = get_target("android-opencl")
     small = base.with_limits(base.limits.replace(max_mem_alloc_bytes=40_000))
     with pytest.raises(UserError) as err:
-        compile_model_with_metadata(tiny_spec(checkpoint), small, LIB)
+        compile_model(tiny_spec(checkpoint), small, LIB)
     # The 384 x 64 fp16 tables (49,152 bytes) are split to fit; gate/up, 64 x 320 fp16 =
     # 40,960 bytes, is a weight no split applies to (tests/test_split_vocab.py).
     assert ("weight 'model.layers.0.mlp.gate_up_proj.weight' (64x320 float16) is 40,960 "
@@ -263,7 +259,7 @@ def test_guard_names_a_planned_buffer_above_the_largest_allocation(checkpoint):
     spec = tiny_spec(checkpoint, prefill_chunk_size=256)
     with pytest.raises(UserError, match=r"function '\w*prefill' plans a buffer of 163,840 "
                                         r"bytes \(for a 1xseq_lenx320 float16 tensor"):
-        compile_model_with_metadata(spec, small, LIB)
+        compile_model(spec, small, LIB)
 
 
 def test_qwen2_7b_shaped_output_layer_is_split_from_config_alone(tmp_path):
@@ -276,7 +272,7 @@ def test_qwen2_7b_shaped_output_layer_is_split_from_config_alone(tmp_path):
         "rope_theta": 1000000.0, "tie_word_embeddings": False,
     }
     spec = ModelSpec.create(config, "q0f16t", load_preset("edge-512"))
-    _, metadata = compile_model_with_metadata(
+    _, metadata = compile_model(
         spec, get_target("android-opencl:adreno-740"), "qwen2_7b")
     shapes = {p["name"]: p["shape"] for p in metadata["params"]}
     assert "model.embed_tokens.weight" not in shapes and "lm_head.weight" not in shapes
@@ -455,7 +451,7 @@ def test_llama_3_2_1b_shapes_compile_from_config_alone():
         "tie_word_embeddings": True,
     }
     spec = ModelSpec.create(config, "q0f16t", load_preset("edge-768"))
-    executable, metadata = compile_model_with_metadata(
+    executable, metadata = compile_model(
         spec, get_target("android-opencl"), "llama_3_2_1b")
     kernels = re.findall(r"// Function: (\S+)",
                          executable.mod.imports[0].imports[0].inspect_source())

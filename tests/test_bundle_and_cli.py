@@ -21,7 +21,8 @@ from helpers import (
 )
 from tiny_models import make_llama
 
-from mlc_edge.compiler.contract import required_functions
+from mlc_edge.compiler.contract import chat_config_fields, required_functions
+from mlc_edge.config import ModelSpec
 from mlc_edge.convert.tensor_cache import read_tensor_cache_json
 from mlc_edge.errors import UserError
 from mlc_edge.runtime import Engine, Sampler
@@ -98,6 +99,15 @@ def test_bundle_files_follow_the_runtime_contract(bundle):
         assert len(data) <= 32 * 2**20 or len(shard["records"]) == 1
         assert shard["md5sum"] == hashlib.md5(data).hexdigest()
     assert cache["metadata"]["ParamBytes"] == sum(r["nbytes"] for r in records.values())
+
+
+def test_chat_config_and_metadata_agree_on_the_fields_they_share(bundle):
+    _, _, out = bundle
+    chat = json.loads((out / "mlc-chat-config.json").read_text())
+    md = Engine(out).metadata
+    shared = set(chat) & set(md)
+    assert shared == set(chat_config_fields(ModelSpec.from_chat_config(chat)))
+    assert {k: chat[k] for k in shared} == {k: md[k] for k in shared}
 
 
 def test_cpu_library_exports_what_the_engine_requires(bundle):

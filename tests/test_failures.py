@@ -31,8 +31,6 @@ from tiny_models import make_llama
 
 from mlc_edge.cli import main
 
-PHRASE_REDO = "copy the bundle again or run `mlc-edge convert` again"
-
 
 @dataclass
 class Case:

@@ -40,7 +40,6 @@ PRUNED_LLAMA = {
     "hidden_act": "silu",
 }
 PRUNED_PARAMS = 4_311_419_904
-KV_PER_TOKEN = 128 * 8 * 32 * 4  # head_dim x kv_heads x layers x 4 bytes
 GB = 10**9
 
 

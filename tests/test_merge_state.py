@@ -18,10 +18,10 @@ from tiny_models import make_llama
 from tvm import tirx
 from tvm.relax.frontend.nn.llm.kv_cache import _merge_state_inplace
 
-from mlc_edge.compiler.build import instantiate
 from mlc_edge.compiler.targets import get_target
 from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.models.kv_cache_kernels import MERGE_STATE, merge_state_inplace
+from mlc_edge.models.parameters import instantiate
 from mlc_edge.verify import OpenCLRunner
 from mlc_edge.verify.lower import lower_for_device
 

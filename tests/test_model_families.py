@@ -89,12 +89,12 @@ def test_q0f16t_greedy_tokens(tiny):
                                   "phi2-partial-rotary", "llama-pruned-1-layer"], indirect=True)
 def test_compiles_for_android_opencl_with_every_function_a_kernel(tiny):
     """``RequireKernels`` runs inside the compile: a host fallback would raise UserError."""
-    from mlc_edge.compiler.build import compile_model_with_metadata
+    from mlc_edge.compiler.build import compile_model
     from mlc_edge.compiler.targets import get_target
 
     chat = json.loads((tiny.engine("q0f32t").bundle / "mlc-chat-config.json").read_text())
     spec = ModelSpec.from_chat_config({**chat, "quantization": "q0f16t"})
-    executable, metadata = compile_model_with_metadata(spec, get_target("android-opencl"),
+    executable, metadata = compile_model(spec, get_target("android-opencl"),
                                                        "family_test")
     source = executable.mod.imports[0].imports[0].inspect_source()
     assert "__kernel" in source and metadata["quantization"] == "q0f16t"
@@ -225,7 +225,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_parameter_count_of_published_configs(name):
-    from mlc_edge.compiler.build import parameter_list
+    from mlc_edge.models.parameters import parameter_list
 
     hf, expected = PUBLISHED[name]
     params = parameter_list(ModelSpec.create(hf, "q0f16t", SIZES))

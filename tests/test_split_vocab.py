@@ -23,12 +23,13 @@ from tiny_models import make_model, tiny_config
 
 from mlc_edge.bundle.steps import require_weights_match
 from mlc_edge.cli import main
-from mlc_edge.compiler.build import compile_model_with_metadata, parameter_list
+from mlc_edge.compiler.build import compile_model
 from mlc_edge.compiler.targets import TARGETS, get_target
 from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.convert.tensor_cache import load_tensor_cache
 from mlc_edge.errors import UserError
 from mlc_edge.memory import make_plan, table
+from mlc_edge.models.parameters import TablePiece, parameter_list, table_pieces
 from mlc_edge.models.vocab import piece_ranges, vocab_pieces
 from mlc_edge.runtime import Engine
 
@@ -95,6 +96,19 @@ def test_each_scheme_stores_the_pieces_in_its_layout(quantization, head_piece):
     assert "model.embed_tokens.weight" not in shapes and "lm_head.weight" not in shapes
     assert [n for n in shapes if "embed" not in n and "lm_head" not in n] == [
         n for n, _, _ in parameter_list(spec) if "embed" not in n and "lm_head" not in n]
+
+
+@pytest.mark.parametrize("family, tied", [("Llama", False), ("Qwen2", True)])
+def test_the_model_declares_each_pieces_rows(family, tied):
+    """The converter takes each piece's rows from the model definition."""
+    hf = {**tiny_config(family, vocab_size=VOCAB, tie_word_embeddings=tied).to_dict(),
+          "architectures": [f"{family}ForCausalLM"]}
+    spec = ModelSpec.create(hf, "q0f32t", load_preset("edge-512"))
+    assert table_pieces(spec) == {}
+    tables = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    assert table_pieces(spec.for_device(LIMIT)) == {
+        f"{table}.{i}": TablePiece(table, rows)
+        for table in tables for i, rows in enumerate(piece_ranges(PIECES))}
 
 
 def test_the_cpu_target_has_no_limit_and_does_not_split():
@@ -260,7 +274,7 @@ def test_pieces_split_for_a_larger_limit_are_refused_with_the_fix(split_bundle):
     spec = ModelSpec.from_chat_config(json.loads((out / "mlc-chat-config.json").read_text()))
     smaller = _limited_cpu(336 * hidden * 4 - 1)
     with pytest.raises(UserError) as err:
-        compile_model_with_metadata(spec, smaller, "tiny")
+        compile_model(spec, smaller, "tiny")
     message = str(err.value)
     assert (f"weight 'model.embed_tokens.weight.0' (336x{hidden} float32) is "
             f"{336 * hidden * 4:,} bytes") in message
@@ -274,7 +288,7 @@ def test_pieces_split_for_a_larger_limit_are_refused_with_the_fix(split_bundle):
 def qwen2_7b():
     spec = ModelSpec.create(QWEN2_7B, "q0f16t", load_preset("edge-512"))
     target = get_target("android-opencl:adreno-740")
-    executable, metadata = compile_model_with_metadata(spec, target, "qwen2_7b")
+    executable, metadata = compile_model(spec, target, "qwen2_7b")
     return executable, metadata, target.limits.max_mem_alloc_bytes
 
 

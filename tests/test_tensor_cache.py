@@ -19,6 +19,7 @@ from mlc_edge.convert.tensor_cache import (
 from mlc_edge.convert.weights import convert_weights
 from mlc_edge.errors import UserError
 from mlc_edge.models.base import ParamSource
+from mlc_edge.models.parameters import TablePiece
 from mlc_edge.quantization.schemes import get_scheme
 
 MiB = 1024 * 1024
@@ -246,6 +247,49 @@ def test_convert_missing_tensor(tmp_path: Path) -> None:
             tmp_path / "hf", tmp_path, _expected("float16", True), mapping,
             get_scheme("q0f16t"), progress=False,
         )
+
+
+_EMBED = "model.embed_tokens.weight"
+
+
+def _split_embedding(rows: list[tuple[int, int]]):
+    """``_expected`` with the embedding in pieces of ``rows``, and those pieces."""
+    names = [f"{_EMBED}.{i}" for i in range(len(rows))]
+    expected = [(n, (stop - start, 32), "float32") for n, (start, stop) in zip(names, rows,
+                                                                               strict=True)]
+    expected += _expected("float32", True)[1:]
+    return expected, {n: TablePiece(_EMBED, r) for n, r in zip(names, rows, strict=True)}
+
+
+def test_convert_writes_the_pieces_the_model_declares(tmp_path: Path) -> None:
+    """Each piece of a split table holds the rows the model gave it (uneven on purpose:
+    the converter must not re-derive the split)."""
+    hf = _toy_checkpoint(tmp_path / "hf")
+    rows = [(0, 24), (24, 30), (30, 50)]
+    expected, pieces = _split_embedding(rows)
+    out = tmp_path / "bundle"
+    out.mkdir()
+    convert_weights(tmp_path / "hf", out, expected, _MAPPING, get_scheme("q0f32t"),
+                    progress=False, pieces=pieces)
+    got = load_tensor_cache(out)
+    assert _EMBED not in got and f"{_EMBED}.3" not in got
+    for i, (start, stop) in enumerate(rows):
+        np.testing.assert_array_equal(got[f"{_EMBED}.{i}"], hf[_EMBED][start:stop])
+
+
+def test_convert_refuses_a_table_of_another_vocabulary(tmp_path: Path) -> None:
+    _toy_checkpoint(tmp_path / "hf")  # a 50-row embedding
+    expected, pieces = _split_embedding([(0, 20), (20, 40), (40, 60)])
+    out = tmp_path / "bundle"
+    out.mkdir()
+    with pytest.raises(UserError) as err:
+        convert_weights(tmp_path / "hf", out, expected, _MAPPING, get_scheme("q0f32t"),
+                        progress=False, pieces=pieces)
+    assert str(err.value) == (
+        "weight model.embed_tokens.weight has shape [50, 32] but config.json implies 60 "
+        "vocabulary rows; the checkpoint does not match its config.json"
+    )
+    assert list(out.iterdir()) == []
 
 
 def test_convert_streams(tmp_path: Path) -> None:

@@ -73,10 +73,6 @@ def tiny_config(family: str, **overrides: Any):
     return config_class(**{**_COMMON, **FAMILY_DEFAULTS[family], **overrides})
 
 
-def llama_config(**overrides: Any):
-    return tiny_config("Llama", **overrides)
-
-
 def save_model(model, path: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Save like the hub: safetensors in ``dtype``, config.json, tokenizer.json."""
     path.mkdir(parents=True, exist_ok=True)

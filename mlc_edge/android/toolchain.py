@@ -82,6 +82,20 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
+def _ask_version(
+    tool: Tool, path: Path, flag: str, pattern: str, env: Mapping[str, str], fix: str
+) -> tuple[int, ...] | None:
+    """Run ``path flag``; the version ``pattern`` captures goes into ``tool`` and comes back
+    as numbers. None, and the problem ending in ``fix`` set, when it cannot be read."""
+    tool.path = path
+    match = re.search(pattern, _output([str(path), flag], env) or "")
+    if match is None:
+        tool.problem = f"{path} {flag} failed: {fix}"
+        return None
+    tool.version = match.group(1)
+    return _version_tuple(tool.version)
+
+
 def find_sdk(env: Mapping[str, str]) -> Tool:
     tool = Tool("Android SDK")
     var = next((v for v in ("ANDROID_HOME", "ANDROID_SDK_ROOT") if env.get(v)), None)
@@ -159,14 +173,11 @@ def find_jdk(env: Mapping[str, str]) -> Tool:
                 f"Android Studio's jbr) and set JAVA_HOME"
             )
             return tool
-    tool.path = java
-    out = _output([str(java), "-version"], env)
-    match = re.search(r'version "([^"]+)"', out or "")
-    if match is None:
-        tool.problem = f"{java} -version failed: set JAVA_HOME to a JDK {wanted}"
+    parts = _ask_version(
+        tool, java, "-version", r'version "([^"]+)"', env, f"set JAVA_HOME to a JDK {wanted}"
+    )
+    if parts is None:
         return tool
-    tool.version = match.group(1)
-    parts = _version_tuple(tool.version)
     major = parts[1] if parts[:1] == (1,) else parts[0]
     if major < wanted:
         tool.problem = (
@@ -202,14 +213,9 @@ def find_cmake(env: Mapping[str, str], sdk: Path | None) -> Tool:
     if cmake is None:
         tool.problem = f"CMake not found: {install}"
         return tool
-    tool.path = cmake
-    out = _output([str(cmake), "--version"], env)
-    match = re.search(r"cmake version (\S+)", out or "")
-    if match is None:
-        tool.problem = f"{cmake} --version failed: {install}"
+    version = _ask_version(tool, cmake, "--version", r"cmake version (\S+)", env, install)
+    if version is None:
         return tool
-    tool.version = match.group(1)
-    version = _version_tuple(tool.version)
     if not _version_tuple(rng["min"]) <= version < _version_tuple(rng["below"]):
         tool.problem = f"CMake {tool.version} at {cmake} is outside the build's range: {install}"
     return tool

@@ -1,6 +1,7 @@
 """``mlc-chat-config.json`` and the tokenizer files beside it.
 
-Every field MLC-LLM's runtime requires (docs/runtime-contract.md) is written; the sampling
+Every field MLC-LLM's runtime requires (docs/runtime-contract.md) is written, those it
+shares with the library's ``_metadata`` from ``compiler.contract``; the sampling
 defaults come from the checkpoint's ``generation_config.json`` when it has one.
 """
 
@@ -11,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..compiler.contract import chat_config_fields
 from ..config import ModelSpec
 from ..errors import UserError
 from .derive_template import checkpoint_template
@@ -112,20 +114,11 @@ def generate_chat_config(
     template = checkpoint_template(
         model_dir, spec.family.model_type, tokenizer_json, vocab, bos, eos, conv_template
     )
-    sizes = spec.runtime_sizes
     config = {
         "version": "0.1.0",
-        "model_type": spec.family.model_type,
-        "quantization": spec.scheme.name,
+        **chat_config_fields(spec),
         "model_config": spec.model_config,
         "vocab_size": spec.config.vocab_size,
-        "context_window_size": sizes["context_window_size"],
-        "sliding_window_size": -1,
-        "prefill_chunk_size": sizes["prefill_chunk_size"],
-        "attention_sink_size": -1,
-        "tensor_parallel_shards": 1,
-        "pipeline_parallel_stages": 1,
-        "active_vocab_size": spec.config.vocab_size,
         **{k: generation.get(k, v) for k, v in _SAMPLING_DEFAULTS.items()},
         "tokenizer_files": files,
         "tokenizer_info": _tokenizer_info(tokenizer_json),
@@ -133,7 +126,6 @@ def generate_chat_config(
         "pad_token_id": pad if pad is not None else 0,
         "bos_token_id": bos if bos is not None else -1,
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
-        "model_task": "chat",
     }
     (out_dir / "mlc-chat-config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config

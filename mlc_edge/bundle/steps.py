@@ -57,13 +57,13 @@ def write_chat_config(
 
 def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool,
                   allow_non_finite: bool = False) -> dict[str, Any]:
-    from ..compiler.build import parameter_list
     from ..convert.weights import convert_weights
+    from ..models.parameters import parameter_list, table_pieces
 
     mapping = spec.family.weight_map(spec.config)
     return convert_weights(
         Path(model_dir), out, parameter_list(spec), mapping, spec.scheme, progress=progress,
-        allow_non_finite=allow_non_finite,
+        allow_non_finite=allow_non_finite, pieces=table_pieces(spec),
     )
 
 
@@ -73,7 +73,7 @@ def weight_bytes(spec: ModelSpec) -> int:
 
     import numpy as np
 
-    from ..compiler.build import parameter_list
+    from ..models.parameters import parameter_list
 
     return sum(math.prod(shape) * np.dtype(dtype).itemsize
                for _, shape, dtype in parameter_list(spec))
@@ -82,14 +82,14 @@ def weight_bytes(spec: ModelSpec) -> int:
 def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
                   progress: bool) -> tuple[Path, dict[str, Any]]:
     """Compile and export ``lib/<model_lib><suffix>``; returns its path and ``_metadata``."""
-    from ..compiler.build import compile_model_with_metadata, export
+    from ..compiler.build import compile_model, export
     from ..compiler.targets import get_target
 
     target = get_target(target_name)
     start = time.perf_counter()
     if progress:
         print(f"compiling {model_lib} for {target.name} ...", file=sys.stderr, flush=True)
-    executable, metadata = compile_model_with_metadata(spec, target, model_lib)
+    executable, metadata = compile_model(spec, target, model_lib)
     path = out / "lib" / f"{model_lib}{target.lib_suffix}"
     export(executable, path)
     target.check_library(path)
@@ -114,8 +114,8 @@ def write_build_record(library: Path, target: str, device: str, tvm_target: str,
 
 def require_weights_match(spec: ModelSpec, out: Path) -> None:
     """A library compiled into a bundle must fit the weights already there."""
-    from ..compiler.build import parameter_list
     from ..convert.tensor_cache import read_tensor_cache_json
+    from ..models.parameters import parameter_list
     from ..models.vocab import split_parameter
 
     if not (out / "tensor-cache.json").exists():

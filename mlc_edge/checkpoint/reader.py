@@ -14,11 +14,11 @@ import math
 import re
 import warnings
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from ..closable import Closable
 from ..errors import UserError
 from .gguf_file import GGUF_SUFFIX, GGUFFile
 from .safetensors_file import SafetensorsFile
@@ -26,7 +26,6 @@ from .safetensors_file import SafetensorsFile
 _ST_INDEX = "model.safetensors.index.json"
 _ST_SINGLE = "model.safetensors"
 _BIN_INDEX = "pytorch_model.bin.index.json"
-_BIN_SINGLE = "pytorch_model.bin"
 
 
 class _BinFile:
@@ -125,7 +124,7 @@ def _bin_unreadable(path: Path, err: BaseException) -> str:
 _File = SafetensorsFile | _BinFile | GGUFFile
 
 
-class Checkpoint:
+class Checkpoint(Closable):
     """All weight files of one model folder, seen as one name -> tensor mapping."""
 
     def __init__(self, model_dir: Path, files: list[_File]) -> None:
@@ -256,14 +255,3 @@ class Checkpoint:
     def close(self) -> None:
         for f in self._files:
             f.close()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -18,10 +18,10 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
+from ..closable import Closable
 from ..errors import UserError
 
 # safetensors dtype -> (our dtype name, bytes per element, numpy dtype to read the raw
@@ -75,7 +75,7 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return wide.view(np.float32)
 
 
-class SafetensorsFile:
+class SafetensorsFile(Closable):
     """One open ``.safetensors`` file; the header is read and checked on open."""
 
     def __init__(self, path: Path | str) -> None:
@@ -210,17 +210,6 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class _DuplicateName(ValueError):

@@ -1,20 +1,19 @@
 """Model definition → Relax IR → our passes and schedules → a runnable library.
 
-    export_tvm        the nn.Module's functions as Relax, weights as packed parameters
-    Attach…           the runtime's logit processors; on CUDA, the engine's GPU sampler
-    FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
-    Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
-    schedules         the target's rules give each PrimFunc its loops and threads
-    GPU guards        every PrimFunc became kernels, within the device's work-group size
-    lowering          dataflow → VM calls; memory planned statically with size bounds
-    GPU guard         no weight or planned buffer above the device's largest allocation
-    AttachMetadata    ``_metadata`` JSON including the planned memory
-    relax.build       machine code (and device kernels), exported as .so or .tar
+export_tvm        the nn.Module's functions as Relax, weights as packed parameters
+Attach…           the runtime's logit processors; on CUDA, the engine's GPU sampler
+FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
+Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
+schedules         the target's rules give each PrimFunc its loops and threads
+GPU guards        every PrimFunc became kernels, within the device's work-group size
+lowering          dataflow → VM calls; memory planned statically with size bounds
+GPU guard         no weight or planned buffer above the device's largest allocation
+AttachMetadata    ``_metadata`` JSON including the planned memory
+relax.build       machine code (and device kernels), exported as .so or .tar
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +23,19 @@ from tvm.s_tir import dlight as dl
 
 from ..config import ModelSpec
 from ..models import DecoderLM
+from ..models.parameters import instantiate
+from .contract import metadata_fields
 from .passes import (
     AttachGPUSampler,
     AttachLogitProcessor,
     AttachMetadata,
     AttachVarBounds,
-    CaptureMetadata,
     CheckAllocationLimit,
     CheckWorkGroupSize,
     MarkShapeFuncsNoAlias,
     RequireKernels,
 )
 from .targets import TargetSpec
-
-
-def instantiate(spec: ModelSpec, target: tvm.target.Target) -> DecoderLM:
-    model = spec.family.model_class(spec.config, spec.scheme, target)
-    model.to(spec.scheme.dtype)
-    return model
-
-
-def parameter_list(spec: ModelSpec) -> list[tuple[str, tuple[int, ...], str]]:
-    """The bundle's parameters in load order: (name, shape, dtype)."""
-    model = instantiate(spec, tvm.target.Target({"kind": "llvm"}))
-    return [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in model.named_parameters()]
 
 
 def spec_for_target(spec: ModelSpec, target_spec: TargetSpec) -> ModelSpec:
@@ -62,21 +50,8 @@ def build_metadata(
 ) -> dict[str, Any]:
     """The ``_metadata`` fields the runtime reads (docs/runtime-contract.md), less memory usage."""
     kv = model.kv_cache_shape()
-    sizes = spec.runtime_sizes
     return {
-        "model_type": spec.family.model_type,
-        "quantization": spec.scheme.name,
-        "context_window_size": sizes["context_window_size"],
-        "sliding_window_size": -1,
-        "attention_sink_size": -1,
-        "prefill_chunk_size": sizes["prefill_chunk_size"],
-        "max_batch_size": sizes["max_batch_size"],
-        "tensor_parallel_shards": 1,
-        "pipeline_parallel_stages": 1,
-        "kv_state_kind": "kv_cache",
-        "active_vocab_size": model.vocab_size,
-        "model_task": "chat",
-        "disaggregation": False,
+        **metadata_fields(spec),
         "params": [
             {
                 "name": name,
@@ -113,14 +88,17 @@ def fuse_into_tir() -> tvm.transform.Pass:
     transpose + matmul become one matmul first. The model build and the schedule rules'
     tests and benchmarks all start from this."""
     t = relax.transform
-    return tvm.transform.Sequential([
-        t.FuseTransposeMatmul(),
-        t.LegalizeOps(),
-        t.AnnotateTIROpPattern(),
-        t.FoldConstant(),
-        t.FuseOps(),
-        t.FuseTIR(),
-    ], name="mlc_edge_fuse_into_tir")
+    return tvm.transform.Sequential(
+        [
+            t.FuseTransposeMatmul(),
+            t.LegalizeOps(),
+            t.AnnotateTIROpPattern(),
+            t.FoldConstant(),
+            t.FuseOps(),
+            t.FuseTIR(),
+        ],
+        name="mlc_edge_fuse_into_tir",
+    )
 
 
 def compile_pipeline(
@@ -138,9 +116,13 @@ def compile_pipeline(
     if limits:
         kernel_guards.append(CheckWorkGroupSize(limits.max_work_group_size, device))
     alloc_guards = (
-        [CheckAllocationLimit(limits.max_mem_alloc_bytes, device,
-                              [p["name"] for p in metadata["params"]])]
-        if limits else []
+        [
+            CheckAllocationLimit(
+                limits.max_mem_alloc_bytes, device, [p["name"] for p in metadata["params"]]
+            )
+        ]
+        if limits
+        else []
     )
     return tvm.transform.Sequential(
         [
@@ -157,8 +139,7 @@ def compile_pipeline(
             t.CallTIRRewrite(),
             t.StaticPlanBlockMemory(),
             *alloc_guards,
-            AttachMetadata(metadata),
-            *([CaptureMetadata(metadata_sink)] if metadata_sink is not None else []),
+            AttachMetadata(metadata, metadata_sink),
             t.LowerAllocTensor(),
             t.KillAfterLastUse(),
             t.LowerRuntimeBuiltin(),
@@ -181,6 +162,22 @@ def var_bounds(spec: ModelSpec) -> dict[str, int]:
     }
 
 
+def _exported(
+    spec: ModelSpec, target_spec: TargetSpec, metadata_sink: dict[str, Any] | None = None
+) -> tuple[tvm.target.Target, IRModule, tvm.transform.Pass]:
+    """The model as the target builds it: its TVM target, its Relax module (as
+    ``export_tvm`` gives it) and the pipeline that compiles it (``compile_pipeline``)."""
+    target_spec.require_buildable()
+    target = target_spec.tvm_target()
+    spec = spec_for_target(spec, target_spec)
+    model = instantiate(spec, target)
+    mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    pipeline = compile_pipeline(
+        target_spec, build_metadata(spec, model, params), var_bounds(spec), metadata_sink
+    )
+    return target, mod, pipeline
+
+
 def scheduled_module(
     spec: ModelSpec, target_spec: TargetSpec, rules: list[Any] | None = None
 ) -> tuple[IRModule, IRModule]:
@@ -190,14 +187,8 @@ def scheduled_module(
     ``mlc-edge verify`` and the kernel benchmarks recompile the kernels from these;
     ``rules`` replaces the target's schedule rules (to compare another rule set).
     """
-    target_spec.require_buildable()
-    target = target_spec.tvm_target()
-    spec = spec_for_target(spec, target_spec)
-    model = instantiate(spec, target)
-    mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
-    passes = list(
-        compile_pipeline(target_spec, build_metadata(spec, model, params), var_bounds(spec)).passes
-    )
+    target, mod, pipeline = _exported(spec, target_spec)
+    passes = list(pipeline.passes)
     names = [p.info.name for p in passes]
     at = names.index("ApplySchedules")
     # The kernel guards run right after the schedules, up to the first Relax lowering pass.
@@ -210,45 +201,30 @@ def scheduled_module(
     return unscheduled, scheduled
 
 
-def compile_model(spec: ModelSpec, target_spec: TargetSpec, model_lib: str) -> Any:
-    """Compile the model; returns the TVM executable (``export_library`` writes it)."""
-    return compile_model_with_metadata(spec, target_spec, model_lib)[0]
-
-
-def compile_model_with_metadata(
+def compile_model(
     spec: ModelSpec, target_spec: TargetSpec, model_lib: str
 ) -> tuple[Any, dict[str, Any]]:
-    """The executable and its ``_metadata`` (read at compile time: a phone's library does
-    not run here).
+    """The executable (``export`` writes it) and its ``_metadata`` (read at compile time:
+    a phone's library does not run here).
 
     Raises UserError when this TVM cannot build the target, or when a guard finds the
     result would fail on the device (see ``compile_pipeline``).
     """
-    target_spec.require_buildable()
-    target = target_spec.tvm_target()
-    spec = spec_for_target(spec, target_spec)
-    model = instantiate(spec, target)
-    mod, params, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    metadata: dict[str, Any] = {}
+    target, mod, pipeline = _exported(spec, target_spec, metadata)
     if target_spec.system_lib:
         mod = mod.with_attr("system_lib_prefix", f"{model_lib}_")
-    metadata: dict[str, Any] = {}
-    pipeline = compile_pipeline(
-        target_spec, build_metadata(spec, model, params), var_bounds(spec),
-        metadata_sink=metadata,
-    )
     with target, target_spec.build_scope():
         # The prefix attribute alone makes the library a system library. system_lib=True
         # would also have relax.build read the attribute back, which fails in TVM 0.27 for
         # prefixes under 8 characters ("Cannot convert from type `ffi.SmallStr`").
         executable = relax.build(
-            mod, target, relax_pipeline=pipeline,
+            mod,
+            target,
+            relax_pipeline=pipeline,
             system_lib=None if target_spec.system_lib else False,
         )
     return executable, metadata
-
-
-def read_metadata(executable_or_vm: Any) -> dict[str, Any]:
-    return json.loads(str(executable_or_vm["_metadata"]()))
 
 
 def export(executable: Any, path: Path) -> None:

@@ -6,6 +6,11 @@ No TVM import: the runtime (which may run on a runtime-only TVM) reads this too.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import ModelSpec
+
 # ``softmax_with_temperature`` treats a row with temperature <= this as greedy (a one-hot
 # distribution at the maximum); the engine's CPU sampler takes the argmax below it.
 GREEDY_TEMPERATURE = 1e-5
@@ -42,9 +47,8 @@ GPU_SAMPLER_FUNCTIONS = frozenset(
     }
 )
 
-# Looked up too, but used only for speculative decoding, which mlc-edge bundles do not
-# support: not exported.
-SPECULATIVE_DECODING_FUNCTIONS = frozenset({"sampler_verify_draft_tokens"})
+# The engine looks up ``sampler_verify_draft_tokens`` too, but uses it only for speculative
+# decoding, which mlc-edge bundles do not support: not exported.
 
 # The device types whose engine builds its GPU sampler (others sample on the CPU).
 GPU_SAMPLER_DEVICES = frozenset({"cuda", "vulkan", "metal"})
@@ -60,3 +64,34 @@ def required_functions(device: str) -> frozenset[str]:
 
 def uses_gpu_sampler(device: str) -> bool:
     return device in GPU_SAMPLER_DEVICES
+
+
+def chat_config_fields(spec: ModelSpec) -> dict[str, Any]:
+    """The fields ``mlc-chat-config.json`` and the library's ``_metadata`` both carry, with
+    the same values: the model, its scheme, the runtime sizes the library was built for,
+    and the features mlc-edge bundles do not use (sliding window, attention sink, tensor
+    and pipeline parallelism)."""
+    sizes = spec.runtime_sizes
+    return {
+        "model_type": spec.family.model_type,
+        "quantization": spec.scheme.name,
+        "context_window_size": sizes["context_window_size"],
+        "sliding_window_size": -1,
+        "prefill_chunk_size": sizes["prefill_chunk_size"],
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "active_vocab_size": spec.config.vocab_size,
+        "model_task": "chat",
+    }
+
+
+def metadata_fields(spec: ModelSpec) -> dict[str, Any]:
+    """``_metadata``'s fields that need no compiled model: ``chat_config_fields`` and the
+    engine's own (the parameter list, KV cache shape and memory usage come from the build)."""
+    return {
+        **chat_config_fields(spec),
+        "max_batch_size": spec.runtime_sizes["max_batch_size"],
+        "kv_state_kind": "kv_cache",
+        "disaggregation": False,
+    }

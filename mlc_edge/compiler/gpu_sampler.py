@@ -100,13 +100,19 @@ def _argsort_probs(bb: relax.BlockBuilder) -> relax.GlobalVar:
     probs = relax.Var("probs", relax.TensorType((b, v), F32))
     with bb.function("argsort_probs", [probs]):
         with bb.dataflow():
-            ids = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
-            values = bb.emit_te(
-                lambda p, order: te.compute(p.shape, lambda i, j: p[i, order[i, j]],
-                                            name="sorted_probs"),
-                probs, ids, primfunc_name_hint="sampler_take_sorted")
+            values, ids = _emit_sorted(bb, probs)
             out = bb.emit_output(relax.Tuple([values, ids]))
         return bb.emit_func_output(out)
+
+
+def _emit_sorted(bb: relax.BlockBuilder, probs: relax.Expr) -> tuple[relax.Var, relax.Var]:
+    """Each row of ``probs`` sorted, largest first: (the values, their token ids)."""
+    ids = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
+    values = bb.emit_te(
+        lambda p, order: te.compute(p.shape, lambda i, j: p[i, order[i, j]],
+                                    name="sorted_probs"),
+        probs, ids, primfunc_name_hint="sampler_take_sorted")
+    return values, ids
 
 
 def _sample_with_top_p(bb: relax.BlockBuilder) -> relax.GlobalVar:
@@ -191,11 +197,7 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder) -> relax.GlobalVar:
 
     with bb.function("renormalize_by_top_p", [probs, top_p, pivots]):
         with bb.dataflow():
-            ids = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
-            sorted_p = bb.emit_te(
-                lambda p, order: te.compute(p.shape, lambda i, x: p[i, order[i, x]],
-                                            name="sorted_probs"),
-                probs, ids, primfunc_name_hint="sampler_take_sorted")
+            sorted_p, _ = _emit_sorted(bb, probs)
             cum = bb.emit(relax.op.cumsum(sorted_p, axis=1))
             out = bb.emit_output(bb.emit_te(renormalize, probs, sorted_p, cum, top_p,
                                             primfunc_name_hint="sampler_renormalize"))

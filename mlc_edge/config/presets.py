@@ -27,6 +27,3 @@ def load_preset(name: str) -> dict[str, Any]:
         raise UserError(f"unknown preset '{name}': choose one of {', '.join(preset_names())}")
     data = json.loads(path.read_text())
     return {k: int(data[k]) for k in PRESET_KEYS}
-
-
-PRESETS_HELP = "runtime sizes: edge-512 or edge-768 (batch 1, prefill chunk 16)"

@@ -18,12 +18,12 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from ..checkpoint.safetensors_file import bf16_bits_to_float32
+from ..closable import Closable
 from ..errors import UserError
 
 CACHE_JSON = "tensor-cache.json"
@@ -33,7 +33,7 @@ def _shard_name(index: int) -> str:
     return f"params_shard_{index}.bin"
 
 
-class TensorCacheWriter:
+class TensorCacheWriter(Closable):
     """Streams named tensors into size-capped raw shards, in the order added."""
 
     def __init__(self, out_dir: Path, shard_bytes: int = 32 * 1024 * 1024) -> None:
@@ -143,17 +143,6 @@ class TensorCacheWriter:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> TensorCacheWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def read_tensor_cache_json(bundle_dir: Path) -> dict[str, Any]:
     """The parsed ``tensor-cache.json`` of a bundle."""
@@ -162,8 +151,7 @@ def read_tensor_cache_json(bundle_dir: Path) -> dict[str, Any]:
         cache = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(
-            f"{path} is missing; {bundle_dir} is not a converted bundle: convert the model "
-            f"first"
+            f"{path} is missing; {bundle_dir} is not a converted bundle: convert the model first"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} cannot be read ({err}); convert the model again") from None

@@ -6,12 +6,14 @@ conversion. Then each bundle parameter is loaded (its fused parts written into o
 preallocated array), converted by the weight scheme and streamed to disk, so peak memory
 stays near one source tensor whatever the model size. A table the model holds in pieces
 (``P.0``, ``P.1``, ... of ``P``: an embedding / output layer split to fit the device's
-largest buffer, ``mlc_edge.models.vocab``) is read once and written piece by piece.
+largest buffer, ``mlc_edge.models.vocab``) is read once and written piece by piece, each
+piece the rows the model declares for it (``mlc_edge.models.parameters.table_pieces``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from tqdm import tqdm
 from ..checkpoint.reader import Checkpoint
 from ..errors import UserError
 from ..models.base import ParamSource
-from ..models.vocab import piece_ranges, scheme_pieces, split_parameter
+from ..models.parameters import TablePiece
 from ..quantization.schemes import WeightScheme
 from .tensor_cache import TensorCacheWriter
 
@@ -39,35 +41,6 @@ class _Planned:
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-class _Layout:
-    """How a scheme maps an HF tensor's shape to the stored one, learned from a probe.
-
-    Schemes only expose conversion functions; converting a tiny array tells us whether
-    they keep or transpose the shape, and the dtype they produce, without touching weights.
-    """
-
-    def __init__(self, scheme: WeightScheme) -> None:
-        probe = np.zeros((2, 3), dtype=np.float32)
-        linear = scheme.convert_linear_weight(probe)
-        plain = scheme.convert_plain(probe)
-        self.linear_transposes = linear.shape == (3, 2)
-        self.linear_keeps = linear.shape == (2, 3)
-        self.plain_keeps = plain.shape == (2, 3)
-        self.linear_dtype = str(linear.dtype)
-        self.plain_dtype = str(plain.dtype)
-
-    def hf_shape(self, expected: tuple[int, ...], is_linear: bool) -> tuple[int, ...] | None:
-        """The checkpoint shape a stored shape implies, or None if we cannot tell."""
-        if not is_linear:
-            return expected if self.plain_keeps else None
-        if self.linear_transposes:
-            return tuple(reversed(expected))
-        return expected if self.linear_keeps else None
-
-    def dtype(self, is_linear: bool) -> str:
-        return self.linear_dtype if is_linear else self.plain_dtype
 
 
 def _fused_shape(ckpt: Checkpoint, hf_names: tuple[str, ...]) -> tuple[int, ...]:
@@ -96,42 +69,33 @@ def _piece_rows(
     ckpt: Checkpoint,
     expected: list[tuple[str, tuple[int, ...], str]],
     mapping: dict[str, ParamSource],
-    scheme: WeightScheme,
+    pieces: Mapping[str, TablePiece],
 ) -> tuple[dict[str, ParamSource], dict[str, tuple[int, int]]]:
-    """The mapping with an entry for each piece of a split table (``P.i`` of ``P``, see
-    ``mlc_edge.models.vocab``), and each piece's rows of the checkpoint tensor.
+    """The mapping with an entry for each piece of a split table (its table's source),
+    and each piece's rows of the checkpoint tensor, as the model declared them.
 
-    The rows come from ``scheme_pieces`` on the checkpoint's ``[vocab, hidden]`` shape:
-    the split the model definition makes from the same numbers.
+    The pieces of a table together cover the vocabulary config.json gives; a checkpoint
+    tensor with another number of rows does not match it.
     """
     full = dict(mapping)
     rows: dict[str, tuple[int, int]] = {}
-    pieces: dict[str, tuple[int, int]] = {}  # split table -> (pieces declared, pieces made)
+    vocab: dict[str, int] = {}  # split table -> the rows its pieces cover
     for name, _, _ in expected:
-        split = split_parameter(name) if name not in mapping else None
-        if split is None or split[0] not in mapping:
+        piece = pieces.get(name)
+        if piece is None or name in mapping or piece.table not in mapping:
             continue
-        base, index = split
-        source = mapping[base]
-        if any(hf not in ckpt for hf in source.hf_names):
+        full[name] = mapping[piece.table]
+        rows[name] = piece.rows
+        vocab[piece.table] = max(vocab.get(piece.table, 0), piece.rows[1])
+    for table, declared in vocab.items():
+        hf_names = mapping[table].hf_names
+        if any(hf not in ckpt for hf in hf_names):
             continue  # reported as missing by _plan
-        vocab, *rest = _fused_shape(ckpt, source.hf_names)
-        if len(rest) != 1:
+        have = _fused_shape(ckpt, hf_names)
+        if not have or have[0] != declared:
             raise UserError(
-                f"{_describe(ckpt, source.hf_names)}, not [vocab, hidden]; the checkpoint "
-                f"does not match its config.json"
-            )
-        ranges = piece_ranges(scheme_pieces(vocab, rest[0], scheme))
-        declared = pieces.get(base, (0, len(ranges)))[0] + 1
-        pieces[base] = (declared, len(ranges))
-        full[name] = source
-        rows[name] = ranges[min(index, len(ranges) - 1)]
-    for base, (declared, made) in pieces.items():
-        if declared != made:
-            raise UserError(
-                f"{_describe(ckpt, mapping[base].hf_names)}, which splits into {made} "
-                f"pieces, but config.json implies {declared}; the checkpoint does not match "
-                f"its config.json"
+                f"{_describe(ckpt, hf_names)} but config.json implies {declared} vocabulary "
+                f"rows; the checkpoint does not match its config.json"
             )
     return full, rows
 
@@ -140,7 +104,7 @@ def _plan(
     ckpt: Checkpoint,
     expected: list[tuple[str, tuple[int, ...], str]],
     mapping: dict[str, ParamSource],
-    layout: _Layout,
+    scheme: WeightScheme,
     rows: dict[str, tuple[int, int]] | None = None,
 ) -> list[_Planned]:
     """Check every name and shape from the headers alone; no tensor data is read.
@@ -170,21 +134,20 @@ def _plan(
             raise ValueError(f"the model declares parameter {name} but maps no tensor to it")
         shape = tuple(shape)
         is_linear = source.is_linear_weight
-        want = layout.hf_shape(shape, is_linear)
+        want = scheme.hf_shape(shape, is_linear)
         have = _fused_shape(ckpt, source.hf_names)
         piece = rows.get(name)
         if piece is not None:
             have = (piece[1] - piece[0], *have[1:])
-        if want is not None and have != want:
+        if have != want:
             raise UserError(
                 f"{_describe(ckpt, source.hf_names)} but config.json implies {_fmt(want)}; "
                 f"the checkpoint does not match its config.json"
             )
-        if layout.dtype(is_linear) != dtype:
+        if scheme.dtype != dtype:
             # The model and the scheme disagree: a bug in mlc-edge, not in the input.
             raise ValueError(
-                f"parameter {name} is declared {dtype} but scheme produces "
-                f"{layout.dtype(is_linear)}"
+                f"parameter {name} is declared {dtype} but scheme produces {scheme.dtype}"
             )
         nbytes = sum(ckpt.nbytes(n) for n in source.hf_names)
         if piece is not None:
@@ -247,17 +210,19 @@ def convert_weights(
     scheme: WeightScheme,
     progress: bool = True,
     allow_non_finite: bool = False,
+    pieces: Mapping[str, TablePiece] | None = None,
 ) -> dict[str, Any]:
     """Write ``tensor-cache.json`` and shards for ``expected`` into ``out_dir``.
 
     ``expected`` lists (bundle name, shape, dtype) in the order the runtime loads them;
-    ``mapping`` says which checkpoint tensors make each one. Returns the json written.
-    A NaN or Inf in a weight is refused unless ``allow_non_finite`` (then a warning).
+    ``mapping`` says which checkpoint tensors make each one; ``pieces`` gives each piece
+    of a split table its table and rows (``mlc_edge.models.parameters.table_pieces``).
+    Returns the json written. A NaN or Inf in a weight is refused unless
+    ``allow_non_finite`` (then a warning).
     """
-    layout = _Layout(scheme)
     with Checkpoint.open(Path(model_dir)) as ckpt:
-        mapping, rows = _piece_rows(ckpt, expected, mapping, scheme)
-        plan = _plan(ckpt, expected, mapping, layout, rows)
+        mapping, rows = _piece_rows(ckpt, expected, mapping, pieces or {})
+        plan = _plan(ckpt, expected, mapping, scheme, rows)
         total = sum(p.source_bytes for p in plan)
         with (
             TensorCacheWriter(Path(out_dir)) as writer,

@@ -42,16 +42,6 @@ class EngineEstimate:
     logit_processor_workspace_bytes: float
     kv_capacity_tokens: int
 
-    @property
-    def workspace_bytes(self) -> float:
-        """Everything the engine subtracts besides the weights."""
-        return (
-            self.temp_buffer_bytes
-            + self.kv_aux_workspace_bytes
-            + self.model_workspace_bytes
-            + self.logit_processor_workspace_bytes
-        )
-
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

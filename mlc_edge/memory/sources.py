@@ -59,10 +59,10 @@ def sizes_for(preset: str | None, hf_config: dict[str, Any],
 
 
 def compiled_metadata(spec: ModelSpec, target_name: str) -> dict[str, Any]:
-    from ..compiler.build import compile_model_with_metadata
+    from ..compiler.build import compile_model
     from ..compiler.targets import get_target
 
-    return compile_model_with_metadata(spec, get_target(target_name), MODEL_LIB)[1]
+    return compile_model(spec, get_target(target_name), MODEL_LIB)[1]
 
 
 def bundle_metadata(bundle: Path) -> dict[str, Any] | None:

@@ -62,11 +62,6 @@ def piece_ranges(pieces: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(stop - rows, stop) for rows, stop in zip(pieces, stops, strict=True)]
 
 
-def piece_name(name: str, index: int) -> str:
-    """The parameter name of piece ``index`` of the split parameter ``name``."""
-    return f"{name}.{index}"
-
-
 def split_parameter(name: str) -> tuple[str, int] | None:
     """``(name of the whole parameter, piece index)`` of a piece's name, else None."""
     match = _PIECE.match(name)

@@ -1,8 +1,9 @@
 """No-quantization weight schemes.
 
 A scheme decides three things: the dtype of the model, the layout a linear layer's
-weight is stored in, and how a Hugging Face tensor becomes that stored tensor. Adding
-a scheme is adding one small class here; nothing else branches on the scheme's name.
+weight is stored in (``linear_weight_layout``, as MLC-LLM's quantization classes declare
+it), and how a Hugging Face tensor becomes that stored tensor. Adding a scheme is adding
+one small class here; nothing else branches on the scheme's name.
 
 - ``q0f16t`` (default): fp16, linear weights stored transposed ``[in, out]`` ("KN") and
   used by ``matmul(x, w)`` directly. No transpose at run time, and the layout Adreno's
@@ -15,6 +16,7 @@ a scheme is adding one small class here; nothing else branches on the scheme's n
 from __future__ import annotations
 
 import copy
+from typing import ClassVar, Literal
 
 import numpy as np
 from tvm.relax.frontend import nn
@@ -22,33 +24,39 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..errors import UserError
 
+# A linear weight's stored layout: "KN" is [in, out] (K, the reduction axis, first: used by
+# ``matmul(x, w)`` as it is); "NK" is PyTorch's [out, in].
+LinearLayout = Literal["KN", "NK"]
 
-class KNLinear(nn.Module):
+
+class _LayoutLinear(nn.Module):
+    """``y = x @ W (+ b)`` with ``W`` stored in the subclass's ``layout``."""
+
+    layout: ClassVar[LinearLayout]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
+        self.in_features = in_features
+        self.out_features = out_features
+        shape = (in_features, out_features) if self.layout == "KN" else (out_features, in_features)
+        self.weight = nn.Parameter(shape, dtype)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight if self.layout == "KN" else op.permute_dims(self.weight)
+        y = op.matmul(x, w)
+        return y + self.bias if self.bias is not None else y
+
+
+class KNLinear(_LayoutLinear):
     """``y = x @ W (+ b)`` with ``W`` stored ``[in, out]``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter((in_features, out_features), dtype)
-        self.bias = nn.Parameter((out_features,), dtype) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = op.matmul(x, self.weight)
-        return y + self.bias if self.bias is not None else y
+    layout = "KN"
 
 
-class NKLinear(nn.Module):
+class NKLinear(_LayoutLinear):
     """``y = x @ W.T (+ b)`` with ``W`` stored ``[out, in]`` as PyTorch does."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter((out_features, in_features), dtype)
-        self.bias = nn.Parameter((out_features,), dtype) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = op.matmul(x, op.permute_dims(self.weight))
-        return y + self.bias if self.bias is not None else y
+    layout = "NK"
 
 
 class WeightScheme:
@@ -61,9 +69,9 @@ class WeightScheme:
 
     name: str
     dtype: str
+    # How a linear layer's weight is stored: the converter and the model read it here.
+    linear_weight_layout: LinearLayout
     linear_class: type[nn.Module]
-    bits_per_param: int
-    description: str
     max_alloc_bytes: int | None = None
 
     def with_max_alloc(self, max_alloc_bytes: int | None) -> WeightScheme:
@@ -79,7 +87,14 @@ class WeightScheme:
 
     def convert_linear_weight(self, weight: np.ndarray) -> np.ndarray:
         """A Hugging Face ``[out, in]`` weight as this scheme stores it."""
-        return np.ascontiguousarray(weight, dtype=self.dtype)
+        stored = weight.T if self.linear_weight_layout == "KN" else weight
+        return np.ascontiguousarray(stored, dtype=self.dtype)
+
+    def hf_shape(self, stored_shape: tuple[int, ...], is_linear_weight: bool) -> tuple[int, ...]:
+        """The shape of the Hugging Face tensor that this scheme stores as ``stored_shape``."""
+        if is_linear_weight and self.linear_weight_layout == "KN":
+            return tuple(reversed(stored_shape))
+        return tuple(stored_shape)
 
     def convert_plain(self, tensor: np.ndarray) -> np.ndarray:
         """Any other tensor (embedding, norm weights, biases): a cast only."""
@@ -87,32 +102,25 @@ class WeightScheme:
 
 
 class _Transposed(WeightScheme):
+    linear_weight_layout = "KN"
     linear_class = KNLinear
-
-    def convert_linear_weight(self, weight: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(weight.T, dtype=self.dtype)
 
 
 class Q0F16T(_Transposed):
     name = "q0f16t"
     dtype = "float16"
-    bits_per_param = 16
-    description = "fp16, linear weights stored [in, out] (default)"
 
 
 class Q0F32T(_Transposed):
     name = "q0f32t"
     dtype = "float32"
-    bits_per_param = 32
-    description = "fp32, linear weights stored [in, out] (exact tests)"
 
 
 class Q0F16(WeightScheme):
     name = "q0f16"
     dtype = "float16"
+    linear_weight_layout = "NK"
     linear_class = NKLinear
-    bits_per_param = 16
-    description = "fp16, linear weights stored [out, in] like PyTorch"
 
 
 SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (Q0F16T(), Q0F32T(), Q0F16())}

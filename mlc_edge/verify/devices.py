@@ -2,7 +2,6 @@
 
     available_devices()          every OpenCL device this process can open, best first
     select_device("intel")       one of them by implementation or name (None: the best)
-    opencl_context("pocl")       (pyopencl context, the device) for a named implementation
 
 Implementations we know by name (any other platform or device name substring works too):
 
@@ -241,10 +240,3 @@ def select_device(choice: str | None = None) -> OpenCLDevice:
         if wanted in d.platform.lower() or wanted in d.name.lower():
             return d
     raise _missing(choice, devices)
-
-
-def opencl_context(choice: str | None = None) -> tuple[Any, OpenCLDevice]:
-    """A pyopencl context on the device ``choice`` names (see ``select_device``)."""
-    cl = pyopencl()
-    device = select_device(choice)
-    return cl.Context([device.device]), device

@@ -7,7 +7,6 @@ from .attach_gpu_sampler import AttachGPUSampler
 from .attach_logit_processor import AttachLogitProcessor
 from .attach_metadata import AttachMetadata, memory_usage
 from .attach_var_bounds import AttachVarBounds
-from .capture_metadata import CaptureMetadata
 from .check_allocation_limit import CheckAllocationLimit
 from .check_work_group_size import CheckWorkGroupSize
 from .mark_shape_funcs_noalias import MarkShapeFuncsNoAlias
@@ -22,7 +21,6 @@ __all__ = [
     "AttachLogitProcessor",
     "AttachMetadata",
     "AttachVarBounds",
-    "CaptureMetadata",
     "CheckAllocationLimit",
     "CheckWorkGroupSize",
     "MarkShapeFuncsNoAlias",

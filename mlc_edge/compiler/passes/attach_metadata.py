@@ -37,12 +37,19 @@ def memory_usage(mod: IRModule) -> dict[str, int]:
 
 @tvm.transform.module_pass(opt_level=0, name="AttachMetadata")
 class AttachMetadata:
-    def __init__(self, metadata: dict[str, Any]):
+    """Adds ``_metadata``; ``sink``, if given, receives the same JSON as a dict: a phone's
+    library cannot be run here to ask for it, yet the bundle needs its numbers
+    (``memory_usage`` for the app's ``estimated_vram_bytes``)."""
+
+    def __init__(self, metadata: dict[str, Any], sink: dict[str, Any] | None = None):
         self.metadata = metadata
+        self.sink = sink
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        metadata = {**self.metadata, "memory_usage": memory_usage(mod)}
+        text = json.dumps({**self.metadata, "memory_usage": memory_usage(mod)}, sort_keys=True)
+        if self.sink is not None:
+            self.sink.update(json.loads(text))
         bb = relax.BlockBuilder(mod)
         with bb.function("_metadata", []):
-            bb.emit_func_output(tvm.ir.StringImm(json.dumps(metadata, sort_keys=True)))
+            bb.emit_func_output(tvm.ir.StringImm(text))
         return bb.get()
