@@ -129,7 +129,7 @@ class RequireKernels:
                 raise UserError(
                     f"function '{name}' was not made into a GPU kernel for {self.target_name}: "
                     f"it would access {buffers} from host code (no blockIdx/threadIdx "
-                    "binding); add a schedule rule that takes it (schedules/adreno/) or bind "
+                    "binding); add a schedule rule that takes it (schedules/gpu/) or bind "
                     "its loops to blockIdx/threadIdx"
                 )
         return mod
