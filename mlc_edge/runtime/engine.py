@@ -21,6 +21,7 @@ from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: works with a runtime-only TVM
 
 from ..bundle.integrity import check_weights
+from ..conversation import render
 from ..errors import UserError
 from .sampler import Sampler
 
@@ -257,8 +258,6 @@ class Engine:
 
     def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of ``prompt``, wrapped in the conversation template unless ``chat=False``."""
-        from ..bundle.conv_templates import render
-
         template = self.chat_config.get("conv_template")
         if not chat or not template:
             return self.tokenizer.encode(prompt, add_special_tokens=True).ids
