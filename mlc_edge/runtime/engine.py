@@ -21,11 +21,10 @@ from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: works with a runtime-only TVM
 
 from ..bundle.integrity import check_weights
+from ..compiler.contract import PAGE_SIZE
 from ..conversation import render
 from ..errors import UserError
 from .sampler import Sampler
-
-PAGE_SIZE = 16
 
 
 def find_library(bundle: Path) -> Path:
