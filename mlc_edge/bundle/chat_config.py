@@ -14,6 +14,7 @@ from typing import Any
 from ..config import ModelSpec
 from ..errors import UserError
 from .derive_template import checkpoint_template
+from .layout import CHAT_CONFIG
 
 # Copied as they are when present; tokenizer.json is what the runtime tries first.
 TOKENIZER_FILES = (
@@ -135,5 +136,5 @@ def generate_chat_config(
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
         "model_task": "chat",
     }
-    (out_dir / "mlc-chat-config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / CHAT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return config
