@@ -46,8 +46,11 @@ def _clear_libraries(bundle: Path) -> None:
 def test_verify_takes_the_target_from_the_build_record(bundle):
     # The file name says android-opencl; the record (what compile wrote) says adreno-750.
     _clear_libraries(bundle)
-    _library(bundle, "tiny_q0f16t_android_opencl.tar",
-             {"target": "android-opencl:adreno-750", "device": "opencl"})
+    _library(
+        bundle,
+        "tiny_q0f16t_android_opencl.tar",
+        {"target": "android-opencl:adreno-750", "device": "opencl"},
+    )
     source = load_source(bundle)
     assert source.target_name == "android-opencl:adreno-750"
     assert source.library == bundle / "lib" / "tiny_q0f16t_android_opencl.tar"
@@ -76,7 +79,11 @@ def test_one_rule_finds_the_library_this_machine_runs(bundle):
         layout.runnable_library(bundle)
     (cuda,) = [lib for lib in layout.libraries(bundle) if lib.name == "gpu.so"]
     assert (cuda.target, cuda.device, cuda.metadata, cuda.model_lib) == (
-        "cuda", "cuda", {"a": 1}, "gpu")
+        "cuda",
+        "cuda",
+        {"a": 1},
+        "gpu",
+    )
 
 
 def test_a_bundle_a_model_folder_or_a_config_json(bundle, tmp_path):
@@ -88,8 +95,11 @@ def test_a_bundle_a_model_folder_or_a_config_json(bundle, tmp_path):
     assert layout.read_model_config(hf / "config.json") == layout.read_model_config(hf)
     with pytest.raises(UserError, match=r"is not a bundle: it has no mlc-chat-config.json"):
         layout.read_chat_config(hf)
-    with pytest.raises(UserError, match=r"give a bundle \(with mlc-chat-config.json\), a "
-                                        r"Hugging Face model folder or a config.json"):
+    with pytest.raises(
+        UserError,
+        match=r"give a bundle \(with mlc-chat-config.json\), a "
+        r"Hugging Face model folder or a config.json",
+    ):
         layout.read_model_config(tmp_path)
     (tmp_path / "config.json").write_text('{"hidden_size": 64,')
     with pytest.raises(UserError, match=r"config.json is not valid JSON \(.* at line 1\)"):
@@ -103,16 +113,19 @@ def test_shard_file_names():
     names = [layout.shard_file_name(i) for i in (0, 7, 123)]
     assert names == ["params_shard_0.bin", "params_shard_7.bin", "params_shard_123.bin"]
     assert all(layout.is_shard_file(n) for n in names)
-    assert not any(layout.is_shard_file(n) for n in
-                   ("params_shard_.bin", "params_shard_1.bin.partial", "xparams_shard_1.bin"))
+    assert not any(
+        layout.is_shard_file(n)
+        for n in ("params_shard_.bin", "params_shard_1.bin.partial", "xparams_shard_1.bin")
+    )
 
 
 def test_the_runner_imports_no_bundle_writer():
     # The runner renders prompts with mlc_edge.conversation, not the writer's registry.
-    code = ("import json, sys, mlc_edge.runtime.engine, mlc_edge.runtime.bench, mlc_edge.cli; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mlc_edge.bundle'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
+    code = (
+        "import json, sys, mlc_edge.runtime.engine, mlc_edge.runtime.bench, mlc_edge.cli; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mlc_edge.bundle'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(json.loads(done.stdout))
     assert loaded <= {"mlc_edge.bundle", "mlc_edge.bundle.layout", "mlc_edge.bundle.integrity"}
     assert "mlc_edge.bundle.layout" in loaded

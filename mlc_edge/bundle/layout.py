@@ -87,8 +87,10 @@ def read_config_json(path: Path) -> dict[str, Any]:
     path = Path(path)
     file = path / HF_CONFIG if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"{path}: give a bundle (with {CHAT_CONFIG}), a Hugging Face model "
-                        f"folder or a {HF_CONFIG}")
+        raise UserError(
+            f"{path}: give a bundle (with {CHAT_CONFIG}), a Hugging Face model "
+            f"folder or a {HF_CONFIG}"
+        )
     return read_json_file(file)
 
 
