@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +68,12 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "token_ids": self.token_ids,
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
-        }
+        """What ``run --json`` prints: the fields, with speeds instead of seconds."""
+        data = asdict(self)
+        del data["prefill_seconds"], data["decode_seconds"]
+        data["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 3)
+        data["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 3)
+        return data
 
 
 class Engine:
