@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from .bundle import layout
 from .errors import UserError
 
 QUANT_HELP = "weight scheme: q0f16t (fp16 [in, out], default), q0f32t, q0f16"
@@ -144,7 +145,7 @@ def gen_config_cmd(model_dir: Path, output: Path, conv_template: str | None, tar
     spec = _spec(model_dir, quantization, preset, target, sizes)
     with staged(output) as stage:
         write_chat_config(model_dir, spec, stage, conv_template)
-    click.echo(f"wrote {output / 'mlc-chat-config.json'}")
+    click.echo(f"wrote {output / layout.CHAT_CONFIG}")
 
 
 @cli.command("convert")
@@ -212,9 +213,9 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
     if model_url is not None and not re.fullmatch(r"https?://\S+", model_url):
         raise UserError(f"--model-url '{model_url}' is not an http(s) URL")
     progress = not as_json
-    is_bundle = (Path(model_dir) / "mlc-chat-config.json").is_file()
+    is_bundle = layout.is_bundle(model_dir)
     if is_bundle:
-        chat = json.loads((Path(model_dir) / "mlc-chat-config.json").read_text())
+        chat = layout.read_chat_config(model_dir)
         spec = _for_target(ModelSpec.from_chat_config(chat), target)
         output = output or Path(model_dir)
         require_weights_match(spec, Path(model_dir))
@@ -242,13 +243,13 @@ def compile_cmd(model_dir: Path, target: str, output: Path | None, conv_template
 
             app_config = write_app_config(
                 stage, Path(output).absolute().name, lib_name, metadata, spec.scheme.dtype,
-                weights_dir=None if (stage / "tensor-cache.json").is_file() else Path(output),
+                weights_dir=None if layout.has_weights(stage) else Path(output),
                 model_url=model_url,
             )
-    lib = Path(output) / "lib" / lib.name
+    lib = layout.library_path(output, lib_name, lib.suffix)
     summary = {"bundle": str(output), "model_lib": lib_name, "library": str(lib),
                "target": target, "quantization": spec.scheme.name, **spec.runtime_sizes}
-    lines = [f"bundle ready: {output} (library lib/{lib.name})"]
+    lines = [f"bundle ready: {output} (library {lib.relative_to(output)})"]
     if app_config is not None:
         entry = app_config["model_list"][0]
         summary["app_config"] = entry
@@ -386,7 +387,7 @@ def memory_cmd(source: Path, target: str | None, reported_memory: str | None, bu
     against the device's largest allocation; whether MLC's engine loads it.
     """
     from .compiler.targets import get_target
-    from .memory import parse_size, plan_from_bundle, plan_from_config, read_config, table
+    from .memory import parse_size, plan_from_bundle, plan_from_config, table
 
     if target is not None:
         get_target(target).require_buildable()
@@ -395,11 +396,11 @@ def memory_cmd(source: Path, target: str | None, reported_memory: str | None, bu
         budget_bytes = parse_size(budget)
     except ValueError as e:
         raise UserError(str(e)) from None
-    is_bundle = (Path(source) / "mlc-chat-config.json").is_file()
+    is_bundle = layout.is_bundle(source)
     if is_bundle and (preset or any(v is not None for v in sizes.values())):
         raise UserError("a bundle's sizes are its own: give MODEL_DIR or config.json to "
                         "plan other sizes (or --compare)")
-    hf_config = read_config(source if is_bundle else _config_folder(source))
+    hf_config = layout.read_model_config(source if is_bundle else _config_folder(source))
     plans = []
     if is_bundle:
         plan, target = plan_from_bundle(Path(source), target, reported, budget_bytes)

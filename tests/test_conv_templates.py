@@ -20,9 +20,9 @@ from mlc_edge.bundle.conv_templates import (
     choose_template,
     make_template,
     read_chat_template,
-    render,
 )
 from mlc_edge.config import ModelSpec
+from mlc_edge.conversation import render
 
 QWEN2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

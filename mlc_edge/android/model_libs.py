@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..bundle import layout
 from ..bundle.app_config import APP_CONFIG, placeholder_model_url
 from ..errors import UserError
 
@@ -42,8 +43,8 @@ class PhoneModel:
 def read_phone_bundle(bundle: Path) -> tuple[PhoneModel | None, list[str]]:
     """A bundle compiled for a phone, or the one-line problems that make it unusable."""
     bundle = Path(bundle)
-    if not (bundle / "mlc-chat-config.json").is_file():
-        return None, [f"{bundle} is not a bundle (no mlc-chat-config.json)"]
+    if not layout.is_bundle(bundle):
+        return None, [f"{bundle} is not a bundle (no {layout.CHAT_CONFIG})"]
     if not (bundle / APP_CONFIG).is_file():
         return None, [
             f"{bundle} has no {APP_CONFIG}: compile it for the phone (mlc-edge "
@@ -64,13 +65,12 @@ def read_phone_bundle(bundle: Path) -> tuple[PhoneModel | None, list[str]]:
             f"{bundle}: model_lib '{model_lib}' is not a C identifier, so it "
             f"cannot prefix a system library: compile with --model-lib NAME"
         )
-    library = bundle / "lib" / f"{model_lib}.tar"
-    record_path = library.with_suffix(".json")
+    library = layout.library_path(bundle, model_lib, layout.SYSTEM_LIBRARY)
     if not library.is_file():
         problems.append(
             f"{bundle} has no lib/{model_lib}.tar: compile it with --target android-opencl"
         )
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = layout.read_library(library).record
     target = str(record.get("target", ""))
     if library.is_file() and not target.startswith("android-"):
         problems.append(

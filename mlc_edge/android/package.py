@@ -93,12 +93,12 @@ class Preflight:
 def memory_verdict(model: PhoneModel, floor_bytes: int, reported: int | None) -> dict[str, Any]:
     """``mlc-edge memory``'s prediction of the engine's load check for this model, with
     upstream's 5 GiB floor and the floor this build compiles in."""
+    from ..bundle.layout import read_chat_config
     from ..config import ModelSpec
     from ..memory.plan import UPSTREAM_FLOOR_BYTES
     from ..memory.sources import compiled_metadata, plan_for, tensor_cache_records
 
-    chat = json.loads((model.bundle / "mlc-chat-config.json").read_text())
-    spec = ModelSpec.from_chat_config(chat)
+    spec = ModelSpec.from_chat_config(read_chat_config(model.bundle))
     metadata = model.metadata
     if metadata is None:  # a library compiled before build records held _metadata
         print(

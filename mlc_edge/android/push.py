@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle.app_config import APP_CONFIG
+from ..bundle.layout import LIB_DIR, TENSOR_CACHE, has_weights
 from ..errors import UserError
 from .package import PACKAGE_RECORD
 from .pins import app_layout
 
 # What the app reads from a model folder; the library is in the APK, the bundle's own app
 # entry is merged into the APK's app config.
-NOT_PUSHED = {"lib", APP_CONFIG}
+NOT_PUSHED = {LIB_DIR, APP_CONFIG}
 
 
 def weight_files(bundle: Path) -> list[Path]:
@@ -56,9 +57,9 @@ def push_commands(
     commands.append([*base, "shell", "rm", "-f", f"{files_dir}/{APP_CONFIG}"])
     for model in record["models"]:
         bundle, model_id = Path(model["bundle"]), model["model_id"]
-        if not (bundle / "tensor-cache.json").is_file():
+        if not has_weights(bundle):
             raise UserError(
-                f"bundle {bundle} of {model_id} has no tensor-cache.json: convert "
+                f"bundle {bundle} of {model_id} has no {TENSOR_CACHE}: convert "
                 f"its weights (mlc-edge convert) or package again"
             )
         staging, final = f"{tmp_dir}/{model_id}", f"{files_dir}/{model_id}"

@@ -16,6 +16,7 @@ from ..compiler.contract import chat_config_fields
 from ..config import ModelSpec
 from ..errors import UserError
 from .derive_template import checkpoint_template
+from .layout import CHAT_CONFIG
 
 # Copied as they are when present; tokenizer.json is what the runtime tries first.
 TOKENIZER_FILES = (
@@ -127,5 +128,5 @@ def generate_chat_config(
         "bos_token_id": bos if bos is not None else -1,
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
     }
-    (out_dir / "mlc-chat-config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / CHAT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return config

@@ -1,9 +1,8 @@
-"""Conversation templates in MLC-LLM's ``conv_template`` format, and their rendering.
+"""Named conversation templates in MLC-LLM's ``conv_template`` format, and the one a
+checkpoint's tokenizer was trained for.
 
-The runtime builds a prompt as: system part, then per message
-``role + role_content_sep + content + sep`` and, for the reply it is about to write,
-``role + role_empty_sep``; ``system_prefix_token_ids`` (the BOS) go first as ids.
-``render`` does the same, so what ``mlc-edge run`` feeds the model is what the phone does.
+The format itself (its fields, their defaults) and ``render`` live in
+``mlc_edge.conversation``: the runner renders prompts with them and imports nothing here.
 """
 
 from __future__ import annotations
@@ -14,33 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..conversation import conv_template as _template
 from ..errors import UserError
 from ..models import family_by_model_type
-
-
-def _template(**fields: Any) -> dict[str, Any]:
-    base = {
-        "system_template": "{system_message}",
-        "system_message": "",
-        "system_prefix_token_ids": [],
-        "add_role_after_system_message": True,
-        "roles": {"user": "user", "assistant": "assistant"},
-        "role_templates": {
-            "user": "{user_message}",
-            "assistant": "{assistant_message}",
-            "tool": "{tool_message}",
-        },
-        "messages": [],
-        "seps": ["\n"],
-        "role_content_sep": ": ",
-        "role_empty_sep": ":",
-        "stop_str": [],
-        "stop_token_ids": [],
-        "function_string": "",
-        "use_function_calling": False,
-    }
-    base.update(fields)
-    return base
 
 
 @dataclass(frozen=True)
@@ -188,26 +163,3 @@ def make_template(name: str, vocab: dict[str, int], bos_token_id: int | None,
     if entry.bos_prefix and bos_token_id is not None:
         template["system_prefix_token_ids"] = [bos_token_id]
     return template
-
-
-def render(template: dict[str, Any], messages: list[tuple[str, str | None]]) -> str:
-    """The prompt text for ``messages`` ((role, content); content None = reply to write).
-
-    ``system_prefix_token_ids`` are not part of the text: the caller prepends them.
-    """
-    system = template["system_template"].replace("{system_message}", template["system_message"])
-    parts = [system]
-    seps = template["seps"]
-    for i, (role, content) in enumerate(messages):
-        role_text = template["roles"][role]
-        if i == 0 and not template["add_role_after_system_message"] and role == "user":
-            # Llama-2 puts the first message inside the system block's [INST].
-            role_text = ""
-        if content is None:
-            parts.append(role_text + template["role_empty_sep"])
-            continue
-        body = template["role_templates"].get(role, "{" + role + "_message}")
-        body = body.replace("{" + role + "_message}", content)
-        parts.append(role_text + (template["role_content_sep"] if role_text else "") + body)
-        parts.append(seps[i % len(seps)])
-    return "".join(parts)

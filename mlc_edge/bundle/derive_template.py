@@ -9,7 +9,7 @@ MLC's fields:
 
 (``rcs``/``res``: ``role_content_sep`` / ``role_empty_sep``). Without a system message
 the template's own default message fills the system part. The result is accepted only
-if ``conv_templates.render`` reproduces the jinja text on every check conversation (with
+if ``conversation.render`` reproduces the jinja text on every check conversation (with
 and without a system message, one to three turns); otherwise ``DerivedTemplate.problem``
 names what MLC's format cannot express and the caller falls back to a named template.
 """
@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .conv_templates import choose_template, make_template, read_chat_template, render
+from ..conversation import render
+from .conv_templates import choose_template, make_template, read_chat_template
 
 _SYSTEM = "\x01SYSTEM\x01"
 _U1, _A1, _U2, _A2, _U3 = (

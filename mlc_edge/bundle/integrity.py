@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..convert.tensor_cache import CACHE_JSON, read_tensor_cache_json
 from ..errors import UserError
+from . import layout
+from .layout import TENSOR_CACHE
 
 _READ_BYTES = 1 << 20
 _NAMES_SHOWN = 3
@@ -35,7 +36,7 @@ class WeightCheck:
         what = "size and md5" if self.md5_checked else "size"
         return (
             f"weights: {self.shards} shards, {self.nbytes:,} bytes; every shard's {what} "
-            f"matches {CACHE_JSON}"
+            f"matches {TENSOR_CACHE}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def _tensors(shard: dict[str, Any]) -> str:
 def _shard_path(bundle: Path, shard: Any) -> tuple[Path, int]:
     """The shard's file (inside the bundle: a ``dataPath`` of ``../x`` is refused) and
     its recorded size."""
-    cache = bundle / CACHE_JSON
+    cache = bundle / TENSOR_CACHE
     if not isinstance(shard, dict):
         raise UserError(
             f"{cache} has a shard entry that is not an object; run `mlc-edge convert` again"
@@ -89,7 +90,7 @@ def check_weights(bundle: Path, md5: bool = True) -> WeightCheck:
     Raises ``UserError`` naming the first bad shard and its tensors.
     """
     bundle = Path(bundle)
-    shards = read_tensor_cache_json(bundle)["records"]
+    shards = layout.read_tensor_cache(bundle)["records"]
     total = 0
     for shard in shards:
         path, want = _shard_path(bundle, shard)
@@ -102,14 +103,14 @@ def check_weights(bundle: Path, md5: bool = True) -> WeightCheck:
         if have != want:
             how = "truncated" if have < want else "longer than recorded"
             raise UserError(
-                f"shard {path} is {how}: {have:,} bytes, but {CACHE_JSON} says "
+                f"shard {path} is {how}: {have:,} bytes, but {TENSOR_CACHE} says "
                 f"{want:,} ({_tensors(shard)}); {REDO}"
             )
         if md5:
             recorded = shard.get("md5sum")
             if not recorded:
                 raise UserError(
-                    f"{CACHE_JSON} records no md5 for shard {path}; run `mlc-edge convert` again"
+                    f"{TENSOR_CACHE} records no md5 for shard {path}; run `mlc-edge convert` again"
                 )
             try:
                 actual = _md5(path)
@@ -118,14 +119,10 @@ def check_weights(bundle: Path, md5: bool = True) -> WeightCheck:
             if actual != recorded:
                 raise UserError(
                     f"shard {path} is corrupt: its md5 is {actual}, "
-                    f"{CACHE_JSON} says {recorded} ({_tensors(shard)}); {REDO}"
+                    f"{TENSOR_CACHE} says {recorded} ({_tensors(shard)}); {REDO}"
                 )
         total += want
     return WeightCheck(len(shards), total, md5)
-
-
-def has_weights(bundle: Path) -> bool:
-    return (Path(bundle) / CACHE_JSON).is_file()
 
 
 @dataclass
@@ -156,17 +153,15 @@ def before_verify(path: Path, target: str | None) -> BeforeVerify:
     from ..compiler.targets import TARGETS
 
     path = Path(path)
-    if not (path.is_dir() and (path / "mlc-chat-config.json").is_file()):
+    if not layout.is_bundle(path):
         return BeforeVerify(None, None)
-    weights = check_weights(path) if has_weights(path) else None
-    libs = sorted((path / "lib").glob("*.so")) if (path / "lib").is_dir() else []
+    weights = check_weights(path) if layout.has_weights(path) else None
+    libs = layout.libraries(path, layout.SHARED_LIBRARY)
     if target is None and libs:
-        from ..runtime.engine import build_record
-
-        target = str(build_record(libs[0]).get("target", "cpu"))
+        target = libs[0].target
     spec = TARGETS.get(target or "") or TARGETS.get((target or "").split(":")[0])
     if target is not None and (spec is None or spec.codegen != "opencl"):
-        what = f"lib/{libs[0].name} is a {target} library" if libs else f"{target} is"
+        what = f"{layout.LIB_DIR}/{libs[0].name} is a {target} library" if libs else f"{target} is"
         return BeforeVerify(
             weights,
             (

@@ -22,10 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from .layout import CHAT_CONFIG, TENSOR_CACHE, is_shard_file
 
 _STAGE = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
-_SHARD = re.compile(r"^params_shard_\d+\.bin$")
-_CACHE_JSON = "tensor-cache.json"
 # Failures of a write that are the machine's state, not a bug: each gets one line.
 _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
@@ -34,7 +33,7 @@ def check_destination(out_dir: Path) -> None:
     """Refuse to write into a folder that holds something other than a bundle."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a directory; choose another -o")
-    is_bundle = any((out_dir / f).exists() for f in ("mlc-chat-config.json", _CACHE_JSON))
+    is_bundle = any((out_dir / f).exists() for f in (CHAT_CONFIG, TENSOR_CACHE))
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_bundle:
         raise UserError(
             f"{out_dir} is not empty and is not a bundle; choose a new or empty -o directory"
@@ -141,9 +140,9 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 def _complete_stage(stage: Path, out_dir: Path) -> None:
     """Make ``stage`` the whole new bundle: the old entries it does not replace join it
     (one level deep for folders such as ``lib/``); new weights drop the old shards."""
-    new_weights = (stage / _CACHE_JSON).exists()
+    new_weights = (stage / TENSOR_CACHE).exists()
     for entry in out_dir.iterdir():
-        if new_weights and _SHARD.match(entry.name):
+        if new_weights and is_shard_file(entry.name):
             continue
         dest = stage / entry.name
         if entry.is_dir() and not entry.is_symlink() and dest.is_dir():

@@ -16,6 +16,7 @@ from typing import Any
 from ..config import ModelSpec, load_preset, read_hf_config
 from ..config.presets import PRESET_KEYS
 from ..errors import UserError
+from . import layout
 from .chat_config import generate_chat_config
 
 
@@ -90,12 +91,12 @@ def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
     if progress:
         print(f"compiling {model_lib} for {target.name} ...", file=sys.stderr, flush=True)
     executable, metadata = compile_model(spec, target, model_lib)
-    path = out / "lib" / f"{model_lib}{target.lib_suffix}"
+    path = layout.library_path(out, model_lib, target.lib_suffix)
     export(executable, path)
     target.check_library(path)
     write_build_record(path, target.name, target.device, str(target.tvm_target()), metadata)
     if progress:
-        print(f"compiled in {time.perf_counter() - start:.1f} s: lib/{path.name}",
+        print(f"compiled in {time.perf_counter() - start:.1f} s: {path.relative_to(out)}",
               file=sys.stderr, flush=True)
     return path, metadata
 
@@ -109,22 +110,17 @@ def write_build_record(library: Path, target: str, device: str, tvm_target: str,
               "device": device, "tvm_target": tvm_target}
     if metadata is not None:
         record["metadata"] = metadata
-    library.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    layout.build_record_path(library).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def require_weights_match(spec: ModelSpec, out: Path) -> None:
     """A library compiled into a bundle must fit the weights already there."""
-    from ..convert.tensor_cache import read_tensor_cache_json
     from ..models.parameters import parameter_list
     from ..models.vocab import split_parameter
 
-    if not (out / "tensor-cache.json").exists():
+    if not layout.has_weights(out):
         return
-    have = {
-        r["name"]: (tuple(r["shape"]), r["dtype"])
-        for shard in read_tensor_cache_json(out)["records"]
-        for r in shard["records"]
-    }
+    have = {r["name"]: (tuple(r["shape"]), r["dtype"]) for r in layout.tensor_records(out)}
     for name, shape, dtype in parameter_list(spec):
         if name not in have and split_parameter(name) is not None:
             raise UserError(

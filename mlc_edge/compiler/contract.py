@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..config import ModelSpec
 
+# Tokens of a page of the paged KV cache: what ``create_tir_paged_kv_cache`` is given
+# (MLC's engine and our runner pass 16, TVM's default), the KV kernels are built for and
+# the memory plan rounds the cache up to.
+PAGE_SIZE = 16
+
 # ``softmax_with_temperature`` treats a row with temperature <= this as greedy (a one-hot
 # distribution at the maximum); the engine's CPU sampler takes the argmax below it.
 GREEDY_TEMPERATURE = 1e-5

@@ -22,15 +22,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..bundle.layout import TENSOR_CACHE as CACHE_JSON
+from ..bundle.layout import read_tensor_cache as read_tensor_cache_json
+from ..bundle.layout import shard_file_name
 from ..checkpoint.safetensors_file import bf16_bits_to_float32
 from ..closable import Closable
 from ..errors import UserError
 
-CACHE_JSON = "tensor-cache.json"
-
 
 def _shard_name(index: int) -> str:
-    return f"params_shard_{index}.bin"
+    return shard_file_name(index)
 
 
 class TensorCacheWriter(Closable):
@@ -142,22 +143,6 @@ class TensorCacheWriter(Closable):
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def read_tensor_cache_json(bundle_dir: Path) -> dict[str, Any]:
-    """The parsed ``tensor-cache.json`` of a bundle."""
-    path = Path(bundle_dir) / CACHE_JSON
-    try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"{path} is missing; {bundle_dir} is not a converted bundle: convert the model first"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} cannot be read ({err}); convert the model again") from None
-    if not isinstance(cache, dict) or not isinstance(cache.get("records"), list):
-        raise UserError(f"{path} has no records list; convert the model again")
-    return cache
 
 
 def load_tensor_cache(bundle_dir: Path, verify_md5: bool = False) -> dict[str, np.ndarray]:

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from ..compiler.contract import PAGE_SIZE
 from ..models.vocab import split_parameter
 from .engine_estimate import EngineEstimate, estimate_engine_memory
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-PAGE_SIZE = 16  # the runtime's KV page (mlc_edge.runtime.engine.PAGE_SIZE, MLC's 16)
 RUNTIME_OVERHEAD_BYTES = 48 * MiB
 UPSTREAM_FLOOR_BYTES = 5 * GiB  # TotalDetectGlobalMemory on OpenCL, upstream
 OUR_FLOOR_BYTES = 16 * GiB  # the floor of our runtime build

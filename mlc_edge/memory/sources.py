@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..bundle import layout
 from ..config import ModelSpec, load_preset
 from ..config.presets import PRESET_KEYS
-from ..errors import UserError
 from .plan import MemoryPlan, make_plan
 
 MODEL_LIB = "memplan"
@@ -29,20 +29,6 @@ def mlc_default_sizes(hf_config: dict[str, Any]) -> dict[str, int]:
                   or hf_config.get("max_sequence_length") or 2048)
     return {"max_batch_size": 1, "prefill_chunk_size": min(context, MLC_DEFAULT_PREFILL_CHUNK),
             "context_window_size": context}
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A config.json, a model folder holding one, or a bundle's ``model_config``."""
-    path = Path(path)
-    if path.is_dir() and (path / "mlc-chat-config.json").is_file():
-        return dict(json.loads((path / "mlc-chat-config.json").read_text())["model_config"])
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"{path}: give a bundle, a model folder or its config.json")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def spec_for(hf_config: dict[str, Any], quantization: str, sizes: dict[str, int]) -> ModelSpec:
@@ -70,20 +56,19 @@ def bundle_metadata(bundle: Path) -> dict[str, Any] | None:
     import tvm
     from tvm import relax
 
-    libs = sorted((Path(bundle) / "lib").glob("*.so"))
+    libs = layout.libraries(bundle, layout.SHARED_LIBRARY)
     if not libs:
         return None
-    executable = tvm.runtime.load_module(str(libs[0]))
+    executable = tvm.runtime.load_module(str(libs[0].path))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     return json.loads(str(vm["_metadata"]()))
 
 
 def tensor_cache_records(bundle: Path) -> list[tuple[str, int]] | None:
-    cache = Path(bundle) / "tensor-cache.json"
-    if not cache.is_file():
+    """(name, bytes) of each weight of a bundle; None when it has no weights yet."""
+    if not layout.has_weights(bundle):
         return None
-    shards = json.loads(cache.read_text())["records"]
-    return [(r["name"], int(r["nbytes"])) for shard in shards for r in shard["records"]]
+    return [(r["name"], int(r["nbytes"])) for r in layout.tensor_records(bundle)]
 
 
 def plan_for(
@@ -127,8 +112,7 @@ def plan_from_bundle(
     """The plan of a bundle: its own library's ``_metadata`` when that loads here (CPU),
     else the library compiled again for ``target_name`` (default android-opencl) from
     its mlc-chat-config.json. Weights from its tensor-cache.json. Returns (plan, target)."""
-    chat = json.loads((Path(bundle) / "mlc-chat-config.json").read_text())
-    spec = ModelSpec.from_chat_config(chat)
+    spec = ModelSpec.from_chat_config(layout.read_chat_config(bundle))
     metadata = None
     if target_name in (None, "cpu"):
         metadata = bundle_metadata(bundle)

@@ -36,10 +36,11 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from ..compiler.contract import PAGE_SIZE
+
 MERGE_STATE = "tir_attention_merge_state"
 TRANSPOSE_APPEND = "tir_kv_cache_transpose_append"
 APPEND_THREADS = 256  # work-items of a work-group of the append kernel
-PAGE_SIZE = 16  # tokens of a page (TVM's default, what the paged KV cache uses)
 
 
 def _vector_size(head_dim: int) -> int:

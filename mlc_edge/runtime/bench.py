@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle import layout
 from ..errors import UserError
 from .engine import Engine
 
@@ -115,15 +116,7 @@ def check_counts(n_prompt: list[int], n_gen: list[int], repetitions: int,
 
 
 def bundle_context_window(bundle: Path) -> int:
-    path = Path(bundle) / "mlc-chat-config.json"
-    if not path.is_file():
-        raise UserError(f"{bundle} is not a bundle: it has no mlc-chat-config.json")
-    return int(json.loads(path.read_text())["context_window_size"])
-
-
-def _weights(bundle: Path) -> tuple[int, int]:
-    meta = json.loads((bundle / "tensor-cache.json").read_text())["metadata"]
-    return int(meta["ParamSize"]), int(meta["ParamBytes"])
+    return int(layout.read_chat_config(bundle)["context_window_size"])
 
 
 def _device_name(engine: Engine) -> str:
@@ -160,7 +153,7 @@ def run_bench(engine: Engine, n_prompt: list[int], n_gen: list[int], repetitions
     check_counts(n_prompt, n_gen, repetitions, engine.context_window_size)
     rng = np.random.default_rng(seed)
     vocab = int(engine.metadata["active_vocab_size"])
-    n_params, size = _weights(engine.bundle)
+    n_params, size = layout.weight_totals(engine.bundle)
     target = engine.library_target
     common = dict(
         model=engine.bundle.absolute().name, model_type=str(engine.metadata["model_type"]),

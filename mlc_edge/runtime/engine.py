@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,40 +20,17 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine  # not tvm.relax: works with a runtime-only TVM
 
+from ..bundle import layout
 from ..bundle.integrity import check_weights
+from ..compiler.contract import PAGE_SIZE
+from ..conversation import render
 from ..errors import UserError
 from .sampler import Sampler
 
-PAGE_SIZE = 16
 
-
-def find_library(bundle: Path) -> Path:
-    libs = sorted((bundle / "lib").glob("*.so"))
-    if not libs:
-        tars = sorted((bundle / "lib").glob("*.tar"))
-        if tars:
-            raise UserError(
-                f"{bundle} was compiled for a phone ({tars[0].name}); compile it with "
-                "--target cpu to run it here"
-            )
-        raise UserError(f"no compiled library in {bundle}/lib: run `mlc-edge compile` first")
-    if len(libs) > 1:
-        raise UserError(f"several libraries in {bundle}/lib: keep one of {[p.name for p in libs]}")
-    return libs[0]
-
-
-def build_record(library: Path) -> dict[str, Any]:
-    """What ``compile`` wrote beside the library (``lib/<model_lib>.json``): its target
-    and device. A library without one is taken to be a CPU library."""
-    record = library.with_suffix(".json")
-    if record.is_file():
-        return json.loads(record.read_text())
-    return {"target": "cpu", "device": "cpu"}
-
-
-def open_device(bundle: Path, library: Path, device: str | None) -> Any:
+def open_device(bundle: Path, library: layout.Library, device: str | None) -> Any:
     """The TVM device to run ``library`` on; UserError when this machine cannot."""
-    built_for = str(build_record(library).get("device", "cpu"))
+    built_for = library.device
     if device is not None and device != built_for:
         raise UserError(
             f"{bundle} was compiled for {built_for}, not {device}: compile it with "
@@ -91,14 +68,12 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "token_ids": self.token_ids,
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
-        }
+        """What ``run --json`` prints: the fields, with speeds instead of seconds."""
+        data = asdict(self)
+        del data["prefill_seconds"], data["decode_seconds"]
+        data["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 3)
+        data["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 3)
+        return data
 
 
 class Engine:
@@ -107,19 +82,17 @@ class Engine:
 
     def __init__(self, bundle: str | Path, device: str | None = None):
         self.bundle = Path(bundle)
-        config_path = self.bundle / "mlc-chat-config.json"
-        if not config_path.is_file():
-            raise UserError(f"{self.bundle} is not a bundle: it has no mlc-chat-config.json")
-        self.chat_config = json.loads(config_path.read_text())
-        self.library = find_library(self.bundle)
-        self.library_target = str(build_record(self.library).get("target", "cpu"))
-        self.device = open_device(self.bundle, self.library, device)
+        self.chat_config = layout.read_chat_config(self.bundle)
+        library = layout.runnable_library(self.bundle)
+        self.library = library.path
+        self.library_target = library.target
+        self.device = open_device(self.bundle, library, device)
         try:
             executable = tvm.runtime.load_module(str(self.library))
         except RuntimeError as e:  # a CUDA library without its build record
             if "load_from_bytes.cuda" not in str(e):
                 raise
-            record = self.library.with_suffix(".json").name
+            record = layout.build_record_path(self.library).name
             raise UserError(f"{self.library} holds CUDA kernels but has no build record "
                             f"({record}); compile it again") from None
         self.vm = VirtualMachine(executable, self.device)
@@ -160,7 +133,7 @@ class Engine:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(self.bundle / "tokenizer.json"))
+            self._tokenizer = Tokenizer.from_file(str(self.bundle / layout.TOKENIZER))
         return self._tokenizer
 
     # -- the forward passes ----------------------------------------------------------------
@@ -257,8 +230,6 @@ class Engine:
 
     def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of ``prompt``, wrapped in the conversation template unless ``chat=False``."""
-        from ..bundle.conv_templates import render
-
         template = self.chat_config.get("conv_template")
         if not chat or not template:
             return self.tokenizer.encode(prompt, add_special_tokens=True).ids

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tvm import tirx
 
+from ..compiler.contract import PAGE_SIZE
 from .expr import evaluate
 
 
@@ -77,7 +78,7 @@ class Sizes:
     batch_size: int = 1
     num_token: int = 3  # entries of a logit processor's per-token arrays
     num_pages: int = 4  # KV-cache pages (of 16 tokens) for the cache kernels
-    page_size: int = 16
+    page_size: int = PAGE_SIZE
     context_window_size: int = 512
     extra: dict[str, tuple[int, ...]] = field(default_factory=dict)
 

@@ -9,8 +9,6 @@ Hugging Face ``config.json`` alone can be verified too.
 
 from __future__ import annotations
 
-import json
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +16,12 @@ from typing import Any
 
 import tvm
 
-from ..compiler.build import instantiate, scheduled_module
-from ..compiler.targets import TARGETS, TargetSpec, get_target
+from ..bundle import layout
+from ..compiler.build import scheduled_module
+from ..compiler.targets import TargetSpec, get_target
 from ..config import ModelSpec, load_preset
 from ..errors import UserError
+from ..models.parameters import instantiate
 from .check import KernelChecker, VerifyReport, bundle_stale_kernels
 from .inputs import Sizes
 from .kv_cache import KNOWN_ISSUES, NOT_CHECKED, cpu_references, kv_recipes
@@ -48,16 +48,6 @@ class VerifySource:
         return f"{self.library.stem}_" if self.library is not None else None
 
 
-def _guess_target(library: Path | None) -> str:
-    """The target a bundle's library was compiled for, from its default name
-    (``<model>_<scheme>_<target>``), else android-opencl."""
-    if library is not None:
-        for name in sorted(TARGETS, key=len, reverse=True):
-            if library.stem.endswith(re.sub(r"[^0-9A-Za-z_]", "_", name)):
-                return name
-    return "android-opencl"
-
-
 def load_source(
     path: Path, target: str | None = None, preset: str | None = None,
     quantization: str = "q0f16t", num_hidden_layers: int | None = None,
@@ -66,35 +56,29 @@ def load_source(
     path = Path(path)
     library = None
     bundle = None
-    if path.is_dir() and (path / "mlc-chat-config.json").is_file():
+    if layout.is_bundle(path):
         bundle = path
-        chat = json.loads((path / "mlc-chat-config.json").read_text())
+        chat = layout.read_chat_config(path)
         if num_hidden_layers is not None:
             chat["model_config"] = {**chat["model_config"],
                                     "num_hidden_layers": num_hidden_layers}
         spec = ModelSpec.from_chat_config(chat)
-        libs = sorted((path / "lib").glob("*.tar")) if (path / "lib").is_dir() else []
+        # The phone's system library, and the target its build record names.
+        libs = layout.libraries(path, layout.SYSTEM_LIBRARY)
         library = libs[0] if libs else None
     else:
-        config_path = path / "config.json" if path.is_dir() else path
-        if not config_path.is_file():
-            raise UserError(f"{path}: give a bundle (with mlc-chat-config.json), a Hugging "
-                            "Face model folder or a config.json")
-        try:
-            hf = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{config_path} is not valid JSON ({e.msg})") from None
+        hf = layout.read_config_json(path)
         if num_hidden_layers is not None:
             hf["num_hidden_layers"] = num_hidden_layers
         name = target or "android-opencl"
         sizes = load_preset(preset or get_target(name).default_preset)
         spec = ModelSpec.create(hf, quantization, sizes)
-    target_name = target or _guess_target(library)
+    target_name = target or (library.target if library else "android-opencl")
     target_spec = get_target(target_name)
     if target_spec.codegen != "opencl":
         raise UserError(f"verify runs OpenCL kernels; target '{target_name}' is not an "
                         "OpenCL target (use --target android-opencl[:adreno-NNN])")
-    return VerifySource(spec, target_name, path, bundle, library,
+    return VerifySource(spec, target_name, path, bundle, library.path if library else None,
                         config_changed=bundle is not None and num_hidden_layers is not None)
 
 
