@@ -52,47 +52,33 @@ TARGET_HELP = ("the target the bundle is for: a device's largest allocation spli
 
 
 @contextlib.contextmanager
-def _gguf_as_folder(model_dir: Path) -> Iterator[Path]:
-    """A ``.gguf`` (or a folder holding one) as a Hugging Face-style folder, for as long
-    as the command runs; any other path as it is."""
-    from .checkpoint.gguf_file import find_gguf, prepare_model_dir
-
-    gguf_path = find_gguf(model_dir)
-    if gguf_path is None:
-        yield model_dir
-        return
-    with tempfile.TemporaryDirectory(prefix="mlc-edge-gguf-") as tmp:
-        # Named after the file: the default library name comes from the folder's name.
-        folder = Path(tmp) / gguf_path.stem
-        folder.mkdir()
-        yield prepare_model_dir(gguf_path, folder)
-
-
-def _model_folder(model_dir: Path) -> Path:
-    """``model_dir``, or the folder made from its GGUF, kept until the command ends."""
-    return click.get_current_context().with_resource(_gguf_as_folder(model_dir))
-
-
-@contextlib.contextmanager
-def _gguf_config_folder(path: Path) -> Iterator[Path]:
-    """A ``.gguf`` (or a folder holding one) as a folder holding only its config.json,
-    for as long as the command runs; any other path as it is."""
-    from .checkpoint.gguf_file import find_gguf, prepare_config_dir
+def _gguf_as_folder(path: Path, config_only: bool) -> Iterator[Path]:
+    """A ``.gguf`` (or a folder holding one) as a Hugging Face-style folder (only its
+    config.json when ``config_only``), for as long as the command runs; any other path as
+    it is."""
+    from .checkpoint.gguf_file import find_gguf, prepare_config_dir, prepare_model_dir
 
     gguf_path = find_gguf(path)
     if gguf_path is None:
         yield path
         return
+    prepare = prepare_config_dir if config_only else prepare_model_dir
     with tempfile.TemporaryDirectory(prefix="mlc-edge-gguf-") as tmp:
+        # Named after the file: the default library name comes from the folder's name.
         folder = Path(tmp) / gguf_path.stem
         folder.mkdir()
-        yield prepare_config_dir(gguf_path, folder)
+        yield prepare(gguf_path, folder)
+
+
+def _model_folder(model_dir: Path) -> Path:
+    """``model_dir``, or the folder made from its GGUF, kept until the command ends."""
+    return click.get_current_context().with_resource(_gguf_as_folder(model_dir, False))
 
 
 def _config_folder(path: Path) -> Path:
     """``path``, or a folder with the config.json of its GGUF (memory, verify: they read
     only the config), kept until the command ends."""
-    return click.get_current_context().with_resource(_gguf_config_folder(path))
+    return click.get_current_context().with_resource(_gguf_as_folder(path, True))
 
 
 def _spec(model_dir: Path, quantization: str, preset: str | None, target: str | None,
