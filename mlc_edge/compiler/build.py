@@ -2,8 +2,10 @@
 
     export_tvm        the nn.Module's functions as Relax, weights as packed parameters
     Attach…           the runtime's logit processors; on CUDA, the engine's GPU sampler
+    FuseInt4Matmul       4-bit weights: the dequantization becomes part of the matmul
     FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
     Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
+    4-bit guard       no kernel writes a dequantized weight to memory
     schedules         the target's rules give each PrimFunc its loops and threads
     GPU guards        every PrimFunc became kernels, within the device's work-group size
     lowering          dataflow → VM calls; memory planned statically with size bounds
@@ -24,6 +26,7 @@ from tvm.s_tir import dlight as dl
 
 from ..config import ModelSpec
 from ..models import DecoderLM
+from .int4_targets import require_int4_support
 from .passes import (
     AttachGPUSampler,
     AttachLogitProcessor,
@@ -32,7 +35,9 @@ from .passes import (
     CaptureMetadata,
     CheckAllocationLimit,
     CheckWorkGroupSize,
+    FuseInt4Matmul,
     MarkShapeFuncsNoAlias,
+    RequireFusedDequantize,
     RequireKernels,
 )
 from .targets import TargetSpec
@@ -114,6 +119,7 @@ def fuse_into_tir() -> tvm.transform.Pass:
     tests and benchmarks all start from this."""
     t = relax.transform
     return tvm.transform.Sequential([
+        FuseInt4Matmul(),
         t.FuseTransposeMatmul(),
         t.LegalizeOps(),
         t.AnnotateTIROpPattern(),
@@ -148,6 +154,7 @@ def compile_pipeline(
             AttachGPUSampler(target_spec.device),
             AttachVarBounds(bounds),
             fuse_into_tir(),
+            RequireFusedDequantize(),
             t.DeadCodeElimination(),
             ApplySchedules(target_spec.schedule_rules()),
             *kernel_guards,
@@ -191,6 +198,7 @@ def scheduled_module(
     ``rules`` replaces the target's schedule rules (to compare another rule set).
     """
     target_spec.require_buildable()
+    require_int4_support(spec.scheme, target_spec)
     target = target_spec.tvm_target()
     spec = spec_for_target(spec, target_spec)
     model = instantiate(spec, target)
@@ -225,6 +233,7 @@ def compile_model_with_metadata(
     result would fail on the device (see ``compile_pipeline``).
     """
     target_spec.require_buildable()
+    require_int4_support(spec.scheme, target_spec)
     target = target_spec.tvm_target()
     spec = spec_for_target(spec, target_spec)
     model = instantiate(spec, target)
