@@ -260,8 +260,9 @@ def _tiny_int4_module():
 
 def test_dequantization_is_fused_into_the_matmul_and_the_guard_trips_without():
     import tvm
+    from mlc_edge.schedules.cpu import cpu_rules
 
-    from mlc_edge.compiler.build import fuse_into_tir
+    from mlc_edge.compiler.build import ApplySchedules, fuse_into_tir
     from mlc_edge.compiler.passes import RequireFusedDequantize
     from mlc_edge.compiler.passes.require_fused_dequantize import functions_writing_dequantized
     from mlc_edge.errors import UserError
@@ -269,7 +270,8 @@ def test_dequantization_is_fused_into_the_matmul_and_the_guard_trips_without():
     fused = fuse_into_tir()(_tiny_int4_module())
     names = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     # One function per layer holds the dequantization, the matmul and the cast to fp16.
-    assert sorted(n for n in names if "dequantize" in n) == [
+    names_with_dequantize = sorted(n for n in names if "dequantize" in n)
+    assert names_with_dequantize == [
         "fused_dequantize_int41_relax_matmul_relax_astype",
         "fused_dequantize_int4_relax_matmul_relax_astype",
     ]
@@ -280,9 +282,16 @@ def test_dequantization_is_fused_into_the_matmul_and_the_guard_trips_without():
     assert functions_writing_dequantized(without) == ["dequantize_int4", "dequantize_int41"]
     with pytest.raises(UserError, match="writes a dequantized 4-bit weight"):
         RequireFusedDequantize()(without)
+    # After the schedule rules not even a global intermediate may hold the weight: the
+    # unscheduled fused functions still have one, the CPU rules inline it.
+    assert functions_writing_dequantized(fused, scheduled=True) == names_with_dequantize
+    with tvm.target.Target({"kind": "llvm"}):
+        scheduled = ApplySchedules(cpu_rules())(fused)
+    assert functions_writing_dequantized(scheduled, scheduled=True) == []
+    RequireFusedDequantize(scheduled=True)(scheduled)
 
 
-def test_gpu_targets_refuse_4bit_in_one_line(tiny_llama, tmp_path, capsys):
+def test_cuda_refuses_4bit_in_one_line(tiny_llama, tmp_path, capsys):
     _, path = tiny_llama
     with pytest.raises(SystemExit):
         main(
@@ -292,18 +301,43 @@ def test_gpu_targets_refuse_4bit_in_one_line(tiny_llama, tmp_path, capsys):
                 "-o",
                 str(tmp_path / "b"),
                 "--target",
-                "android-opencl",
+                "cuda",
                 "--quantization",
                 "q4f16t",
             ]
         )
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [
-        "error: q4f16t is not supported on android-opencl yet: its 4-bit matmul "
-        "kernels exist for cpu only; use --target cpu, or --quantization q0f16t "
+        "error: q4f16t is not supported on cuda yet: its 4-bit matmul kernels are built and "
+        "checked for cpu and android-opencl only; use one of those, or --quantization q0f16t "
         "for this target"
     ], err
     assert not (tmp_path / "b").exists()
+
+
+def test_every_4bit_opencl_kernel_passes_verify(tiny_llama, capsys):
+    """android-opencl: the fused dequantize + matmul kernels of decode, prefill and
+    batch_decode against the CPU, from config.json alone (one layer)."""
+    from helpers import opencl_missing, run_verify_json
+
+    if opencl_missing():
+        pytest.skip(opencl_missing())
+    _, path = tiny_llama
+    code, report = run_verify_json(
+        capsys,
+        str(path / "hf" / "config.json"),
+        "--quantization",
+        "q4f16t",
+        "--num-hidden-layers",
+        "1",
+        "--seq-lens",
+        "1,16",
+    )
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
+    int4 = {r["function"] for r in report["results"] if "dequantize_int4" in r["function"]}
+    # qkv, o, gate_up and down: in decode, prefill and batch_decode each.
+    assert len(int4) == 12, sorted(int4)
+    assert not [n for n in report["not_checked"] if "dequantize" in n["function"]]
 
 
 # -- AWQ checkpoints as they are ------------------------------------------------------------

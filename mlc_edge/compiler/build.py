@@ -5,8 +5,8 @@
     FuseInt4Matmul       4-bit weights: the dequantization becomes part of the matmul
     FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
     Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
-    4-bit guard       no kernel writes a dequantized weight to memory
-    schedules         the target's rules give each PrimFunc its loops and threads
+    4-bit guard       no kernel writes a dequantized weight to memory (again after
+    schedules         the target's rules give each PrimFunc its loops and threads)
     GPU guards        every PrimFunc became kernels, within the device's work-group size
     lowering          dataflow → VM calls; memory planned statically with size bounds
     GPU guard         no weight or planned buffer above the device's largest allocation
@@ -157,6 +157,7 @@ def compile_pipeline(
             RequireFusedDequantize(),
             t.DeadCodeElimination(),
             ApplySchedules(target_spec.schedule_rules()),
+            RequireFusedDequantize(scheduled=True),
             *kernel_guards,
             t.RewriteDataflowReshape(),
             t.ToNonDataflow(),
@@ -197,8 +198,8 @@ def scheduled_module(
     ``mlc-edge verify`` and the kernel benchmarks recompile the kernels from these;
     ``rules`` replaces the target's schedule rules (to compare another rule set).
     """
-    target_spec.require_buildable()
     require_int4_support(spec.scheme, target_spec)
+    target_spec.require_buildable()
     target = target_spec.tvm_target()
     spec = spec_for_target(spec, target_spec)
     model = instantiate(spec, target)
@@ -232,8 +233,8 @@ def compile_model_with_metadata(
     Raises UserError when this TVM cannot build the target, or when a guard finds the
     result would fail on the device (see ``compile_pipeline``).
     """
-    target_spec.require_buildable()
     require_int4_support(spec.scheme, target_spec)
+    target_spec.require_buildable()
     target = target_spec.tvm_target()
     spec = spec_for_target(spec, target_spec)
     model = instantiate(spec, target)

@@ -4,8 +4,11 @@ A 4-bit weight is only worth its bits if every kernel reads the packed words and
 them in registers. If ``FuseInt4Matmul`` missed a matmul (a new pattern, a TVM upgrade),
 ``FuseTIR`` leaves a PrimFunc whose ``dequantize_int4`` block writes its output buffer: an
 fp16 copy of the weight written and read back on every call. It builds and runs, only
-slower and with more memory, so nothing else would notice; this guard, run right after
-``FuseTIR`` (``compile_pipeline`` in ``mlc_edge/compiler/build.py``), refuses the build.
+slower and with more memory, so nothing else would notice. This guard runs twice in
+``compile_pipeline`` (``mlc_edge/compiler/build.py``): right after ``FuseTIR`` (no
+dequantize block may write a function argument) and right after the schedule rules (nor
+any buffer in global memory: a rule must unpack the words into registers or local memory,
+not stage a dequantized copy of the weight for a later kernel).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from ...errors import UserError
 from ...quantization.int4 import DEQUANTIZE_NAME
 
 
-def functions_writing_dequantized(mod: IRModule) -> list[str]:
-    """Names of the PrimFuncs in which a dequantize block writes a function argument."""
+def functions_writing_dequantized(mod: IRModule, scheduled: bool = False) -> list[str]:
+    """Names of the PrimFuncs in which a dequantize block writes a function argument or,
+    once ``scheduled``, any buffer in global memory."""
     found: list[str] = []
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
@@ -28,10 +32,13 @@ def functions_writing_dequantized(mod: IRModule) -> list[str]:
         hits: list[bool] = []
 
         def visit(block: s_tir.SBlock, params=params, hits=hits) -> None:
-            if block.name_hint.startswith(DEQUANTIZE_NAME) and any(
-                p.same_as(w.source) for w in block.writes for p in params
-            ):
-                hits.append(True)
+            if not block.name_hint.startswith(DEQUANTIZE_NAME):
+                return
+            for w in block.writes:
+                buffer = w.source
+                is_param = any(p.same_as(buffer) for p in params)
+                if is_param or (scheduled and buffer.scope() == "global"):
+                    hits.append(True)
 
         tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, visit)])
         if hits:
@@ -41,15 +48,19 @@ def functions_writing_dequantized(mod: IRModule) -> list[str]:
 
 @tvm.transform.module_pass(opt_level=0, name="RequireFusedDequantize")
 class RequireFusedDequantize:
-    """Refuse a module in which a 4-bit weight is dequantized into a buffer of its own."""
+    """Refuse a module in which a 4-bit weight is dequantized into a buffer of its own;
+    ``scheduled``: the module after the schedule rules (see the module docstring)."""
+
+    def __init__(self, scheduled: bool = False):
+        self.scheduled = scheduled
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        names = functions_writing_dequantized(mod)
+        names = functions_writing_dequantized(mod, self.scheduled)
         if names:
             raise UserError(
                 f"function '{names[0]}' writes a dequantized 4-bit weight to memory instead "
-                "of unpacking it inside the matmul that reads it (FuseInt4Matmul did not "
-                "fuse it); this is a bug in mlc-edge's 4-bit support: report it, or use "
-                "q0f16t meanwhile"
+                "of unpacking it inside the matmul that reads it (not fused by "
+                "FuseInt4Matmul, or staged in memory by a schedule rule); this is a bug "
+                "in mlc-edge's 4-bit support: report it, or use q0f16t meanwhile"
             )
         return mod
