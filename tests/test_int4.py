@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
-from tiny_models import make_llama
+from tiny_models import make_llama, make_model
 
 from mlc_edge.cli import main
 from mlc_edge.compiler.build import parameter_list
@@ -95,35 +95,28 @@ def test_round_to_nearest_matches_a_reference_per_group():
     assert (back[32:, 3] == 0).all()
 
 
-def _hf_weights_from_bundle(cache: dict, model, group: int) -> dict[str, torch.Tensor]:
-    """The transformers state dict that the bundle's tensors stand for."""
-    cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    sizes = {
-        "qkv_proj": [
-            cfg.num_attention_heads * hd,
-            cfg.num_key_value_heads * hd,
-            cfg.num_key_value_heads * hd,
-        ],
-        "gate_up_proj": [cfg.intermediate_size] * 2,
-    }
-    parts = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+def _hf_weights_from_bundle(bundle, model, group: int) -> dict[str, torch.Tensor]:
+    """The transformers weights that the bundle's 4-bit tensors stand for: each fused
+    layer split back into its checkpoint parts by the family's weight map."""
+    from mlc_edge.models import find_family
+
+    cache = load_tensor_cache(bundle)
+    hf_config = json.loads((bundle / "mlc-chat-config.json").read_text())["model_config"]
+    family = find_family(hf_config)
+    mapping = family.weight_map(family.config_class.from_hf(hf_config))
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     state = {}
-    for i in range(cfg.num_hidden_layers):
-        for mod, ours in (
-            ("self_attn", "qkv_proj"),
-            ("self_attn", "o_proj"),
-            ("mlp", "gate_up_proj"),
-            ("mlp", "down_proj"),
-        ):
-            w = reference_dequantize(cache, f"model.layers.{i}.{mod}.{ours}", group)
-            if ours in parts:
-                for name, chunk in zip(
-                    parts[ours], np.split(w, np.cumsum(sizes[ours])[:-1]), strict=True
-                ):
-                    state[f"model.layers.{i}.{mod}.{name}.weight"] = torch.from_numpy(chunk)
-            else:
-                state[f"model.layers.{i}.{mod}.{ours}.weight"] = torch.from_numpy(w)
+    for name in cache:
+        if not name.endswith(".qweight"):
+            continue
+        base = name.removesuffix(".qweight")
+        hf_names = mapping[f"{base}.weight"].hf_names
+        w = reference_dequantize(cache, base, group)
+        rows = np.cumsum([shapes[h][0] for h in hf_names])[:-1]
+        for h, chunk in zip(hf_names, np.split(w, rows), strict=True):
+            assert chunk.shape == shapes[h], (h, chunk.shape)
+            state[h] = torch.from_numpy(np.ascontiguousarray(chunk))
+    assert state
     return state
 
 
@@ -150,7 +143,7 @@ def test_q4f32t_matches_transformers_on_the_dequantized_weights(tiny_llama):
     assert cache["model.layers.0.self_attn.qkv_proj.qweight"].dtype == np.int32
     assert cache["lm_head.weight"].dtype == np.float32  # the output layer stays float
     assert "model.layers.0.self_attn.qkv_proj.weight" not in cache
-    reference = _load_into(model, _hf_weights_from_bundle(cache, model, 32))
+    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
     # The quantization is real: the weights moved, so the reference is not the fp32 model.
     ids = prompt_ids(model.config.vocab_size)
     with torch.no_grad():
@@ -161,12 +154,29 @@ def test_q4f32t_matches_transformers_on_the_dequantized_weights(tiny_llama):
     assert ours == theirs
 
 
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("Qwen2", {}),  # q/k/v biases, tied embeddings
+        # Phi-2's shape with a hidden size groups of 32 divide: head_dim 20, partial RoPE.
+        ("Phi", {"hidden_size": 160, "num_attention_heads": 8, "num_key_value_heads": 8}),
+    ],
+)
+def test_q4f32t_other_families_match_transformers(tmp_path, family, overrides):
+    model = make_model(family, tmp_path / "hf", **overrides)
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t")
+    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
+    ours, theirs, errors = greedy_compare(Engine(bundle), reference, prompt_ids(384))
+    assert max(errors) < 1e-4, errors
+    assert ours == theirs
+
+
 def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
     model, path = tiny_llama
     bundle = compile_bundle(path / "hf", path / "q4f16t", "--quantization", "q4f16t")
     cache = load_tensor_cache(bundle)
     assert cache["model.layers.0.mlp.down_proj.scales"].dtype == np.float16
-    reference = _load_into(model, _hf_weights_from_bundle(cache, model, 32))
+    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
     ids = prompt_ids(model.config.vocab_size, seed=1)
     ours, theirs, _ = greedy_compare(Engine(bundle), reference, ids)
     decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
