@@ -88,6 +88,10 @@ def test_round_to_nearest_matches_a_reference_per_group():
             q = np.clip(np.round(col / step) + z, 0, 15)
             assert awq_unpack(out["qzeros"])[g, n] == z
             np.testing.assert_array_equal(awq_unpack(out["qweight"])[32 * g : 32 * (g + 1), n], q)
+    # Quantized a group at a time (bounded temporaries): the same tensors.
+    chunked = quantize_rtn(w, 32, "float32", rows_per_chunk=32)
+    for part in out:
+        np.testing.assert_array_equal(chunked[part], out[part])
     back = dequantize(out["qweight"], out["qzeros"], out["scales"], 32)
     # Round to nearest: within half a step of every weight (ranges hold 0, so no clipping).
     step = np.repeat(out["scales"], 32, axis=0)
@@ -279,11 +283,11 @@ def test_dequantization_is_fused_into_the_matmul_and_the_guard_trips_without():
 
     fused = fuse_into_tir()(_tiny_int4_module())
     names = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    # One function per layer holds the dequantization, the matmul and the cast to fp16.
+    # One function per layer: the dequantization, fp16 -> fp32, the matmul, fp32 -> fp16.
     names_with_dequantize = sorted(n for n in names if "dequantize" in n)
     assert names_with_dequantize == [
-        "fused_dequantize_int41_relax_matmul_relax_astype",
-        "fused_dequantize_int4_relax_matmul_relax_astype",
+        "fused_dequantize_int41_relax_astype_relax_matmul_relax_astype",
+        "fused_dequantize_int4_relax_astype_relax_matmul_relax_astype",
     ]
     assert functions_writing_dequantized(fused) == []
     RequireFusedDequantize()(fused)

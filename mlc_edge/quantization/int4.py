@@ -102,27 +102,43 @@ def unpack_int4(words: np.ndarray) -> np.ndarray:
     return out.reshape(rows, packed * 8)
 
 
-def quantize_rtn(weight_kn: np.ndarray, group_size: int, scale_dtype: str) -> dict[str, np.ndarray]:
+def quantize_rtn(
+    weight_kn: np.ndarray, group_size: int, scale_dtype: str, rows_per_chunk: int = 256
+) -> dict[str, np.ndarray]:
     """Round-to-nearest asymmetric 4-bit quantization of a ``[K, N]`` weight, per group of
     ``group_size`` rows and per column (AutoAWQ's zero-point rule: the group's range
     [min, max], widened to hold 0, is mapped onto 0..15). Returns the stored tensors.
 
     The scales are rounded to ``scale_dtype`` before the values are rounded, so the
     stored tensors dequantize to the nearest grid point of the scales actually stored.
+    Rows are quantized ``rows_per_chunk`` at a time (whole groups), so the fp32
+    temporaries stay small beside the weight itself.
     """
     k, n = weight_kn.shape
-    w = np.asarray(weight_kn, dtype=np.float32).reshape(k // group_size, group_size, n)
-    high = np.maximum(w.max(axis=1), 0.0)
-    low = np.minimum(w.min(axis=1), 0.0)
-    scales = ((high - low) / 15.0).astype(scale_dtype)
-    step = np.maximum(scales.astype(np.float32), np.float32(1e-8))  # an all-zero group
-    zeros = np.clip(np.round(-low / step), 0, 15)
-    q = np.clip(np.round(w / step[:, None, :]) + zeros[:, None, :], 0, 15)
-    return {
-        "qweight": pack_int4(q.reshape(k, n).astype(np.uint8)),
-        "qzeros": pack_int4(zeros.astype(np.uint8)),
-        "scales": np.ascontiguousarray(scales),
+    out = {
+        "qweight": np.empty((k, n // 8), dtype=np.int32),
+        "qzeros": np.empty((k // group_size, n // 8), dtype=np.int32),
+        "scales": np.empty((k // group_size, n), dtype=scale_dtype),
     }
+    step_rows = max(1, rows_per_chunk // group_size) * group_size
+    for r0 in range(0, k, step_rows):
+        r1 = min(k, r0 + step_rows)
+        g0, g1 = r0 // group_size, r1 // group_size
+        w = np.array(weight_kn[r0:r1], dtype=np.float32)  # a copy: changed in place below
+        w = w.reshape(g1 - g0, group_size, n)
+        high = np.maximum(w.max(axis=1), 0.0)
+        low = np.minimum(w.min(axis=1), 0.0)
+        scales = ((high - low) / 15.0).astype(scale_dtype)
+        step = np.maximum(scales.astype(np.float32), np.float32(1e-8))  # an all-zero group
+        zeros = np.clip(np.round(-low / step), 0, 15)
+        w /= step[:, None, :]
+        np.round(w, out=w)
+        w += zeros[:, None, :]
+        np.clip(w, 0, 15, out=w)
+        out["qweight"][r0:r1] = pack_int4(w.reshape(r1 - r0, n).astype(np.uint8))
+        out["qzeros"][g0:g1] = pack_int4(zeros.astype(np.uint8))
+        out["scales"][g0:g1] = scales
+    return out
 
 
 def dequantize(
@@ -154,7 +170,7 @@ def dequantize_te(
         group = row // group_size
         q = (qweight[row, word] >> shift) & 0xF
         z = (qzeros[group, word] >> shift) & 0xF
-        return (q - z).astype(dtype) * scales[group, col]
+        return (q - z).astype(dtype) * scales[group, col].astype(dtype)
 
     return te.compute((k, n), element, name=DEQUANTIZE_NAME)
 
@@ -191,14 +207,18 @@ class Int4KNLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         group, dtype = self.layout.group_size, self.dtype
+        # The weight is dequantized in fp32 ((q - z) * s is exact there) and the matmul
+        # accumulates in fp32 whatever the model's dtype; fp16 activations are widened as
+        # they are read and the result rounded once. FuseInt4Matmul makes all of it one
+        # kernel. (Dequantizing to fp16 instead costs a rounding per weight, and on CPUs
+        # without fp16 arithmetic a software conversion per multiply.)
         weight = op.tensor_expr_op(
-            lambda qw, qz, s: dequantize_te(qw, qz, s, group, dtype),
+            lambda qw, qz, s: dequantize_te(qw, qz, s, group, "float32"),
             name_hint=DEQUANTIZE_NAME,
             args=[self.qweight, self.qzeros, self.scales],
         )
-        # fp32 accumulation whatever the dtype: the matmul's own output type, not a
-        # schedule's choice; the cast back is fused into the same kernel.
-        y = op.matmul(x, weight, out_dtype="float32")
-        if dtype != "float32":
-            y = y.astype(dtype)
+        if dtype == "float32":
+            y = op.matmul(x, weight)
+        else:
+            y = op.matmul(x.astype("float32"), weight).astype(dtype)
         return y + self.bias if self.bias is not None else y

@@ -24,17 +24,19 @@ def _is_int4_dequantize(ctx: relax.transform.PatternCheckContext) -> bool:
 
 
 def FuseInt4Matmul() -> tvm.transform.Pass:  # noqa: N802 (named like TVM's passes)
-    """Group ``matmul(x, call_tir(dequantize_int4*, ...))``, with the cast of its fp32
-    result back to fp16 when there is one, into one primitive function."""
+    """Group ``matmul(x, call_tir(dequantize_int4*, ...))`` into one primitive function,
+    with the widening of fp16 activations to fp32 before it and the rounding of its
+    result back to fp16 after it when they are there (``Int4KNLinear``)."""
     dequantize = is_op("relax.call_tir")(wildcard(), wildcard())
-    matmul = is_op("relax.matmul")(wildcard(), dequantize)
-    cast = is_op("relax.astype")(matmul)
+    widened = is_op("relax.matmul")(is_op("relax.astype")(wildcard()), dequantize)
+    plain = is_op("relax.matmul")(wildcard(), dequantize)
     annotations = {"dequantize": dequantize}
+    patterns = [
+        ("mlc_edge.int4_matmul_fp16", is_op("relax.astype")(widened), widened),
+        ("mlc_edge.int4_matmul", plain, plain),
+    ]
     return relax.transform.FuseOpsByPattern(
-        [
-            ("mlc_edge.int4_matmul_cast", cast, annotations, _is_int4_dequantize),
-            ("mlc_edge.int4_matmul", matmul, annotations, _is_int4_dequantize),
-        ],
+        [(name, pattern, annotations, _is_int4_dequantize) for name, pattern, _ in patterns],
         bind_constants=False,
         annotate_codegen=False,
     )
