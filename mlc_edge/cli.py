@@ -27,7 +27,8 @@ import click
 from .bundle import layout
 from .errors import UserError
 
-QUANT_HELP = "weight scheme: q0f16t (fp16 [in, out], default), q0f32t, q0f16"
+QUANT_HELP = ("weight scheme: q0f16t (fp16 [in, out], default), q0f32t, q0f16, q4f16t, "
+              "q4f16t-g128, q4f32t (4-bit linear weights; cpu, android-opencl)")
 
 
 def _size_options(func: Any) -> Any:

@@ -1,15 +1,18 @@
 """Model definition → Relax IR → our passes and schedules → a runnable library.
 
-export_tvm        the nn.Module's functions as Relax, weights as packed parameters
-Attach…           the runtime's logit processors; on CUDA, the engine's GPU sampler
+export_tvm           the nn.Module's functions as Relax, weights as packed parameters
+Attach…              the runtime's logit processors; on CUDA, the engine's GPU sampler
+FuseInt4Matmul       4-bit weights: the dequantization becomes part of the matmul
 FuseTransposeMatmul  "NK" weights: the transpose becomes part of the matmul
 Legalize … FuseTIR   high-level ops become fused TIR PrimFuncs
-schedules         the target's rules give each PrimFunc its loops and threads
-GPU guards        every PrimFunc became kernels, within the device's work-group size
-lowering          dataflow → VM calls; memory planned statically with size bounds
-GPU guard         no weight or planned buffer above the device's largest allocation
-AttachMetadata    ``_metadata`` JSON including the planned memory
-relax.build       machine code (and device kernels), exported as .so or .tar
+4-bit guard          no kernel writes a dequantized weight to memory (checked again
+                     after the schedules)
+schedules            the target's rules give each PrimFunc its loops and threads
+GPU guards           every PrimFunc became kernels, within the device's work-group size
+lowering             dataflow → VM calls; memory planned statically with size bounds
+GPU guard            no weight or planned buffer above the device's largest allocation
+AttachMetadata       ``_metadata`` JSON including the planned memory
+relax.build          machine code (and device kernels), exported as .so or .tar
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..config import ModelSpec
 from ..models import DecoderLM
 from ..models.parameters import instantiate
 from .contract import metadata_fields
+from .int4_targets import require_int4_support
 from .passes import (
     AttachGPUSampler,
     AttachLogitProcessor,
@@ -32,7 +36,9 @@ from .passes import (
     AttachVarBounds,
     CheckAllocationLimit,
     CheckWorkGroupSize,
+    FuseInt4Matmul,
     MarkShapeFuncsNoAlias,
+    RequireFusedDequantize,
     RequireKernels,
 )
 from .targets import TargetSpec
@@ -90,6 +96,7 @@ def fuse_into_tir() -> tvm.transform.Pass:
     t = relax.transform
     return tvm.transform.Sequential(
         [
+            FuseInt4Matmul(),
             t.FuseTransposeMatmul(),
             t.LegalizeOps(),
             t.AnnotateTIROpPattern(),
@@ -130,8 +137,10 @@ def compile_pipeline(
             AttachGPUSampler(target_spec.device),
             AttachVarBounds(bounds),
             fuse_into_tir(),
+            RequireFusedDequantize(),
             t.DeadCodeElimination(),
             ApplySchedules(target_spec.schedule_rules()),
+            RequireFusedDequantize(scheduled=True),
             *kernel_guards,
             t.RewriteDataflowReshape(),
             t.ToNonDataflow(),
@@ -167,6 +176,7 @@ def _exported(
 ) -> tuple[tvm.target.Target, IRModule, tvm.transform.Pass]:
     """The model as the target builds it: its TVM target, its Relax module (as
     ``export_tvm`` gives it) and the pipeline that compiles it (``compile_pipeline``)."""
+    require_int4_support(spec.scheme, target_spec)
     target_spec.require_buildable()
     target = target_spec.tvm_target()
     spec = spec_for_target(spec, target_spec)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.awq import require_scheme_for
 from ..errors import UserError
 from ..models import ModelFamily, RuntimeSizes, find_family
 from ..models.vocab import vocab_pieces
@@ -116,6 +117,7 @@ class ModelSpec:
         # A bundle made for a device with an allocation limit records it: its weights
         # (and every library compiled from it) keep the embedding/output split.
         scheme = get_scheme(quantization).with_max_alloc(hf_config.get(SPLIT_LIMIT_KEY))
+        require_scheme_for(hf_config, scheme)  # a pre-quantized checkpoint: the scheme fits
         for key, value in runtime_sizes.items():
             if value < 1:
                 raise UserError(f"{key} must be a positive integer, got {value}")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..checkpoint.awq import read_checkpoint_quantization
 from ..checkpoint.reader import Checkpoint
 from ..errors import UserError
 from ..models.base import ParamSource
@@ -220,6 +221,12 @@ def convert_weights(
     Returns the json written. A NaN or Inf in a weight is refused unless
     ``allow_non_finite`` (then a warning).
     """
+    awq = read_checkpoint_quantization(Path(model_dir))
+    if scheme.int4_layout is not None or awq is not None:
+        from .int4_weights import convert_int4_weights  # imports this module's helpers
+
+        return convert_int4_weights(model_dir, out_dir, expected, mapping, scheme, awq,
+                                    progress, allow_non_finite, pieces)
     with Checkpoint.open(Path(model_dir)) as ckpt:
         mapping, rows = _piece_rows(ckpt, expected, mapping, pieces or {})
         plan = _plan(ckpt, expected, mapping, scheme, rows)

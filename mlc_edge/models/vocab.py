@@ -130,7 +130,7 @@ class VocabHead(nn.Module):
         self.pieces = scheme_pieces(vocab_size, hidden_size, scheme)
         # The scheme's own linear modules give each piece its layout ([in, out] or
         # [out, in]) and matmul; only their weights are registered, as this module's.
-        self._linears = tuple(scheme.linear(hidden_size, rows, bias=False)
+        self._linears = tuple(scheme.head_linear(hidden_size, rows)
                               for rows in self.pieces)
         if len(self.pieces) == 1:
             self.weight = self._linears[0].weight

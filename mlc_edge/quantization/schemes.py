@@ -1,4 +1,4 @@
-"""No-quantization weight schemes.
+"""Weight schemes: no quantization, and group-wise 4-bit.
 
 A scheme decides three things: the dtype of the model, the layout a linear layer's
 weight is stored in (``linear_weight_layout``, as MLC-LLM's quantization classes declare
@@ -11,6 +11,10 @@ one small class here; nothing else branches on the scheme's name.
 - ``q0f32t``: the same in fp32, for exact comparisons against transformers.
 - ``q0f16``: fp16 in PyTorch's ``[out, in]`` layout; the transpose is fused into the
   matmul by ``FuseTransposeMatmul``. Kept for comparison with MLC-LLM's stock scheme.
+- ``q4f16t`` / ``q4f16t-g128``: every linear layer in 4 bits, KN, groups of 32 / 128 rows
+  along K with fp16 scales and zero points (``int4.Int4Layout``: AutoAWQ's GEMM layout);
+  the embedding and the untied output layer stay fp16 (``head_linear``). ``q4f32t``: the
+  same in fp32 compute, for exact tests.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..errors import UserError
+from .int4 import Int4KNLinear, Int4Layout
 
 # A linear weight's stored layout: "KN" is [in, out] (K, the reduction axis, first: used by
 # ``matmul(x, w)`` as it is); "NK" is PyTorch's [out, in].
@@ -73,6 +78,8 @@ class WeightScheme:
     linear_weight_layout: LinearLayout
     linear_class: type[nn.Module]
     max_alloc_bytes: int | None = None
+    # The 4-bit layout of linear weights; None: stored as one tensor in ``dtype``.
+    int4_layout: Int4Layout | None = None
 
     def with_max_alloc(self, max_alloc_bytes: int | None) -> WeightScheme:
         """This scheme for a device whose buffers hold at most ``max_alloc_bytes``."""
@@ -84,6 +91,10 @@ class WeightScheme:
 
     def linear(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return self.linear_class(in_features, out_features, bias, self.dtype)
+
+    def head_linear(self, in_features: int, out_features: int) -> nn.Module:
+        """The untied output layer: a linear layer, never quantized."""
+        return self.linear(in_features, out_features, bias=False)
 
     def convert_linear_weight(self, weight: np.ndarray) -> np.ndarray:
         """A Hugging Face ``[out, in]`` weight as this scheme stores it."""
@@ -123,7 +134,39 @@ class Q0F16(WeightScheme):
     linear_class = NKLinear
 
 
-SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (Q0F16T(), Q0F32T(), Q0F16())}
+class _Int4(_Transposed):
+    """4-bit linear weights (``int4_layout``); the output layer stays in ``dtype``, KN."""
+
+    def linear(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        assert self.int4_layout is not None
+        self.int4_layout.check(in_features, out_features, self.name)
+        return Int4KNLinear(in_features, out_features, bias, self.dtype, self.int4_layout)
+
+    def head_linear(self, in_features: int, out_features: int) -> nn.Module:
+        return KNLinear(in_features, out_features, False, self.dtype)
+
+
+class Q4F16T(_Int4):
+    name = "q4f16t"
+    dtype = "float16"
+    int4_layout = Int4Layout(group_size=32)
+
+
+class Q4F16TG128(_Int4):
+    name = "q4f16t-g128"
+    dtype = "float16"
+    int4_layout = Int4Layout(group_size=128)
+
+
+class Q4F32T(_Int4):
+    name = "q4f32t"
+    dtype = "float32"
+    int4_layout = Int4Layout(group_size=32)
+
+
+SCHEMES: dict[str, WeightScheme] = {
+    s.name: s for s in (Q0F16T(), Q0F32T(), Q0F16(), Q4F16T(), Q4F16TG128(), Q4F32T())
+}
 
 
 def get_scheme(name: str) -> WeightScheme:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,8 @@ def _int_buffer(
     if p.name == "token_cnt":
         return rng.integers(1, 5, shape).astype(dtype)
     if p.name == "bitmask":
+        return rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, shape, dtype=dtype)
+    if re.search(r"_q(weight|zeros)\d*$", p.name):  # 4-bit words: every int32 is 8 values
         return rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, shape, dtype=dtype)
     raise NotChecked(f"integer input '{p.name}' has no known valid values")
 

@@ -2,6 +2,8 @@
 
 ``cpu_rules()`` is what ``tvm.s_tir.dlight.ApplyDefaultSchedule(*cpu_rules())`` takes:
 
+0. :class:`Int4Matmul` (``int4.py``) - a 4-bit layer's fused dequantize + matmul: the
+   dequantization inlined into the matmul's loads, then as ``ParallelSpatial``.
 1. :class:`MatmulKN` - matmul/GEMV with the weight stored ``[K, N]`` (our linear layers),
    parallel over column chunks and vectorized over n, fp16 accumulated in fp32.
 2. :class:`MatmulNK` - matmul/GEMV with the weight stored ``[N, K]`` (``nn.Linear`` after
@@ -124,4 +126,6 @@ class ParallelSpatial(CPURule):
 
 def cpu_rules() -> list[CPURule | CPUScheduleRule]:
     """The CPU schedule rules in priority order, for ``dl.ApplyDefaultSchedule(*cpu_rules())``."""
-    return [MatmulKN(), MatmulNK(), dl.cpu.GEMV(), ParallelSpatial()]
+    from .int4 import Int4Matmul  # subclasses ParallelSpatial, defined above
+
+    return [Int4Matmul(), MatmulKN(), MatmulNK(), dl.cpu.GEMV(), ParallelSpatial()]

@@ -9,7 +9,9 @@ from .attach_metadata import AttachMetadata, memory_usage
 from .attach_var_bounds import AttachVarBounds
 from .check_allocation_limit import CheckAllocationLimit
 from .check_work_group_size import CheckWorkGroupSize
+from .fuse_int4_matmul import FuseInt4Matmul
 from .mark_shape_funcs_noalias import MarkShapeFuncsNoAlias
+from .require_fused_dequantize import RequireFusedDequantize
 from .require_kernels import RequireKernels
 
 # The guards raise UserError inside passes that TVM runs from C++; registered, the error
@@ -23,7 +25,9 @@ __all__ = [
     "AttachVarBounds",
     "CheckAllocationLimit",
     "CheckWorkGroupSize",
+    "FuseInt4Matmul",
     "MarkShapeFuncsNoAlias",
+    "RequireFusedDequantize",
     "RequireKernels",
     "memory_usage",
 ]
