@@ -56,6 +56,23 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{layer}.{_LAYER[module]}.{kind}"
 
 
+def add_tiny_tokenizer(writer, cfg) -> None:
+    """The tests' byte-level BPE tokenizer as GGUF metadata (gpt2), padded to the vocabulary."""
+    from tiny_models import make_tokenizer
+
+    writer.add_add_bos_token(False)
+    tok = json.loads(make_tokenizer().to_str())
+    vocab = sorted(tok["model"]["vocab"], key=tok["model"]["vocab"].get)
+    vocab += [f"[PAD{i}]" for i in range(len(vocab), cfg.vocab_size)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(vocab)
+    writer.add_token_types([1] * len(vocab))
+    writer.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+
+
 def write_gguf(
     model,
     path: Path,
@@ -63,9 +80,11 @@ def write_gguf(
     types: dict[str, object] | None = None,
     architecture_name: str | None = None,
     rope_scaling: tuple[str, float] | None = None,
+    tokenizer: bool = False,
 ) -> Path:
     """``model`` (a transformers model) as llama.cpp writes it, tensors F32 unless
-    ``types`` names a GGML type (or raw ``(bytes, type)``) for a GGUF tensor name."""
+    ``types`` names a GGML type (or raw ``(bytes, type)``) for a GGUF tensor name;
+    ``tokenizer``: with the tests' tokenizer (what ``convert``/``compile`` need)."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), architecture_name or arch)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -86,6 +105,8 @@ def write_gguf(
     if rope_scaling is not None:  # as llama.cpp's TextModel.set_gguf_parameters writes it
         writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
         writer.add_rope_scaling_factor(rope_scaling[1])
+    if tokenizer:
+        add_tiny_tokenizer(writer, cfg)
     types = types or {}
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -214,6 +235,118 @@ def test_quantized_blocks_dequantize_as_gguf_does(tmp_path):
     f.close()
 
 
+# -- Q4_0 blocks straight into the 4-bit schemes ---------------------------------------------
+
+_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@pytest.fixture(scope="module")
+def q4_0_llama(tmp_path_factory):
+    """(transformers model, its GGUF with every linear weight Q4_0, the HF weights that
+    gguf's own dequantization of those blocks gives, in Hugging Face row order)."""
+    path = tmp_path_factory.mktemp("q4_0")
+    model = make_model("Llama", path / "hf", hidden_size=64, intermediate_size=96)
+    cfg = model.config
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    types = {f"blk.{i}.{n}.weight": q4_0 for i in range(cfg.num_hidden_layers) for n in _LINEARS}
+    gguf_path = write_gguf(model, path / "q4_0.gguf", types=types, tokenizer=True)
+    heads = {".q_proj.": cfg.num_attention_heads, ".k_proj.": cfg.num_key_value_heads}
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        if _gguf_name(name) not in types:
+            continue
+        w = tensor.float().numpy()
+        n_head = next((n for key, n in heads.items() if key in name), None)
+        order = np.arange(w.shape[0])
+        if n_head:  # the rows llama.cpp stores, and back (row j of the file is HF row order[j])
+            order = _llama_cpp_permute(order, n_head)
+        theirs = gguf.quants.dequantize(gguf.quants.quantize(w[order], q4_0), q4_0)
+        hf = np.empty_like(theirs)
+        hf[order] = theirs
+        expected[name] = hf
+    return model, gguf_path, expected
+
+
+def _cache_weights(
+    bundle: Path, gguf_path: Path, group: int, rows: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """The converted 4-bit layers dequantized (fp32) and split back into the Hugging Face
+    weights (``rows``: each one's output rows) by the family's weight map."""
+    from mlc_edge.checkpoint.gguf_file import read_config
+    from mlc_edge.config import ModelSpec
+    from mlc_edge.convert.tensor_cache import load_tensor_cache
+    from mlc_edge.models import find_family
+    from mlc_edge.quantization.int4 import dequantize
+
+    cache = load_tensor_cache(bundle)
+    hf_config = read_config(gguf_path)
+    family = find_family(hf_config)
+    runtime = {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 64}
+    mapping = family.weight_map(ModelSpec.create(hf_config, "q0f32t", runtime).config)
+    out = {}
+    for name in cache:
+        if not name.endswith(".qweight"):
+            continue
+        base = name.removesuffix(".qweight")
+        parts = (cache[f"{base}.{p}"] for p in ("qweight", "qzeros", "scales"))
+        w = dequantize(*parts, group).T  # [out, in]
+        hf_names = mapping[f"{base}.weight"].hf_names
+        splits = np.cumsum([rows[h] for h in hf_names])[:-1]
+        for h, chunk in zip(hf_names, np.split(w, splits), strict=True):
+            out[h] = chunk
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["q4f16t", "q4f32t"])
+def test_q4_0_blocks_become_q4f16t_with_their_values(q4_0_llama, scheme, tmp_path, capsys):
+    """Q4_0 is (q - 8) * d per 32 values along a row: our layout with group 32, zero 8
+    and scale d. The converted layers dequantize bit for bit to gguf's own dequantization
+    of the file's blocks, q/k rows back in Hugging Face order; the fp16 scales are d."""
+    from mlc_edge.convert.tensor_cache import load_tensor_cache
+
+    _, path, expected = q4_0_llama
+    capsys.readouterr()
+    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", scheme])
+    assert "re-quantized" not in capsys.readouterr().err  # nothing went through float
+    ours = _cache_weights(tmp_path / "b", path, 32, {n: w.shape[0] for n, w in expected.items()})
+    assert sorted(ours) == sorted(expected)
+    for name, w in expected.items():
+        assert ours[name].tobytes() == w.astype(np.float32).tobytes(), name
+    cache = load_tensor_cache(tmp_path / "b")
+    zeros = cache["model.layers.0.mlp.down_proj.qzeros"].view(np.uint32)
+    assert (zeros == 0x88888888).all()
+    want = {"q4f16t": "float16", "q4f32t": "float32"}[scheme]
+    assert str(cache["model.layers.0.mlp.down_proj.scales"].dtype) == want
+
+
+def test_other_gguf_blocks_are_requantized_with_a_notice(tmp_path, capsys):
+    """Q4_1 (q * d + m: its zero point -m/d is no integer in general) and Q4_0 for
+    group 128 go through float and round-to-nearest, and ``convert`` says so."""
+    from mlc_edge.quantization.int4 import dequantize, quantize_rtn
+
+    model = make_model("Llama", tmp_path / "hf", hidden_size=128, intermediate_size=128)
+    types = {
+        "blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q4_1,
+        "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q4_0,
+    }
+    path = write_gguf(model, tmp_path / "q.gguf", types=types, tokenizer=True)
+    for scheme, listed in [("q4f16t", "1 Q4_1 layers"), ("q4f16t-g128", "1 Q4_0, 1 Q4_1")]:
+        capsys.readouterr()
+        main(["convert", str(path), "-o", str(tmp_path / scheme), "--quantization", scheme])
+        notes = [line for line in capsys.readouterr().err.splitlines() if "re-quantized" in line]
+        assert len(notes) == 1 and listed in notes[0] and scheme in notes[0], notes
+    # what the Q4_1 layer became: round-to-nearest of gguf's dequantization
+    name = "model.layers.0.mlp.up_proj.weight"
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    theirs = gguf.quants.dequantize(
+        gguf.quants.quantize(model.state_dict()[name].numpy(), q4_1), q4_1
+    )
+    rows = {n: t.shape[0] for n, t in model.state_dict().items()}
+    ours = _cache_weights(tmp_path / "q4f16t", path, 32, rows)
+    rtn = quantize_rtn(theirs.T, 32, "float16")
+    np.testing.assert_array_equal(ours[name], dequantize(*rtn.values(), 32).T)
+
+
 def test_a_folder_with_one_gguf_and_its_checkpoint(tiny_llama_gguf, tmp_path):
     _, path = tiny_llama_gguf
     assert find_gguf(path) == path
@@ -276,8 +409,6 @@ def write_phi2_gguf(model, path: Path, fused_qkv: bool, types: dict | None = Non
     the rotary part of a head, a gpt2 tokenizer padded to the vocabulary. ``fused_qkv``:
     one ``attn_qkv`` per layer, as GGUFs converted from Microsoft's original checkpoint
     (``mixer.Wqkv``) hold."""
-    from tiny_models import make_tokenizer
-
     cfg = model.config
     rotary = cfg.rope_parameters["partial_rotary_factor"]
     writer = gguf.GGUFWriter(str(path), "phi2")
@@ -289,17 +420,7 @@ def write_phi2_gguf(model, path: Path, fused_qkv: bool, types: dict | None = Non
     writer.add_head_count_kv(cfg.num_attention_heads)
     writer.add_layer_norm_eps(cfg.layer_norm_eps)
     writer.add_rope_dimension_count(int(rotary * cfg.hidden_size) // cfg.num_attention_heads)
-    writer.add_add_bos_token(False)
-    tok = json.loads(make_tokenizer().to_str())
-    vocab = sorted(tok["model"]["vocab"], key=tok["model"]["vocab"].get)
-    vocab += [f"[PAD{i}]" for i in range(len(vocab), cfg.vocab_size)]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(vocab)
-    writer.add_token_types([1] * len(vocab))
-    writer.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])
-    writer.add_bos_token_id(cfg.bos_token_id)
-    writer.add_eos_token_id(cfg.eos_token_id)
+    add_tiny_tokenizer(writer, cfg)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI2, cfg.num_hidden_layers)
     state = {k: v.float().numpy() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:

@@ -167,6 +167,26 @@ def _dequantized(gguf: Any, tensor: Any) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
 
 
+# Q4_0 (llama.cpp's ggml-common.h ``block_q4_0``; gguf's ``quants.Q4_0``): 32 consecutive
+# values of a row, 18 bytes: the fp16 scale d, then 16 bytes whose low nibbles are values
+# 0..15 and high nibbles values 16..31; value = (q - 8) * d.
+Q4_0_BLOCK = 32
+Q4_0_ZERO = 8
+_Q4_0_BLOCK_BYTES = 2 + Q4_0_BLOCK // 2
+
+
+def _q4_0_blocks(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Q4_0 tensor's raw bytes as its 4-bit values ``q`` (uint8 ``[rows, cols]``, 0..15)
+    and block scales ``d`` (float16 ``[rows, cols / 32]``), bits unchanged."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // Q4_0_BLOCK, _Q4_0_BLOCK_BYTES)
+    d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(rows, -1)
+    packed = blocks[:, :, 2:]
+    q = np.empty((rows, cols // Q4_0_BLOCK, Q4_0_BLOCK), dtype=np.uint8)
+    q[:, :, : Q4_0_BLOCK // 2] = packed & np.uint8(0x0F)
+    q[:, :, Q4_0_BLOCK // 2 :] = packed >> np.uint8(4)
+    return q.reshape(rows, cols), d
+
+
 def _llama3_rope_factors(
     head_dim: int, theta: float, factor: float, low: float, high: float, original: float
 ) -> np.ndarray:
@@ -453,6 +473,24 @@ class GGUFFile:
         if n_head:
             data = _unpermute(data, n_head)
         return data
+
+    def load_q4_0(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A Q4_0 tensor (``stored_type`` "Q4_0") without dequantizing: its values ``q``
+        (uint8 ``[out, in]``, 0..15) and scales ``d`` (float16 ``[out, in / 32]``), so
+        that ``load(name) == (q - 8) * d`` per block of 32 along ``in``. Rows are sliced
+        and un-permuted as ``load`` does (both arrays' rows are the output axis)."""
+        t, rows = self._tensors[name]
+        if t.tensor_type.name != "Q4_0":
+            raise ValueError(f"{name} is stored as {t.tensor_type.name}, not Q4_0")
+        out, cols = self.shape(name)[0], int(t.shape[0])
+        raw = np.asarray(t.data)
+        if rows is not None:
+            raw = raw.reshape(int(t.shape[-1]), -1)[rows[0] : rows[1]]
+        q, d = _q4_0_blocks(raw, out, cols)
+        n_head = self._heads.get(name.rsplit(".", 1)[0].split(".", 3)[-1])
+        if n_head:
+            q, d = _unpermute(q, n_head), _unpermute(d, n_head)
+        return q, d
 
     def close(self) -> None:
         self._tensors = {}

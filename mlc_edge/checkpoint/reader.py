@@ -250,6 +250,11 @@ class Checkpoint(Closable):
         """The tensor as numpy: float32 for bfloat16, the stored dtype otherwise."""
         return self._file(name).load(name)
 
+    def gguf_file(self, name: str) -> GGUFFile | None:
+        """The GGUF file holding ``name`` (for its block-quantized bits), or None."""
+        f = self._file(name)
+        return f if isinstance(f, GGUFFile) else None
+
     # -- lifetime -----------------------------------------------------------------
 
     def close(self) -> None:

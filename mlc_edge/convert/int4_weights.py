@@ -8,7 +8,14 @@ Every linear layer's bundle parameters are ``X.qweight``, ``X.qzeros`` and ``X.s
   near one source tensor, as for the other schemes;
 - from an AutoAWQ GEMM checkpoint (``mlc_edge.checkpoint.awq``) the parts' own
   ``qweight``/``qzeros``/``scales`` are concatenated along the output axis and written
-  with their bits unchanged (the scales widened to fp32 for ``q4f32t``, exactly).
+  with their bits unchanged (the scales widened to fp32 for ``q4f32t``, exactly);
+- from a GGUF whose weight is Q4_0 (blocks of 32 along the input axis, value
+  ``(q - 8) * d``), for the group-32 schemes: the blocks' nibbles and fp16 scales are
+  repacked with their values unchanged (zero points all 8), so the stored layer
+  dequantizes to exactly what llama.cpp's blocks hold. Other GGUF block types (Q4_1,
+  whose ``q * d + m`` has a zero point -m/d that is not an integer in general, K-quants)
+  and Q4_0 for ``q4f16t-g128`` are dequantized and re-quantized round-to-nearest, with a
+  notice.
 
 Every other parameter (embedding, norms, biases, the output layer, which stays in the
 scheme's float dtype) goes through the same planning and checks as
@@ -27,12 +34,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ..checkpoint.awq import AWQFormat, check_scheme
+from ..checkpoint.gguf_file import Q4_0_BLOCK, Q4_0_ZERO
 from ..checkpoint.reader import Checkpoint
 from ..errors import UserError
 from ..models.base import ParamSource
 from ..models.parameters import TablePiece
 from ..quantization import WeightScheme
-from ..quantization.int4 import PART_NAMES, Int4Layout, quantize_rtn
+from ..quantization.int4 import PART_NAMES, Int4Layout, pack_int4, quantize_rtn
 from .tensor_cache import TensorCacheWriter
 from .weights import (
     _describe,
@@ -52,6 +60,7 @@ class _Int4Linear:
     awq: bool  # the checkpoint holds them as AWQ qweight/qzeros/scales
     shapes: dict[str, tuple[int, ...]]
     source_bytes: int
+    gguf_q4_0: bool = False  # the GGUF holds them as Q4_0 blocks of our group size
 
 
 def _awq_names(hf_weight: str) -> dict[str, str]:
@@ -134,7 +143,57 @@ def _plan_int4(
             f"{_describe(ckpt, hf_names)} but config.json implies {_fmt((n, k))}; the "
             "checkpoint does not match its config.json"
         )
-    return _Int4Linear(base, hf_names, False, shapes, sum(ckpt.nbytes(h) for h in hf_names))
+    nbytes = sum(ckpt.nbytes(h) for h in hf_names)
+    q4_0 = layout.group_size == Q4_0_BLOCK and all(_gguf_type(ckpt, h) == "Q4_0" for h in hf_names)
+    return _Int4Linear(base, hf_names, False, shapes, nbytes, gguf_q4_0=q4_0)
+
+
+def _gguf_type(ckpt: Checkpoint, hf_name: str) -> str | None:
+    """The GGUF block type of a tensor (e.g. "Q4_0"), None outside a GGUF."""
+    f = ckpt.gguf_file(hf_name)
+    return None if f is None else f.stored_type(hf_name)
+
+
+def _requantized_notice(ckpt: Checkpoint, linears: dict[str, _Int4Linear], scheme: str) -> None:
+    """One line when block-quantized GGUF weights go through float and round-to-nearest
+    (their 4-bit values are not kept): which types, how many layers."""
+    types: dict[str, int] = {}
+    for lin in linears.values():
+        if lin.gguf_q4_0:
+            continue
+        kinds = {_gguf_type(ckpt, h) for h in lin.hf_names} - {None, "F32", "F16", "BF16"}
+        for kind in kinds:
+            types[kind] = types.get(kind, 0) + 1
+    if types:
+        listed = ", ".join(f"{n} {k}" for k, n in sorted(types.items()))
+        print(
+            f"note: GGUF weights ({listed} layers) are dequantized and re-quantized "
+            f"round-to-nearest for {scheme}; only Q4_0 maps to it directly (q4f16t, q4f32t)",
+            file=sys.stderr,
+        )
+
+
+def _load_gguf_q4_0(
+    ckpt: Checkpoint, hf_names: tuple[str, ...], dtype: str
+) -> dict[str, np.ndarray]:
+    """The parts' Q4_0 blocks as our three tensors: values and scales unchanged,
+    transposed to ``[in, out]``, zero points 8 (Q4_0's value is ``(q - 8) * d``)."""
+    qs, ds = [], []
+    for h in hf_names:
+        f = ckpt.gguf_file(h)
+        assert f is not None
+        q, d = f.load_q4_0(h)
+        qs.append(q)
+        ds.append(d)
+    q = qs[0] if len(qs) == 1 else np.concatenate(qs, axis=0)  # [out, in]
+    d = ds[0] if len(ds) == 1 else np.concatenate(ds, axis=0)
+    del qs, ds
+    zeros = np.full((d.shape[1], d.shape[0]), Q4_0_ZERO, dtype=np.uint8)
+    return {
+        "qweight": pack_int4(q.T),
+        "qzeros": pack_int4(zeros),
+        "scales": np.ascontiguousarray(d.T, dtype=dtype),
+    }
 
 
 def _load_awq(ckpt: Checkpoint, hf_names: tuple[str, ...], dtype: str) -> dict[str, np.ndarray]:
@@ -174,6 +233,7 @@ def convert_int4_weights(
             b: _plan_int4(ckpt, b, shapes, mapping[f"{b}.weight"], layout, awq)
             for b, shapes in bases.items()
         }
+        _requantized_notice(ckpt, linears, scheme.name)
         total = sum(p.source_bytes for p in planned.values())
         total += sum(q.source_bytes for q in linears.values())
         held: dict[str, np.ndarray] = {}  # the parts of the current 4-bit layer
@@ -235,6 +295,10 @@ def _int4_layer(
     """The three stored tensors of one 4-bit layer."""
     if lin.awq:
         out = _load_awq(ckpt, lin.hf_names, dtype)
+        check_finite(f"{lin.base}.scales", lin.hf_names, out["scales"], allow_non_finite)
+        return out
+    if lin.gguf_q4_0:
+        out = _load_gguf_q4_0(ckpt, lin.hf_names, dtype)
         check_finite(f"{lin.base}.scales", lin.hf_names, out["scales"], allow_non_finite)
         return out
     weight = _load_fused(ckpt, lin.hf_names)  # [out, in]
