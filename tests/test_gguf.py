@@ -319,6 +319,24 @@ def test_q4_0_blocks_become_q4f16t_with_their_values(q4_0_llama, scheme, tmp_pat
     assert str(cache["model.layers.0.mlp.down_proj.scales"].dtype) == want
 
 
+def test_q4_0_gguf_compiles_to_transformers_logits_on_its_blocks(q4_0_llama, tmp_path):
+    """The Q4_0 GGUF compiled for the CPU in q4f32t against transformers holding gguf's
+    dequantization of the same blocks: the weights are equal, so only fp32 summation
+    order differs (the bound of the float schemes' tests)."""
+    from helpers import greedy_compare, prompt_ids
+
+    from mlc_edge.runtime import Engine
+
+    model, path, expected = q4_0_llama
+    theirs = copy.deepcopy(model)
+    theirs.load_state_dict({n: torch.from_numpy(w) for n, w in expected.items()}, strict=False)
+    bundle = compile_bundle(path, tmp_path / "bundle", "--quantization", "q4f32t")
+    ids = prompt_ids(model.config.vocab_size)
+    ours, their_tokens, errors = greedy_compare(Engine(bundle), theirs, ids)
+    assert max(errors) < 1e-4, errors
+    assert ours == their_tokens
+
+
 def test_other_gguf_blocks_are_requantized_with_a_notice(tmp_path, capsys):
     """Q4_1 (q * d + m: its zero point -m/d is no integer in general) and Q4_0 for
     group 128 go through float and round-to-nearest, and ``convert`` says so."""
