@@ -532,6 +532,29 @@ def test_phi2_gguf_compiles_to_transformers_logits(tiny_phi):
     assert ours == theirs
 
 
+def test_phi2_fused_q4_0_qkv_becomes_q4f16t_with_its_values(tmp_path):
+    """A Q4_0 ``attn_qkv``: each of q/k/v takes its rows' blocks, and the layer
+    dequantizes to exactly what gguf's dequantization of those rows gives."""
+    model = make_model(
+        "Phi", tmp_path / "hf", hidden_size=128, num_attention_heads=4, intermediate_size=128
+    )
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    types = {
+        f"blk.{i}.{n}.weight": q4_0
+        for i in range(model.config.num_hidden_layers)
+        for n in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+    }
+    path = write_phi2_gguf(model, tmp_path / "phi.gguf", fused_qkv=True, types=types)
+    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"])
+    f = GGUFFile(path)
+    ours = _cache_weights(tmp_path / "b", path, 32, {n: f.shape(n)[0] for n in f.names()})
+    assert "model.layers.0.self_attn.k_proj.weight" in ours
+    for name, w in ours.items():
+        assert f.stored_type(name) == "Q4_0"
+        assert w.tobytes() == f.load(name).tobytes(), name
+    f.close()
+
+
 # -- Llama 3.1+: rope_freqs -----------------------------------------------------------------
 
 
