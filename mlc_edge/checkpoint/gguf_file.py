@@ -9,6 +9,8 @@ the ``gguf`` package (maintained with llama.cpp), which memory-maps the file:
 * ``GGUFFile`` shows the tensors under Hugging Face names and shapes, and ``load``
   dequantizes one tensor at a time to float32 (peak memory: one tensor, as for
   safetensors), undoing llama.cpp's q/k row permutation for Llama (see ``_unpermute``);
+  ``load_q4_0`` gives a Q4_0 tensor's 4-bit values and scales as they are, for the
+  4-bit schemes (``mlc_edge.convert.int4_weights``);
 * ``prepare_model_dir`` writes a folder (``config.json``, the tokenizer files built by
   transformers from the metadata, a link to the ``.gguf``) that the rest of mlc-edge
   treats as any Hugging Face model folder; ``prepare_config_dir`` writes the

@@ -159,7 +159,7 @@ def _requantized_notice(ckpt: Checkpoint, linears: dict[str, _Int4Linear], schem
     (their 4-bit values are not kept): which types, how many layers."""
     types: dict[str, int] = {}
     for lin in linears.values():
-        if lin.gguf_q4_0:
+        if lin.gguf_q4_0 or lin.awq:
             continue
         kinds = {_gguf_type(ckpt, h) for h in lin.hf_names} - {None, "F32", "F16", "BF16"}
         for kind in kinds:
