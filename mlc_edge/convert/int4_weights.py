@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ..checkpoint.awq import AWQFormat, check_scheme
 from ..checkpoint.gguf_file import Q4_0_BLOCK, Q4_0_ZERO
@@ -41,8 +40,8 @@ from ..models.base import ParamSource
 from ..models.parameters import TablePiece
 from ..quantization import WeightScheme
 from ..quantization.int4 import PART_NAMES, Int4Layout, pack_int4, quantize_rtn
-from .tensor_cache import TensorCacheWriter
 from .weights import (
+    PlannedReader,
     _describe,
     _fmt,
     _fused_shape,
@@ -50,6 +49,7 @@ from .weights import (
     _piece_rows,
     _plan,
     check_finite,
+    converting,
 )
 
 
@@ -237,18 +237,8 @@ def convert_int4_weights(
         total = sum(p.source_bytes for p in planned.values())
         total += sum(q.source_bytes for q in linears.values())
         held: dict[str, np.ndarray] = {}  # the parts of the current 4-bit layer
-        table: tuple[tuple[str, ...], np.ndarray] | None = None  # a split table's tensor
-        with (
-            TensorCacheWriter(Path(out_dir)) as writer,
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc="converting weights",
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar,
-        ):
+        reader = PlannedReader(ckpt, scheme, allow_non_finite)
+        with converting(Path(out_dir), total, progress) as (writer, bar):
             for name, _, dtype in expected:
                 if name in parts:
                     base, _, part = name.rpartition(".")
@@ -262,29 +252,7 @@ def convert_int4_weights(
                     writer.add(name, tensor)
                     continue
                 p = planned[name]
-                src = p.source
-                if p.rows is None:
-                    table = None
-                    tensor = _load_fused(ckpt, src.hf_names)
-                else:
-                    if table is None or table[0] != src.hf_names:
-                        table = None
-                        table = (src.hf_names, _load_fused(ckpt, src.hf_names))
-                    tensor = table[1][p.rows[0] : p.rows[1]]
-                with np.errstate(over="ignore"):
-                    if src.is_linear_weight:
-                        tensor = scheme.convert_linear_weight(tensor)
-                    else:
-                        tensor = scheme.convert_plain(tensor)
-                if tuple(tensor.shape) != p.shape:
-                    raise UserError(
-                        f"{_describe(ckpt, src.hf_names)}, which converts to "
-                        f"{_fmt(tuple(tensor.shape))}, but config.json implies "
-                        f"{_fmt(p.shape)}; the checkpoint does not match its config.json"
-                    )
-                check_finite(p.name, src.hf_names, tensor, allow_non_finite)
-                writer.add(p.name, tensor)
-                del tensor
+                writer.add(name, reader.convert(p))
                 bar.update(p.source_bytes)
             return writer.finish()
 

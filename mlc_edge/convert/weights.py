@@ -13,7 +13,8 @@ piece the rows the model declares for it (``mlc_edge.models.parameters.table_pie
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,64 @@ def check_finite(name: str, hf_names: tuple[str, ...], tensor: np.ndarray, allow
     )
 
 
+@contextmanager
+def converting(
+    out_dir: Path, total: int, progress: bool
+) -> Iterator[tuple[TensorCacheWriter, tqdm]]:
+    """The tensor cache being written and its progress bar (bytes of the checkpoint read)."""
+    with (
+        TensorCacheWriter(out_dir) as writer,
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="converting weights",
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar,
+    ):
+        yield writer, bar
+
+
+class PlannedReader:
+    """Reads and converts planned parameters one at a time, checking each against what
+    config.json implies. The pieces of a split table follow one another: its tensor is
+    read once and released when the next tensor is read."""
+
+    def __init__(self, ckpt: Checkpoint, scheme: WeightScheme, allow_non_finite: bool):
+        self.ckpt = ckpt
+        self.scheme = scheme
+        self.allow_non_finite = allow_non_finite
+        self._table: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    def convert(self, p: _Planned) -> np.ndarray:
+        ckpt, src = self.ckpt, p.source
+        if p.rows is None:
+            self._table = None
+            tensor = _load_fused(ckpt, src.hf_names)
+        else:
+            if self._table is None or self._table[0] != src.hf_names:
+                self._table = None  # release the previous table before reading the next
+                self._table = (src.hf_names, _load_fused(ckpt, src.hf_names))
+            tensor = self._table[1][p.rows[0] : p.rows[1]]
+        # A value beyond the scheme's range becomes Inf: check_finite names it.
+        with np.errstate(over="ignore"):
+            if src.is_linear_weight:
+                tensor = self.scheme.convert_linear_weight(tensor)
+            else:
+                tensor = self.scheme.convert_plain(tensor)
+        if tuple(tensor.shape) != p.shape:
+            raise UserError(
+                f"{_describe(ckpt, src.hf_names)}, which converts to "
+                f"{_fmt(tuple(tensor.shape))}, but config.json implies "
+                f"{_fmt(p.shape)}; the checkpoint does not match its config.json"
+            )
+        if str(tensor.dtype) != p.dtype:
+            raise ValueError(f"parameter {p.name} converted to {tensor.dtype}, expected {p.dtype}")
+        check_finite(p.name, src.hf_names, tensor, self.allow_non_finite)
+        return tensor
+
+
 def convert_weights(
     model_dir: Path,
     out_dir: Path,
@@ -231,47 +290,9 @@ def convert_weights(
         mapping, rows = _piece_rows(ckpt, expected, mapping, pieces or {})
         plan = _plan(ckpt, expected, mapping, scheme, rows)
         total = sum(p.source_bytes for p in plan)
-        with (
-            TensorCacheWriter(Path(out_dir)) as writer,
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc="converting weights",
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar,
-        ):
-            # The pieces of a split table follow one another: its tensor is read once.
-            held: tuple[tuple[str, ...], np.ndarray] | None = None
+        with converting(Path(out_dir), total, progress) as (writer, bar):
+            reader = PlannedReader(ckpt, scheme, allow_non_finite)
             for p in plan:
-                src = p.source
-                if p.rows is None:
-                    held = None
-                    tensor = _load_fused(ckpt, src.hf_names)
-                else:
-                    if held is None or held[0] != src.hf_names:
-                        held = None  # release the previous table before reading the next
-                        held = (src.hf_names, _load_fused(ckpt, src.hf_names))
-                    tensor = held[1][p.rows[0] : p.rows[1]]
-                # A value beyond the scheme's range becomes Inf: check_finite names it.
-                with np.errstate(over="ignore"):
-                    if src.is_linear_weight:
-                        tensor = scheme.convert_linear_weight(tensor)
-                    else:
-                        tensor = scheme.convert_plain(tensor)
-                if tuple(tensor.shape) != p.shape:
-                    raise UserError(
-                        f"{_describe(ckpt, src.hf_names)}, which converts to "
-                        f"{_fmt(tuple(tensor.shape))}, but config.json implies "
-                        f"{_fmt(p.shape)}; the checkpoint does not match its config.json"
-                    )
-                if str(tensor.dtype) != p.dtype:
-                    raise ValueError(
-                        f"parameter {p.name} converted to {tensor.dtype}, expected {p.dtype}"
-                    )
-                check_finite(p.name, src.hf_names, tensor, allow_non_finite)
-                writer.add(p.name, tensor)
-                del tensor
+                writer.add(p.name, reader.convert(p))
                 bar.update(p.source_bytes)
             return writer.finish()
