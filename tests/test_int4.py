@@ -17,11 +17,11 @@ from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
 from tiny_models import make_llama, make_model
 
 from mlc_edge.cli import main
-from mlc_edge.compiler.build import parameter_list
 from mlc_edge.config import ModelSpec
 from mlc_edge.convert.tensor_cache import load_tensor_cache
 from mlc_edge.memory.plan import records_from_metadata, weight_breakdown
 from mlc_edge.memory.sources import tensor_cache_records
+from mlc_edge.models.parameters import parameter_list
 from mlc_edge.quantization.int4 import dequantize, pack_int4, quantize_rtn, unpack_int4
 from mlc_edge.runtime import Engine
 
