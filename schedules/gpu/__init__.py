@@ -68,13 +68,13 @@ def stock_rules(matmul: ScheduleRule | None = None) -> list[ScheduleRule]:
 
 
 def gpu_rules(tuning: KNTuning | None = None) -> list[ScheduleRule]:
-    """Our KN matmul rules (the 4-bit GEMV first: only fused 4-bit functions match it)
-    and the NK GEMV with ``tuning`` (the defaults when None), then the stock rules for
-    every other function."""
+    """Our KN matmul rules (the 4-bit GEMV takes only fused 4-bit functions, which the
+    fp16 rules do not match) and the NK GEMV with ``tuning`` (the defaults when None),
+    then the stock rules for every other function."""
     tuning = tuning or KNTuning.from_dict(DEFAULT_GPU, {})
     return [
-        GemvInt4KN(tuning),
         GemvKN(tuning),
+        GemvInt4KN(tuning),
         PrefillMatmulKN(tuning),
         GemvNK(tuning),
         *stock_rules(),
