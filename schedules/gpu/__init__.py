@@ -13,6 +13,8 @@ baseline of ``benchmarks/opencl_kernels.py``).
                       thread in registers, weights read once a chunk, fp32   (prefill_matmul.py)
     GemvInt4KN        decode with 4-bit weights (the dequantization fused): one 32-bit word
                       of 8 columns per lane unpacked in registers, fp32    (gemv_int4.py)
+    PrefillInt4KN     prefill chunks with 4-bit weights: a word unpacked into registers once
+                      for all rows of the chunk, fp32            (prefill_int4.py)
     GemvNK            the tied lm_head ``[b, 1, K] x [N, K]^T`` (weight ``[vocab, hidden]``)
                       of decode/prefill/batch_decode/batch_prefill: rows read contiguously,
                       K split across the work-group, fp32 accumulation      (gemv_nk.py)
@@ -30,6 +32,7 @@ from .common import SCHEDULE_ANNOTATION
 from .gemv_int4 import GemvInt4KN
 from .gemv_kn import GemvKN
 from .gemv_nk import GemvNK
+from .prefill_int4 import PrefillInt4KN
 from .prefill_matmul import PrefillMatmulKN
 from .tuning import DEFAULT_GPU, KNTuning
 
@@ -39,6 +42,7 @@ __all__ = [
     "GemvKN",
     "GemvNK",
     "KNTuning",
+    "PrefillInt4KN",
     "PrefillMatmulKN",
     "gpu_rules",
     "stock_rules",
@@ -76,6 +80,7 @@ def gpu_rules(tuning: KNTuning | None = None) -> list[ScheduleRule]:
         GemvKN(tuning),
         GemvInt4KN(tuning),
         PrefillMatmulKN(tuning),
+        PrefillInt4KN(tuning),
         GemvNK(tuning),
         *stock_rules(),
     ]
