@@ -154,6 +154,15 @@ class GemvInt4KN(KNMatmulRule):
             sch.compute_at(cached, at, preserve_unit_loops=True)
             if vector:
                 sch.vectorize(sch.get_loops(cached)[-1])
+        # The activations of a thread's U rows: one vector load, not one per column.
+        packed = (parts.qweight, parts.qzeros, parts.scales)
+        reads = [r.source for r in sch.get(part).reads]
+        for index, buf in enumerate(reads):
+            if buf.scope() == "global" and not any(buf.same_as(p) for p in packed):
+                cached = sch.cache_read(part, index, "local")
+                sch.compute_at(cached, k_or, preserve_unit_loops=True)
+                sch.vectorize(sch.get_loops(cached)[-1])
+                break
         sch.unroll(k_ur)
         sch.unroll(n_wr)
         init = sch.decompose_reduction(part, k_gr)
