@@ -5,18 +5,19 @@ The weight is ``mlc_edge.quantization.int4``'s layout (AutoAWQ's GEMM format):
 ``qzeros`` int32 ``[K/g, N/8]``, ``scales`` ``[K/g, N]``, ``W = (q - z) * s``.
 ``FuseInt4Matmul`` hands this rule one PrimFunc: a ``dequantize_int4`` block writing
 ``[K, N]`` fp32, the activations' fp16 -> fp32 copy, the fp32 matmul, the rounding back.
-Loop nest (TX * TY threads in one work-group dimension, G = g / TY rows of a group per
-thread, U = unroll)::
+Loop nest (TX * TY threads in one work-group dimension, U = unroll)::
 
     blockIdx.y  b                            # one row of work-groups per sequence
     blockIdx.x  n tiles of TX * 8 columns
       threadIdx.x = ty * TX + tx             # TY threads share each group's rows
         part[8] = 0                          # fp32, registers
-        for grp in K / g
+        a[K] = A[row, :]                     # local memory, once a work-group (if it fits)
+        for grp in groups ty, ty + TY, ...   # whole groups per thread
           z = qzeros[grp, word]              # one word: 8 zero points
           s[8] = scales[grp, n:n+8]          # one vector load
-          for k_o in G / U
-            for k_u in U (unrolled)          # k = grp * g + ty * G + k_o * U + k_u
+          for k_o in g / U
+            a_u[U] = a[k:k+U]                # registers
+            for k_u in U (unrolled)          # k = grp * g + k_o * U + k_u
               q = qweight[k, word]           # one 32-bit word: 8 weights, registers
               for j in 8 (unrolled)          # shift 16 * (j & 1) + 4 * (j >> 1)
                 part[j] += f32(A[k]) * f32(((q >> shift) & 15) - ((z >> shift) & 15)) * f32(s[j])
@@ -26,8 +27,8 @@ thread, U = unroll)::
 Neighbouring threads read neighbouring words of one row of ``qweight`` (coalesced); every
 word, zero word and scale is read once per work-group. The dequantized weight never
 leaves registers (``RequireFusedDequantize`` checks no buffer holds it). TY is a power of
-two dividing 8 and g, so a thread's rows of a group are whole and the final sum gives
-every thread whole columns. ``tuning.json``'s ``gemv_int4`` section holds TX, TY and U.
+two dividing 8 and the number of groups, so each group is one thread's and the final sum
+gives every thread whole columns. ``tuning.json``'s ``gemv_int4`` section holds TX, TY and U.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from mlc_edge.quantization.int4 import DEQUANTIZE_NAME
 
 from ..kn_pattern import fold_epilogues, largest_divisor
 from .common import KNMatmulRule, is_decode_shaped, pick_vector, static_int, sum_loops
+from .gemv_nk import _loops_below, local_memory_budget
 from .tuning import GemvInt4Tuning
 
 WORD = 8  # 4-bit values in one int32 word: the columns one lane owns
@@ -115,10 +117,11 @@ class GemvInt4KN(KNMatmulRule):
 
         t: GemvInt4Tuning = self.tuning.gemv_int4
         threads = self.threads(target)
-        ty = pick_vector(group, min(t.threads_k, WORD, threads))
+        # K is split across ty threads by whole groups (each group's zero word and scales
+        # are then read by one thread only): ty divides the number of groups and 8.
+        ty = pick_vector(k_ext // group, min(t.threads_k, WORD, threads))
         tx = min(t.threads_n, n_ext // WORD, max(1, threads // ty))
-        rows = group // ty  # rows of each group a thread reads
-        unroll = largest_divisor(rows, t.unroll_k)
+        unroll = largest_divisor(group, t.unroll_k)
 
         *m_loops, n_loop, k_loop = loops
         m_loop = (
@@ -130,7 +133,7 @@ class GemvInt4KN(KNMatmulRule):
 
         n_g, n_w = sch.split(n_loop, [None, WORD])
         n_o, n_t = sch.split(n_g, [None, tx])
-        k_grp, k_t, k_o, k_u = sch.split(k_loop, [None, ty, rows // unroll, unroll])
+        k_grp, k_t, k_o, k_u = sch.split(k_loop, [None, ty, group // unroll, unroll])
         sch.reorder(m_loop, n_o, n_t, k_t, k_grp, k_o, k_u, n_w)
         rf = sch.rfactor(k_t, 0)
         sch.set_scope(rf, 0, "shared")
@@ -154,15 +157,31 @@ class GemvInt4KN(KNMatmulRule):
             sch.compute_at(cached, at, preserve_unit_loops=True)
             if vector:
                 sch.vectorize(sch.get_loops(cached)[-1])
-        # The activations of a thread's U rows: one vector load, not one per column.
+        # The activation row: copied once per work-group into local memory where it fits
+        # (else each of the TX lanes of a K range reads it from global memory: half the
+        # bytes of the words again), then a thread's U rows in one vector load a step.
         packed = (parts.qweight, parts.qzeros, parts.scales)
         reads = [r.source for r in sch.get(part).reads]
-        for index, buf in enumerate(reads):
-            if buf.scope() == "global" and not any(buf.same_as(p) for p in packed):
-                cached = sch.cache_read(part, index, "local")
-                sch.compute_at(cached, k_or, preserve_unit_loops=True)
-                sch.vectorize(sch.get_loops(cached)[-1])
-                break
+        index = next(
+            i
+            for i, buf in enumerate(reads)
+            if buf.scope() == "global" and not any(buf.same_as(p) for p in packed)
+        )
+        a_bytes = k_ext * reads[index].dtype.bits // 8
+        partials = ty * tx * WORD * 4
+        if a_bytes + partials <= local_memory_budget(target, self.tuning.local_memory_bytes):
+            staged = sch.cache_read(part, index, "shared")
+            sch.compute_at(staged, n_or, preserve_unit_loops=True)
+            fetch = sch.fuse(*_loops_below(sch, staged, n_or))
+            _, fetch_t, fetch_v = sch.split(fetch, [None, tx * ty, unroll])
+            sch.bind(fetch_t, "threadIdx.x")
+            sch.vectorize(fetch_v)
+            index = [
+                r.source.same_as(sch.get(staged).writes[0].source) for r in sch.get(part).reads
+            ].index(True)
+        cached = sch.cache_read(part, index, "local")
+        sch.compute_at(cached, k_or, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(cached)[-1])
         sch.unroll(k_ur)
         sch.unroll(n_wr)
         init = sch.decompose_reduction(part, k_gr)
