@@ -11,6 +11,10 @@ baseline of ``benchmarks/opencl_kernels.py``).
                       the work-group, fp32 accumulation             (gemv_kn.py)
     PrefillMatmulKN   prefill chunks ``[1, seq_len, K] x [K, N]``: all rows of a chunk per
                       thread in registers, weights read once a chunk, fp32   (prefill_matmul.py)
+    GemvInt4KN        decode with 4-bit weights (the dequantization fused): one 32-bit word
+                      of 8 columns per lane unpacked in registers, fp32    (gemv_int4.py)
+    PrefillInt4KN     prefill chunks with 4-bit weights: a word unpacked into registers once
+                      for all rows of the chunk, fp32            (prefill_int4.py)
     GemvNK            the tied lm_head ``[b, 1, K] x [N, K]^T`` (weight ``[vocab, hidden]``)
                       of decode/prefill/batch_decode/batch_prefill: rows read contiguously,
                       K split across the work-group, fp32 accumulation      (gemv_nk.py)
@@ -25,16 +29,20 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 
 from .common import SCHEDULE_ANNOTATION
+from .gemv_int4 import GemvInt4KN
 from .gemv_kn import GemvKN
 from .gemv_nk import GemvNK
+from .prefill_int4 import PrefillInt4KN
 from .prefill_matmul import PrefillMatmulKN
 from .tuning import DEFAULT_GPU, KNTuning
 
 __all__ = [
     "SCHEDULE_ANNOTATION",
+    "GemvInt4KN",
     "GemvKN",
     "GemvNK",
     "KNTuning",
+    "PrefillInt4KN",
     "PrefillMatmulKN",
     "gpu_rules",
     "stock_rules",
@@ -64,7 +72,15 @@ def stock_rules(matmul: ScheduleRule | None = None) -> list[ScheduleRule]:
 
 
 def gpu_rules(tuning: KNTuning | None = None) -> list[ScheduleRule]:
-    """Our KN matmul rules and the NK GEMV with ``tuning`` (the defaults when None), then
-    the stock rules for every other function."""
+    """Our KN matmul rules (the 4-bit GEMV takes only fused 4-bit functions, which the
+    fp16 rules do not match) and the NK GEMV with ``tuning`` (the defaults when None),
+    then the stock rules for every other function."""
     tuning = tuning or KNTuning.from_dict(DEFAULT_GPU, {})
-    return [GemvKN(tuning), PrefillMatmulKN(tuning), GemvNK(tuning), *stock_rules()]
+    return [
+        GemvKN(tuning),
+        GemvInt4KN(tuning),
+        PrefillMatmulKN(tuning),
+        PrefillInt4KN(tuning),
+        GemvNK(tuning),
+        *stock_rules(),
+    ]

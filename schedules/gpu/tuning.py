@@ -8,7 +8,8 @@ its vector width (``schedules/cuda/``). The sections and their keys are those of
     {"max_threads": 256, "local_memory_bytes": 32768,
      "gemv": {"vector": 8, "threads_n": 16, "threads_k": 8, "unroll_k": 4},
      "prefill": {"rows": 16, "vector": 8, "threads": 64, "unroll_k": 2},
-     "gemv_nk": {"vector": 8, "threads_k": 8, "rows": 32, "unroll_k": 4}}
+     "gemv_nk": {"vector": 8, "threads_k": 8, "rows": 32, "unroll_k": 4},
+     "gemv_int4": {"threads_n": 32, "threads_k": 4, "unroll_k": 4}}
 
 Work-groups never exceed ``max_threads`` threads nor use more than ``local_memory_bytes``
 of local memory (the rules also keep to the target's ``max_num_threads`` and
@@ -47,6 +48,18 @@ class GemvTuning:
 
 
 @dataclass(frozen=True)
+class GemvInt4Tuning:
+    """Decode GEMV of fused 4-bit weights (``gemv_int4.py``): each thread owns the 8
+    columns of one 32-bit word; ``threads_n`` x ``threads_k`` threads per work-group (each
+    group of rows split across ``threads_k``, at most 8), ``unroll_k`` words per unrolled
+    step."""
+
+    threads_n: int
+    threads_k: int
+    unroll_k: int
+
+
+@dataclass(frozen=True)
 class GemvNKTuning:
     """GEMV with the weight ``[N, K]`` (the tied lm_head): ``threads_k`` threads share
     one weight row, each reading ``vector`` halves of it per load; ``rows`` weight rows
@@ -70,7 +83,12 @@ class PrefillTuning:
     unroll_k: int
 
 
-SECTIONS: dict[str, type] = {"gemv": GemvTuning, "prefill": PrefillTuning, "gemv_nk": GemvNKTuning}
+SECTIONS: dict[str, type] = {
+    "gemv": GemvTuning,
+    "prefill": PrefillTuning,
+    "gemv_nk": GemvNKTuning,
+    "gemv_int4": GemvInt4Tuning,
+}
 
 
 def default_values() -> dict[str, Any]:
@@ -87,6 +105,7 @@ class KNTuning:
     gemv: GemvTuning
     prefill: PrefillTuning
     gemv_nk: GemvNKTuning
+    gemv_int4: GemvInt4Tuning
 
     @classmethod
     def from_dict(
