@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..models.base import ParamSource
 from ..models.parameters import TablePiece
 from ..quantization import WeightScheme
-from ..quantization.int4 import PART_NAMES, Int4Layout, quantize_rtn
+from ..quantization.int4 import PART_NAMES, Int4Layout, model_parameters, quantize_rtn
 from .tensor_cache import TensorCacheWriter
 from .weights import (
     _describe,
@@ -199,7 +199,7 @@ def convert_int4_weights(
                     tensor = held.pop(part)
                     if tuple(tensor.shape) != lin.shapes[part] or str(tensor.dtype) != dtype:
                         raise ValueError(f"{name} converted to {tensor.dtype}{tensor.shape}")
-                    writer.add(name, tensor)
+                    writer.add(name, tensor, params=model_parameters(part, tensor.shape))
                     continue
                 p = planned[name]
                 src = p.source
