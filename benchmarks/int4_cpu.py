@@ -136,7 +136,8 @@ def time_llama_cpp(gguf_path: Path, prompt: list[int], steps: int,
                    threads: int) -> tuple[float, float]:
     from llama_cpp import Llama
 
-    llm = Llama(str(gguf_path), n_ctx=len(prompt) + steps + 16, n_batch=len(prompt),
+    n_ctx = len(prompt) + steps + 16  # n_batch = n_ctx: .scores has a row per position
+    llm = Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx,
                 n_threads=threads, n_threads_batch=threads, verbose=False)
     llm.eval(prompt[:16])  # warm-up
     llm.eval([1])
