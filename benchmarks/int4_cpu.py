@@ -49,8 +49,9 @@ def make_checkpoint(path: Path, layers: int) -> dict[str, np.ndarray]:
 
 def _permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     # llama.cpp's rope pairs dims (2i, 2i+1); HF's pairs (i, i + d/2): reorder the rows.
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def write_gguf_q4_0(path: Path, weights: dict[str, np.ndarray], layers: int) -> int:
@@ -97,10 +98,14 @@ def write_gguf_q4_0(path: Path, weights: dict[str, np.ndarray], layers: int) -> 
     for i in range(layers):
         p = f"model.layers.{i}."
         add(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
-        add(f"blk.{i}.attn_q.weight", _permute_qk(weights[p + "self_attn.q_proj.weight"],
-                                                  c["num_attention_heads"]))
-        add(f"blk.{i}.attn_k.weight", _permute_qk(weights[p + "self_attn.k_proj.weight"],
-                                                  c["num_key_value_heads"]))
+        add(
+            f"blk.{i}.attn_q.weight",
+            _permute_qk(weights[p + "self_attn.q_proj.weight"], c["num_attention_heads"]),
+        )
+        add(
+            f"blk.{i}.attn_k.weight",
+            _permute_qk(weights[p + "self_attn.k_proj.weight"], c["num_key_value_heads"]),
+        )
         add(f"blk.{i}.attn_v.weight", weights[p + "self_attn.v_proj.weight"])
         add(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
         add(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
@@ -132,13 +137,20 @@ def time_mlc_edge(bundle: Path, prompt: list[int], steps: int) -> tuple[float, f
     return len(prompt) / prefill, steps / decode
 
 
-def time_llama_cpp(gguf_path: Path, prompt: list[int], steps: int,
-                   threads: int) -> tuple[float, float]:
+def time_llama_cpp(
+    gguf_path: Path, prompt: list[int], steps: int, threads: int
+) -> tuple[float, float]:
     from llama_cpp import Llama
 
     n_ctx = len(prompt) + steps + 16  # n_batch = n_ctx: .scores has a row per position
-    llm = Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(
+        str(gguf_path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     llm.eval(prompt[:16])  # warm-up
     llm.eval([1])
     llm.reset()
@@ -179,50 +191,93 @@ def main() -> None:
     prompt = [int(i) for i in rng.integers(1000, 100000, args.prompt)]
     rows: dict[str, tuple[float, float, int]] = {}  # prefill, decode, weight bytes
     try:
-        print(f"building a random Llama-3.2-1B-shaped checkpoint ({args.layers} layers) ...",
-              file=sys.stderr)
+        print(
+            f"building a random Llama-3.2-1B-shaped checkpoint ({args.layers} layers) ...",
+            file=sys.stderr,
+        )
         weights = make_checkpoint(work / "hf", args.layers)
         for scheme in ("q4f16t", "q0f16t"):
             bundle = work / scheme
             print(f"compiling mlc-edge {scheme} ...", file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "mlc_edge", "compile", str(work / "hf"),
-                            "--target", "cpu", "--quantization", scheme, "-o", str(bundle),
-                            "--context-window-size", str(args.prompt + args.decode + 16),
-                            "--json"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlc_edge",
+                    "compile",
+                    str(work / "hf"),
+                    "--target",
+                    "cpu",
+                    "--quantization",
+                    scheme,
+                    "-o",
+                    str(bundle),
+                    "--context-window-size",
+                    str(args.prompt + args.decode + 16),
+                    "--json",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             meta = json.loads((bundle / "tensor-cache.json").read_text())["metadata"]
-            rows[f"mlc-edge {scheme}"] = (*time_mlc_edge(bundle, prompt, args.decode),
-                                          int(meta["ParamBytes"]))
+            rows[f"mlc-edge {scheme}"] = (
+                *time_mlc_edge(bundle, prompt, args.decode),
+                int(meta["ParamBytes"]),
+            )
             shutil.rmtree(bundle)
         have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
         if not have_llama_cpp:
-            print("llama.cpp: missing (pip install llama-cpp-python to compare); timed "
-                  "mlc-edge only", file=sys.stderr)
+            print(
+                "llama.cpp: missing (pip install llama-cpp-python to compare); timed mlc-edge only",
+                file=sys.stderr,
+            )
         else:
             print("writing the Q4_0 GGUF ...", file=sys.stderr)
             nbytes = write_gguf_q4_0(work / "model-q4_0.gguf", weights, args.layers)
             del weights
-            rows["llama.cpp Q4_0"] = (*time_llama_cpp(work / "model-q4_0.gguf", prompt,
-                                                      args.decode, args.threads), nbytes)
+            rows["llama.cpp Q4_0"] = (
+                *time_llama_cpp(work / "model-q4_0.gguf", prompt, args.decode, args.threads),
+                nbytes,
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     bandwidth = copy_bandwidth()
-    print(f"\n{args.layers} of 16 layers, {args.threads} threads, prompt {args.prompt}, "
-          f"decode {args.decode}; numpy copy bandwidth {bandwidth / 1e9:.2f} GB/s")
-    print(f"{'engine':<20}{'weights MiB':>12}{'prefill tok/s':>15}{'decode tok/s':>14}"
-          f"{'ceiling tok/s':>15}{'of ceiling':>12}")
+    print(
+        f"\n{args.layers} of 16 layers, {args.threads} threads, prompt {args.prompt}, "
+        f"decode {args.decode}; numpy copy bandwidth {bandwidth / 1e9:.2f} GB/s"
+    )
+    print(
+        f"{'engine':<20}{'weights MiB':>12}{'prefill tok/s':>15}{'decode tok/s':>14}"
+        f"{'ceiling tok/s':>15}{'of ceiling':>12}"
+    )
     results = {}
     for name, (prefill, decode, nbytes) in rows.items():
         ceiling = bandwidth / nbytes
-        print(f"{name:<20}{nbytes / 2**20:>12.1f}{prefill:>15.2f}{decode:>14.2f}"
-              f"{ceiling:>15.2f}{decode / ceiling:>11.0%}")
-        results[name] = {"weight_bytes": nbytes, "prefill_tok_s": round(prefill, 3),
-                         "decode_tok_s": round(decode, 3),
-                         "decode_share_of_bandwidth_ceiling": round(decode / ceiling, 4)}
-    print(json.dumps({"benchmark": "int4_cpu", "layers": args.layers, "threads": args.threads,
-                      "prompt_tokens": args.prompt, "decode_tokens": args.decode,
-                      "copy_bandwidth_bytes_s": round(bandwidth), "llama_cpp": have_llama_cpp,
-                      "results": results}))
+        print(
+            f"{name:<20}{nbytes / 2**20:>12.1f}{prefill:>15.2f}{decode:>14.2f}"
+            f"{ceiling:>15.2f}{decode / ceiling:>11.0%}"
+        )
+        results[name] = {
+            "weight_bytes": nbytes,
+            "prefill_tok_s": round(prefill, 3),
+            "decode_tok_s": round(decode, 3),
+            "decode_share_of_bandwidth_ceiling": round(decode / ceiling, 4),
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "int4_cpu",
+                "layers": args.layers,
+                "threads": args.threads,
+                "prompt_tokens": args.prompt,
+                "decode_tokens": args.decode,
+                "copy_bandwidth_bytes_s": round(bandwidth),
+                "llama_cpp": have_llama_cpp,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
