@@ -24,9 +24,12 @@ Llama-3.1-8B (hidden 3072, intermediate 9216, 24/8 heads, 32 layers, vocabulary 
 ~4.3B parameters) from its config.json alone (a bundle folder holding only the
 mlc-chat-config.json made from it: the library, no weights), with the child's peak memory.
 
+``--quantization q0f16t,q4f16t`` runs each rule set's kernels for each scheme on the same
+shapes: the 4-bit decode GEMV (packed words, scales, zero points read) beside the fp16 one.
+
     python benchmarks/opencl_kernels.py [--rules NAME=module:attr ...] [--lm-head]
                                         [--repeat 20] [--rounds 3] [--compile]
-                                        [--json-only]
+                                        [--quantization q0f16t,q4f16t] [--json-only]
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ def bytes_moved(checker: Any, name: str, case: dict[str, int]) -> int:
 def benchmark_rule_sets(
     rule_sets: dict[str, list[Any]], config: dict[str, Any] | None = None,
     repeat: int = 20, lm_head: bool = False, check: bool = True, rounds: int = 3,
+    quantizations: tuple[str, ...] = ("q0f16t",),
 ) -> dict[str, Any]:
     """Time each rule set's linear kernels of one layer; returns rows and device info.
 
@@ -130,27 +134,36 @@ def benchmark_rule_sets(
     from mlc_edge.config import ModelSpec, load_preset
     from mlc_edge.verify import OpenCLRunner, model_checker
 
-    spec = ModelSpec.create(config or LLAMA_3_2_1B_ONE_LAYER, "q0f16t", load_preset("edge-512"))
     target = get_target("android-opencl")
     runner = OpenCLRunner()
     checkers: dict[str, tuple[Any, float]] = {}
-    for rules_name, rules in rule_sets.items():
-        start = time.perf_counter()
-        checker = model_checker(spec, target, runner=runner, rules=rules, only="matmul")
-        checkers[rules_name] = (checker, time.perf_counter() - start)
+    # Several schemes (q0f16t,q4f16t): each rule set's kernels per scheme, on the same shapes;
+    # the functions are matched by label, so the 4-bit GEMV sits beside the fp16 one.
+    for quantization in quantizations:
+        spec = ModelSpec.create(config or LLAMA_3_2_1B_ONE_LAYER, quantization,
+                                load_preset("edge-512"))
+        for rules_name, rules in rule_sets.items():
+            start = time.perf_counter()
+            checker = model_checker(spec, target, runner=runner, rules=rules, only="matmul")
+            name = f"{rules_name} {quantization}" if len(quantizations) > 1 else rules_name
+            checkers[name] = (checker, time.perf_counter() - start)
     first = next(iter(checkers.values()))[0]
     labels = {label: found for label, found in linear_functions(first).items()
               if lm_head or "lm_head" not in label}
     best: dict[tuple[str, str], float] = {}
-    for label, (name, case) in labels.items():
+    functions = {rules_name: linear_functions(checker)
+                 for rules_name, (checker, _s) in checkers.items()}
+    for label in labels:
         for _ in range(rounds):
             for rules_name, (checker, _s) in checkers.items():
+                name, case = functions[rules_name][label]
                 seconds = checker.time_function(name, case, repeat=repeat)
                 key = (rules_name, label)
                 best[key] = min(best.get(key, float("inf")), seconds)
     rows: list[dict[str, Any]] = []
     for rules_name, (checker, compile_s) in checkers.items():
-        for label, (name, case) in labels.items():
+        for label in labels:
+            name, case = functions[rules_name][label]
             seconds = best[(rules_name, label)]
             nbytes = bytes_moved(checker, name, case)
             correct = checker.check_case(name, case).passed if check else None
@@ -161,7 +174,7 @@ def benchmark_rule_sets(
                 "correct": correct, "compile_s": compile_s,
                 "launches": [f"{k.kernel} {k.global_size}/{k.local_size}" for k in launches],
             })
-    base = {r["kernel"]: r["seconds"] for r in rows if r["rules"] == next(iter(rule_sets))}
+    base = {r["kernel"]: r["seconds"] for r in rows if r["rules"] == next(iter(checkers))}
     for r in rows:
         r["speedup_vs_first"] = base[r["kernel"]] / r["seconds"] if r["kernel"] in base else None
     return {"device": runner.info.describe(), "fp16_as_float": runner.as_float, "rows": rows}
@@ -211,13 +224,14 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"device: {result['device']}"
           + (" (fp16 kernels run as float: bytes are fp32's)" if result["fp16_as_float"]
              else ""))
-    print(f"{'rules':<12} {'kernel':<22} {'function':<22} {'time':>10} {'GB/s':>8} "
-          f"{'vs first':>8}  check")
+    print(f"{'rules':<16} {'kernel':<22} {'function':<22} {'time':>10} {'MB read':>8} "
+          f"{'GB/s':>8} {'vs first':>8}  check")
     for r in result["rows"]:
         ratio = f"{r['speedup_vs_first']:.2f}x" if r["speedup_vs_first"] else "-"
         check = {True: "ok", False: "WRONG", None: "-"}[r["correct"]]
-        print(f"{r['rules']:<12} {r['kernel']:<22} {r['function']:<22} "
-              f"{r['seconds'] * 1e6:>8.0f}us {r['gb_per_s']:>8.2f} {ratio:>8}  {check}")
+        print(f"{r['rules']:<16} {r['kernel']:<22} {r['function']:<22} "
+              f"{r['seconds'] * 1e6:>8.0f}us {r['bytes'] / 1e6:>8.2f} {r['gb_per_s']:>8.2f} "
+              f"{ratio:>8}  {check}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,13 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--compile", action="store_true",
                     help="also time mlc-edge compile of the 4.3B pruned Llama config")
+    ap.add_argument("--quantization", default="q0f16t",
+                    help="scheme(s), e.g. q0f16t,q4f16t: each rule set's kernels per scheme")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
 
     specs = args.rules or DEFAULT_RULES
     rule_sets = dict(load_rules(s) for s in specs)
     result = benchmark_rule_sets(rule_sets, repeat=args.repeat, lm_head=args.lm_head,
-                                 check=not args.no_check, rounds=args.rounds)
+                                 check=not args.no_check, rounds=args.rounds,
+                                 quantizations=tuple(args.quantization.split(",")))
     if args.compile:
         result["compile"] = time_compile(PRUNED_LLAMA_3_1_8B)
     if not args.json_only:

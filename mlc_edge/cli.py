@@ -387,23 +387,32 @@ def memory_cmd(source: Path, target: str | None, reported_memory: str | None, bu
     if is_bundle and (preset or any(v is not None for v in sizes.values())):
         raise UserError("a bundle's sizes are its own: give MODEL_DIR or config.json to "
                         "plan other sizes (or --compare)")
+    # --compare plans each of several schemes given as --quantization q0f16t,q4f16t.
+    schemes = [q.strip() for q in quantization.split(",") if q.strip()]
+    if len(schemes) > 1 and (is_bundle or not compare):
+        raise UserError(f"--quantization {quantization}: several schemes are for --compare on "
+                        "MODEL_DIR or config.json; give one otherwise")
     hf_config = layout.read_model_config(source if is_bundle else _config_folder(source))
     plans = []
     if is_bundle:
         plan, target = plan_from_bundle(Path(source), target, reported, budget_bytes)
         plans.append(plan)
-        quantization = plan.quantization
+        schemes = [plan.quantization]
     else:
         target = target or "android-opencl"
-        plans.append(plan_from_config(hf_config, target, preset, quantization, sizes,
-                                      reported, budget_bytes))
-    if compare:
-        plain = not is_bundle and all(v is None for v in sizes.values())
-        for name in ("edge-512", "edge-768", "mlc-default"):
-            if plain and plans[0].label == name:
-                continue  # already the first plan
-            plans.append(plan_from_config(hf_config, target, name, quantization, {},
-                                          reported, budget_bytes))
+    for scheme in schemes:
+        first = len(plans)
+        tag = f" {scheme}" if len(schemes) > 1 else ""
+        if not is_bundle:
+            plans.append(plan_from_config(hf_config, target, preset, scheme, sizes, reported,
+                                          budget_bytes, label=f"{preset or 'edge-512'}{tag}"))
+        if compare:
+            plain = not is_bundle and all(v is None for v in sizes.values())
+            for name in ("edge-512", "edge-768", "mlc-default"):
+                if plain and plans[first].label == name + tag:
+                    continue  # already the first plan
+                plans.append(plan_from_config(hf_config, target, name, scheme, {},
+                                              reported, budget_bytes, label=name + tag))
     _emit(as_json, {"source": str(source), "target": target,
                     "plans": [p.as_dict() for p in plans]}, table(plans))
 

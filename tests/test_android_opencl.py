@@ -189,6 +189,40 @@ def test_app_entry_is_the_memory_plan_total(built, tmp_path):
     assert plan.total_bytes == expected
 
 
+def test_app_entry_of_a_4bit_bundle_is_its_memory_plan_total(checkpoint, built, tmp_path):
+    """q4f16t: the entry counts the packed int32 words, scales and zero points as stored
+    (from the tensor cache or, before conversion, from _metadata.params), the same total
+    `mlc-edge memory` plans, and below q0f16t's by the weights saved."""
+    from mlc_edge.bundle.app_config import estimated_vram_bytes
+    from mlc_edge.memory.sources import plan_for
+
+    preset = load_preset("edge-512")
+    spec = ModelSpec.create(json.loads((checkpoint / "config.json").read_text()), "q4f16t",
+                            preset)
+    _, metadata = compile_model(spec, get_target("android-opencl"), "hf_q4f16t_android_opencl")
+    main(["convert", str(checkpoint), "-o", str(tmp_path / "w"), "--quantization", "q4f16t"])
+    cache = json.loads((tmp_path / "w" / "tensor-cache.json").read_text())
+    stored = {r["name"]: r for shard in cache["records"] for r in shard["records"]}
+    assert stored["model.layers.0.mlp.down_proj.qweight"]["dtype"] == "int32"
+    weights = sum(r["nbytes"] for r in stored.values())
+    by_shape = {p["name"]: int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                for p in metadata["params"]}
+    assert by_shape == {name: r["nbytes"] for name, r in stored.items()}
+    expected = (weights + 3 * 2 * 16 * (512 + 16) * 2 * 2 + max(metadata["memory_usage"].values())
+                + metadata["active_vocab_size"] * 4 + RUNTIME_OVERHEAD_BYTES)
+    assert estimated_vram_bytes(tmp_path / "w", metadata, "float16") == expected
+    (tmp_path / "none").mkdir()
+    assert estimated_vram_bytes(tmp_path / "none", metadata, "float16") == expected
+    plan = plan_for(metadata, "edge-512", "android-opencl", "float16", None, None)
+    assert plan.total_bytes == expected
+    _, _, fp16_metadata, _ = built
+    fp16_weights = sum(int(np.prod(p["shape"])) * 2 for p in fp16_metadata["params"])
+    assert weights < fp16_weights
+    assert estimated_vram_bytes(tmp_path / "none", fp16_metadata, "float16") - expected == (
+        fp16_weights - weights + max(fp16_metadata["memory_usage"].values())
+        - max(metadata["memory_usage"].values()))
+
+
 def test_run_says_a_phone_bundle_is_for_a_phone(bundle):
     out, _ = bundle
     with pytest.raises(UserError, match="compiled for a phone"):

@@ -85,6 +85,30 @@ def test_bench_json_has_the_documented_fields(models, cpu_bundle, capsys):
         assert r["avg_ts"] > 0
 
 
+def test_bench_on_a_4bit_bundle(models, capsys):
+    """q4f16t: bench runs it; n_params is the model's, size the packed bytes on disk."""
+    model, root = models
+    bundle = compile_bundle(root / "hf", root / "q4", "--target", "cpu",
+                            "--quantization", "q4f16t")
+    code, out, err = cli(capsys, "bench", str(bundle), "-p", "20", "-n", "4", "-r", "1",
+                         "-t", "1", "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["test"] for r in results] == ["pp20", "tg4"]
+    n_params = sum(p.numel() for p in model.parameters())
+    cache = json.loads((bundle / "tensor-cache.json").read_text())
+    records = [r for shard in cache["records"] for r in shard["records"]]
+    n_bytes = sum(r["nbytes"] for r in records)
+    assert any(r["name"].endswith(".qweight") for r in records)
+    for r in results:
+        assert (r["quantization"], r["model_lib"]) == ("q4f16t", "hf_q4f16t_cpu")
+        assert r["n_params"] == n_params and r["size"] == n_bytes < 2 * n_params
+        assert r["avg_ts"] > 0 and len(r["samples_ns"]) == 1
+    # The packed words count as the weights they hold, not one parameter each.
+    assert cache["metadata"]["ParamSize"] == n_params
+    assert cache["metadata"]["BitsPerParam"] == pytest.approx(8 * n_bytes / n_params, abs=1e-3)
+
+
 def test_pp_prefills_in_chunks_and_tg_decodes_from_empty(cpu_bundle, monkeypatch):
     """pp N: ceil(N / chunk) prefill calls from an empty cache; tg N: N decode calls;
     the warm-up run is made but not counted."""

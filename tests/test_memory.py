@@ -211,6 +211,7 @@ def mlc_edge(*args: str) -> subprocess.CompletedProcess:
     ["memory", "{pruned}", "--preset", "edge-999"],
     ["memory", "{pruned}", "--budget", "lots"],
     ["memory", "{pruned}", "--target", "nope"],
+    ["memory", "{pruned}", "--quantization", "q0f16t,q4f16t"],  # several need --compare
 ])
 def test_bad_input_is_one_line(pruned: Path, args: list[str]) -> None:
     res = mlc_edge(*[a.replace("{pruned}", str(pruned)) for a in args])
@@ -236,3 +237,19 @@ def test_phone_bundle_and_compare(tmp_path: Path, capsys) -> None:
     assert (mlc["context_window_size"], mlc["prefill_chunk_size"]) == (512, 512)
     assert mlc["temporaries"]["prefill"] > edge512["temporaries"]["prefill"]
     assert mlc["total_bytes"] > edge512["total_bytes"]
+
+
+def test_compare_plans_each_scheme(tmp_path: Path, capsys) -> None:
+    """--compare --quantization q0f16t,q4f16t: the presets for each scheme, labelled; the
+    4-bit weights are smaller, the KV cache the same."""
+    make_llama(tmp_path / "hf")
+    capsys.readouterr()
+    main(["memory", str(tmp_path / "hf" / "config.json"), "--compare", "--json",
+          "--quantization", "q0f16t,q4f16t"])
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert [(p["label"], p["quantization"]) for p in plans] == [
+        (f"{name} {q}", q) for q in ("q0f16t", "q4f16t")
+        for name in ("edge-512", "edge-768", "mlc-default")]
+    for fp16, int4 in zip(plans[:3], plans[3:], strict=True):
+        assert int4["weights"]["total"] < fp16["weights"]["total"] / 2
+        assert int4["kv_cache"] == fp16["kv_cache"]

@@ -322,3 +322,24 @@ def test_convert_streams(tmp_path: Path) -> None:
     assert peak < 3 * one, f"peak {peak / MiB:.1f} MiB for {one / MiB:.0f} MiB tensors"
     assert peak < checkpoint_bytes / 2
     assert sum(s["nbytes"] for s in read_tensor_cache_json(out)["records"]) == len(names) * one // 2
+
+
+def test_bits_per_param_counts_the_weights_a_packed_tensor_holds(tmp_path: Path) -> None:
+    """A 4-bit layer: qweight's int32 words hold 8 weights each, scales and zero points
+    none; BitsPerParam is the bundle's bytes per model weight (MLC-LLM's meaning)."""
+    from mlc_edge.quantization.int4 import model_parameters
+
+    k, n, group = 256, 64, 32
+    parts = {
+        "q.qweight": np.zeros((k, n // 8), np.int32),
+        "q.qzeros": np.zeros((k // group, n // 8), np.int32),
+        "q.scales": np.ones((k // group, n), np.float16),
+    }
+    with TensorCacheWriter(tmp_path) as writer:
+        for name, arr in parts.items():
+            writer.add(name, arr, params=model_parameters(name.rpartition(".")[2], arr.shape))
+        meta = writer.finish()["metadata"]
+    n_bytes = sum(a.nbytes for a in parts.values())
+    assert meta["ParamSize"] == k * n and meta["ParamBytes"] == n_bytes
+    # 4 bits a weight, plus per group of 32: a 16-bit scale and a 4-bit zero point.
+    assert meta["BitsPerParam"] == pytest.approx(4 + (16 + 4) / group, abs=1e-3)

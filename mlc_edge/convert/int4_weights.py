@@ -39,7 +39,13 @@ from ..errors import UserError
 from ..models.base import ParamSource
 from ..models.parameters import TablePiece
 from ..quantization import WeightScheme
-from ..quantization.int4 import PART_NAMES, Int4Layout, pack_int4, quantize_rtn
+from ..quantization.int4 import (
+    PART_NAMES,
+    Int4Layout,
+    model_parameters,
+    pack_int4,
+    quantize_rtn,
+)
 from .weights import (
     PlannedReader,
     _describe,
@@ -249,7 +255,7 @@ def convert_int4_weights(
                     tensor = held.pop(part)
                     if tuple(tensor.shape) != lin.shapes[part] or str(tensor.dtype) != dtype:
                         raise ValueError(f"{name} converted to {tensor.dtype}{tensor.shape}")
-                    writer.add(name, tensor)
+                    writer.add(name, tensor, params=model_parameters(part, tensor.shape))
                     continue
                 p = planned[name]
                 writer.add(name, reader.convert(p))

@@ -8,6 +8,12 @@ The runtime (TVM ``src/runtime/vm/tensor_cache_support.cc``) reads::
                   "records": [{"name": ..., "shape": [...], "dtype": "float16",
                                "format": "raw", "nbytes": ..., "byteOffset": ...}]}]}
 
+``ParamSize`` is the model's parameter count (MLC-LLM's writer puts the number of tensors
+there and divides by the source checkpoint's parameter count for ``BitsPerParam``; our
+readers take ``ParamSize`` as parameters). A 4-bit layer's packed words count as the 8
+weights each holds and its scales and zero points as none, so ``BitsPerParam`` is what the
+bundle spends per weight of the model (about 4.5 for ``q4f16t``), as MLC-LLM reports it.
+
 Tensors are appended to the current shard file as they arrive and the shard's md5 is
 updated incrementally, so writing never holds more than the tensor being added.
 """
@@ -50,8 +56,12 @@ class TensorCacheWriter(Closable):
         self._param_bytes = 0
         self._finished = False
 
-    def add(self, name: str, array: np.ndarray) -> None:
-        """Append one tensor; it starts a new shard if it would overflow the current one."""
+    def add(self, name: str, array: np.ndarray, params: int | None = None) -> None:
+        """Append one tensor; it starts a new shard if it would overflow the current one.
+
+        ``params``: how many of the model's parameters the tensor holds, when that is not
+        its element count (a packed 4-bit weight, its scales and zero points).
+        """
         if self._finished:
             raise RuntimeError("TensorCacheWriter.add after finish")
         if name in self._names:
@@ -89,7 +99,7 @@ class TensorCacheWriter(Closable):
             self._md5.update(raw)
         shard["nbytes"] += nbytes
         self._names.add(name)
-        self._param_count += array.size
+        self._param_count += array.size if params is None else params
         self._param_bytes += nbytes
 
     def _open_shard(self) -> dict[str, Any]:

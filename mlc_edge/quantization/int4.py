@@ -76,6 +76,15 @@ class Int4Layout:
 PART_NAMES = ("qweight", "qzeros", "scales")
 
 
+def model_parameters(part: str, shape: tuple[int, ...]) -> int:
+    """How many of the model's weights a stored part holds: ``qweight``'s words 8 each,
+    ``qzeros`` and ``scales`` none (they describe the weights; counting them, or the words
+    as one each, would put 32 bits or more per weight in tensor-cache.json)."""
+    if part == "qweight":
+        return int(np.prod(shape)) * 8
+    return 0
+
+
 def pack_int4(values: np.ndarray) -> np.ndarray:
     """``[R, C]`` integers in 0..15 → int32 ``[R, C/8]`` in AWQ's nibble order."""
     values = np.asarray(values)

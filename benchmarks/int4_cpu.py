@@ -1,0 +1,284 @@
+"""4-bit decode on this CPU: mlc-edge ``q4f16t`` vs ``q0f16t`` vs llama.cpp ``Q4_0``.
+
+One random Llama-3.2-1B-shaped checkpoint (``model_shapes.LLAMA_3_2_1B``, fewer layers with
+``--layers``) is saved as a Hugging Face checkpoint; mlc-edge compiles it for the CPU in
+both schemes, and the same weights are written as a llama.cpp GGUF in Q4_0 (gguf-py's numpy
+quantizer; every matrix, the tied embedding included, in Q4_0; norms in F32; q/k rows
+permuted as llama.cpp's converter does). Each engine prefills the same prompt once
+(after a warm-up) and then decodes ``--decode`` tokens, with the same thread count.
+
+Decode reads every weight once a token, so its ceiling is bandwidth / weight bytes; the
+bandwidth is measured here with a numpy copy (one thread: a floor of what the machine has,
+so the share is an upper bound). llama.cpp comes from ``pip install llama-cpp-python``
+(not a project dependency); without it the script says so and runs the other two.
+
+    python benchmarks/int4_cpu.py [--layers 4] [--threads 2] [--prompt 64] [--decode 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from model_shapes import LLAMA_3_2_1B
+
+
+def make_checkpoint(path: Path, layers: int) -> dict[str, np.ndarray]:
+    """Random fp16 weights saved as a HF checkpoint; returns them as float32 numpy."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {**LLAMA_3_2_1B, "num_hidden_layers": layers, "torch_dtype": "float16"}
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval().half()
+    model.save_pretrained(path, safe_serialization=True)
+    # Speed does not depend on the text: a word-level tokenizer is enough for the bundle.
+    Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(path / "tokenizer.json"))
+    return {k: v.float().numpy() for k, v in model.state_dict().items()}
+
+
+def _permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    # llama.cpp's rope pairs dims (2i, 2i+1); HF's pairs (i, i + d/2): reorder the rows.
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def write_gguf_q4_0(path: Path, weights: dict[str, np.ndarray], layers: int) -> int:
+    """The same weights as a llama.cpp GGUF, matrices in Q4_0. Returns the tensor bytes."""
+    import gguf
+
+    c = LLAMA_3_2_1B
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(4096)
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(layers)
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_dimension_count(c["head_dim"])
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    vocab = c["vocab_size"]
+    # A sentencepiece-style vocabulary of placeholders: llama.cpp needs the 256 byte tokens.
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    tokens += [f"t{i}".encode() for i in range(vocab - len(tokens))]
+    types += [1] * (vocab - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    nbytes = 0
+
+    def add(name: str, arr: np.ndarray) -> None:
+        nonlocal nbytes
+        if arr.ndim == 2:
+            data = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q4_0)
+            w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            data = arr.astype(np.float32)
+            w.add_tensor(name, data)
+        nbytes += data.nbytes
+
+    add("token_embd.weight", weights["model.embed_tokens.weight"])
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
+        add(
+            f"blk.{i}.attn_q.weight",
+            _permute_qk(weights[p + "self_attn.q_proj.weight"], c["num_attention_heads"]),
+        )
+        add(
+            f"blk.{i}.attn_k.weight",
+            _permute_qk(weights[p + "self_attn.k_proj.weight"], c["num_key_value_heads"]),
+        )
+        add(f"blk.{i}.attn_v.weight", weights[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", weights[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", weights[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", weights[p + "mlp.down_proj.weight"])
+    add("output_norm.weight", weights["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return nbytes
+
+
+def time_mlc_edge(bundle: Path, prompt: list[int], steps: int) -> tuple[float, float]:
+    from mlc_edge.runtime import Engine
+
+    engine = Engine(bundle)
+    engine.prefill(prompt[:16])  # warm-up: first calls allocate
+    engine.decode(1)
+    engine.reset()
+    start = time.perf_counter()
+    logits = engine.prefill(prompt)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = engine.decode(int(np.argmax(logits)))
+    decode = time.perf_counter() - start
+    return len(prompt) / prefill, steps / decode
+
+
+def time_llama_cpp(
+    gguf_path: Path, prompt: list[int], steps: int, threads: int
+) -> tuple[float, float]:
+    from llama_cpp import Llama
+
+    n_ctx = len(prompt) + steps + 16  # n_batch = n_ctx: .scores has a row per position
+    llm = Llama(
+        str(gguf_path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    llm.eval(prompt[:16])  # warm-up
+    llm.eval([1])
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    decode = time.perf_counter() - start
+    return len(prompt) / prefill, steps / decode
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a numpy copy (read + write counted), the best of a few."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    have_llama_cpp = False
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mlc-edge-int4-"))
+    rng = np.random.default_rng(0)
+    prompt = [int(i) for i in rng.integers(1000, 100000, args.prompt)]
+    rows: dict[str, tuple[float, float, int]] = {}  # prefill, decode, weight bytes
+    try:
+        print(
+            f"building a random Llama-3.2-1B-shaped checkpoint ({args.layers} layers) ...",
+            file=sys.stderr,
+        )
+        weights = make_checkpoint(work / "hf", args.layers)
+        for scheme in ("q4f16t", "q0f16t"):
+            bundle = work / scheme
+            print(f"compiling mlc-edge {scheme} ...", file=sys.stderr)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlc_edge",
+                    "compile",
+                    str(work / "hf"),
+                    "--target",
+                    "cpu",
+                    "--quantization",
+                    scheme,
+                    "-o",
+                    str(bundle),
+                    "--context-window-size",
+                    str(args.prompt + args.decode + 16),
+                    "--json",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            meta = json.loads((bundle / "tensor-cache.json").read_text())["metadata"]
+            rows[f"mlc-edge {scheme}"] = (
+                *time_mlc_edge(bundle, prompt, args.decode),
+                int(meta["ParamBytes"]),
+            )
+            shutil.rmtree(bundle)
+        have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+        if not have_llama_cpp:
+            print(
+                "llama.cpp: missing (pip install llama-cpp-python to compare); timed mlc-edge only",
+                file=sys.stderr,
+            )
+        else:
+            print("writing the Q4_0 GGUF ...", file=sys.stderr)
+            nbytes = write_gguf_q4_0(work / "model-q4_0.gguf", weights, args.layers)
+            del weights
+            rows["llama.cpp Q4_0"] = (
+                *time_llama_cpp(work / "model-q4_0.gguf", prompt, args.decode, args.threads),
+                nbytes,
+            )
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    bandwidth = copy_bandwidth()
+    print(
+        f"\n{args.layers} of 16 layers, {args.threads} threads, prompt {args.prompt}, "
+        f"decode {args.decode}; numpy copy bandwidth {bandwidth / 1e9:.2f} GB/s"
+    )
+    print(
+        f"{'engine':<20}{'weights MiB':>12}{'prefill tok/s':>15}{'decode tok/s':>14}"
+        f"{'ceiling tok/s':>15}{'of ceiling':>12}"
+    )
+    results = {}
+    for name, (prefill, decode, nbytes) in rows.items():
+        ceiling = bandwidth / nbytes
+        print(
+            f"{name:<20}{nbytes / 2**20:>12.1f}{prefill:>15.2f}{decode:>14.2f}"
+            f"{ceiling:>15.2f}{decode / ceiling:>11.0%}"
+        )
+        results[name] = {
+            "weight_bytes": nbytes,
+            "prefill_tok_s": round(prefill, 3),
+            "decode_tok_s": round(decode, 3),
+            "decode_share_of_bandwidth_ceiling": round(decode / ceiling, 4),
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "int4_cpu",
+                "layers": args.layers,
+                "threads": args.threads,
+                "prompt_tokens": args.prompt,
+                "decode_tokens": args.decode,
+                "copy_bandwidth_bytes_s": round(bandwidth),
+                "llama_cpp": have_llama_cpp,
+                "results": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
