@@ -65,27 +65,41 @@ class Int4Parts:
         self.group_size = k // groups
 
 
-class GemvInt4KN(KNMatmulRule):
-    """Decode-shaped fused 4-bit matmuls (``[1, 1, K]`` or ``[b, 1, K]`` rows)."""
-
-    rule_name = "adreno.gemv_int4"
-    decode_shaped = True
+class Int4MatmulRule(KNMatmulRule):
+    """A rule for the PrimFuncs ``FuseInt4Matmul`` makes: finds their one
+    ``dequantize_int4`` block and its packed tensors and hands them to ``schedule_int4``;
+    a primitive refusing an unexpected variant passes the function to the next rule."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         try:
-            return self._schedule(s_tir.Schedule(func), target)
+            sch = s_tir.Schedule(func)
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+            dequantize = [b for b in blocks if sch.get(b).name_hint.startswith(DEQUANTIZE_NAME)]
+            if len(dequantize) != 1:
+                return None
+            (deq,) = dequantize
+            return self.schedule_int4(sch, deq, Int4Parts(sch.get(deq)), target)
         except (s_tir.schedule.ScheduleError, ValueError):
             return None
 
-    def _schedule(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        dequantize = [b for b in blocks if sch.get(b).name_hint.startswith(DEQUANTIZE_NAME)]
-        if len(dequantize) != 1:
-            return None
-        parts = Int4Parts(sch.get(dequantize[0]))
-        sch.compute_inline(dequantize[0])
+    def schedule_int4(
+        self, sch: s_tir.Schedule, deq: s_tir.schedule.SBlockRV, parts: Int4Parts, target: Target
+    ) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class GemvInt4KN(Int4MatmulRule):
+    """Decode-shaped fused 4-bit matmuls (``[1, 1, K]`` or ``[b, 1, K]`` rows)."""
+
+    rule_name = "adreno.gemv_int4"
+    decode_shaped = True
+
+    def schedule_int4(
+        self, sch: s_tir.Schedule, deq: s_tir.schedule.SBlockRV, parts: Int4Parts, target: Target
+    ) -> s_tir.Schedule | None:
+        sch.compute_inline(deq)
         infos = normalize_prim_func(sch)
         infos = infos and try_inline_contiguous_spatial(sch, infos)
         if not infos:

@@ -30,36 +30,22 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from mlc_edge.quantization.int4 import DEQUANTIZE_NAME
-
 from ..kn_pattern import fold_epilogues, largest_divisor
-from .common import KNMatmulRule, is_decode_shaped, static_int
-from .gemv_int4 import WORD, Int4Parts
+from .common import is_decode_shaped, static_int
+from .gemv_int4 import WORD, Int4MatmulRule, Int4Parts
 from .prefill_matmul import _clamp_rows, _writes_rows
 from .tuning import PrefillTuning
 
 
-class PrefillInt4KN(KNMatmulRule):
+class PrefillInt4KN(Int4MatmulRule):
     """Fused 4-bit matmuls with a token axis of several rows (prefill chunks)."""
 
     rule_name = "adreno.prefill_int4"
     decode_shaped = False
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            return self._schedule(s_tir.Schedule(func), target)
-        except (s_tir.schedule.ScheduleError, ValueError):
-            return None
-
-    def _schedule(self, sch: s_tir.Schedule, target: Target) -> s_tir.Schedule | None:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        dequantize = [b for b in blocks if sch.get(b).name_hint.startswith(DEQUANTIZE_NAME)]
-        if len(dequantize) != 1:
-            return None
-        (deq,) = dequantize
-        parts = Int4Parts(sch.get(deq))
+    def schedule_int4(
+        self, sch: s_tir.Schedule, deq: s_tir.schedule.SBlockRV, parts: Int4Parts, target: Target
+    ) -> s_tir.Schedule | None:
         consumers = sch.get_consumers(deq)
         if len(consumers) != 1:
             return None
