@@ -33,7 +33,7 @@ from tvm.target import Target
 from ..kn_pattern import fold_epilogues, largest_divisor
 from .common import is_decode_shaped, static_int
 from .gemv_int4 import WORD, Int4MatmulRule, Int4Parts
-from .prefill_matmul import _clamp_rows, _writes_rows
+from .prefill_matmul import _writes_rows, stage_activation_tile
 from .tuning import PrefillTuning
 
 
@@ -114,13 +114,7 @@ class PrefillInt4KN(Int4MatmulRule):
         sch.vectorize(sch.get_loops(init)[-1])
 
         # The activations' R x U tile, loaded into registers once per k step.
-        for pad in a_pad:
-            _clamp_rows(sch, pad)
-            sch.compute_at(pad, k_o, preserve_unit_loops=True)
-            sch.set_scope(pad, 0, "local")
-            p_loops = sch.get_loops(pad)
-            sch.unroll(p_loops[-2])
-            sch.vectorize(p_loops[-1])
+        stage_activation_tile(sch, a_pad, k_o)
 
         # The word's 8 weights unpacked into registers once for all R rows; the zero word
         # and the 8 scales once a group, the weight word once a row.

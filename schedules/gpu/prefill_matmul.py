@@ -81,13 +81,7 @@ class PrefillMatmulKN(KNMatmulRule):
         sch.vectorize(sch.get_loops(init)[-1])
 
         # The activations' R x U tile, loaded into registers once per k step.
-        for pad in a_pad:
-            _clamp_rows(sch, pad)
-            sch.compute_at(pad, k_o, preserve_unit_loops=True)
-            sch.set_scope(pad, 0, "local")
-            p_loops = sch.get_loops(pad)
-            sch.unroll(p_loops[-2])
-            sch.vectorize(p_loops[-1])
+        stage_activation_tile(sch, a_pad, k_o)
 
         # The weight vector of each k, loaded (and converted) once for all R rows.
         w_index = read_index(sch, block, pat.rhs)
@@ -111,6 +105,19 @@ class PrefillMatmulKN(KNMatmulRule):
 def _writes_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     """Whether a producer made by pad_einsum is the padded activation copy."""
     return "pad" in sch.get(block).name_hint
+
+def stage_activation_tile(
+    sch: s_tir.Schedule, a_pad: list[s_tir.schedule.SBlockRV], k_o: s_tir.schedule.LoopRV
+) -> None:
+    """The padded activations' R x U tile of each k step in registers (rows past the
+    chunk read its last row), loaded once per ``k_o`` iteration; the prefill rules share it."""
+    for pad in a_pad:
+        _clamp_rows(sch, pad)
+        sch.compute_at(pad, k_o, preserve_unit_loops=True)
+        sch.set_scope(pad, 0, "local")
+        p_loops = sch.get_loops(pad)
+        sch.unroll(p_loops[-2])
+        sch.vectorize(p_loops[-1])
 
 
 def _clamp_rows(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV) -> None:
