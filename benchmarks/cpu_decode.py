@@ -69,6 +69,7 @@ def time_mlc_edge(bundle: Path, prompt: list[int], steps: int) -> tuple[float, f
 
     engine = Engine(bundle)
     engine.prefill(prompt[:16])  # warm-up: first calls allocate
+    engine.decode(1)
     engine.reset()
     start = time.perf_counter()
     logits = engine.prefill(prompt)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cpu_decode import time_mlc_edge
 from model_shapes import LLAMA_3_2_1B
 
 
@@ -118,23 +119,6 @@ def write_gguf_q4_0(path: Path, weights: dict[str, np.ndarray], layers: int) -> 
     w.write_tensors_to_file()
     w.close()
     return nbytes
-
-
-def time_mlc_edge(bundle: Path, prompt: list[int], steps: int) -> tuple[float, float]:
-    from mlc_edge.runtime import Engine
-
-    engine = Engine(bundle)
-    engine.prefill(prompt[:16])  # warm-up: first calls allocate
-    engine.decode(1)
-    engine.reset()
-    start = time.perf_counter()
-    logits = engine.prefill(prompt)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        logits = engine.decode(int(np.argmax(logits)))
-    decode = time.perf_counter() - start
-    return len(prompt) / prefill, steps / decode
 
 
 def time_llama_cpp(
