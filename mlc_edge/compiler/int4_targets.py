@@ -1,12 +1,12 @@
 """Which targets build the 4-bit schemes (``mlc_edge.quantization.int4``).
 
 A 4-bit matmul is one PrimFunc holding the dequantization and the matmul
-(``passes/fuse_int4_matmul.py``). The CPU rules (``schedules/cpu``: ``ParallelSpatial``)
-inline the dequantization into the matmul's loads; on ``android-opencl`` TVM's stock
-dlight GPU rules (``schedules/adreno``, after ours, which take only plain KN weights)
-unpack the words in registers, with fp32 accumulation, and ``mlc-edge verify`` checks
-them on PoCL. CUDA is not checked yet (no nvcc here to build it): a 4-bit scheme there
-gets this one line instead of a build nobody has run.
+(``passes/fuse_int4_matmul.py``). The CPU rule (``schedules/cpu/int4.py``) inlines the
+dequantization into the matmul's loads; on ``android-opencl`` our GPU rules
+(``schedules/gpu/gemv_int4.py``, ``prefill_int4.py``) unpack the words in registers, with
+fp32 accumulation, and ``mlc-edge verify`` checks them on PoCL. CUDA is not checked yet
+(no nvcc here to build it): a 4-bit scheme there gets this one line instead of a build
+nobody has run.
 """
 
 from __future__ import annotations
