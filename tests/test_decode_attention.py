@@ -5,7 +5,8 @@ as float) against attention computed in float64 from the same fp16 inputs, the c
 out in shuffled pages with unused pages between: grouped-query attention of group 1, 2
 and 4 (and 7), one and several sequences at once, context lengths below a page, a page
 exactly, not a multiple of the page size and many tiles; the sliding-window variant with
-an attention sink and a slid window; an empty sequence. Its signature is TVM's, the
+an attention sink and a slid window; an empty sequence. ``verify --device intel`` of the
+tiny model keeps it at the fp16 rounding of its output. Its signature is TVM's, the
 model's KV cache is built with it on GPU targets and not on the CPU, what it does not
 support is refused at compile time, and a barrier removed from it is caught as a race.
 """
@@ -18,8 +19,9 @@ import re
 import numpy as np
 import pytest
 import tvm_ffi
-from helpers import opencl_missing
+from helpers import opencl_missing, run_verify_json
 from test_oclgrind import needs_oclgrind
+from test_verify_fp16 import _intel_missing
 from tiny_models import make_llama
 from tvm import IRModule, tirx
 from tvm import relax as rx
@@ -283,3 +285,25 @@ def test_a_missing_barrier_is_caught_as_a_race(target):
     assert not report.passed
     messages = [m.message for case in report.failed for _, m in case.problems()]
     assert any("data race" in m for m in messages), messages
+
+
+@pytest.mark.skipif(_intel_missing() is not None, reason=str(_intel_missing()))
+def test_verify_of_the_tiny_model_in_real_fp16_is_at_the_rounding_floor(tmp_path, capsys):
+    # mlc-edge verify --device intel: the kernels in fp16 against the CPU's (TVM's
+    # serial kernel) in fp32 from the same inputs; ours rounds once, its output
+    make_llama(tmp_path / "hf")
+    code, report = run_verify_json(
+        capsys,
+        str(tmp_path / "hf"),
+        "--device",
+        "intel",
+        "--num-hidden-layers",
+        "1",
+        "--only",
+        "batch_decode_paged_kv",
+    )
+    assert code == 0 and report["passed"] and not report["fp16_as_float"]
+    results = report["results"]
+    assert {r["function"] for r in results} == {DECODE, DECODE_SLIDING_WINDOW}
+    for r in results:
+        assert r["max_rel_error"] <= 1.05 * FP16_UNIT_ROUNDOFF, r
