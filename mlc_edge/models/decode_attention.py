@@ -50,10 +50,10 @@ the cache's ``fused_rope`` runs before the append, and the runtime passes ``rota
 other rope mode). A slot holds a token when it is below the sequence's length and, for
 the sliding-window variant, below the attention sink or at/after the window offset
 (``length_info`` = [last page's tokens, window offset, sink size]), which is TVM's token
--> slot map read backwards (the runtime keeps the sink in the first slots and the window
-after them, offset >= sink). Our models refuse sliding windows, so their runtime never
-calls that variant; it is replaced all the same, and checked, so that no stock kernel is
-left in the library.
+-> slot map read backwards; that assumes offset >= sink (the runtime pins the sink in
+the block's first slots; with offset < sink TVM's kernel would count slots twice). Our
+models refuse sliding windows, so their runtime never calls that variant; it is replaced
+all the same, and checked, so that no stock kernel is left in the library.
 """
 
 from __future__ import annotations
