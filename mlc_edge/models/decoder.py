@@ -24,6 +24,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from ..compiler.contract import GREEDY_TEMPERATURE
+from .decode_attention import replace_decode_attention
 from .hf_config import DecoderConfig
 from .kv_cache_kernels import replace_merge_state, replace_transpose_append
 from .layers import DecoderStack
@@ -158,6 +159,7 @@ class DecoderLM(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         shape = self.kv_cache_shape()
+        rope_mode = RopeMode.NORMAL  # RoPE applied before the append (fused_rope)
         cache = TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
@@ -173,7 +175,7 @@ class DecoderLM(nn.Module):
             v_head_dim=shape.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=rope_mode,
             rope_scale=1,
             rope_theta=shape.rope_theta,
             rope_scaling=shape.rope_scaling,
@@ -197,6 +199,17 @@ class DecoderLM(nn.Module):
             shape.num_key_value_heads,
             shape.head_dim,
             self.dtype,
+            self.target,
+        )
+        # TVM's decode attention re-reads K/V and the page table (3.2x its minimum
+        # bytes; see decode_attention.py): ours reads each byte once.
+        replace_decode_attention(
+            rx.BlockBuilder.current(),
+            shape.num_key_value_heads,
+            shape.num_attention_heads,
+            shape.head_dim,
+            self.dtype,
+            rope_mode,
             self.target,
         )
         return cache
