@@ -306,8 +306,27 @@ def test_dequantization_is_fused_into_the_matmul_and_the_guard_trips_without():
     RequireFusedDequantize(scheduled=True)(scheduled)
 
 
-def test_cuda_refuses_4bit_in_one_line(tiny_llama, tmp_path, capsys):
+def test_which_targets_build_4bit_is_a_property_of_the_target():
+    from mlc_edge.compiler.targets import TARGETS
+
+    builds = {name: t.builds_int4 for name, t in TARGETS.items()}
+    assert not builds.pop("vulkan")  # never built: no Vulkan code generator in this TVM
+    assert all(builds.values()), builds  # cpu, android-opencl[:adreno-NNN], cuda[:sm_NN]
+    assert {n.split(":")[0] for n in builds} == {"cpu", "android-opencl", "cuda"}
+
+
+def test_a_target_without_4bit_kernels_refuses_in_one_line(
+    tiny_llama, tmp_path, capsys, monkeypatch
+):
+    import dataclasses
+
+    from mlc_edge.compiler import targets
+
+    # A target that declares no 4-bit kernels (as a new one does until they are checked).
+    plain = dataclasses.replace(targets.TARGETS["cpu"], builds_int4=False)
+    monkeypatch.setitem(targets.TARGETS, "cpu", plain)
     _, path = tiny_llama
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         main(
             [
@@ -316,15 +335,15 @@ def test_cuda_refuses_4bit_in_one_line(tiny_llama, tmp_path, capsys):
                 "-o",
                 str(tmp_path / "b"),
                 "--target",
-                "cuda",
+                "cpu",
                 "--quantization",
                 "q4f16t",
             ]
         )
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [
-        "error: q4f16t is not supported on cuda yet: its 4-bit matmul kernels are built and "
-        "checked for cpu and android-opencl only; use one of those, or --quantization q0f16t "
+        "error: q4f16t is not supported on cpu yet: its 4-bit matmul kernels are built and "
+        "checked for android-opencl, cuda only; use one of those, or --quantization q0f16t "
         "for this target"
     ], err
     assert not (tmp_path / "b").exists()

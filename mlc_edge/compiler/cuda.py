@@ -15,6 +15,7 @@ source, so a runtime-only TVM (no compiler, no Python callback) can load it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,8 +65,7 @@ def nvcc_kernels(arch: str) -> Iterator[None]:
         # TVM's helper runs "nvcc" from PATH.
         os.environ["PATH"] = f"{Path(nvcc).parent}{os.pathsep}{path}"
         try:
-            return tvm_nvcc.compile_cuda(code, target_format="fatbin", arch=flags,
-                                         compiler="nvcc")
+            return tvm_nvcc.compile_cuda(code, target_format="fatbin", arch=flags, compiler="nvcc")
         finally:
             os.environ["PATH"] = path
 
@@ -86,9 +86,15 @@ def cuda_build(arch: str) -> Iterator[None]:
     definition"); nvcc -O3 eliminates common subexpressions itself."""
     current = tvm.transform.PassContext.current()
     config = {**current.config, "tirx.disable_cse_tir": True}
-    with tvm.transform.PassContext(opt_level=current.opt_level, config=config,
-                                   disabled_pass=current.disabled_pass,
-                                   required_pass=current.required_pass), nvcc_kernels(arch):
+    with (
+        tvm.transform.PassContext(
+            opt_level=current.opt_level,
+            config=config,
+            disabled_pass=current.disabled_pass,
+            required_pass=current.required_pass,
+        ),
+        nvcc_kernels(arch),
+    ):
         yield
 
 
@@ -100,3 +106,28 @@ def kernel_format(library: Path) -> str:
     if FATBIN_MAGIC in data:
         return "fatbin"
     return "none"
+
+
+def kernel_sources(executable: tvm.runtime.Module) -> dict[str, str]:
+    """The CUDA C++ of each kernel of a built model (``compile_model``'s executable), by
+    kernel name: what TVM's code generator handed to nvcc, kept beside the fatbin until
+    the library is exported. Empty when the executable holds no CUDA module."""
+    found: list[str] = []
+
+    def walk(module: tvm.runtime.Module) -> None:
+        if module.kind == "cuda":
+            found.append(module.inspect_source())
+        for imported in module.imports:
+            walk(imported)
+
+    walk(getattr(executable, "mod", executable))
+    kernels: dict[str, str] = {}
+    for source in found:
+        for part in source.split('extern "C" __global__')[1:]:
+            head, brace, body = part.partition("{")
+            if not brace or ";" in head:  # a declaration, not the definition
+                continue
+            name = re.findall(r"(\w+)\(", head)[-1]  # after __launch_bounds__(N), if any
+            body = body.split("\n}")[0]  # up to the kernel's closing brace, at column 0
+            kernels[name] = f'extern "C" __global__{head}{{{body}\n}}'
+    return kernels
