@@ -190,6 +190,24 @@ def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
 
 
 @pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("Qwen2", {}),
+        ("Phi", {"hidden_size": 160, "num_attention_heads": 8, "num_key_value_heads": 8}),
+    ],
+)
+def test_q4f16t_other_families_greedy_tokens_match_on_decisive_steps(tmp_path, family, overrides):
+    model = make_model(family, tmp_path / "hf", **overrides)
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t")
+    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
+    ids = prompt_ids(model.config.vocab_size, seed=1)
+    ours, theirs, _ = greedy_compare(Engine(bundle), reference, ids)
+    decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
+    assert len(decisive) >= len(theirs) - 2
+    assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+
+
+@pytest.mark.parametrize(
     "overrides, quantization, message",
     [
         ({"hidden_size": 48}, "q4f16t", "48 inputs, not a multiple of the group size 32"),
