@@ -331,6 +331,9 @@ def test_which_targets_build_4bit_is_a_property_of_the_target():
     assert not builds.pop("vulkan")  # never built: no Vulkan code generator in this TVM
     assert all(builds.values()), builds  # cpu, android-opencl[:adreno-NNN], cuda[:sm_NN]
     assert {n.split(":")[0] for n in builds} == {"cpu", "android-opencl", "cuda"}
+    # `mlc-edge targets --json` says it
+    assert TARGETS["cpu"].describe()["builds_int4"] is True
+    assert TARGETS["vulkan"].describe()["builds_int4"] is False
 
 
 def test_a_target_without_4bit_kernels_refuses_in_one_line(
