@@ -79,11 +79,31 @@ def nvcc_kernels(arch: str) -> Iterator[None]:
 
 
 @contextmanager
-def cuda_build(arch: str) -> Iterator[None]:
-    """What a CUDA build runs inside: nvcc for the kernels, and TIR's common-subexpression
-    elimination off. With it on, TVM 0.27 fails to lower its KV cache's ``batch_tree_attn``
-    kernel for CUDA at Llama-3.2-1B's sizes ("variable cse_v.. has been used before
-    definition"); nvcc -O3 eliminates common subexpressions itself."""
+def source_kernels() -> Iterator[None]:
+    """While inside, CUDA builds keep their kernels as the CUDA source TVM writes, compiled
+    by nothing: to read them (``kernel_sources``) where there is no nvcc. Such a library
+    does not run. Without TVM's CUDA runtime loaded the code generator keeps the source
+    by itself; with it loaded it hands the source to this callback, which keeps it."""
+
+    def keep_source(code: str, *_: object) -> bytearray:
+        return bytearray(code.encode())
+
+    previous = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", keep_source, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+
+
+@contextmanager
+def cuda_build(arch: str, nvcc: bool = True) -> Iterator[None]:
+    """What a CUDA build runs inside: nvcc for the kernels (``nvcc`` False: the kernels
+    stay source, ``source_kernels``), and TIR's common-subexpression elimination off.
+    With it on, TVM 0.27 fails to lower its KV cache's ``batch_tree_attn`` kernel for
+    CUDA at Llama-3.2-1B's sizes ("variable cse_v.. has been used before definition");
+    nvcc -O3 eliminates common subexpressions itself."""
     current = tvm.transform.PassContext.current()
     config = {**current.config, "tirx.disable_cse_tir": True}
     with (
@@ -93,7 +113,7 @@ def cuda_build(arch: str) -> Iterator[None]:
             disabled_pass=current.disabled_pass,
             required_pass=current.required_pass,
         ),
-        nvcc_kernels(arch),
+        nvcc_kernels(arch) if nvcc else source_kernels(),
     ):
         yield
 

@@ -182,8 +182,11 @@ class CudaTarget(TargetSpec):
     device: str = "cuda"
     rules: str = "cuda"
     codegen: str = "cuda"
-    builds_int4: bool = True  # the GPU 4-bit rules, built by nvcc (tests/test_int4.py)
+    builds_int4: bool = True  # the GPU 4-bit rules (schedules/cuda/int4.py)
     arch: str = "sm_80"
+    # False: the kernels stay CUDA source, no nvcc needed, a library that does not run:
+    # to read the kernels where nvcc is missing (tests; ``compiler/cuda.py``).
+    nvcc: bool = True
 
     def tvm_target(self) -> Target:
         # 48 KiB: the static shared memory every CUDA GPU gives a block (stated, or the
@@ -198,7 +201,9 @@ class CudaTarget(TargetSpec):
         from .cuda import find_nvcc
 
         problem = super().build_problem()
-        if problem is None and find_nvcc() is None:
+        if problem or not self.nvcc:
+            return problem
+        if find_nvcc() is None:
             problem = "nvcc (the CUDA toolkit's compiler) is not on PATH or in CUDA_HOME/bin"
         return problem or load_cuda_runtime(build=True)
 
@@ -213,14 +218,14 @@ class CudaTarget(TargetSpec):
     def build_scope(self) -> AbstractContextManager[Any]:
         from .cuda import cuda_build
 
-        return cuda_build(self.arch)
+        return cuda_build(self.arch, self.nvcc)
 
     def check_library(self, path: Path) -> None:
         from .cuda import kernel_format
 
-        found = kernel_format(path)
-        if found != "fatbin":
-            raise RuntimeError(f"{path} holds CUDA kernels as {found}, not as a fatbin")
+        found, expected = kernel_format(path), "fatbin" if self.nvcc else "source"
+        if found != expected:
+            raise RuntimeError(f"{path} holds CUDA kernels as {found}, not as {expected}")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "arch": self.arch, "run_problem": self.run_problem()}
