@@ -190,6 +190,24 @@ def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
 
 
 @pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("Qwen2", {}),
+        ("Phi", {"hidden_size": 160, "num_attention_heads": 8, "num_key_value_heads": 8}),
+    ],
+)
+def test_q4f16t_other_families_greedy_tokens_match_on_decisive_steps(tmp_path, family, overrides):
+    model = make_model(family, tmp_path / "hf", **overrides)
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t")
+    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
+    ids = prompt_ids(model.config.vocab_size, seed=1)
+    ours, theirs, _ = greedy_compare(Engine(bundle), reference, ids)
+    decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
+    assert len(decisive) >= len(theirs) - 2
+    assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+
+
+@pytest.mark.parametrize(
     "overrides, quantization, message",
     [
         ({"hidden_size": 48}, "q4f16t", "48 inputs, not a multiple of the group size 32"),
@@ -306,8 +324,30 @@ def test_dequantization_is_fused_into_the_matmul_and_the_guard_trips_without():
     RequireFusedDequantize(scheduled=True)(scheduled)
 
 
-def test_cuda_refuses_4bit_in_one_line(tiny_llama, tmp_path, capsys):
+def test_which_targets_build_4bit_is_a_property_of_the_target():
+    from mlc_edge.compiler.targets import TARGETS
+
+    builds = {name: t.builds_int4 for name, t in TARGETS.items()}
+    assert not builds.pop("vulkan")  # never built: no Vulkan code generator in this TVM
+    assert all(builds.values()), builds  # cpu, android-opencl[:adreno-NNN], cuda[:sm_NN]
+    assert {n.split(":")[0] for n in builds} == {"cpu", "android-opencl", "cuda"}
+    # `mlc-edge targets --json` says it
+    assert TARGETS["cpu"].describe()["builds_int4"] is True
+    assert TARGETS["vulkan"].describe()["builds_int4"] is False
+
+
+def test_a_target_without_4bit_kernels_refuses_in_one_line(
+    tiny_llama, tmp_path, capsys, monkeypatch
+):
+    import dataclasses
+
+    from mlc_edge.compiler import targets
+
+    # A target that declares no 4-bit kernels (as a new one does until they are checked).
+    plain = dataclasses.replace(targets.TARGETS["cpu"], builds_int4=False)
+    monkeypatch.setitem(targets.TARGETS, "cpu", plain)
     _, path = tiny_llama
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         main(
             [
@@ -316,15 +356,15 @@ def test_cuda_refuses_4bit_in_one_line(tiny_llama, tmp_path, capsys):
                 "-o",
                 str(tmp_path / "b"),
                 "--target",
-                "cuda",
+                "cpu",
                 "--quantization",
                 "q4f16t",
             ]
         )
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [
-        "error: q4f16t is not supported on cuda yet: its 4-bit matmul kernels are built and "
-        "checked for cpu and android-opencl only; use one of those, or --quantization q0f16t "
+        "error: q4f16t is not supported on cpu yet: its 4-bit matmul kernels are built and "
+        "checked for android-opencl, cuda only; use one of those, or --quantization q0f16t "
         "for this target"
     ], err
     assert not (tmp_path / "b").exists()

@@ -15,6 +15,7 @@ source, so a runtime-only TVM (no compiler, no Python callback) can load it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,8 +65,7 @@ def nvcc_kernels(arch: str) -> Iterator[None]:
         # TVM's helper runs "nvcc" from PATH.
         os.environ["PATH"] = f"{Path(nvcc).parent}{os.pathsep}{path}"
         try:
-            return tvm_nvcc.compile_cuda(code, target_format="fatbin", arch=flags,
-                                         compiler="nvcc")
+            return tvm_nvcc.compile_cuda(code, target_format="fatbin", arch=flags, compiler="nvcc")
         finally:
             os.environ["PATH"] = path
 
@@ -79,16 +79,42 @@ def nvcc_kernels(arch: str) -> Iterator[None]:
 
 
 @contextmanager
-def cuda_build(arch: str) -> Iterator[None]:
-    """What a CUDA build runs inside: nvcc for the kernels, and TIR's common-subexpression
-    elimination off. With it on, TVM 0.27 fails to lower its KV cache's ``batch_tree_attn``
-    kernel for CUDA at Llama-3.2-1B's sizes ("variable cse_v.. has been used before
-    definition"); nvcc -O3 eliminates common subexpressions itself."""
+def source_kernels() -> Iterator[None]:
+    """While inside, CUDA builds keep their kernels as the CUDA source TVM writes, compiled
+    by nothing: to read them (``kernel_sources``) where there is no nvcc. Such a library
+    does not run. Without TVM's CUDA runtime loaded the code generator keeps the source
+    by itself; with it loaded it hands the source to this callback, which keeps it."""
+
+    def keep_source(code: str, *_: object) -> bytearray:
+        return bytearray(code.encode())
+
+    previous = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", keep_source, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+
+
+@contextmanager
+def cuda_build(arch: str, nvcc: bool = True) -> Iterator[None]:
+    """What a CUDA build runs inside: nvcc for the kernels (``nvcc`` False: the kernels
+    stay source, ``source_kernels``), and TIR's common-subexpression elimination off.
+    With it on, TVM 0.27 fails to lower its KV cache's ``batch_tree_attn`` kernel for
+    CUDA at Llama-3.2-1B's sizes ("variable cse_v.. has been used before definition");
+    nvcc -O3 eliminates common subexpressions itself."""
     current = tvm.transform.PassContext.current()
     config = {**current.config, "tirx.disable_cse_tir": True}
-    with tvm.transform.PassContext(opt_level=current.opt_level, config=config,
-                                   disabled_pass=current.disabled_pass,
-                                   required_pass=current.required_pass), nvcc_kernels(arch):
+    with (
+        tvm.transform.PassContext(
+            opt_level=current.opt_level,
+            config=config,
+            disabled_pass=current.disabled_pass,
+            required_pass=current.required_pass,
+        ),
+        nvcc_kernels(arch) if nvcc else source_kernels(),
+    ):
         yield
 
 
@@ -100,3 +126,28 @@ def kernel_format(library: Path) -> str:
     if FATBIN_MAGIC in data:
         return "fatbin"
     return "none"
+
+
+def kernel_sources(executable: tvm.runtime.Module) -> dict[str, str]:
+    """The CUDA C++ of each kernel of a built model (``compile_model``'s executable), by
+    kernel name: what TVM's code generator handed to nvcc, kept beside the fatbin until
+    the library is exported. Empty when the executable holds no CUDA module."""
+    found: list[str] = []
+
+    def walk(module: tvm.runtime.Module) -> None:
+        if module.kind == "cuda":
+            found.append(module.inspect_source())
+        for imported in module.imports:
+            walk(imported)
+
+    walk(getattr(executable, "mod", executable))
+    kernels: dict[str, str] = {}
+    for source in found:
+        for part in source.split('extern "C" __global__')[1:]:
+            head, brace, body = part.partition("{")
+            if not brace or ";" in head:  # a declaration, not the definition
+                continue
+            name = re.findall(r"(\w+)\(", head)[-1]  # after __launch_bounds__(N), if any
+            body = body.split("\n}")[0]  # up to the kernel's closing brace, at column 0
+            kernels[name] = f'extern "C" __global__{head}{{{body}\n}}'
+    return kernels

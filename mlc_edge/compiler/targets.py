@@ -42,6 +42,10 @@ class TargetSpec:
     default_preset: str = "edge-512"
     codegen: str = "llvm"  # the TVM target kind whose code generator builds the kernels
     limits: DeviceLimits | None = None  # the device description (GPU targets)
+    # Whether the 4-bit schemes (q4f16t, ...) build here: its rule set fuses the
+    # dequantization into the matmuls and its 4-bit kernels have been built and checked
+    # (``compiler/int4_targets.py`` refuses the others in one line).
+    builds_int4: bool = False
 
     def tvm_target(self) -> Target:
         raise NotImplementedError
@@ -92,6 +96,7 @@ class TargetSpec:
             "library": f"lib/<model_lib>{self.lib_suffix}"
             + (" (system library)" if self.system_lib else ""),
             "can_build": problem is None,
+            "builds_int4": self.builds_int4,
             "build_problem": problem,
             "runs_here": self.runs_here(),
             "limits": self.limits.as_dict() if self.limits else None,
@@ -102,6 +107,7 @@ class TargetSpec:
 class CpuTarget(TargetSpec):
     device: str = "cpu"
     rules: str = "cpu"
+    builds_int4: bool = True  # schedules/cpu/int4.py
 
     def tvm_target(self) -> Target:
         # The machine's own CPU, so LLVM uses its vector units (AVX-512 / NEON).
@@ -125,6 +131,7 @@ class AndroidOpenCLTarget(AndroidTarget):
     device: str = "opencl"
     rules: str = "adreno"
     codegen: str = "opencl"
+    builds_int4: bool = True  # schedules/gpu/gemv_int4.py, prefill_int4.py; verify on PoCL
 
     def tvm_target(self) -> Target:
         assert self.limits is not None
@@ -133,8 +140,12 @@ class AndroidOpenCLTarget(AndroidTarget):
         # max_num_threads caps the work-groups the schedules (and the KV cache's kernels)
         # choose.
         return Target(
-            {"kind": "opencl", "device": self.limits.family,
-             "max_num_threads": threads, "max_threads_per_block": threads},
+            {
+                "kind": "opencl",
+                "device": self.limits.family,
+                "max_num_threads": threads,
+                "max_threads_per_block": threads,
+            },
             host=ANDROID_HOST,
         )
 
@@ -142,7 +153,8 @@ class AndroidOpenCLTarget(AndroidTarget):
 @dataclass(frozen=True, kw_only=True)
 class VulkanTarget(AndroidTarget):
     """Listed so users find it, refused at compile time: the PyPI TVM has no Vulkan codegen.
-    Any Android GPU: the GPU rule set with its default tunables."""
+    Any Android GPU: the GPU rule set with its default tunables. Not ``builds_int4``: its
+    4-bit kernels have never been built."""
 
     device: str = "vulkan"
     rules: str = "gpu"
@@ -170,20 +182,28 @@ class CudaTarget(TargetSpec):
     device: str = "cuda"
     rules: str = "cuda"
     codegen: str = "cuda"
+    builds_int4: bool = True  # the GPU 4-bit rules (schedules/cuda/int4.py)
     arch: str = "sm_80"
+    # False: the kernels stay CUDA source, no nvcc needed, a library that does not run:
+    # to read the kernels where nvcc is missing (tests; ``compiler/cuda.py``).
+    nvcc: bool = True
 
     def tvm_target(self) -> Target:
         # 48 KiB: the static shared memory every CUDA GPU gives a block (stated, or the
         # KV cache's kernels warn and assume it).
-        return Target({"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152},
-                      host={"kind": "llvm"})
+        return Target(
+            {"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": 49152},
+            host={"kind": "llvm"},
+        )
 
     def build_problem(self) -> str | None:
         from ..runtime.cuda import load_cuda_runtime
         from .cuda import find_nvcc
 
         problem = super().build_problem()
-        if problem is None and find_nvcc() is None:
+        if problem or not self.nvcc:
+            return problem
+        if find_nvcc() is None:
             problem = "nvcc (the CUDA toolkit's compiler) is not on PATH or in CUDA_HOME/bin"
         return problem or load_cuda_runtime(build=True)
 
@@ -198,23 +218,25 @@ class CudaTarget(TargetSpec):
     def build_scope(self) -> AbstractContextManager[Any]:
         from .cuda import cuda_build
 
-        return cuda_build(self.arch)
+        return cuda_build(self.arch, self.nvcc)
 
     def check_library(self, path: Path) -> None:
         from .cuda import kernel_format
 
-        found = kernel_format(path)
-        if found != "fatbin":
-            raise RuntimeError(f"{path} holds CUDA kernels as {found}, not as a fatbin")
+        found, expected = kernel_format(path), "fatbin" if self.nvcc else "source"
+        if found != expected:
+            raise RuntimeError(f"{path} holds CUDA kernels as {found}, not as {expected}")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "arch": self.arch, "run_problem": self.run_problem()}
 
 
 def _cuda(arch: str | None) -> CudaTarget:
-    what = {None: "NVIDIA GPUs sm_80+ (SASS sm_80/sm_90, PTX for newer)",
-            "sm_89": "NVIDIA Ada GPUs (RTX 40, L4, L40)",
-            "sm_90": "NVIDIA Hopper GPUs (H100, H200)"}[arch]
+    what = {
+        None: "NVIDIA GPUs sm_80+ (SASS sm_80/sm_90, PTX for newer)",
+        "sm_89": "NVIDIA Ada GPUs (RTX 40, L4, L40)",
+        "sm_90": "NVIDIA Hopper GPUs (H100, H200)",
+    }[arch]
     return CudaTarget(
         name="cuda" + (f":{arch}" if arch else ""),
         description=f"{what} through CUDA, on a desktop: a .so with the kernels built by nvcc",

@@ -1,7 +1,8 @@
-"""The CUDA rule set: the GPU rules (``schedules/gpu/``) less our KN rules (TVM's stock
-rules schedule the linear layers), with our NK GEMV for the tied lm_head (weight
-``[vocab, hidden]``; the stock rules give it fp16 accumulators) and dlight's Matmul
-without its tensor-core branch. In MLC-LLM's order."""
+"""The CUDA rule set: the GPU rules (``schedules/gpu/``) less our fp16 KN rules (TVM's
+stock rules schedule the fp16 linear layers), with our NK GEMV for the tied lm_head
+(weight ``[vocab, hidden]``; the stock rules give it fp16 accumulators), our 4-bit KN
+rules (``int4.py``: without them the stock rules unpack the words from global memory)
+and dlight's Matmul without its tensor-core branch. In MLC-LLM's order."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from ..gpu import GemvNK, KNTuning, stock_rules
+from .int4 import CudaGemvInt4KN, CudaPrefillInt4KN
 
 # Vectors of 4: TVM 0.27's CUDA code generator writes a float32x8 zero as make_ulonglong4
 # with 8 arguments, which nvcc refuses.
@@ -35,7 +37,10 @@ class MatmulWithoutTensorCores(gpu.Matmul):
 
 
 def cuda_rules() -> list[ScheduleRule]:
+    tuning = KNTuning.from_dict("cuda", CUDA_TUNING)
     return [
-        GemvNK(KNTuning.from_dict("cuda", CUDA_TUNING)),
+        CudaGemvInt4KN(tuning),
+        CudaPrefillInt4KN(tuning),
+        GemvNK(tuning),
         *stock_rules(matmul=MatmulWithoutTensorCores()),
     ]
