@@ -22,7 +22,7 @@ Every packed word is read once per call (for all the rows of a prefill chunk). T
 point and scale of a column do not change inside a group, so with ``k_tile`` dividing the
 group size LLVM hoists their unpacking out of the ``k_i`` loop. The register tile is one
 SIMD register of fp32 (``reg_vectors=1``): with 16 lanes LLVM turns the two words into a
-64-bit load and a lane permute, while wider tiles become scalar gathers.
+64-bit load and a lane permute; 2 or 4 registers per tile ran ~3x slower on 2048 x 8192.
 (``tests/test_cpu_schedules.py`` checks the structure, the LLVM vector instructions and
 the results; ``benchmarks/int4_cpu.py`` times it in the model.)
 
