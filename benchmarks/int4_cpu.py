@@ -12,7 +12,12 @@ bandwidth is measured here with a numpy copy (one thread: a floor of what the ma
 so the share is an upper bound). llama.cpp comes from ``pip install llama-cpp-python``
 (not a project dependency); without it the script says so and runs the other two.
 
-    python benchmarks/int4_cpu.py [--layers 4] [--threads 2] [--prompt 64] [--decode 32]
+``--split`` also times, on their own, the GEMVs one decode step runs: one layer's four
+4-bit linear layers (q/k/v, o, gate/up, down) and the tied fp16 lm_head, each cycling
+through copies of its weights larger than the caches, so the step's time can be split into
+layers and lm_head (attention, norms and sampling are left out).
+
+    python benchmarks/int4_cpu.py [--layers 4] [--threads 2] [--prompt 64] [--decode 32] [--split]
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cpu_decode import time_mlc_edge
+from cpu_gemv import build, sample
 from model_shapes import LLAMA_3_2_1B
 
 
@@ -148,6 +155,82 @@ def time_llama_cpp(
     return len(prompt) / prefill, steps / decode
 
 
+def _int4_gemv(k: int, n: int, group: int, target: Any) -> Any:
+    """A relax VM whose ``decode`` is ``[1, 1, K] x`` a 4-bit ``[K, N]`` weight (fp16), built
+    like the model's layers (FuseInt4Matmul, the CPU rules, shape functions noalias)."""
+    import tvm
+    from mlc_edge.schedules.cpu import cpu_rules
+    from tvm import relax
+    from tvm.relax.frontend import nn
+    from tvm.relax.frontend.nn import spec
+    from tvm.s_tir import dlight as dl
+
+    from mlc_edge.compiler.build import fuse_into_tir
+    from mlc_edge.compiler.passes import MarkShapeFuncsNoAlias
+    from mlc_edge.quantization.int4 import Int4KNLinear, Int4Layout
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            self.lin = Int4KNLinear(k, n, False, "float16", Int4Layout(group))
+
+        def decode(self, x: nn.Tensor) -> nn.Tensor:
+            return self.lin(x)
+
+    model = Layer()
+    model.to("float16")
+    mod, _ = model.export_tvm(
+        spec={"decode": {"x": spec.Tensor([1, 1, k], "float16"), "$": {"param_mode": "plain"}}}
+    )
+    mod = fuse_into_tir()(mod)
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+    pipeline = tvm.transform.Sequential(
+        [relax.get_pipeline("default_build"), MarkShapeFuncsNoAlias()]
+    )
+    ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    return relax.VirtualMachine(ex, tvm.cpu())
+
+
+def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float]:
+    """Seconds per call of one layer's 4-bit GEMVs (q4f16t, group 32) and of the tied fp16
+    lm_head GEMV (MatmulNK), weights cycled through copies larger than ``cold_bytes``."""
+    import tvm
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    c = LLAMA_3_2_1B
+    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * c["head_dim"]
+    target = tvm.target.Target(
+        {"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": threads}
+    )
+    dev = tvm.cpu()
+    x = tvm.runtime.tensor(np.zeros((1, 1, hidden), np.float16), dev)
+    times: dict[str, float] = {}
+    group = 32
+    for name, (k, n) in {
+        "qkv": (hidden, qkv),
+        "o": (hidden, hidden),
+        "gate_up": (hidden, 2 * inter),
+        "down": (inter, hidden),
+    }.items():
+        f = _int4_gemv(k, n, group, target)["decode"]
+        xk = x if k == hidden else tvm.runtime.tensor(np.zeros((1, 1, k), np.float16), dev)
+        shapes = [(k, n // 8, "int32"), (k // group, n // 8, "int32"), (k // group, n, "float16")]
+        nbytes = sum(a * b * np.dtype(d).itemsize for a, b, d in shapes)
+        copies = [
+            [tvm.runtime.tensor(np.zeros((a, b), d), dev) for a, b, d in shapes]
+            for _ in range(max(1, cold_bytes // nbytes))
+        ]
+        times[f"layer.{name}"] = min(
+            sample(lambda i, f=f, xk=xk, w=copies: f(xk, *w[i % len(w)]), 0.3) for _ in range(3)
+        )
+    f = build(hidden, vocab, "float16", target, True, nk=True, noalias_fix=True)["decode"]
+    w = tvm.runtime.tensor(np.zeros((vocab, hidden), np.float16), dev)  # > the caches itself
+    times["lm_head"] = min(sample(lambda i: f(x, w), 0.3) for _ in range(3))
+    times["layer"] = sum(v for key, v in times.items() if key.startswith("layer."))
+    return times
+
+
 def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Bytes/s of a numpy copy (read + write counted), the best of a few."""
     src = np.ones(nbytes // 8, dtype=np.float64)
@@ -167,6 +250,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="also time one layer's 4-bit GEMVs and the fp16 lm_head GEMV on their own",
+    )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     have_llama_cpp = False
@@ -248,6 +336,22 @@ def main() -> None:
             "decode_tok_s": round(decode, 3),
             "decode_share_of_bandwidth_ceiling": round(decode / ceiling, 4),
         }
+    split = None
+    if args.split:
+        print("timing the decode GEMVs on their own ...", file=sys.stderr)
+        split = decode_split(args.threads)
+        layers_s = args.layers * split["layer"]
+        total = layers_s + split["lm_head"]
+        print(
+            f"decode GEMVs alone (q4f16t): {args.layers} layers x {split['layer'] * 1e3:.2f} ms"
+            f" = {layers_s * 1e3:.1f} ms ({layers_s / total:.0%}), fp16 lm_head"
+            f" {split['lm_head'] * 1e3:.1f} ms ({split['lm_head'] / total:.0%}); per layer: "
+            + ", ".join(
+                f"{key[6:]} {v * 1e3:.2f} ms"
+                for key, v in split.items()
+                if key.startswith("layer.")
+            )
+        )
     print(
         json.dumps(
             {
@@ -259,6 +363,9 @@ def main() -> None:
                 "copy_bandwidth_bytes_s": round(bandwidth),
                 "llama_cpp": have_llama_cpp,
                 "results": results,
+                "decode_split_s": (
+                    {key: round(v, 6) for key, v in split.items()} if split else None
+                ),
             }
         )
     )

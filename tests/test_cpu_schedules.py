@@ -9,6 +9,7 @@ rows), a static single row (decode) and a symbolic batch of single rows (batch d
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -315,3 +316,121 @@ def test_other_ops_keep_results(target) -> None:
         fast = vm_fast[fn](ids, *params).numpy()
         ref = vm_ref[fn](ids, *params).numpy()
         np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-7)
+
+
+# 4-bit (q4f16t / q4f32t) layers: (K, N, group, dtype, bias). N=40: five words, a 10-wide
+# register tile (no multiple of the vector lanes divides 40), so lanes straddle words; N=2368:
+# 148 register tiles, a ragged last column chunk, g128; K=96: three groups.
+INT4_CASES = [
+    (96, 40, 32, "float16", False),
+    (256, 2368, 128, "float16", True),
+    (64, 1024, 32, "float32", False),
+]
+INT4_KINDS = {
+    "decode": ([1, 1], [1]),
+    "prefill": ([1, "seq_len"], [1, 7, 16]),
+    "batch": (["batch_size", 1], [3]),
+}
+
+
+class _Int4Linear(nn.Module):
+    def __init__(self, k: int, n: int, group: int, dtype: str, bias: bool):
+        from mlc_edge.quantization.int4 import Int4KNLinear, Int4Layout
+
+        self.lin = Int4KNLinear(k, n, bias, dtype, Int4Layout(group))
+
+    def decode(self, x: nn.Tensor) -> nn.Tensor:
+        return self.lin(x)
+
+    prefill = batch = decode
+
+
+def _int4_vector_loop(func: tirx.PrimFunc) -> tuple[list[tirx.For], list[str]]:
+    """The loops around the matmul's update block (outermost first) and the buffers it reads."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    update = sch.get_sblock("matmul_update")
+    loops = [sch.get(loop) for loop in sch.get_loops(update)]
+    reads = [str(r.source.name) for r in sch.get(update).reads]
+    return loops, reads
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "group", "dtype", "bias"),
+    INT4_CASES,
+    ids=[f"K{k}_N{n}_g{g}-{d}{'-bias' if b else ''}" for k, n, g, d, b in INT4_CASES],
+)
+def test_int4_rule_vectorizes_unpacks_in_registers_and_matches_numpy(
+    k: int, n: int, group: int, dtype: str, bias: bool, target
+) -> None:
+    """The 4-bit rule runs MatmulKN's nest: parallel column chunks outermost, a vector loop
+    over one fp32 register of columns innermost reading the packed words themselves (no
+    dequantized copy of the weight anywhere), and LLVM emits vector shifts and FMAs; the
+    results match numpy's dequantized matmul for decode, prefill and batch rows."""
+    from mlc_edge.schedules.cpu.int4 import Int4Matmul
+    from mlc_edge.schedules.cpu.matmul_kn import vector_bytes
+    from tvm.target.codegen import target_has_features
+
+    from mlc_edge.quantization.int4 import dequantize, quantize_rtn
+
+    model = _Int4Linear(k, n, group, dtype, bias)
+    model.to(dtype)
+    plain = {"param_mode": "plain", "effect_mode": "none"}
+    mod, _ = model.export_tvm(
+        spec={
+            name: {"x": spec.Tensor([*lead, k], dtype), "$": plain}
+            for name, (lead, _) in INT4_KINDS.items()
+        }
+    )
+    mod = fuse_into_tir()(mod)
+    fused = {name: f for name, f in _prim_funcs(mod).items() if "dequantize_int4" in name}
+    assert len(fused) == 3, sorted(_prim_funcs(mod))
+    lanes = vector_bytes(target) // 4  # fp32 accumulators
+    for name, f in fused.items():
+        sch = Int4Matmul().apply(f, target, False)
+        assert sch is not None, name
+        func = sch.mod["main"]
+        text = func.script()
+        # The [K, N] intermediate is gone: only the packed tensors are read.
+        assert "dequantize_int4_intermediate" not in text, name
+        assert 'T.sblock("matmul_update")' in text, f"{name}: the matmul was not tiled"
+        loops, reads = _int4_vector_loop(func)
+        assert loops[0].kind == tirx.ForKind.PARALLEL, name
+        assert loops[-1].kind == tirx.ForKind.VECTORIZED, name
+        tile = int(loops[-1].extent)
+        assert tile == (lanes if n % lanes == 0 else 10), (name, tile)
+        assert any("qweight" in r for r in reads) and any("qzeros" in r for r in reads), reads
+        if "decode" in name and n % lanes == 0 and target_has_features("avx2", target):
+            # Variable per-lane shifts (the nibbles) and FMAs on whole registers.
+            lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=target)
+            asm = lib.inspect_source("asm")
+            assert re.search(r"\bvpsr[al]vd\b", asm), "no vector shift: the nibbles unpack scalar"
+            assert re.search(r"\bvfmadd\w*ps\b", asm), "no vector FMA"
+
+    with target:
+        scheduled = dl.ApplyDefaultSchedule(*cpu_rules())(mod.clone())
+    ex = tvm.compile(scheduled, target=target, relax_pipeline=relax.get_pipeline("default_build"))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
+    stored = quantize_rtn(w, group, dtype)
+    w_deq = dequantize(stored["qweight"], stored["qzeros"], stored["scales"], group)
+    b = rng.standard_normal(n).astype(dtype)
+    dev = tvm.cpu()
+    params = [tvm.runtime.tensor(stored[p], dev) for p in ("qweight", "qzeros", "scales")]
+    if bias:
+        params.append(tvm.runtime.tensor(b, dev))
+    for name, (lead, rows_list) in INT4_KINDS.items():
+        for rows in rows_list:
+            shape = [rows if d in ("seq_len", "batch_size") else d for d in lead]
+            x = rng.standard_normal((*shape, k)).astype(dtype)
+            ref = x.astype(np.float64) @ w_deq.astype(np.float64)
+            if bias:
+                ref = ref + b.astype(np.float64)
+            out = vm[name](tvm.runtime.tensor(x, dev), *params).numpy()
+            assert out.shape == ref.shape and out.dtype == np.dtype(dtype)
+            err = np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max()
+            # fp32 accumulation: fp16 pays only the output's (and the bias add's) rounding.
+            assert err <= (4e-3 if dtype == "float16" else 1e-5), (name, rows, err)

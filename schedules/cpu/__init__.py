@@ -2,8 +2,9 @@
 
 ``cpu_rules()`` is what ``tvm.s_tir.dlight.ApplyDefaultSchedule(*cpu_rules())`` takes:
 
-0. :class:`Int4Matmul` (``int4.py``) - a 4-bit layer's fused dequantize + matmul: the
-   dequantization inlined into the matmul's loads, then as ``ParallelSpatial``.
+0. :class:`Int4Matmul` (``int4.py``) - a 4-bit layer's fused dequantize + matmul: MatmulKN's
+   loop nest, the packed words unpacked in its vector loop (a function it cannot tile: the
+   dequantization inlined into the loads, then as ``ParallelSpatial``).
 1. :class:`MatmulKN` - matmul/GEMV with the weight stored ``[K, N]`` (our linear layers),
    parallel over column chunks and vectorized over n, fp16 accumulated in fp32.
 2. :class:`MatmulNK` - matmul/GEMV with the weight stored ``[N, K]`` (``nn.Linear`` after
@@ -126,6 +127,6 @@ class ParallelSpatial(CPURule):
 
 def cpu_rules() -> list[CPURule | CPUScheduleRule]:
     """The CPU schedule rules in priority order, for ``dl.ApplyDefaultSchedule(*cpu_rules())``."""
-    from .int4 import Int4Matmul  # subclasses ParallelSpatial, defined above
+    from .int4 import Int4Matmul  # falls back to ParallelSpatial, defined above
 
     return [Int4Matmul(), MatmulKN(), MatmulNK(), dl.cpu.GEMV(), ParallelSpatial()]
