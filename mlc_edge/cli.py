@@ -624,7 +624,10 @@ def _verify_on_oclgrind(source: Any, path: Path, target: str | None, preset: str
         counted = traffic_mod.traffic(source, model_layers, progress=progress)
         data["traffic"] = counted.as_dict()
         lines += counted.lines()
-        failed = failed or any(s.over_limit() for s in counted.steps if s.step == "decode")
+        # a decode step fails on any kernel over the limit (a linear layer is one too)
+        failed = failed or any(
+            s.over_limit() or s.kernels_over_limit() for s in counted.steps if s.step == "decode"
+        )
     _emit(as_json, data if len(data) > 1 else next(iter(data.values())), lines)
     if failed:
         sys.exit(1)

@@ -103,6 +103,18 @@ def test_our_decode_gemvs_read_each_weight_once(decode):
 
 
 @needs_oclgrind
+def test_every_kernel_of_a_decode_step_is_within_the_limit(decode):
+    # not only the linear layers: rope, the KV append and attention too (ours, in
+    # mlc_edge/models/); TVM's rope and decode attention loaded 3.2x their minimum
+    assert not decode.kernels_over_limit(), [
+        (k.kernel, round(k.ratio, 3)) for k in decode.kernels_over_limit()
+    ]
+    assert {"fused_rope", "batch_decode_paged_kv"} <= {k.function for k in decode.kernels}
+    # the same kernels at a lower limit are flagged: the check sees them
+    assert decode.kernels_over_limit(1.0)
+
+
+@needs_oclgrind
 def test_our_kv_append_kernel_is_within_the_limit(decode):
     # ours (mlc_edge/models/kv_cache_kernels.py): 16-byte copies, a 4-byte slot each
     (append,) = [k for k in decode.kernels if k.function == "tir_kv_cache_transpose_append"]
@@ -148,6 +160,7 @@ def test_cli_traffic_json_lists_kernels_and_predictions(tmp_path, capsys):
     assert prefill["tokens"] == 16 and decode["model_layers"] == 3
     for k in decode["kernels"]:
         assert {"kernel", "bytes_loaded", "minimum", "ratio"} <= set(k)
+    assert decode["kernels_over_limit"] == [] and decode["linear_over_limit"] == []
     per_step = decode["bytes_per_step"]
     gpus = {p["gpu"]: p for p in data["predictions"]}
     for name, spec in TARGETS.items():

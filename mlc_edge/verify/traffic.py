@@ -50,8 +50,9 @@ KV_KERNELS = {
 STEP_FUNCTIONS = {"decode": "batch_decode", "prefill": "batch_prefill"}
 ATTENTION_CALL = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 COUNT_ONLY = {"OCLGRIND_DATA_RACES": "0", "OCLGRIND_UNINITIALIZED": "0"}
-# A linear layer of a decode step loading more than this x its minimum is flagged: ours
-# read each weight once and the activation once per 8 output columns (1.125x).
+# A kernel loading more than this x its minimum is flagged (every kernel of a decode step,
+# the linear layers of a prefill chunk): our GEMVs read each weight once and the activation
+# once per 8 output columns (1.125x).
 RATIO_LIMIT = 1.15
 
 
@@ -183,6 +184,15 @@ class StepTraffic:
         """Linear layers that load more than ``limit`` x their minimum."""
         return [layer for layer in self.linear_layers() if layer.ratio > limit]
 
+    def kernels_over_limit(self, limit: float = RATIO_LIMIT) -> list[KernelTraffic]:
+        """Kernels that load more than ``limit`` x their minimum: in a decode step every
+        kernel counts (decode on a phone is bound by the bytes it moves); in a prefill
+        chunk only the linear layers (``over_limit``) do, as attention there reads its
+        tiles once per query block by design."""
+        if self.step != "decode":
+            return []
+        return [k for k in self.kernels if k.ratio > limit]
+
     def total_bytes(self) -> float:
         """Bytes loaded and stored by one step of the whole model."""
         return sum(self._scale(k) * (k.loaded + k.stored) for k in self.kernels)
@@ -202,6 +212,7 @@ class StepTraffic:
             "ratio_limit": RATIO_LIMIT,
             "linear_layers": [layer.as_dict() for layer in self.linear_layers()],
             "linear_over_limit": [layer.function for layer in self.over_limit()],
+            "kernels_over_limit": [k.kernel for k in self.kernels_over_limit()],
             "kernels": [k.as_dict() for k in self.kernels],
             "not_counted": self.not_counted,
         }
@@ -257,15 +268,26 @@ class TrafficReport:
             out.append(
                 f"{s.function}: one {s.step} step of {s.tokens} token(s); "
                 f"{s.layers} layer(s) compiled, scaled to {s.model_layers}; "
-                f"linear layers flagged above {RATIO_LIMIT}x"
+                + (
+                    f"every kernel flagged above {RATIO_LIMIT}x"
+                    if s.step == "decode"
+                    else f"linear layers flagged above {RATIO_LIMIT}x"
+                )
             )
             out.append(
                 f"  {'kernel':<44} {'calls':>5} {'loaded':>12} {'minimum':>12} "
                 f"{'ratio':>6} {'stored':>10}"
             )
             over = {layer.function for layer in s.over_limit()}
+            over_kernels = {k.kernel for k in s.kernels_over_limit()}
             for k in s.kernels:
-                flag = "  <- linear layer over the limit" if k.function in over else ""
+                flag = (
+                    "  <- linear layer over the limit"
+                    if k.function in over
+                    else "  <- over the limit"
+                    if k.kernel in over_kernels
+                    else ""
+                )
                 out.append(
                     f"  {k.kernel:<44} {k.calls:>5} {k.loaded:>12,} {k.min_loaded:>12,} "
                     f"{k.ratio:>6.3f} {k.stored:>10,}{flag}"
@@ -277,6 +299,13 @@ class TrafficReport:
                     f"  {len(s.over_limit())} linear layer(s) load more than "
                     f"{RATIO_LIMIT}x their minimum: "
                     + ", ".join(f"{x.function} ({x.ratio:.2f}x)" for x in s.over_limit())
+                )
+            others = [k for k in s.kernels_over_limit() if k.function not in over]
+            if others:
+                out.append(
+                    f"  {len(others)} other kernel(s) of the decode step load more than "
+                    f"{RATIO_LIMIT}x their minimum: "
+                    + ", ".join(f"{k.kernel} ({k.ratio:.2f}x)" for k in others)
                 )
             out.append(
                 f"  whole model, one step: {s.total_bytes() / 1e6:,.2f} MB moved, "
