@@ -282,28 +282,29 @@ def test_verify_in_real_fp16_on_intel(tmp_path, capsys, family):
 # -- Oclgrind: races, out-of-bounds, bytes -------------------------------------------------
 
 
-def _checker(tmp_path, family: str, seq_lens=(1, 7), **overrides):
-    config = json.loads(open(_config(tmp_path, family, **overrides)).read())
+@pytest.fixture(scope="module", params=["Llama", "Phi"])
+def oclgrind_checker(request, tmp_path_factory):
+    """The tiny model's ``fused_rope`` (1 layer) on Oclgrind, for both families."""
+    path = tmp_path_factory.mktemp(request.param)
+    config = json.loads(open(_config(path, request.param)).read())
     config["num_hidden_layers"] = 1
     target = get_target("android-opencl")
     spec = ModelSpec.create(config, "q0f16t", load_preset(target.default_preset))
     return model_checker(
-        spec, target, default_sizes(spec, seq_lens), OclgrindHost(), only=r"^fused_rope$"
+        spec, target, default_sizes(spec, (1, 7)), OclgrindHost(), only=r"^fused_rope$"
     )
 
 
 @needs_oclgrind
-@pytest.mark.parametrize("family", ["Llama", "Phi"])
-def test_no_race_or_invalid_access_on_oclgrind(tmp_path, family):
-    report = check_races(_checker(tmp_path, family), ("races", "uninitialized"))
+def test_no_race_or_invalid_access_on_oclgrind(oclgrind_checker):
+    report = check_races(oclgrind_checker, ("races", "uninitialized"))
     assert report.passed, "\n".join(report.lines())
     assert report.kernels() == ["fused_rope_kernel"]
 
 
 @needs_oclgrind
-@pytest.mark.parametrize("family", ["Llama", "Phi"])
-def test_decode_rope_loads_within_the_limit(tmp_path, family):
-    (step,) = measure_traffic(_checker(tmp_path, family), ("decode",)).steps
+def test_decode_rope_loads_within_the_limit(oclgrind_checker):
+    (step,) = measure_traffic(oclgrind_checker, ("decode",)).steps
     (rope,) = [k for k in step.kernels if k.function == FUSED_ROPE]
     # every value once, the 4-byte position once per work-item that rotates
     assert rope.ratio <= RATIO_LIMIT, rope.as_dict()
