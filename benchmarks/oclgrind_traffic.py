@@ -8,14 +8,18 @@ vocabulary down (Oclgrind runs ~5M multiply-adds a second; the full lm_head is 2
 then the lm_head row and the predictions are for that vocabulary, and the script says
 so. ``--steps decode`` skips the prefill chunk (16 tokens: 16x the work).
 
-The rule sets: TVM's stock dlight rules and ours (``mlc_edge.schedules.adreno``). The
-minimum of a kernel is each byte it needs read once (its distinct bytes); the predicted
-tokens/s is bandwidth / bytes of one decode step: a prediction, not a measurement.
+The rule sets: TVM's stock dlight rules and ours (``mlc_edge.schedules.adreno``). They
+schedule the model's kernels; the KV cache kernels we replace (RoPE, append, merge:
+``mlc_edge/models/{rope_kernel,kv_cache_kernels}.py``) are ours under both. The minimum
+of a kernel is each byte it needs read once (its distinct bytes); the predicted tokens/s
+is bandwidth / bytes of one decode step: a prediction, not a measurement. A function
+Oclgrind could not run is listed as not counted, and the prediction says it is too high.
 
     python benchmarks/oclgrind_traffic.py [--steps decode,prefill] [--vocab N] [--small]
                                           [--rules stock,adreno]
 
-Prints a table per step and rule set, then one JSON line.
+Prints, per step, the linear layers and every kernel (one column per rule set), then
+the predictions and one JSON line.
 """
 
 from __future__ import annotations
@@ -95,20 +99,26 @@ def main() -> None:
     )
     rows = []
     for step in steps:
+        per_rules = {
+            r["rules"]: next(x for x in r["report"].steps if x.step == step) for r in results
+        }
         print(f"\n{step}: linear layers, bytes requested / minimum (weight + activation once)")
         print(
             f"{'function':<28} "
             + " ".join(f"{r['rules'] + ' bytes':>14} {'ratio':>6}" for r in results)
         )
-        per_rules = {}
-        for r in results:
-            s = next(x for x in r["report"].steps if x.step == step)
-            # each linear layer (function) with all its kernels (stock pads first)
-            per_rules[r["rules"]] = {x.function: x for x in s.linear_layers()}
-        for function, layer0 in per_rules[results[0]["rules"]].items():
-            cells = []
+        # each linear layer (function) with all its kernels (stock pads first); a function
+        # one rule set could not count shows as such, not as a missing row
+        layers = {name: {x.function: x for x in s.linear_layers()} for name, s in per_rules.items()}
+        functions = list(dict.fromkeys(f for by_name in layers.values() for f in by_name))
+        for function in functions:
+            cells, lm_head = [], False
             for r in results:
-                layer = per_rules[r["rules"]][function]
+                layer = layers[r["rules"]].get(function)
+                if layer is None:
+                    cells.append(f"{'not counted':>21}")
+                    continue
+                lm_head = lm_head or layer.lm_head
                 cells.append(f"{layer.loaded:>14,} {layer.ratio:>6.3f}")
                 rows.append(
                     {
@@ -122,8 +132,24 @@ def main() -> None:
                         "lm_head": layer.lm_head,
                     }
                 )
-            label = function + (" (lm_head)" if layer0.lm_head else "")
+            label = function + (" (lm_head)" if lm_head else "")
             print(f"{label:<28} " + " ".join(cells))
+        print(f"\n{step}: every kernel, bytes loaded / minimum (its distinct bytes), per call")
+        print(
+            f"{'kernel':<36} "
+            + " ".join(f"{r['rules'] + ' bytes':>14} {'ratio':>6}" for r in results)
+        )
+        kernels = {name: {k.kernel: k for k in s.kernels} for name, s in per_rules.items()}
+        for kernel in dict.fromkeys(k for by_name in kernels.values() for k in by_name):
+            cells = []
+            for r in results:
+                k = kernels[r["rules"]].get(kernel)
+                cells.append(f"{'-':>21}" if k is None else f"{k.loaded:>14,} {k.ratio:>6.3f}")
+            print(f"{kernel:<36} " + " ".join(cells))
+        for name, s in per_rules.items():
+            for function, why in s.not_counted.items():
+                if why != "not a kernel of this library":
+                    print(f"  {name}: not counted: {function}: {why}")
     predictions = {}
     print(
         "\npredicted decode tokens/s of the whole model (bandwidth / bytes of one decode "
@@ -133,10 +159,14 @@ def main() -> None:
         step = next((x for x in r["report"].steps if x.step == "decode"), None)
         if step is None:
             continue
+        missing = [
+            f for f, why in step.not_counted.items() if why != "not a kernel of this library"
+        ]
         predictions[r["rules"]] = {
             "bytes_per_step": round(step.total_bytes()),
             "minimum_per_step": round(step.minimum_bytes()),
             "gpus": r["report"].predictions(),
+            "not_counted": missing,
         }
         cells = ", ".join(
             f"{p['gpu']} {p['predicted_decode_tok_s']:.1f}" for p in r["report"].predictions()
@@ -144,6 +174,7 @@ def main() -> None:
         print(
             f"  {r['rules']:<8} {step.total_bytes() / 1e6:,.1f} MB/step "
             f"(minimum {step.minimum_bytes() / 1e6:,.1f} MB): {cells}"
+            + (f" (tok/s too high: {', '.join(missing)} not counted)" if missing else "")
         )
     print(
         json.dumps(

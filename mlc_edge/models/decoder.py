@@ -28,6 +28,7 @@ from .decode_attention import replace_decode_attention
 from .hf_config import DecoderConfig
 from .kv_cache_kernels import replace_merge_state, replace_transpose_append
 from .layers import DecoderStack
+from .rope_kernel import replace_split_rotary
 
 
 def softmax_with_temperature_te(
@@ -210,6 +211,18 @@ class DecoderLM(nn.Module):
             shape.head_dim,
             self.dtype,
             rope_mode,
+            self.target,
+        )
+        # TVM's split-rotary kernel loads 3.2x the bytes it needs (see rope_kernel.py).
+        replace_split_rotary(
+            rx.BlockBuilder.current(),
+            shape.rope_theta,
+            shape.head_dim,
+            shape.num_attention_heads,
+            shape.num_key_value_heads,
+            self.dtype,
+            shape.rope_scaling,
+            shape.rotary_dim,
             self.target,
         )
         return cache

@@ -47,6 +47,7 @@ CPU_NAMES = {
     "compact_kv_copy": "compact_kv_copy_cpu",
     # ours on the GPU (mlc_edge/models/kv_cache_kernels.py), TVM's on the CPU
     "tir_kv_cache_transpose_append": "tir_kv_cache_transpose_append",
+    "fused_rope": "fused_rope",
 }
 
 NOT_CHECKED = {
