@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,6 +52,19 @@ def gencode_flags(arch: str) -> list[str]:
 
 
 @contextmanager
+def _cuda_compile_callback(compile_kernels: Callable[..., bytearray]) -> Iterator[None]:
+    """TVM's CUDA code generator hands each module's source to the global
+    ``tvm_callback_cuda_compile``: ``compile_kernels`` is it while inside."""
+    previous = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_kernels, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+
+
+@contextmanager
 def nvcc_kernels(arch: str) -> Iterator[None]:
     """While inside, CUDA builds compile their kernels with nvcc into a fatbin."""
     from tvm.support import nvcc as tvm_nvcc
@@ -69,13 +82,8 @@ def nvcc_kernels(arch: str) -> Iterator[None]:
         finally:
             os.environ["PATH"] = path
 
-    previous = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_kernels, override=True)
-    try:
+    with _cuda_compile_callback(compile_kernels):
         yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
 
 
 @contextmanager
@@ -88,13 +96,8 @@ def source_kernels() -> Iterator[None]:
     def keep_source(code: str, *_: object) -> bytearray:
         return bytearray(code.encode())
 
-    previous = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", keep_source, override=True)
-    try:
+    with _cuda_compile_callback(keep_source):
         yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
 
 
 @contextmanager

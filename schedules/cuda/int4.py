@@ -49,25 +49,21 @@ def unroll_wide_vectors(sch: s_tir.Schedule) -> int:
     return unrolled
 
 
-class CudaGemvInt4KN(GemvInt4KN):
+class _NoWideVectors:
+    """Mixed in before a GPU 4-bit rule: its schedule, then ``unroll_wide_vectors``."""
+
+    def schedule_int4(
+        self, sch: s_tir.Schedule, deq: s_tir.schedule.SBlockRV, parts: Int4Parts, target: Target
+    ) -> s_tir.Schedule | None:
+        done = super().schedule_int4(sch, deq, parts, target)  # type: ignore[misc]
+        if done is not None:
+            unroll_wide_vectors(done)
+        return done
+
+
+class CudaGemvInt4KN(_NoWideVectors, GemvInt4KN):
     """``GemvInt4KN`` with no vector wider than CUDA's 128 bits."""
 
-    def schedule_int4(
-        self, sch: s_tir.Schedule, deq: s_tir.schedule.SBlockRV, parts: Int4Parts, target: Target
-    ) -> s_tir.Schedule | None:
-        done = super().schedule_int4(sch, deq, parts, target)
-        if done is not None:
-            unroll_wide_vectors(done)
-        return done
 
-
-class CudaPrefillInt4KN(PrefillInt4KN):
+class CudaPrefillInt4KN(_NoWideVectors, PrefillInt4KN):
     """``PrefillInt4KN`` with no vector wider than CUDA's 128 bits."""
-
-    def schedule_int4(
-        self, sch: s_tir.Schedule, deq: s_tir.schedule.SBlockRV, parts: Int4Parts, target: Target
-    ) -> s_tir.Schedule | None:
-        done = super().schedule_int4(sch, deq, parts, target)
-        if done is not None:
-            unroll_wide_vectors(done)
-        return done
