@@ -146,6 +146,17 @@ def match_matmul(block: s_tir.SBlock, weight_kn: bool) -> KNPattern | None:
     )
 
 
+def the_reduction(infos: list[SBlockInfo]) -> int | None:
+    """The index of a function's one reduction block when every other block is
+    injective (a matmul with its prologues and epilogues); None otherwise."""
+    reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
+    if len(reductions) != 1 or not all(
+        info.is_injective() for i, info in enumerate(infos) if i != reductions[0]
+    ):
+        return None
+    return reductions[0]
+
+
 def find_kn_matmul(
     sch: s_tir.Schedule, weight_kn: bool
 ) -> tuple[SBlockInfo, KNPattern, list[s_tir.schedule.SBlockRV]] | None:
@@ -157,16 +168,14 @@ def find_kn_matmul(
     infos = try_inline_contiguous_spatial(sch, infos)
     if infos is None:
         return None
-    reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
-    if len(reductions) != 1 or not all(
-        info.is_injective() for i, info in enumerate(infos) if i != reductions[0]
-    ):
+    r = the_reduction(infos)
+    if r is None:
         return None
-    main: SBlockInfo = infos[reductions[0]]
+    main: SBlockInfo = infos[r]
     pat = match_matmul(sch.get(main.block_rv), weight_kn)
     if pat is None:
         return None
-    return main, pat, [info.block_rv for info in infos[reductions[0] + 1 :]]
+    return main, pat, [info.block_rv for info in infos[r + 1 :]]
 
 
 def fold_epilogues(

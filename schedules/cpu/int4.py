@@ -39,7 +39,7 @@ from tvm.target import Target
 
 from mlc_edge.quantization.int4 import DEQUANTIZE_NAME
 
-from ..kn_pattern import match_kn_matmul
+from ..kn_pattern import match_kn_matmul, the_reduction
 from . import ParallelSpatial
 from .matmul_kn import MatmulKN
 
@@ -99,12 +99,9 @@ class Int4Matmul(MatmulKN):
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
-        reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
-        if len(reductions) != 1 or not all(
-            info.is_injective() for i, info in enumerate(infos) if i != reductions[0]
-        ):
+        r = the_reduction(infos)
+        if r is None:
             return None
-        (r,) = reductions
         # The activations' fp16 -> fp32 widening is read in place; the dequantization stays
         # a block until the matmul is scheduled, so the matmul reads a plain [K, N] weight.
         for info in infos[:r]:

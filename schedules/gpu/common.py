@@ -17,7 +17,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
-from ..kn_pattern import KNPattern, find_kn_matmul
+from ..kn_pattern import KNPattern, find_kn_matmul, fold_epilogues
 from .tuning import DEFAULT_GPU, KNTuning
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "is_decode_shaped",
     "pick_vector",
     "read_index",
+    "sum_column_partials",
     "sum_loops",
 ]
 
@@ -157,6 +158,29 @@ def bind_partials(
     init = sch.decompose_reduction(block, outer)
     sch.vectorize(sch.get_loops(init)[-1])
     return thread
+
+
+def sum_column_partials(
+    sch: s_tir.Schedule,
+    block: s_tir.schedule.SBlockRV,
+    n_or: s_tir.schedule.LoopRV,
+    columns: int,
+    threads: int,
+    writeback: s_tir.schedule.SBlockRV,
+    epilogues: list[s_tir.schedule.SBlockRV],
+) -> None:
+    """The KN GEMVs' last step: the work-group's partials of each of its ``columns``
+    columns (a multiple of ``threads``) summed, one column per thread, and the rounding
+    write-back with the epilogues folded into it under the same thread, which stores the
+    column it summed."""
+    sch.reverse_compute_at(block, n_or, preserve_unit_loops=False)
+    b_k, b_n = sum_loops(sch, block, n_or)
+    _, b_x = sch.split(b_n, [columns // threads, threads])
+    sch.bind(b_x, "threadIdx.x")
+    sch.decompose_reduction(block, b_k)
+    remaining = fold_epilogues(sch, epilogues)
+    for blk in [writeback, *remaining]:
+        sch.reverse_compute_at(blk, b_x, preserve_unit_loops=True)
 
 
 def sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,

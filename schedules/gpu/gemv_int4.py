@@ -40,8 +40,14 @@ from tvm.target import Target
 
 from mlc_edge.quantization.int4 import DEQUANTIZE_NAME
 
-from ..kn_pattern import fold_epilogues, largest_divisor
-from .common import KNMatmulRule, is_decode_shaped, pick_vector, static_int, sum_loops
+from ..kn_pattern import largest_divisor, the_reduction
+from .common import (
+    KNMatmulRule,
+    is_decode_shaped,
+    pick_vector,
+    static_int,
+    sum_column_partials,
+)
 from .gemv_nk import _loops_below, local_memory_budget
 from .tuning import GemvInt4Tuning
 
@@ -104,13 +110,11 @@ class GemvInt4KN(Int4MatmulRule):
         infos = infos and try_inline_contiguous_spatial(sch, infos)
         if not infos:
             return None
-        reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
-        if len(reductions) != 1 or not all(
-            info.is_injective() for i, info in enumerate(infos) if i != reductions[0]
-        ):
+        r = the_reduction(infos)
+        if r is None:
             return None
-        block = infos[reductions[0]].block_rv
-        epilogues = [info.block_rv for info in infos[reductions[0] + 1 :]]
+        block = infos[r].block_rv
+        epilogues = [info.block_rv for info in infos[r + 1 :]]
         if not is_decode_shaped(sch.get(block)):
             return None
         iters = sch.get(block).iter_vars
@@ -204,13 +208,6 @@ class GemvInt4KN(Int4MatmulRule):
         sch.vectorize(sch.get_loops(store)[-1])
 
         # Sum of the TY partials of each column, one column per thread.
-        sch.reverse_compute_at(block, n_or, preserve_unit_loops=False)
-        b_k, b_n = sum_loops(sch, block, n_or)
-        _, b_x = sch.split(b_n, [WORD // ty, tx * ty])
-        sch.bind(b_x, "threadIdx.x")
-        sch.decompose_reduction(block, b_k)
-        remaining = fold_epilogues(sch, epilogues)
-        for blk in [writeback, *remaining]:
-            sch.reverse_compute_at(blk, b_x, preserve_unit_loops=True)
+        sum_column_partials(sch, block, n_or, tx * WORD, tx * ty, writeback, epilogues)
         self.mark(sch, part)
         return sch

@@ -29,8 +29,8 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.target import Target
 
-from ..kn_pattern import accumulate_in_fp32, fold_epilogues, is_fp16_matmul, largest_divisor
-from .common import KNMatch, KNMatmulRule, bind_partials, pick_vector, sum_loops
+from ..kn_pattern import accumulate_in_fp32, is_fp16_matmul, largest_divisor
+from .common import KNMatch, KNMatmulRule, bind_partials, pick_vector, sum_column_partials
 from .tuning import GemvTuning
 
 
@@ -90,18 +90,9 @@ class GemvKN(KNMatmulRule):
         sch.reverse_compute_at(store, thread, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(store)[-1])
 
-        # Sum of the TY partials of each column, one column per thread.
-        sch.reverse_compute_at(block, n_or, preserve_unit_loops=False)
-        b_k, b_n = sum_loops(sch, block, n_or)
-        _, b_x = sch.split(b_n, [vec // ty, tx * ty])  # exact: ty divides vec
-        sch.bind(b_x, "threadIdx.x")
-        sch.decompose_reduction(block, b_k)
-
-        # Epilogues folded into the rounding write-back, same threads as the sum.
-        remaining = fold_epilogues(sch, epilogues)
-        # Under the sum's thread loop: each thread stores the column it summed.
-        for blk in [writeback, *remaining]:
-            sch.reverse_compute_at(blk, b_x, preserve_unit_loops=True)
+        # Sum of the TY partials of each column, one column per thread (exact: ty
+        # divides vec), the epilogues folded into the rounding write-back.
+        sum_column_partials(sch, block, n_or, tx * vec, tx * ty, writeback, epilogues)
         self.mark(sch, part)
         return sch
 
