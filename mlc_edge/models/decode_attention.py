@@ -59,6 +59,7 @@ all the same, and checked, so that no stock kernel is left in the library.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from tvm import relax as rx
 from tvm import tirx
@@ -127,6 +128,11 @@ def decode_attention(
     g_per_tx = (group + bdx - 1) // bdx  # heads a work-item sums scores of (step 3)
     score_scale = LOG2_E  # times sm_scale: scores in log2 units, as TVM's (lse in log2)
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
+
+    def holds_token(slot: Any, slots: Any, lens: Any) -> Any:  # TVMScript expressions
+        # a token: within the length, not slid out of the window (``lens[3]`` the window
+        # offset, ``lens[4]`` the sink size; both 0 without a sliding window)
+        return T.And(slot < slots, T.Or(slot < lens[4], slot >= lens[3]))
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -272,10 +278,7 @@ def decode_attention(
                                         ]
                                 T.tvm_storage_sync("shared")
                                 slot: T.let[T.int32] = tile * bdz + tz
-                                # a token: within the length, not slid out of the window
-                                valid: T.let[T.bool] = T.And(
-                                    slot < slots, T.Or(slot < lens[4], slot >= lens[3])
-                                )
+                                valid: T.let[T.bool] = holds_token(slot, slots, lens)
                                 # 2. this work-item's part of Q.K for every head
                                 if valid:
                                     for v in T.vectorized(vec):
@@ -309,22 +312,12 @@ def decode_attention(
                                 if lin < group:
                                     m_new[0] = m_run[0]
                                     for r in T.serial(bdz):
-                                        if T.And(
-                                            tile * bdz + r < slots,
-                                            T.Or(
-                                                tile * bdz + r < lens[4], tile * bdz + r >= lens[3]
-                                            ),
-                                        ):
+                                        if holds_token(tile * bdz + r, slots, lens):
                                             m_new[0] = T.max(m_new[0], scores[lin, r])
                                     scale[0] = T.exp2(m_run[0] - m_new[0])
                                     d_run[0] = d_run[0] * scale[0]
                                     for r in T.serial(bdz):
-                                        if T.And(
-                                            tile * bdz + r < slots,
-                                            T.Or(
-                                                tile * bdz + r < lens[4], tile * bdz + r >= lens[3]
-                                            ),
-                                        ):
+                                        if holds_token(tile * bdz + r, slots, lens):
                                             p[0] = T.exp2(scores[lin, r] - m_new[0])
                                         else:
                                             p[0] = T.float32(0)
