@@ -2,7 +2,9 @@
 
 ``cpu_rules()`` is what ``tvm.s_tir.dlight.ApplyDefaultSchedule(*cpu_rules())`` takes:
 
-0. :class:`Int4Matmul` (``int4.py``) - a 4-bit layer's fused dequantize + matmul: MatmulKN's
+0. :class:`Int4DecodeGEMV` (``int4_gemv.py``) - a 4-bit layer's fused dequantize + matmul
+   with one activation row (decode): rewritten per group, the nibbles masked in place.
+   :class:`Int4Matmul` (``int4.py``) - the other 4-bit matmuls (prefill, batch decode): MatmulKN's
    loop nest, the packed words unpacked in its vector loop (a function it cannot tile: the
    dequantization inlined into the loads, then as ``ParallelSpatial``).
 1. :class:`MatmulKN` - matmul/GEMV with the weight stored ``[K, N]`` (our linear layers),
@@ -128,5 +130,13 @@ class ParallelSpatial(CPURule):
 def cpu_rules() -> list[CPURule | CPUScheduleRule]:
     """The CPU schedule rules in priority order, for ``dl.ApplyDefaultSchedule(*cpu_rules())``."""
     from .int4 import Int4Matmul  # falls back to ParallelSpatial, defined above
+    from .int4_gemv import Int4DecodeGEMV
 
-    return [Int4Matmul(), MatmulKN(), MatmulNK(), dl.cpu.GEMV(), ParallelSpatial()]
+    return [
+        Int4DecodeGEMV(),
+        Int4Matmul(),
+        MatmulKN(),
+        MatmulNK(),
+        dl.cpu.GEMV(),
+        ParallelSpatial(),
+    ]
