@@ -206,3 +206,26 @@ def test_verify_passes_with_the_4bit_head(tmp_path, capsys):
     # qkv, o, gate_up, down and the head: in decode, prefill and batch_decode each.
     assert len(int4) == 15, sorted(int4)
     assert not [n for n in report["not_checked"] if "dequantize" in n["function"]]
+
+
+def test_a_q4_0_gguf_table_becomes_the_4bit_head_with_its_values(tmp_path, capsys):
+    """A tied GGUF whose ``token_embd`` is Q4_0: its blocks are the 4-bit head, values
+    unchanged (zero points 8, scales d), as for the layers; nothing re-quantized."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import write_gguf
+
+    from mlc_edge.cli import main
+    from mlc_edge.quantization.int4 import dequantize
+
+    model = make_llama(tmp_path / "hf", tie_word_embeddings=True)
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    path = write_gguf(model, tmp_path / "m.gguf", types={"token_embd.weight": q4_0}, tokenizer=True)
+    table = model.get_input_embeddings().weight.detach().numpy()
+    blocks = gguf.quants.dequantize(gguf.quants.quantize(table, q4_0), q4_0)
+    capsys.readouterr()
+    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-h4"])
+    assert "re-quantized" not in capsys.readouterr().err
+    cache = load_tensor_cache(tmp_path / "b")
+    head = dequantize(*(cache[f"lm_head.{p}"] for p in ("qweight", "qzeros", "scales")), 32)
+    assert np.ascontiguousarray(head.T).tobytes() == blocks.astype(np.float32).tobytes()
+    assert (cache["lm_head.qzeros"].view(np.uint32) == 0x88888888).all()

@@ -212,7 +212,7 @@ def _requantized_notice(ckpt: Checkpoint, linears: dict[str, _Int4Linear], schem
         listed = ", ".join(f"{n} {k}" for k, n in sorted(types.items()))
         print(
             f"note: GGUF weights ({listed} layers) are dequantized and re-quantized "
-            f"round-to-nearest for {scheme}; only Q4_0 maps to it directly (q4f16t, q4f32t)",
+            f"round-to-nearest for {scheme}; only Q4_0 maps to it directly (the group-32 schemes)",
             file=sys.stderr,
         )
 
