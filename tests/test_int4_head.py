@@ -229,3 +229,24 @@ def test_a_q4_0_gguf_table_becomes_the_4bit_head_with_its_values(tmp_path, capsy
     head = dequantize(*(cache[f"lm_head.{p}"] for p in ("qweight", "qzeros", "scales")), 32)
     assert np.ascontiguousarray(head.T).tobytes() == blocks.astype(np.float32).tobytes()
     assert (cache["lm_head.qzeros"].view(np.uint32) == 0x88888888).all()
+
+
+def test_an_awq_checkpoint_keeps_its_bits_and_its_float_head_is_quantized(tmp_path):
+    """AWQ leaves the output layer in float: ``q4f16t-h4`` quantizes it round-to-nearest,
+    and the AWQ layers keep their bits."""
+    from test_int4 import make_awq_checkpoint
+
+    from mlc_edge.cli import main
+    from mlc_edge.quantization.int4 import quantize_rtn
+
+    model = make_llama(tmp_path / "hf")
+    _, tensors = make_awq_checkpoint(model, tmp_path / "awq")
+    main(
+        ["convert", str(tmp_path / "awq"), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-h4"]
+    )
+    cache = load_tensor_cache(tmp_path / "b")
+    o_proj = "model.layers.1.self_attn.o_proj.qweight"
+    assert cache[o_proj].tobytes() == tensors[o_proj].tobytes()
+    want = quantize_rtn(tensors["lm_head.weight"].T, 32, "float16")
+    for part, tensor in want.items():
+        np.testing.assert_array_equal(cache[f"lm_head.{part}"], tensor)
