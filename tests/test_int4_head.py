@@ -250,3 +250,25 @@ def test_an_awq_checkpoint_keeps_its_bits_and_its_float_head_is_quantized(tmp_pa
     want = quantize_rtn(tensors["lm_head.weight"].T, 32, "float16")
     for part, tensor in want.items():
         np.testing.assert_array_equal(cache[f"lm_head.{part}"], tensor)
+
+
+def test_the_4bit_head_builds_for_cuda_and_unpacks_in_registers(tmp_path):
+    """CUDA source only (no nvcc): the head is one more fused 4-bit kernel in decode,
+    prefill and batch_decode, held to the layers' checks."""
+    import dataclasses
+
+    from test_cuda_int4 import _parameters, unpacking_problems
+
+    from mlc_edge.compiler.build import compile_model
+    from mlc_edge.compiler.cuda import kernel_sources
+    from mlc_edge.compiler.targets import get_target
+    from mlc_edge.config import load_preset
+
+    make_llama(tmp_path / "hf", num_hidden_layers=1, tie_word_embeddings=True)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    spec = ModelSpec.create(hf_config, "q4f16t-h4", load_preset("edge-512"))
+    source_only = dataclasses.replace(get_target("cuda"), nvcc=False)
+    kernels = kernel_sources(compile_model(spec, source_only, "tiny")[0])
+    packed = {n: s for n, s in kernels.items() if any("qweight" in p for p in _parameters(s))}
+    assert len(packed) == 15, sorted(packed)  # 4 layers' and the head's, in 3 functions
+    assert not [p for name, source in packed.items() for p in unpacking_problems(name, source)]
