@@ -200,6 +200,8 @@ def test_verify_passes_with_the_4bit_head(tmp_path, capsys):
         "1",
         "--seq-lens",
         "1,16",
+        "--only",
+        "dequantize_int4",
     )
     assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
     int4 = {r["function"] for r in report["results"] if "dequantize_int4" in r["function"]}

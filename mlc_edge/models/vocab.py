@@ -132,8 +132,9 @@ class VocabHead(nn.Module):
     ``scales.i``) like ``VocabEmbedding``. The bias, a ``[vocab]`` vector, is never split.
 
     The pieces are sized for a table in the scheme's float dtype: a 4-bit piece (about a
-    quarter of those bytes) fits with room to spare, and its rows stay multiples of 128,
-    so of the 8 columns a 32-bit word packs.
+    quarter of those bytes) fits with room to spare. Its rows are a multiple of 128 (so of
+    the 8 columns a 32-bit word packs) wherever a piece holds 128 rows; a scheme's layer
+    check refuses, in one line, a piece that is not a multiple of 8.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, scheme: WeightScheme, bias: bool):
