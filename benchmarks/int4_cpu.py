@@ -1,21 +1,26 @@
-"""4-bit decode on this CPU: mlc-edge ``q4f16t`` vs ``q0f16t`` vs llama.cpp ``Q4_0``.
+"""4-bit decode on this CPU: mlc-edge ``q4f16t`` and ``q4f16t-h4`` vs ``q0f16t`` vs llama.cpp
+``Q4_0``.
 
 One random Llama-3.2-1B-shaped checkpoint (``model_shapes.LLAMA_3_2_1B``, fewer layers with
 ``--layers``) is saved as a Hugging Face checkpoint; mlc-edge compiles it for the CPU in
-both schemes, and the same weights are written as a llama.cpp GGUF in Q4_0 (gguf-py's numpy
+each scheme (``q4f16t-h4``: the tied output layer a 4-bit copy of the fp16 table),
+and the same weights are written as a llama.cpp GGUF in Q4_0 (gguf-py's numpy
 quantizer; every matrix, the tied embedding included, in Q4_0; norms in F32; q/k rows
 permuted as llama.cpp's converter does). Each engine prefills the same prompt once
 (after a warm-up) and then decodes ``--decode`` tokens, with the same thread count.
 
-Decode reads every weight once a token, so its ceiling is bandwidth / weight bytes; the
-bandwidth is measured here with a numpy copy (one thread: a floor of what the machine has,
-so the share is an upper bound). llama.cpp comes from ``pip install llama-cpp-python``
-(not a project dependency); without it the script says so and runs the other two.
+Decode reads every weight once a token (but of an embedding table that the output layer
+does not share, one row: ``q4f16t-h4``'s fp16 table is left out), so its ceiling is
+bandwidth / those bytes; the bandwidth is measured here with a numpy copy (one thread: a
+floor of what the machine has, so the share is an upper bound). llama.cpp comes from
+``pip install llama-cpp-python`` (not a project dependency); without it the script says so
+and runs the others.
 
 ``--split`` also times, on their own, the GEMVs one decode step runs: one layer's four
-4-bit linear layers (q/k/v, o, gate/up, down) and the tied fp16 lm_head, each cycling
-through copies of its weights larger than the caches, so the step's time can be split into
-layers and lm_head (attention, norms and sampling are left out).
+4-bit linear layers (q/k/v, o, gate/up, down), the tied fp16 lm_head and the 4-bit lm_head
+of ``q4f16t-h4``, each cycling through copies of its weights larger than the caches, so the
+step's time can be split into layers and lm_head (attention, norms and sampling are left
+out).
 
     python benchmarks/int4_cpu.py [--layers 4] [--threads 2] [--prompt 64] [--decode 32] [--split]
 """
@@ -38,6 +43,8 @@ import numpy as np
 from cpu_decode import time_mlc_edge
 from cpu_gemv import build, sample
 from model_shapes import LLAMA_3_2_1B
+
+from mlc_edge.memory.sources import tensor_cache_records
 
 
 def make_checkpoint(path: Path, layers: int) -> dict[str, np.ndarray]:
@@ -192,8 +199,9 @@ def _int4_gemv(k: int, n: int, group: int, target: Any) -> Any:
 
 
 def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float]:
-    """Seconds per call of one layer's 4-bit GEMVs (q4f16t, group 32) and of the tied fp16
-    lm_head GEMV (MatmulNK), weights cycled through copies larger than ``cold_bytes``."""
+    """Seconds per call of one layer's 4-bit GEMVs (q4f16t, group 32), of the tied fp16
+    lm_head GEMV (MatmulNK) and of the 4-bit lm_head (q4f16t-h4), weights cycled through
+    copies larger than ``cold_bytes``."""
     import tvm
     from tvm.target.codegen import llvm_get_system_cpu
 
@@ -208,10 +216,11 @@ def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float
     times: dict[str, float] = {}
     group = 32
     for name, (k, n) in {
-        "qkv": (hidden, qkv),
-        "o": (hidden, hidden),
-        "gate_up": (hidden, 2 * inter),
-        "down": (inter, hidden),
+        "layer.qkv": (hidden, qkv),
+        "layer.o": (hidden, hidden),
+        "layer.gate_up": (hidden, 2 * inter),
+        "layer.down": (inter, hidden),
+        "lm_head_int4": (hidden, vocab),
     }.items():
         f = _int4_gemv(k, n, group, target)["decode"]
         xk = x if k == hidden else tvm.runtime.tensor(np.zeros((1, 1, k), np.float16), dev)
@@ -221,7 +230,7 @@ def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float
             [tvm.runtime.tensor(np.zeros((a, b), d), dev) for a, b, d in shapes]
             for _ in range(max(1, cold_bytes // nbytes))
         ]
-        times[f"layer.{name}"] = min(
+        times[name] = min(
             sample(lambda i, f=f, xk=xk, w=copies: f(xk, *w[i % len(w)]), 0.3) for _ in range(3)
         )
     f = build(hidden, vocab, "float16", target, True, nk=True, noalias_fix=True)["decode"]
@@ -253,7 +262,7 @@ def main() -> None:
     parser.add_argument(
         "--split",
         action="store_true",
-        help="also time one layer's 4-bit GEMVs and the fp16 lm_head GEMV on their own",
+        help="also time one layer's 4-bit GEMVs and the fp16 and 4-bit lm_head GEMVs on their own",
     )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -261,14 +270,15 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mlc-edge-int4-"))
     rng = np.random.default_rng(0)
     prompt = [int(i) for i in rng.integers(1000, 100000, args.prompt)]
-    rows: dict[str, tuple[float, float, int]] = {}  # prefill, decode, weight bytes
+    # prefill, decode tok/s; weight bytes; bytes a decode step reads
+    rows: dict[str, tuple[float, float, int, int]] = {}
     try:
         print(
             f"building a random Llama-3.2-1B-shaped checkpoint ({args.layers} layers) ...",
             file=sys.stderr,
         )
         weights = make_checkpoint(work / "hf", args.layers)
-        for scheme in ("q4f16t", "q0f16t"):
+        for scheme in ("q4f16t", "q4f16t-h4", "q0f16t"):
             bundle = work / scheme
             print(f"compiling mlc-edge {scheme} ...", file=sys.stderr)
             subprocess.run(
@@ -291,10 +301,13 @@ def main() -> None:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            meta = json.loads((bundle / "tensor-cache.json").read_text())["metadata"]
+            records = tensor_cache_records(bundle)
+            assert records is not None
+            own_head = any(name.startswith("lm_head") for name, _ in records)
             rows[f"mlc-edge {scheme}"] = (
                 *time_mlc_edge(bundle, prompt, args.decode),
-                int(meta["ParamBytes"]),
+                sum(n for _, n in records),
+                sum(n for name, n in records if not (own_head and "embed_tokens" in name)),
             )
             shutil.rmtree(bundle)
         have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
@@ -310,6 +323,7 @@ def main() -> None:
             rows["llama.cpp Q4_0"] = (
                 *time_llama_cpp(work / "model-q4_0.gguf", prompt, args.decode, args.threads),
                 nbytes,
+                nbytes,  # its output layer is the tied Q4_0 table
             )
     finally:
         if args.workdir is None:
@@ -320,18 +334,19 @@ def main() -> None:
         f"decode {args.decode}; numpy copy bandwidth {bandwidth / 1e9:.2f} GB/s"
     )
     print(
-        f"{'engine':<20}{'weights MiB':>12}{'prefill tok/s':>15}{'decode tok/s':>14}"
-        f"{'ceiling tok/s':>15}{'of ceiling':>12}"
+        f"{'engine':<20}{'weights MiB':>12}{'read/token MiB':>15}{'prefill tok/s':>15}"
+        f"{'decode tok/s':>14}{'ceiling tok/s':>15}{'of ceiling':>12}"
     )
     results = {}
-    for name, (prefill, decode, nbytes) in rows.items():
-        ceiling = bandwidth / nbytes
+    for name, (prefill, decode, nbytes, read) in rows.items():
+        ceiling = bandwidth / read
         print(
-            f"{name:<20}{nbytes / 2**20:>12.1f}{prefill:>15.2f}{decode:>14.2f}"
-            f"{ceiling:>15.2f}{decode / ceiling:>11.0%}"
+            f"{name:<20}{nbytes / 2**20:>12.1f}{read / 2**20:>15.1f}{prefill:>15.2f}"
+            f"{decode:>14.2f}{ceiling:>15.2f}{decode / ceiling:>11.0%}"
         )
         results[name] = {
             "weight_bytes": nbytes,
+            "decode_read_bytes": read,
             "prefill_tok_s": round(prefill, 3),
             "decode_tok_s": round(decode, 3),
             "decode_share_of_bandwidth_ceiling": round(decode / ceiling, 4),
@@ -341,11 +356,16 @@ def main() -> None:
         print("timing the decode GEMVs on their own ...", file=sys.stderr)
         split = decode_split(args.threads)
         layers_s = args.layers * split["layer"]
-        total = layers_s + split["lm_head"]
+        for scheme, head in (("q4f16t", "lm_head"), ("q4f16t-h4", "lm_head_int4")):
+            total = layers_s + split[head]
+            kind = "4-bit" if head == "lm_head_int4" else "fp16"
+            print(
+                f"decode GEMVs alone ({scheme}): {args.layers} layers x "
+                f"{split['layer'] * 1e3:.2f} ms = {layers_s * 1e3:.1f} ms ({layers_s / total:.0%}),"
+                f" {kind} lm_head {split[head] * 1e3:.1f} ms ({split[head] / total:.0%})"
+            )
         print(
-            f"decode GEMVs alone (q4f16t): {args.layers} layers x {split['layer'] * 1e3:.2f} ms"
-            f" = {layers_s * 1e3:.1f} ms ({layers_s / total:.0%}), fp16 lm_head"
-            f" {split['lm_head'] * 1e3:.1f} ms ({split['lm_head'] / total:.0%}); per layer: "
+            "per layer: "
             + ", ".join(
                 f"{key[6:]} {v * 1e3:.2f} ms"
                 for key, v in split.items()

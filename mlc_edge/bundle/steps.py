@@ -59,9 +59,9 @@ def write_chat_config(
 def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool,
                   allow_non_finite: bool = False) -> dict[str, Any]:
     from ..convert.weights import convert_weights
-    from ..models.parameters import parameter_list, table_pieces
+    from ..models.parameters import parameter_list, table_pieces, weight_sources
 
-    mapping = spec.family.weight_map(spec.config)
+    mapping = weight_sources(spec)
     return convert_weights(
         Path(model_dir), out, parameter_list(spec), mapping, spec.scheme, progress=progress,
         allow_non_finite=allow_non_finite, pieces=table_pieces(spec),

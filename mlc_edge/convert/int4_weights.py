@@ -17,14 +17,21 @@ Every linear layer's bundle parameters are ``X.qweight``, ``X.qzeros`` and ``X.s
   and Q4_0 for ``q4f16t-g128`` are dequantized and re-quantized round-to-nearest, with a
   notice.
 
-Every other parameter (embedding, norms, biases, the output layer, which stays in the
-scheme's float dtype) goes through the same planning and checks as
+The output layer is one of these layers for a scheme with ``int4_head`` (for a tied model
+its source is the embedding table, ``mlc_edge.models.parameters.weight_sources``): AWQ
+checkpoints keep it in fp16, so it is quantized round-to-nearest; a GGUF's Q4_0
+``output.weight`` (or ``token_embd.weight``) is repacked as above. A split output layer
+is quantized whole and written piece by piece.
+
+Every other parameter (embedding, norms, biases, the output layer of the other schemes,
+in the scheme's float dtype) goes through the same planning and checks as
 ``mlc_edge.convert.weights``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,17 +81,48 @@ def _awq_names(hf_weight: str) -> dict[str, str]:
     return {part: f"{stem}.{part}" for part in PART_NAMES}
 
 
-def _int4_bases(
-    expected: list[tuple[str, tuple[int, ...], str]], mapping: dict[str, ParamSource]
-) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Bundle prefixes of the 4-bit linear layers, with the three parts' shapes."""
-    bases: dict[str, dict[str, tuple[int, ...]]] = {}
+@dataclass(frozen=True)
+class _StoredPart:
+    """One bundle parameter of a 4-bit layer: its layer's prefix, which of the three
+    tensors, and for a piece of a split output layer its columns (vocabulary rows)."""
+
+    base: str
+    part: str
+    columns: tuple[int, int] | None = None
+
+
+def _int4_parts(
+    expected: list[tuple[str, tuple[int, ...], str]],
+    mapping: dict[str, ParamSource],
+    pieces: Mapping[str, TablePiece],
+    layout: Int4Layout,
+) -> tuple[dict[str, _StoredPart], dict[str, dict[str, tuple[int, int]]]]:
+    """The bundle parameters that are parts of 4-bit linear layers, and each layer's whole
+    shapes (a split output layer is quantized whole and written piece by piece: the
+    groups run along its input axis, so a piece's tensors are the whole's columns)."""
+    parts: dict[str, _StoredPart] = {}
+    sizes: dict[str, list[int]] = {}  # base -> [in, out]
     for name, shape, _ in expected:
-        base, _, part = name.rpartition(".")
+        piece = pieces.get(name)
+        base, _, part = (piece.table if piece is not None else name).rpartition(".")
         source = mapping.get(f"{base}.weight")
-        if part in PART_NAMES and source is not None and source.is_linear_weight:
-            bases.setdefault(base, {})[part] = tuple(shape)
-    return bases
+        if part not in PART_NAMES or source is None or not source.is_linear_weight:
+            continue
+        parts[name] = _StoredPart(base, part, piece.rows if piece is not None else None)
+        size = sizes.setdefault(base, [0, 0])
+        if part == "qweight":
+            size[0] = shape[0]
+        if part == "scales":
+            size[1] = max(size[1], piece.rows[1] if piece is not None else shape[1])
+    return parts, {base: layout.shapes(k, n) for base, (k, n) in sizes.items()}
+
+
+def _columns(tensor: np.ndarray, part: str, columns: tuple[int, int] | None) -> np.ndarray:
+    """Output columns ``[start, stop)`` of a stored part (qweight/qzeros pack 8 a word)."""
+    if columns is None:
+        return tensor
+    per_column = 1 if part == "scales" else 8
+    return np.ascontiguousarray(tensor[:, columns[0] // per_column : columns[1] // per_column])
 
 
 def _plan_int4(
@@ -174,7 +212,7 @@ def _requantized_notice(ckpt: Checkpoint, linears: dict[str, _Int4Linear], schem
         listed = ", ".join(f"{n} {k}" for k, n in sorted(types.items()))
         print(
             f"note: GGUF weights ({listed} layers) are dequantized and re-quantized "
-            f"round-to-nearest for {scheme}; only Q4_0 maps to it directly (q4f16t, q4f32t)",
+            f"round-to-nearest for {scheme}; only Q4_0 maps to it directly (the group-32 schemes)",
             file=sys.stderr,
         )
 
@@ -229,8 +267,7 @@ def convert_int4_weights(
     if awq is not None:
         check_scheme(awq, scheme)
     assert layout is not None
-    bases = _int4_bases(expected, mapping)
-    parts = {f"{b}.{p}" for b in bases for p in PART_NAMES}
+    parts, bases = _int4_parts(expected, mapping, pieces or {}, layout)
     plain = [e for e in expected if e[0] not in parts]
     with Checkpoint.open(Path(model_dir)) as ckpt:
         full, rows = _piece_rows(ckpt, plain, mapping, pieces or {})
@@ -242,20 +279,29 @@ def convert_int4_weights(
         _requantized_notice(ckpt, linears, scheme.name)
         total = sum(p.source_bytes for p in planned.values())
         total += sum(q.source_bytes for q in linears.values())
-        held: dict[str, np.ndarray] = {}  # the parts of the current 4-bit layer
+        # The tensors of the 4-bit layer(s) being written, until their last part is: one
+        # layer at a time, as the parts of a layer (and the pieces of a split output
+        # layer) follow one another in the load order.
+        held: dict[str, dict[str, np.ndarray]] = {}
+        unwritten = Counter(stored.base for stored in parts.values())
         reader = PlannedReader(ckpt, scheme, allow_non_finite)
         with converting(Path(out_dir), total, progress) as (writer, bar):
-            for name, _, dtype in expected:
-                if name in parts:
-                    base, _, part = name.rpartition(".")
-                    lin = linears[base]
-                    if not held:
-                        held = _int4_layer(ckpt, lin, layout, scheme.dtype, allow_non_finite)
+            for name, shape, dtype in expected:
+                stored = parts.get(name)
+                if stored is not None:
+                    lin = linears[stored.base]
+                    if stored.base not in held:
+                        held[stored.base] = _int4_layer(
+                            ckpt, lin, layout, scheme.dtype, allow_non_finite
+                        )
                         bar.update(lin.source_bytes)
-                    tensor = held.pop(part)
-                    if tuple(tensor.shape) != lin.shapes[part] or str(tensor.dtype) != dtype:
+                    tensor = _columns(held[stored.base][stored.part], stored.part, stored.columns)
+                    unwritten[stored.base] -= 1
+                    if not unwritten[stored.base]:
+                        del held[stored.base]
+                    if tuple(tensor.shape) != tuple(shape) or str(tensor.dtype) != dtype:
                         raise ValueError(f"{name} converted to {tensor.dtype}{tensor.shape}")
-                    writer.add(name, tensor, params=model_parameters(part, tensor.shape))
+                    writer.add(name, tensor, params=model_parameters(stored.part, tensor.shape))
                     continue
                 p = planned[name]
                 writer.add(name, reader.convert(p))

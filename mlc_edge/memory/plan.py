@@ -48,7 +48,8 @@ OUR_FLOOR_BYTES = 16 * GiB  # the floor of our runtime build
 @dataclass(frozen=True)
 class WeightBreakdown:
     embedding: int
-    output_layer: int  # 0 when tied to the embedding
+    # 0 when tied to the embedding; a tied model's 4-bit copy (``int4_head``) counts here
+    output_layer: int
     layers: int  # all decoder layers together
     other: int
     num_layers: int
@@ -89,7 +90,9 @@ def weight_breakdown(records: list[tuple[str, int]]) -> WeightBreakdown:
             embedding_pieces += 1
         elif "lm_head" in name:
             output += nbytes
-            if name.endswith(".weight") or table != name:  # the bias is not a piece
+            # One buffer of the layer per piece: its weight's (fp16 ``weight`` or 4-bit
+            # ``qweight``, each with its scales and zeros); the bias is not a piece.
+            if table.endswith((".weight", ".qweight")):
                 output_tables.add(table)
                 output_pieces += 1
         else:

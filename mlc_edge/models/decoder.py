@@ -97,6 +97,9 @@ class DecoderLM(nn.Module):
         self.prefill_chunk_size: int = cfg.runtime.prefill_chunk_size
         self.target = target
         self.tie_word_embeddings: bool = cfg.tie_word_embeddings
+        # The output layer has parameters of its own (``lm_head``): untied, or tied in the
+        # checkpoint but stored apart in 4 bits by the scheme (``int4_head``).
+        self.has_lm_head: bool = not cfg.tie_word_embeddings or scheme.int4_head
 
     # -- hooks (defaults for the shape above) ----------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, hidden]
@@ -106,7 +109,7 @@ class DecoderLM(nn.Module):
         return self.model(input_embeds, kv)
 
     def get_logits(self, hidden: Tensor) -> Tensor:
-        if self.tie_word_embeddings:
+        if not self.has_lm_head:
             return self.model.embed_tokens.logits(hidden)
         return self.lm_head(hidden)
 

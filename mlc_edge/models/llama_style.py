@@ -110,7 +110,7 @@ class LlamaStyleLM(DecoderLM):
     def __init__(self, cfg: LlamaStyleConfig, scheme: WeightScheme, target: Target):
         super().__init__(cfg, scheme, target)
         self.model = LlamaStyleModel(cfg, scheme, self.attention_class)
-        if not cfg.tie_word_embeddings:
+        if self.has_lm_head:
             self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme, bias=False)
 
 

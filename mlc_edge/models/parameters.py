@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from tvm.relax.frontend import nn
 from tvm.target import Target
 
+from .base import ParamSource
 from .decoder import DecoderLM
 from .vocab import VocabEmbedding, VocabHead, piece_ranges, split_parameter
 
@@ -50,8 +51,8 @@ def table_pieces(spec: ModelSpec) -> dict[str, TablePiece]:
     model = instantiate(spec)
     rows_of: dict[int, tuple[int, int]] = {}
     for table in _vocab_tables(model):
-        if len(table.pieces) > 1:
-            for param, rows in zip(table.weight, piece_ranges(table.pieces), strict=True):
+        for split in table.split_tables():
+            for param, rows in zip(split, piece_ranges(table.pieces), strict=True):
                 rows_of[id(param)] = rows
     pieces = {}
     for name, param in model.named_parameters():
@@ -59,6 +60,23 @@ def table_pieces(spec: ModelSpec) -> dict[str, TablePiece]:
         if id(param) in rows_of and split is not None:
             pieces[name] = TablePiece(split[0], rows_of[id(param)])
     return pieces
+
+
+# The output layer of every family, and the embedding table a tied one is made from.
+LM_HEAD = "lm_head"
+EMBEDDING_TABLE = "model.embed_tokens.weight"
+
+
+def weight_sources(spec: ModelSpec) -> dict[str, ParamSource]:
+    """Where each bundle parameter comes from in the checkpoint: the family's weight map,
+    and for a tied model whose scheme stores the output layer apart in 4 bits
+    (``int4_head``), that layer from the embedding table ``[vocab, hidden]``, read as the
+    ``[out, in]`` weight of a linear layer (transformers' tied ``lm_head.weight`` is it)."""
+    mapping = dict(spec.family.weight_map(spec.config))
+    if spec.scheme.int4_head and spec.config.tie_word_embeddings:
+        table = mapping[EMBEDDING_TABLE].hf_names
+        mapping[f"{LM_HEAD}.weight"] = ParamSource(table, is_linear_weight=True)
+    return mapping
 
 
 def _vocab_tables(module: nn.Module) -> Iterator[VocabEmbedding | VocabHead]:

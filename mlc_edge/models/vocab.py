@@ -92,6 +92,10 @@ class VocabEmbedding(nn.Module):
     def tables(self) -> list[nn.Parameter]:
         return [self.weight] if len(self.pieces) == 1 else list(self.weight)
 
+    def split_tables(self) -> list[nn.ParameterList]:
+        """The split table (its pieces in vocabulary order); empty when not split."""
+        return [] if len(self.pieces) == 1 else [self.weight]
+
     def forward(self, input_ids: Tensor) -> Tensor:  # [s] int32 -> [s, hidden]
         if len(self.pieces) == 1:
             return op.take(self.weight, input_ids, axis=0)
@@ -122,21 +126,41 @@ class VocabEmbedding(nn.Module):
 
 
 class VocabHead(nn.Module):
-    """The untied output layer ``hidden -> vocab`` in the scheme's linear layout; split
-    into pieces of the vocabulary (``weight.i``) like ``VocabEmbedding``. The bias, a
-    ``[vocab]`` vector, is never split."""
+    """The output layer ``hidden -> vocab`` as the scheme's ``head_linear`` stores it
+    (``weight`` in its float layout, or 4-bit ``qweight``/``qzeros``/``scales``); split
+    into pieces of the vocabulary (``weight.i``, or ``qweight.i``, ``qzeros.i``,
+    ``scales.i``) like ``VocabEmbedding``. The bias, a ``[vocab]`` vector, is never split.
+
+    The pieces are sized for a table in the scheme's float dtype: a 4-bit piece (about a
+    quarter of those bytes) fits with room to spare. Its rows are a multiple of 128 (so of
+    the 8 columns a 32-bit word packs) wherever a piece holds 128 rows; a scheme's layer
+    check refuses, in one line, a piece that is not a multiple of 8.
+    """
 
     def __init__(self, hidden_size: int, vocab_size: int, scheme: WeightScheme, bias: bool):
         self.pieces = scheme_pieces(vocab_size, hidden_size, scheme)
-        # The scheme's own linear modules give each piece its layout ([in, out] or
-        # [out, in]) and matmul; only their weights are registered, as this module's.
-        self._linears = tuple(scheme.head_linear(hidden_size, rows)
-                              for rows in self.pieces)
-        if len(self.pieces) == 1:
-            self.weight = self._linears[0].weight
-        else:
-            self.weight = nn.ParameterList([lin.weight for lin in self._linears])
+        # The scheme's own linear modules give each piece its layout and matmul; only
+        # their parameters are registered, as this module's, under their own names.
+        self._linears = tuple(scheme.head_linear(hidden_size, rows) for rows in self.pieces)
+        self._part_names = tuple(n for n, _ in self._linears[0].named_parameters())
+        for part in self._part_names:
+            params = [dict(lin.named_parameters())[part] for lin in self._linears]
+            setattr(self, part, params[0] if len(params) == 1 else nn.ParameterList(params))
         self.bias = nn.Parameter((vocab_size,), scheme.dtype) if bias else None
+
+    def split_tables(self) -> list[nn.ParameterList]:
+        """Each split parameter (its pieces in vocabulary order); empty when not split."""
+        if len(self.pieces) == 1:
+            return []
+        return [getattr(self, part) for part in self._part_names]
+
+    def to(self, dtype: str | None = None) -> None:
+        # Each piece's module knows which of its tensors take the model's dtype (a 4-bit
+        # layer's integer tensors stay int32).
+        for lin in self._linears:
+            lin.to(dtype)
+        if self.bias is not None:
+            self.bias.to(dtype)
 
     def forward(self, hidden: Tensor) -> Tensor:
         parts = [lin(hidden) for lin in self._linears]

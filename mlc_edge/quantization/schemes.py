@@ -15,6 +15,10 @@ one small class here; nothing else branches on the scheme's name.
   along K with fp16 scales and zero points (``int4.Int4Layout``: AutoAWQ's GEMM layout);
   the embedding and the untied output layer stay fp16 (``head_linear``). ``q4f32t``: the
   same in fp32 compute, for exact tests.
+- ``q4f16t-h4`` / ``q4f16t-g128-h4`` / ``q4f32t-h4``: the same, and the output layer in 4
+  bits too (``int4_head``), in the same layout, so the same kernels run it. A tied model
+  keeps its fp16 embedding table for the lookup and gets a 4-bit copy of it as its output
+  layer (``lm_head``; ``mlc_edge.models.parameters.weight_sources``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ class WeightScheme:
     max_alloc_bytes: int | None = None
     # The 4-bit layout of linear weights; None: stored as one tensor in ``dtype``.
     int4_layout: Int4Layout | None = None
+    # The output layer in ``int4_layout`` too (its own 4-bit parameters even when the
+    # checkpoint ties it to the embedding); False: in ``dtype``, tied when the model is.
+    int4_head: bool = False
 
     def with_max_alloc(self, max_alloc_bytes: int | None) -> WeightScheme:
         """This scheme for a device whose buffers hold at most ``max_alloc_bytes``."""
@@ -135,7 +142,8 @@ class Q0F16(WeightScheme):
 
 
 class _Int4(_Transposed):
-    """4-bit linear weights (``int4_layout``); the output layer stays in ``dtype``, KN."""
+    """4-bit linear weights (``int4_layout``); the output layer stays in ``dtype``, KN,
+    unless ``int4_head``."""
 
     def linear(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         assert self.int4_layout is not None
@@ -143,6 +151,8 @@ class _Int4(_Transposed):
         return Int4KNLinear(in_features, out_features, bias, self.dtype, self.int4_layout)
 
     def head_linear(self, in_features: int, out_features: int) -> nn.Module:
+        if self.int4_head:
+            return self.linear(in_features, out_features, bias=False)
         return KNLinear(in_features, out_features, False, self.dtype)
 
 
@@ -164,8 +174,34 @@ class Q4F32T(_Int4):
     int4_layout = Int4Layout(group_size=32)
 
 
+class Q4F16TH4(Q4F16T):
+    name = "q4f16t-h4"
+    int4_head = True
+
+
+class Q4F16TG128H4(Q4F16TG128):
+    name = "q4f16t-g128-h4"
+    int4_head = True
+
+
+class Q4F32TH4(Q4F32T):
+    name = "q4f32t-h4"
+    int4_head = True
+
+
 SCHEMES: dict[str, WeightScheme] = {
-    s.name: s for s in (Q0F16T(), Q0F32T(), Q0F16(), Q4F16T(), Q4F16TG128(), Q4F32T())
+    s.name: s
+    for s in (
+        Q0F16T(),
+        Q0F32T(),
+        Q0F16(),
+        Q4F16T(),
+        Q4F16TG128(),
+        Q4F32T(),
+        Q4F16TH4(),
+        Q4F16TG128H4(),
+        Q4F32TH4(),
+    )
 }
 
 

@@ -61,8 +61,9 @@ class PhiForCausalLM(DecoderLM):
         if cfg.tie_word_embeddings:
             # transformers ties only the weight: the output bias stays its own tensor.
             self.lm_head_bias = nn.Parameter((cfg.vocab_size,), scheme.dtype)
-        else:
-            self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme, bias=True)
+        if self.has_lm_head:
+            self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme,
+                                     bias=not cfg.tie_word_embeddings)
 
     def get_logits(self, hidden: Tensor) -> Tensor:
         logits = super().get_logits(hidden)
