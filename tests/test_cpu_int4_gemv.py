@@ -112,8 +112,11 @@ def test_hot_loop_masks_converts_and_fmas_whole_registers(k: int, n: int, target
 
 CASES = [
     # (K, N, group, dtype): 16-word vectors split over the cores; group 128; fp32; a width
-    # whose words do not fill a 16-lane register (40 words: 8 lanes).
+    # whose words do not fill a 16-lane register (40 words: 8 lanes); long rows (1024 words:
+    # strips of 8 rows, P in registers) in both dtypes.
     (512, 2048, 32, "float16"),
+    (256, 8192, 32, "float16"),
+    (256, 8192, 128, "float32"),
     (1024, 1024, 128, "float16"),
     (256, 4096, 32, "float32"),
     (96, 320, 32, "float16"),

@@ -25,19 +25,21 @@ numpy, and the model tests against transformers). Loop nest::
 
     parallel band                       # a band of whole groups per core: contiguous rows
       for g in the band
-        for k in the group (short rows)         for strips of words (long rows)
-          for strips of words                     for k in 16 rows of the group
-            for j unroll 8                          for j unroll 8
-              for w vectorized 16                     for w vectorized 16
-                P[j, w] += x[k] * cvt(word & mask_j)    (P of the strip in registers)
+        short rows:                        long rows:
+        for k in the group                 for blocks of 8 rows of the group
+          for strips of words                for strips of words
+            for j unroll 8                     for k in the block
+              for w vectorized 16                for j unroll 8, w vectorized 16
+                P[j, w] += x[k] * cvt(word & mask_j)   (P of the strip in registers)
         for strips, j unroll, w vectorized 16   # y_band += s * (P / 16**j - z * X)
     y = sum of the bands; out[n] = y[nibble of n, n // 8]
 
-Short rows (up to 512 words, N = 4096: P of the whole row fits in 16 KiB of L1) are read in address
-order, one row after the other; longer ones in strips of one vector of words, 16 rows at a
-time, P in registers. Both orders were measured on this CPU's DRAM
-(``benchmarks/int4_cpu.py --split``): strips of short rows, or rows of long ones, were
-1.5-3x slower.
+Short rows (up to 512 words, N = 4096: P of a whole row fits in 16 KiB of L1) are read in
+address order, one row after the other; longer ones in strips of one vector of words, 8
+rows at a time, P in registers. Measured on this CPU from DRAM (2 cores; the GEMV timed on
+its own cycling through weight copies larger than the caches): strips of the short rows of
+``8192 x 2048`` were 1.4x slower, rows of the long ones of ``2048 x 8192`` 2.8x, strips of
+16 rows 1.1-1.6x (``2048 x 16384``, ``2048 x 128256``).
 
 Only functions with one activation row (the ``decode`` functions) are taken; prefill and
 batch decode share each unpacked word among rows and are ``Int4Matmul``'s (``int4.py``).
@@ -177,7 +179,7 @@ class Int4DecodeGEMV(CPURule):
         Rows of a strip summed in registers before the next strip of the same rows.
     """
 
-    def __init__(self, short_row_bytes: int = 16384, strip_rows: int = 16):
+    def __init__(self, short_row_bytes: int = 16384, strip_rows: int = 8):
         self.short_row_bytes = short_row_bytes
         self.strip_rows = strip_rows
 
