@@ -1,4 +1,5 @@
-"""The CPU rule for 4-bit matmuls: ``MatmulKN``'s loop nest with the weights unpacked in
+"""The CPU rule for 4-bit matmuls of several rows (prefill, batch decode; one-row decode
+GEMVs are ``int4_gemv.py``'s): ``MatmulKN``'s loop nest with the weights unpacked in
 registers.
 
 ``FuseInt4Matmul`` makes each 4-bit layer one PrimFunc in which a ``dequantize_int4``
