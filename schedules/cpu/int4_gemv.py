@@ -164,9 +164,9 @@ class Int4DecodeGEMV(CPURule):
 
     Each core takes a band of whole groups (the rows ``[K / cores * t, K / cores * (t + 1))``)
     and every column, so it streams one contiguous piece of ``qweight``; the cores' partial
-    sums are added at the end (``rfactor``). Measured with ``benchmarks/int4_cpu.py
-    --split`` on this CPU: splitting the columns instead leaves each core strided
-    half-rows, ~1.5-2.5x slower from DRAM.
+    sums are added at the end (``rfactor``). Timed as ``benchmarks/int4_cpu.py --split``
+    times a GEMV, on this CPU: splitting the columns instead leaves each core strided
+    half-rows, 1.3-2.9x slower from DRAM (2048 x 8192, 8192 x 2048).
 
     Parameters
     ----------
