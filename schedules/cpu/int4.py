@@ -45,7 +45,8 @@ from . import ParallelSpatial
 from .matmul_kn import MatmulKN
 
 
-def _dequantize_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
+def dequantize_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
+    """The ``dequantize_int4`` blocks directly under the root block of ``sch``."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     return [b for b in blocks if sch.get(b).name_hint.startswith(DEQUANTIZE_NAME)]
 
@@ -81,7 +82,7 @@ class Int4Matmul(MatmulKN):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        if not _dequantize_blocks(sch):
+        if not dequantize_blocks(sch):
             return None
         try:
             tiled = self._tile(sch.copy(), target)
@@ -91,7 +92,7 @@ class Int4Matmul(MatmulKN):
             return tiled
         # An unexpected variant: the dequantization still inlined, parallel where
         # ParallelSpatial can.
-        for block in _dequantize_blocks(sch):
+        for block in dequantize_blocks(sch):
             sch.compute_inline(block)
         parallel = ParallelSpatial().apply(sch.mod["main"], target, tunable)
         return parallel if parallel is not None else sch
@@ -116,6 +117,6 @@ class Int4Matmul(MatmulKN):
         scheduled = self.schedule(sch, target, main, pat, epilogues)
         if scheduled is None:
             return None
-        for block in _dequantize_blocks(scheduled):
+        for block in dequantize_blocks(scheduled):
             scheduled.compute_inline(block)
         return scheduled

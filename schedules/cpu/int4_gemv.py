@@ -50,8 +50,9 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN, AWQ_PACK_ORDER, DEQUANTIZE_NAME
+from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN, AWQ_PACK_ORDER
 
+from .int4 import dequantize_blocks
 from .matmul_kn import CPURule, _num_cores, vector_bytes
 
 # nibble j of a word holds column 2 * (j % 4) + j // 4 of its 8; column c sits in nibble
@@ -68,8 +69,7 @@ def _decode_operands(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
     """The fused 4-bit matmul's buffers by role (x, qweight, qzeros, scales, out) when
     ``func`` is one with a single activation row and static shapes; else None."""
     sch = s_tir.Schedule(func)
-    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    dequantize = [b for b in blocks if b.name_hint.startswith(DEQUANTIZE_NAME)]
+    dequantize = [sch.get(b) for b in dequantize_blocks(sch)]
     if len(dequantize) != 1:
         return None
     reads = [r.source for r in dequantize[0].reads]
@@ -206,9 +206,7 @@ class Int4DecodeGEMV(CPURule):
     def _schedule(
         self, sch: s_tir.Schedule, lanes: int, bands: int, short_rows: bool
     ) -> s_tir.Schedule:
-        part, xsum, y, out = (
-            sch.get_sblock(n) for n in ("group_part", "group_xsum", "group_sum", "group_sum_out")
-        )
+        part, xsum, y = (sch.get_sblock(n) for n in ("group_part", "group_xsum", "group_sum"))
         # Each band's partial sums in y_band[band, j, w]; y adds the bands.
         _, _, g = sch.get_loops(y)
         band, g_in = sch.split(g, [bands, None])
