@@ -88,8 +88,7 @@ def test_takes_the_one_row_gemv_only(target) -> None:
 def test_hot_loop_masks_converts_and_fmas_whole_registers(k: int, n: int, target) -> None:
     """The per-row loop unpacks by mask alone: 16-lane ANDs, conversions (the unsigned one
     for the nibble holding bit 31) and FMAs; no variable shift is left in the function's
-    hottest loop (the loop with the most FMAs). Short rows (P in L1) and long rows (P of a
-    strip in registers) are two loop orders."""
+    hottest loop (the loop with the most FMAs), for short rows and long ones."""
     mod = _fused(k, n, 32, "float16")
     decode = next(
         f
@@ -112,8 +111,8 @@ def test_hot_loop_masks_converts_and_fmas_whole_registers(k: int, n: int, target
 
 CASES = [
     # (K, N, group, dtype): 16-word vectors split over the cores; group 128; fp32; a width
-    # whose words do not fill a 16-lane register (40 words: 8 lanes); long rows (1024 words:
-    # strips of 8 rows, P in registers) in both dtypes.
+    # whose words do not fill a 16-lane register (40 words: 8 lanes); long rows (1024 words)
+    # in both dtypes.
     (512, 2048, 32, "float16"),
     (256, 8192, 32, "float16"),
     (256, 8192, 128, "float32"),

@@ -16,8 +16,9 @@ and keeps ``P`` in nibble order: the vector loop runs over consecutive *words* (
 AVX-512), and nibble ``j`` of every word is one register, ``w & (0xF << 4j)`` converted to
 fp32, which is ``q * 16**j`` exactly; the ``16**-j`` goes into the group's scale. So a
 weight costs a mask, a conversion and an FMA. Once per group the scales (read at stride 8:
-the columns of nibble ``j``), zero points and ``X`` fold ``P`` into ``y``; a last loop
-writes ``y`` back in column order (AWQ's nibble order, ``mlc_edge.quantization.int4``).
+the columns of nibble ``j``; staged per strip by a loop LLVM turns into whole loads and
+``vpermt2w`` shuffles), zero points and ``X`` fold ``P`` into ``y``; a last loop writes
+``y`` back in column order (AWQ's nibble order, ``mlc_edge.quantization.int4``).
 
 Every product ``x * q`` is exact in fp32 as before; only the order of the fp32 sums
 differs from the direct form (``tests/test_cpu_int4_gemv.py`` checks both dtypes against
@@ -25,21 +26,29 @@ numpy, and the model tests against transformers). Loop nest::
 
     parallel band                       # a band of whole groups per core: contiguous rows
       for g in the band
-        short rows:                        long rows:
-        for k in the group                 for blocks of 8 rows of the group
-          for strips of words                for strips of words
-            for j unroll 8                     for k in the block
-              for w vectorized 16                for j unroll 8, w vectorized 16
+        for b in 0 .. size/8             # 8 rows of the group at a time, size/8 apart:
+          for strips of words            #   rows b, b + size/8, ..., b + 7 size/8
+            for the 8 rows
+              for j unroll 8, w vectorized 16
                 P[j, w] += x[k] * cvt(word & mask_j)   (P of the strip in registers)
-        for strips, j unroll, w vectorized 16   # y_band += s * (P / 16**j - z * X)
+        for strips                       # y_band += s * (P / 16**j - z * X)
+          stage s[j, w] (fp32)
+          for j unroll, w vectorized 16
     y = sum of the bands; out[n] = y[nibble of n, n // 8]
 
-Short rows (up to 512 words, N = 4096: P of a whole row fits in 16 KiB of L1) are read in
-address order, one row after the other; longer ones in strips of one vector of words, 8
-rows at a time, P in registers. Measured on this CPU from DRAM (2 cores; the GEMV timed on
-its own cycling through weight copies larger than the caches): strips of the short rows of
-``8192 x 2048`` were 1.4x slower, rows of the long ones of ``2048 x 8192`` 2.8x, strips of
-16 rows 1.1-1.6x (``2048 x 16384``, ``2048 x 128256``).
+Why 8 rows ``size / 8`` apart (``size``: the group's rows): one core keeps about eight
+cache lines in flight from its own instruction window; reading 8 rows at once gives the
+hardware 8 streams to prefetch, and rows that far apart make each stream run on through
+consecutive rows (the next ``b``) instead
+of ending at a row's end. Measured on this CPU (2 cores; each GEMV alone, weights cycled
+through copies larger than the caches; two builds in one process timed alternately, best
+of 30), against the earlier order (rows up to 512 words one at a time with P in L1,
+longer ones 8 consecutive rows at a time): ``2048 x 2048`` 0.25 -> 0.17 ms, ``2048 x
+3072`` 0.24 -> 0.19, ``2048 x 16384`` 0.94 -> 0.87, ``2048 x 128256`` 6.5 -> 6.0;
+``8192 x 2048`` 0.54-0.65 ms either way (it varies more between runs than between the
+two). 4 rows at once were no better, 16 slower (1.2-1.5x: registers), and so was holding
+P of a strip in registers over the whole group (32 streams: 1.6-2.3x slower). Staging the
+scales made the L3-resident GEMV 10% faster and changed little from DRAM.
 
 Only functions with one activation row (the ``decode`` functions) are taken; prefill and
 batch decode share each unpacked word among rows and are ``Int4Matmul``'s (``int4.py``).
@@ -142,8 +151,14 @@ def group_sum_gemv(ops: dict[str, tirx.Buffer], order: list[str]) -> tirx.PrimFu
     xsum = te.compute((groups,), lambda g: te.sum(xf(g * size + r2), axis=r2), name="group_xsum")
     gr = te.reduce_axis((0, groups), "gr")
 
+    scale_nib = te.compute(
+        (groups, 8, words),
+        lambda g, j, w: scales[g, w * 8 + (j % 4) * 2 + j // 4].astype("float32"),
+        name="scale_nib",
+    )
+
     def folded(j: tirx.PrimExpr, w: tirx.PrimExpr) -> tirx.PrimExpr:
-        scale = scales[gr, w * 8 + (j % 4) * 2 + j // 4].astype("float32")
+        scale = scale_nib[gr, j, w]
         zero_point = ((qzeros[gr, w] >> (j * 4).astype("int32")) & 15).astype("float32")
         unit = (tirx.const(1, "uint32") << shift(j)).astype("float32")  # 16**j
         return te.sum(scale * (part[gr, j, w] / unit - zero_point * xsum[gr]), axis=gr)
@@ -170,17 +185,13 @@ class Int4DecodeGEMV(CPURule):
 
     Parameters
     ----------
-    short_row_bytes : int
-        A row of words this short has its 8 nibble accumulators of the whole row kept in L1
-        (``8 * 4`` bytes a word) and is read one row at a time, in address order. Longer rows
-        are read in strips of one vector of words, ``strip_rows`` rows at a time, the
-        accumulators of a strip in registers.
     strip_rows : int
-        Rows of a strip summed in registers before the next strip of the same rows.
+        Rows read at once (``group / strip_rows`` apart), a strip of each summed in
+        registers before the next strip of the same rows; a group size it does not divide
+        is read whole.
     """
 
-    def __init__(self, short_row_bytes: int = 16384, strip_rows: int = 8):
-        self.short_row_bytes = short_row_bytes
+    def __init__(self, strip_rows: int = 8):
         self.strip_rows = strip_rows
 
     def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
@@ -200,12 +211,9 @@ class Int4DecodeGEMV(CPURule):
         # which would clash between the model's many GEMVs.
         rewritten = group_sum_gemv(ops, order).without_attr("global_symbol")
         rewritten = rewritten.with_attrs(func.attrs)
-        short = words * 8 * 4 <= self.short_row_bytes
-        return self._schedule(s_tir.Schedule(rewritten), lanes, bands, short)
+        return self._schedule(s_tir.Schedule(rewritten), lanes, bands)
 
-    def _schedule(
-        self, sch: s_tir.Schedule, lanes: int, bands: int, short_rows: bool
-    ) -> s_tir.Schedule:
+    def _schedule(self, sch: s_tir.Schedule, lanes: int, bands: int) -> s_tir.Schedule:
         part, xsum, y = (sch.get_sblock(n) for n in ("group_part", "group_xsum", "group_sum"))
         # Each band's partial sums in y_band[band, j, w]; y adds the bands.
         _, _, g = sch.get_loops(y)
@@ -218,6 +226,15 @@ class Int4DecodeGEMV(CPURule):
         sch.vectorize(vec)
         sch.unroll(j)
         sch.decompose_reduction(y_band, g_in)
+        # The strip's scales in nibble order: a serial loop over words reading each word's
+        # 8 scales, which LLVM vectorizes with whole loads and shuffles (a vectorized read
+        # at stride 8 would be 16 scalar loads and inserts a register).
+        stage = sch.get_sblock("scale_nib")
+        sch.compute_at(stage, strip)
+        sch.set_scope(stage, 0, "local")
+        s_j, s_w = sch.get_loops(stage)[-2:]
+        sch.reorder(s_w, s_j)
+        sch.unroll(s_j)
 
         # A group's P[j, w] and X, computed where the band's loop reaches the group.
         sch.compute_at(part, g_in)
@@ -227,8 +244,8 @@ class Int4DecodeGEMV(CPURule):
         pj, pw, pr = sch.get_loops(part)[-3:]
         p_strip, p_vec = sch.split(pw, [None, lanes])
         size = int(sch.get(pr).extent)
-        rows = 1 if short_rows else (self.strip_rows if size % self.strip_rows == 0 else size)
-        p_rows, p_row = sch.split(pr, [None, rows])
+        rows = self.strip_rows if size % self.strip_rows == 0 else size
+        p_row, p_rows = sch.split(pr, [rows, None])  # row = p_row * (size / rows) + p_rows
         sch.reorder(p_rows, p_strip, p_row, pj, p_vec)
         sch.vectorize(p_vec)
         sch.unroll(pj)
