@@ -7,8 +7,10 @@ and 4 (and 7), one and several sequences at once, context lengths below a page, 
 exactly, not a multiple of the page size and many tiles; the sliding-window variant with
 an attention sink and a slid window; an empty sequence. ``verify --device intel`` of the
 tiny model keeps it at the fp16 rounding of its output. Its signature is TVM's, the
-model's KV cache is built with it on GPU targets and not on the CPU, what it does not
-support is refused at compile time, and a barrier removed from it is caught as a race.
+model's KV cache is built with it on GPU targets, what it does not support is refused at
+compile time, and a barrier removed from it is caught as a race. The CPU kernel
+(``decode_attention_cpu``) runs here against the same float64 attention and is what a CPU
+build holds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 
 import numpy as np
 import pytest
+import tvm
 import tvm_ffi
 from helpers import opencl_missing, run_verify_json
 from test_oclgrind import needs_oclgrind
@@ -25,7 +28,7 @@ from test_verify_fp16 import _intel_missing
 from tiny_models import make_llama
 from tvm import IRModule, tirx
 from tvm import relax as rx
-from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode
+from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode, _attention_decode_cpu
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode
 from tvm.target import Target
 
@@ -35,8 +38,10 @@ from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.errors import UserError
 from mlc_edge.models.decode_attention import (
     DECODE,
+    DECODE_CPU,
     DECODE_SLIDING_WINDOW,
     decode_attention,
+    decode_attention_cpu,
     replace_decode_attention,
 )
 from mlc_edge.models.parameters import instantiate
@@ -213,6 +218,77 @@ def test_the_signature_is_tvms(target, sliding_window):
     assert ours.attrs["global_symbol"] == stock.attrs["global_symbol"]
 
 
+def _run_cpu(func: tirx.PrimFunc, arrays: dict[str, np.ndarray], q: np.ndarray):
+    """``func`` built for this CPU and called as the runtime calls it (rope already
+    applied: rotary_mode 0); (output, lse)."""
+    target = Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    symbol = str(func.attrs["global_symbol"])
+    lib = tvm.tirx.build(IRModule({symbol: func}), target=target)
+    dev = tvm.cpu()
+    names = ["pages", "page_table_indptr", "page_table_values", "length_info",
+             "k_rope_pos_offset", "q_rope_position"]
+    output = tvm.runtime.tensor(np.zeros_like(q), dev)
+    lse = tvm.runtime.tensor(np.zeros(q.shape[:2], "float32"), dev)
+    args = [tvm.runtime.tensor(q, dev), *(tvm.runtime.tensor(arrays[n], dev) for n in names)]
+    lib[symbol](*args, output, lse, 0, 1.0, 1e4, q.shape[-1] ** -0.5)
+    return output.numpy(), lse.numpy()
+
+
+CPU_TOLERANCE = 1.05 * FP16_UNIT_ROUNDOFF  # the fp16 output rounded once
+
+
+@pytest.mark.parametrize(("kv_heads", "heads", "head_dim"), [*SHAPES, (1, 3, 24)])
+@pytest.mark.parametrize("kv_lens", [(40, 16, 1, 100), (300,), (0, 20)])
+def test_the_cpu_kernel_is_attention_over_the_paged_cache(kv_heads, heads, head_dim, kv_lens):
+    # every shape above, and head_dim 24 (vectors of 8); an empty sequence gives TVM's
+    # values: o = 0, lse = -5e4
+    rng = np.random.default_rng(sum(kv_lens) + heads)
+    arrays, ids = _cache(kv_lens, kv_heads, head_dim, "float16", rng)
+    q = rng.standard_normal((len(kv_lens), heads, head_dim)).astype("float16")
+    func = decode_attention_cpu(kv_heads, heads, head_dim, "float16", False)
+    out, lse = _run_cpu(func, arrays, q)
+    for b, n in enumerate(kv_lens):
+        if n == 0:
+            assert not out[b].any() and (lse[b] == -5e4).all()
+            continue
+        ref_o, ref_lse = _reference(q[b], arrays["pages"], ids[b], n, head_dim**-0.5)
+        o_err = np.abs(out[b].astype(np.float64) - ref_o).max() / np.abs(ref_o).max()
+        lse_err = np.abs(lse[b] - ref_lse).max() / max(np.abs(ref_lse).max(), 1.0)
+        assert o_err <= CPU_TOLERANCE and lse_err <= 1e-5, (o_err, lse_err)
+
+
+def test_the_cpu_sliding_window_variant_skips_slid_out_slots():
+    # as the GPU test above: a sink and a slid window, and no sink
+    kv_heads, heads, head_dim = 2, 8, 16
+    slots, sinks, offsets = (42, 32), (4, 0), (21, 5)
+    kv_lens = tuple(n - o + s for n, s, o in zip(slots, sinks, offsets, strict=True))
+    rng = np.random.default_rng(1)
+    arrays, ids = _cache(kv_lens, kv_heads, head_dim, "float16", rng, slots=slots)
+    arrays["length_info"] = np.stack(
+        [arrays["length_info"], np.array(offsets, "int32"), np.array(sinks, "int32")]
+    )
+    q = rng.standard_normal((2, heads, head_dim)).astype("float16")
+    out, lse = _run_cpu(decode_attention_cpu(kv_heads, heads, head_dim, "float16", True), arrays, q)
+    for b in range(2):
+        ref_o, ref_lse = _reference(
+            q[b], arrays["pages"], ids[b], kv_lens[b], head_dim**-0.5, sinks[b], offsets[b]
+        )
+        o_err = np.abs(out[b].astype(np.float64) - ref_o).max() / np.abs(ref_o).max()
+        assert o_err <= CPU_TOLERANCE and np.abs(lse[b] - ref_lse).max() <= 1e-4
+
+
+@pytest.mark.parametrize("sliding_window", [False, True])
+def test_the_cpu_kernel_has_tvms_cpu_signature(sliding_window):
+    ours = decode_attention_cpu(8, 32, 64, "float16", sliding_window)
+    stock = _attention_decode_cpu(8, 32, 64, "float16", sliding_window, {})
+    offsets = [[str(getattr(p, "elem_offset", None)) for p in f.params] for f in (ours, stock)]
+    assert [(p.name, str(p.shape), p.dtype) for p in params_of(ours)] == [
+        (p.name, str(p.shape), p.dtype) for p in params_of(stock)
+    ]
+    assert offsets[0] == offsets[1]
+    assert ours.attrs["global_symbol"] == stock.attrs["global_symbol"]
+
+
 def _tiny_module(tmp_path, target_name: str):
     make_llama(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -237,14 +313,19 @@ def test_the_model_builds_its_kv_cache_with_our_kernels(tmp_path):
         assert tvm_ffi.structural_equal(funcs[symbol], ours), symbol
 
 
-def test_a_cpu_build_keeps_tvms_serial_kernels(tmp_path):
-    mod, _, _ = _tiny_module(tmp_path, "cpu")
-    symbols = {
-        str(f.attrs.get("global_symbol"))
+def test_a_cpu_build_gets_our_cpu_kernels(tmp_path):
+    mod, kv, _ = _tiny_module(tmp_path, "cpu")
+    funcs = {
+        str(f.attrs["global_symbol"]): f
         for _, f in mod.functions_items()
-        if isinstance(f, tirx.PrimFunc) and f.attrs
+        if isinstance(f, tirx.PrimFunc) and f.attrs and "global_symbol" in f.attrs
     }
-    assert DECODE not in symbols and "batch_decode_paged_kv_cpu" in symbols
+    assert DECODE not in funcs
+    for symbol, sliding in ((DECODE_CPU, False), (DECODE_CPU + "_sliding_window", True)):
+        ours = decode_attention_cpu(
+            kv.num_key_value_heads, kv.num_attention_heads, kv.head_dim, "float16", sliding
+        )
+        assert tvm_ffi.structural_equal(funcs[symbol], ours), symbol
 
 
 def test_what_it_does_not_support_is_refused_at_compile_time(target):
@@ -289,8 +370,8 @@ def test_a_missing_barrier_is_caught_as_a_race(target):
 
 @pytest.mark.skipif(_intel_missing() is not None, reason=str(_intel_missing()))
 def test_verify_of_the_tiny_model_in_real_fp16_is_at_the_rounding_floor(tmp_path, capsys):
-    # mlc-edge verify --device intel: the kernels in fp16 against the CPU's (TVM's
-    # serial kernel) in fp32 from the same inputs; ours rounds once, its output
+    # mlc-edge verify --device intel: the kernels in fp16 against the CPU's (our CPU
+    # kernel) in fp32 from the same inputs; ours rounds once, its output
     make_llama(tmp_path / "hf")
     code, report = run_verify_json(
         capsys,

@@ -1,9 +1,11 @@
-"""The paged KV cache's kernels: synthetic page tables, and TVM's CPU kernels as reference.
+"""The paged KV cache's kernels: synthetic page tables, and the CPU kernels as reference.
 
 TVM's ``TIRPagedKVCache`` brings its attention and page kernels already scheduled for the
 GPU, so there is no unscheduled form to compare with. For an LLVM target it builds CPU
 kernels of the same signatures instead (a separate implementation of the same
-arithmetic): those are the reference here, taken from the model exported for LLVM.
+arithmetic): those are the reference here, taken from the model exported for LLVM. They
+are TVM's but for decode attention, where a CPU build holds ours
+(``decode_attention_cpu``, checked against float64 attention in its tests).
 
 Inputs are one sequence (batch 1) laid out in a paged cache the way the runtime does it:
 pages of 16 tokens in shuffled order with an unused page between, ``page_indptr`` /

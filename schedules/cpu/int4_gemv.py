@@ -232,9 +232,10 @@ class Int4DecodeGEMV(CPURule):
         stage = sch.get_sblock("scale_nib")
         sch.compute_at(stage, strip)
         sch.set_scope(stage, 0, "local")
-        s_j, s_w = sch.get_loops(stage)[-2:]
-        sch.reorder(s_w, s_j)
-        sch.unroll(s_j)
+        if lanes > 1:  # (one word a strip leaves the stage no loop over words)
+            s_j, s_w = sch.get_loops(stage)[-2:]
+            sch.reorder(s_w, s_j)
+            sch.unroll(s_j)
 
         # A group's P[j, w] and X, computed where the band's loop reaches the group.
         sch.compute_at(part, g_in)
