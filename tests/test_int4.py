@@ -216,6 +216,9 @@ def test_q4f16t_other_families_greedy_tokens_match_on_decisive_steps(tmp_path, f
         ({"hidden_size": 48}, "q4f16t", "48 inputs, not a multiple of the group size 32"),
         ({"hidden_size": 128}, "q4f16t-g128", "160 inputs, not a multiple of the group size 128"),
         ({"intermediate_size": 98}, "q4f16t", "196 outputs, not a multiple of 8"),
+        # a 4-bit output layer: the scheme that keeps it in floats is the way out
+        ({"vocab_size": 388}, "q4f16t-h4", "388 outputs (the vocabulary, or a piece of it)"),
+        ({"vocab_size": 388}, "q4f32t-h4", "use q4f32t, which keeps it in float32"),
     ],
 )
 def test_layers_that_do_not_fit_the_layout_get_one_line(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
 from test_int4 import _hf_weights_from_bundle, _load_into, reference_dequantize
-from tiny_models import make_llama
+from tiny_models import make_llama, make_model
 
 from mlc_edge.compiler.targets import TARGETS
 from mlc_edge.config import ModelSpec
@@ -83,6 +83,24 @@ def test_q4f16t_h4_greedy_tokens_match_on_decisive_steps(tmp_path):
     decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
     assert len(decisive) >= len(theirs) - 2
     assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+
+
+def test_a_tied_phi_keeps_its_head_bias_beside_the_4bit_copy(tmp_path):
+    # Phi's output layer has a bias: tied, the 4-bit head is a copy of the table and the
+    # bias stays as the checkpoint has it.
+    model = make_model(
+        "Phi", tmp_path / "hf", hidden_size=160, num_attention_heads=8, num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
+    assert model.lm_head.bias is not None
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t-h4")
+    cache = load_tensor_cache(bundle)
+    np.testing.assert_array_equal(cache["lm_head_bias"], model.lm_head.bias.detach().numpy())
+    reference = _reference(model, bundle)
+    ids = prompt_ids(model.config.vocab_size)
+    ours, theirs, errors = greedy_compare(Engine(bundle), reference, ids)
+    assert max(errors) < 1e-4, errors
+    assert ours == theirs
 
 
 def test_tensor_cache_holds_what_the_memory_plan_predicts(llama):

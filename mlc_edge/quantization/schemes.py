@@ -152,6 +152,15 @@ class _Int4(_Transposed):
 
     def head_linear(self, in_features: int, out_features: int) -> nn.Module:
         if self.int4_head:
+            assert self.int4_layout is not None
+            if out_features % self.int4_layout.pack_factor:
+                # The scheme without "-h4" keeps the output layer in floats: it fits there.
+                raise UserError(
+                    f"{self.name}: the output layer has {out_features} outputs (the "
+                    f"vocabulary, or a piece of it), not a multiple of "
+                    f"{self.int4_layout.pack_factor} (8 4-bit values share a 32-bit word); "
+                    f"use {self.name.removesuffix('-h4')}, which keeps it in {self.dtype}"
+                )
             return self.linear(in_features, out_features, bias=False)
         return KNLinear(in_features, out_features, False, self.dtype)
 
