@@ -88,7 +88,8 @@ def test_takes_the_one_row_gemv_only(target) -> None:
 def test_hot_loop_masks_converts_and_fmas_whole_registers(k: int, n: int, target) -> None:
     """The per-row loop unpacks by mask alone: 16-lane ANDs, conversions (the unsigned one
     for the nibble holding bit 31) and FMAs; no variable shift is left in the function's
-    hottest loop (the loop with the most FMAs), for short rows and long ones."""
+    hottest loop (the loop with the most FMAs), for short rows and long ones; the fp16
+    scales are staged by shuffles."""
     mod = _fused(k, n, 32, "float16")
     decode = next(
         f
@@ -107,6 +108,9 @@ def test_hot_loop_masks_converts_and_fmas_whole_registers(k: int, n: int, target
     assert re.search(r"\bvpandd?\s+[^\n]*%zmm", hot) or re.search(r"\bvandps\s+[^\n]*%zmm", hot)
     assert re.search(r"\bvcvtudq2ps\b", hot), "nibble 7 (bit 31) needs the unsigned convert"
     assert not re.search(r"\bvps[rl][la]v?d\b", hot), "a shift is left in the hot loop"
+    # The scales of a strip are staged with whole loads and shuffles, not 16 scalar
+    # loads and inserts a register.
+    assert re.search(r"\bvpermt2w\b", asm), "the scales are gathered one by one"
 
 
 CASES = [
