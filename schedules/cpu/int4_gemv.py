@@ -42,8 +42,8 @@ hardware 8 streams to prefetch, and rows that far apart make each stream run on 
 consecutive rows (the next ``b``) instead of ending at a row's end. Measured on this CPU
 (2 cores; each GEMV alone, weights cycled through copies larger than the caches; two
 builds in one process timed alternately, best of 30), against the earlier order (rows up
-to 512 words one at a time with P in L1, longer ones 8 consecutive rows at a time): ``2048
-x 2048`` 0.25 -> 0.17 ms, ``2048 x 3072`` 0.24 -> 0.19, ``2048 x 16384`` 0.94 -> 0.87,
+to 512 words one at a time with P in L1, longer ones 8 consecutive rows at a time):
+``2048 x 2048`` 0.25 -> 0.17 ms, ``2048 x 3072`` 0.24 -> 0.19, ``2048 x 16384`` 0.94 -> 0.87,
 ``2048 x 128256`` 6.5 -> 6.0; ``8192 x 2048`` 0.54-0.65 ms either way (it varies more
 between runs than between the two). 4 rows at once were no better, 16 slower (1.2-1.5x:
 registers), and so was holding P of a strip in registers over the whole group (32 streams:
