@@ -39,6 +39,7 @@ from mlc_edge.errors import UserError
 from mlc_edge.models.decode_attention import (
     DECODE,
     DECODE_CPU,
+    DECODE_CPU_SLIDING_WINDOW,
     DECODE_SLIDING_WINDOW,
     decode_attention,
     decode_attention_cpu,
@@ -138,9 +139,16 @@ def _run(func, runner, target, arrays, q):
     return out, launches
 
 
+FP16_OUTPUT_TOLERANCE = 1.05 * FP16_UNIT_ROUNDOFF  # the fp16 output rounded once
+
+
 def _assert_close(runner, out_o, out_lse, ref_o, ref_lse):
     # fp16 output: rounded once (fp32 accumulation stays far below); float: fp32 sums
-    o_tol = 1e-5 if runner.as_float else 1.05 * FP16_UNIT_ROUNDOFF
+    o_tol = 1e-5 if runner.as_float else FP16_OUTPUT_TOLERANCE
+    _assert_within(o_tol, out_o, out_lse, ref_o, ref_lse)
+
+
+def _assert_within(o_tol, out_o, out_lse, ref_o, ref_lse):
     o_err = np.abs(out_o.astype(np.float64) - ref_o).max() / np.abs(ref_o).max()
     lse_err = np.abs(out_lse - ref_lse).max() / max(np.abs(ref_lse).max(), 1.0)
     assert o_err <= o_tol and lse_err <= 1e-5, (o_err, lse_err)
@@ -234,9 +242,6 @@ def _run_cpu(func: tirx.PrimFunc, arrays: dict[str, np.ndarray], q: np.ndarray):
     return output.numpy(), lse.numpy()
 
 
-CPU_TOLERANCE = 1.05 * FP16_UNIT_ROUNDOFF  # the fp16 output rounded once
-
-
 @pytest.mark.parametrize(("kv_heads", "heads", "head_dim"), [*SHAPES, (1, 3, 24)])
 @pytest.mark.parametrize("kv_lens", [(40, 16, 1, 100), (300,), (0, 20)])
 def test_the_cpu_kernel_is_attention_over_the_paged_cache(kv_heads, heads, head_dim, kv_lens):
@@ -252,9 +257,7 @@ def test_the_cpu_kernel_is_attention_over_the_paged_cache(kv_heads, heads, head_
             assert not out[b].any() and (lse[b] == -5e4).all()
             continue
         ref_o, ref_lse = _reference(q[b], arrays["pages"], ids[b], n, head_dim**-0.5)
-        o_err = np.abs(out[b].astype(np.float64) - ref_o).max() / np.abs(ref_o).max()
-        lse_err = np.abs(lse[b] - ref_lse).max() / max(np.abs(ref_lse).max(), 1.0)
-        assert o_err <= CPU_TOLERANCE and lse_err <= 1e-5, (o_err, lse_err)
+        _assert_within(FP16_OUTPUT_TOLERANCE, out[b], lse[b], ref_o, ref_lse)
 
 
 def test_the_cpu_sliding_window_variant_skips_slid_out_slots():
@@ -273,8 +276,7 @@ def test_the_cpu_sliding_window_variant_skips_slid_out_slots():
         ref_o, ref_lse = _reference(
             q[b], arrays["pages"], ids[b], kv_lens[b], head_dim**-0.5, sinks[b], offsets[b]
         )
-        o_err = np.abs(out[b].astype(np.float64) - ref_o).max() / np.abs(ref_o).max()
-        assert o_err <= CPU_TOLERANCE and np.abs(lse[b] - ref_lse).max() <= 1e-4
+        _assert_within(FP16_OUTPUT_TOLERANCE, out[b], lse[b], ref_o, ref_lse)
 
 
 @pytest.mark.parametrize("sliding_window", [False, True])
@@ -299,13 +301,17 @@ def _tiny_module(tmp_path, target_name: str):
     return mod, model.kv_cache_shape(), target
 
 
-def test_the_model_builds_its_kv_cache_with_our_kernels(tmp_path):
-    mod, kv, target = _tiny_module(tmp_path, "android-opencl")
-    funcs = {
+def _kernels_by_symbol(mod: IRModule) -> dict[str, tirx.PrimFunc]:
+    return {
         str(f.attrs["global_symbol"]): f
         for _, f in mod.functions_items()
         if isinstance(f, tirx.PrimFunc) and f.attrs and "global_symbol" in f.attrs
     }
+
+
+def test_the_model_builds_its_kv_cache_with_our_kernels(tmp_path):
+    mod, kv, target = _tiny_module(tmp_path, "android-opencl")
+    funcs = _kernels_by_symbol(mod)
     for symbol, sliding in ((DECODE, False), (DECODE_SLIDING_WINDOW, True)):
         ours = decode_attention(
             kv.num_key_value_heads, kv.num_attention_heads, kv.head_dim, "float16", sliding, target
@@ -315,13 +321,9 @@ def test_the_model_builds_its_kv_cache_with_our_kernels(tmp_path):
 
 def test_a_cpu_build_gets_our_cpu_kernels(tmp_path):
     mod, kv, _ = _tiny_module(tmp_path, "cpu")
-    funcs = {
-        str(f.attrs["global_symbol"]): f
-        for _, f in mod.functions_items()
-        if isinstance(f, tirx.PrimFunc) and f.attrs and "global_symbol" in f.attrs
-    }
+    funcs = _kernels_by_symbol(mod)
     assert DECODE not in funcs
-    for symbol, sliding in ((DECODE_CPU, False), (DECODE_CPU + "_sliding_window", True)):
+    for symbol, sliding in ((DECODE_CPU, False), (DECODE_CPU_SLIDING_WINDOW, True)):
         ours = decode_attention_cpu(
             kv.num_key_value_heads, kv.num_attention_heads, kv.head_dim, "float16", sliding
         )
