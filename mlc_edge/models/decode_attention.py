@@ -117,6 +117,13 @@ def _shared_bytes(group: int, head_dim: int, vec: int, bdx: int, bdz: int, page_
     return 4 * (scratch + query + small)
 
 
+def _query_group(num_qo_heads: int, num_kv_heads: int) -> int:
+    """Query heads per KV head (grouped-query attention); UserError when uneven."""
+    if num_qo_heads % num_kv_heads:
+        raise UserError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    return num_qo_heads // num_kv_heads
+
+
 def holds_token(slot: Any, slots: Any, lens: Any) -> Any:
     """TVMScript: whether cache slot ``slot`` of a sequence holds a token: within its
     ``slots``, not slid out of the window (``lens[3]`` the window offset, ``lens[4]`` the
@@ -134,9 +141,7 @@ def decode_attention(
     page_size: int = PAGE_SIZE,
 ) -> tirx.PrimFunc:
     """The decode kernel for a GPU ``target``, same signature as TVM's."""
-    if num_qo_heads % num_kv_heads:
-        raise UserError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    group = num_qo_heads // num_kv_heads
+    group = _query_group(num_qo_heads, num_kv_heads)
     max_threads = int(target.attrs["max_num_threads"])
     shared_limit = int(target.attrs.get("max_shared_memory_per_block", 16384))
     vec, bdx, bdz = _layout(group, head_dim, max_threads, shared_limit, page_size)
@@ -399,9 +404,7 @@ def decode_attention_cpu(
     once for the group's query heads, and works on whole rows in vectors. The same
     arithmetic as the GPU kernel above (scores in log2 units, online softmax from TVM's
     initial values, slots in page-table order), one slot at a time."""
-    if num_qo_heads % num_kv_heads:
-        raise UserError(f"{num_qo_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    group = num_qo_heads // num_kv_heads
+    group = _query_group(num_qo_heads, num_kv_heads)
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     lanes = next(n for n in (16, 8, 4, 2, 1) if D % n == 0)  # a dot product's partial sums
 
