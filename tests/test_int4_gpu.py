@@ -141,10 +141,11 @@ def test_the_rule_takes_the_tiny_models_4bit_decode_matmuls(tmp_path):
 
 def test_every_4bit_kernel_of_the_tiny_model_is_at_the_fp16_floor_on_intel(tmp_path, capsys):
     """Real fp16 (Intel's CPU OpenCL runtime has cl_khr_fp16, as a phone): each 4-bit
-    kernel of decode, prefill (chunks of 1, 7, 16) and batch decode against an fp32
-    reference from the same fp16 inputs. The words unpacked exactly and fp32 accumulation
-    leave one rounding, of the output: at most half an fp16 ulp of the largest output
-    (``tests/test_verify_fp16.py`` sees an fp16 accumulator well above that)."""
+    kernel of decode, prefill (chunks of 1, 7, 16) and batch decode, the 4-bit head's
+    (``q4f16t-h4``) included, against an fp32 reference from the same fp16 inputs. The
+    words unpacked exactly and fp32 accumulation leave one rounding, of the output: at
+    most half an fp16 ulp of the largest output (``tests/test_verify_fp16.py`` sees an
+    fp16 accumulator well above that)."""
     from helpers import run_verify_json
     from test_verify_fp16 import _intel_missing
 
@@ -152,14 +153,14 @@ def test_every_4bit_kernel_of_the_tiny_model_is_at_the_fp16_floor_on_intel(tmp_p
 
     if _intel_missing():
         pytest.skip(_intel_missing())
-    make_llama(tmp_path, num_hidden_layers=1)
+    make_llama(tmp_path, num_hidden_layers=1, tie_word_embeddings=True)
     code, report = run_verify_json(
         capsys,
         str(tmp_path / "config.json"),
         "--device",
         "intel",
         "--quantization",
-        "q4f16t",
+        "q4f16t-h4",
         "--only",
         "dequantize_int4",
         "--seq-lens",
@@ -168,6 +169,7 @@ def test_every_4bit_kernel_of_the_tiny_model_is_at_the_fp16_floor_on_intel(tmp_p
     assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] != "ok"]
     assert not report["fp16_as_float"] and "Intel" in report["device"]
     int4 = [r for r in report["results"] if "dequantize_int4" in r["function"]]
-    assert len({r["function"] for r in int4}) == 12  # qkv, o, gate_up, down x 3 functions
+    # qkv, o, gate_up, down and the head, in decode, prefill and batch decode each
+    assert len({r["function"] for r in int4}) == 15
     for r in int4:
         assert r["max_rel_error"] <= 1.05 * FP16_UNIT_ROUNDOFF, (r["function"], r["sizes"], r)

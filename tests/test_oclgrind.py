@@ -3,8 +3,8 @@ and uninitialised accesses (mlc_edge/verify/oclgrind.py).
 
 The check is checked: TVM's own merge kernel races and is caught, an out-of-bounds read
 planted into a kernel's source is caught and named, and every kernel of the tiny model
-(ours, and TVM's that we keep) passes both passes; so does the tied lm_head's, whose
-activation row is shared through local memory (and races without its barrier).
+(ours, and TVM's that we keep) passes both passes; so do the tied lm_head's and the 4-bit
+GEMVs', whose activation row is shared through local memory (and races without its barrier).
 """
 
 from __future__ import annotations
@@ -147,6 +147,45 @@ def test_the_tied_lm_heads_staged_activation_is_race_free(tmp_path):
     )
     problems = [m for c in report.failed for _, m in c.problems()]
     assert any("data race at local memory" in m.message for m in problems), problems
+
+
+@needs_oclgrind
+def test_every_4bit_kernel_is_race_free_and_a_missing_barrier_is_caught(tmp_path):
+    """The 4-bit decode GEMVs (``schedules/gpu/gemv_int4.py``) stage the activation row in
+    local memory and add the threads' partial sums there: every 4-bit kernel of the tiny
+    model with the 4-bit head (decode, prefill chunks of 1 and 7, batch decode) is clean;
+    with the barrier after the staging removed, Oclgrind reports the race."""
+    make_llama(tmp_path, tie_word_embeddings=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    target = get_target("android-opencl")
+    spec = ModelSpec.create(config, "q4f16t-h4", load_preset(target.default_preset))
+    checker = model_checker(spec, target, default_sizes(spec, (1, 7)), OclgrindHost())
+    int4 = [name for name in checker.funcs if "dequantize_int4" in name]
+    assert len(int4) == 15  # qkv, o, gate_up, down and the head, in three functions each
+    report = check_races(checker, ("races", "uninitialized"), names=int4)
+    assert report.passed, "\n".join(report.lines())
+
+    staged = {}  # kernel -> (its program, the kernel's own text)
+    for lowered in checker.lowered.values():
+        for kernel, source in lowered.sources.items():
+            if "dequantize_int4" not in kernel:
+                continue
+            body = source[source.rindex(f"__kernel void {kernel}(") :]
+            if "barrier(" in body and "_shared_ptr[" in body.split("barrier(", 1)[0]:
+                staged[kernel] = (source, body)
+    assert len(staged) >= 4, sorted(staged)  # at least qkv and gate_up in decode and batch
+    kernel = min(staged)
+    source, body = staged[kernel]
+    planted = body.replace("barrier(CLK_LOCAL_MEM_FENCE);", "", 1)
+    report = check_races(
+        checker,
+        ("races",),
+        names=[kernel.removesuffix("_kernel")],
+        sources={kernel: source.replace(body, planted)},
+    )
+    problems = [m for c in report.failed for _, m in c.problems()]
+    assert any("data race at local memory" in m.message for m in problems), (kernel, problems)
 
 
 @needs_oclgrind

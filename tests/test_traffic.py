@@ -2,7 +2,8 @@
 (mlc_edge/verify/traffic_plugin/traffic.cpp, mlc_edge/verify/traffic.py).
 
 The plugin counts vector loads exactly; our decode GEMVs load at most 1.15x their
-minimum (each weight once, the activation once per 8 columns); a schedule planted to
+minimum (each weight once, the activation once per 8 columns), the 4-bit ones each packed
+word, scale and zero point once; a schedule planted to
 read its weight twice is flagged; a library of 1 layer scaled to 3 gives the bytes of
 the 3-layer library; the tied lm_head (our NK GEMV, its activation row staged in local
 memory once per work-group) stays within the same limit; our decode attention kernel
@@ -37,12 +38,12 @@ from mlc_edge.verify.traffic import (
 )
 
 
-def _checker(tmp_path, layers: int = 1, **overrides):
+def _checker(tmp_path, layers: int = 1, quantization: str = "q0f16t", **overrides):
     make_llama(tmp_path, **overrides)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_hidden_layers"] = layers
     target = get_target("android-opencl")
-    spec = ModelSpec.create(config, "q0f16t", load_preset(target.default_preset))
+    spec = ModelSpec.create(config, quantization, load_preset(target.default_preset))
     return model_checker(spec, target, default_sizes(spec), OclgrindHost())
 
 
@@ -100,6 +101,23 @@ def test_our_decode_gemvs_read_each_weight_once(decode):
         assert weight.loaded == weight.min_loaded, k.as_dict()  # every weight byte once
         assert k.ratio <= RATIO_LIMIT, k.as_dict()
     assert not decode.over_limit()
+
+
+@needs_oclgrind
+def test_our_4bit_decode_gemvs_read_each_word_scale_and_zero_once(tmp_path):
+    """``schedules/gpu/gemv_int4.py``, the 4-bit head's included: the packed words, the
+    scales and the zero points each loaded once, the step within the limit."""
+    checker = _checker(tmp_path, quantization="q4f16t-h4", tie_word_embeddings=True)
+    (step,) = measure_traffic(checker, ("decode",)).steps
+    linear = [k for k in step.kernels if k.linear]
+    assert len(linear) == 5 and all("dequantize_int4" in k.function for k in linear)
+    for k in linear:
+        buffers = {b.name: b for b in k.buffers}
+        for role in ("qweight", "scales", "qzeros"):
+            (b,) = [b for name, b in buffers.items() if re.search(rf"_{role}\d*$", name)]
+            assert b.loaded == b.min_loaded > 0, (k.kernel, b)
+        assert k.ratio <= RATIO_LIMIT, k.as_dict()
+    assert not step.over_limit() and not step.kernels_over_limit()
 
 
 @needs_oclgrind
