@@ -117,66 +117,33 @@ def _planted_out_of_bounds(checker, kernel: str = "reshape_kernel") -> dict[str,
     return {kernel: source.replace(body, planted)}
 
 
-@needs_oclgrind
-def test_the_tied_lm_heads_staged_activation_is_race_free(tmp_path):
-    """Our NK GEMV copies the activation row to local memory with all threads of a
-    work-group, then reads it from every weight row: clean as built; with the barrier
-    between the copy and the reads removed, Oclgrind reports the race."""
+def _tied_one_layer_checker(tmp_path, quantization: str, seq_lens: tuple[int, ...]):
+    """Every kernel of the tiny Llama with a tied head, one layer, for Oclgrind."""
     make_llama(tmp_path, tie_word_embeddings=True)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_hidden_layers"] = 1
     target = get_target("android-opencl")
-    spec = ModelSpec.create(config, "q0f16t", load_preset(target.default_preset))
-    checker = model_checker(spec, target, default_sizes(spec, (1,)), OclgrindHost())
-    heads = [name for name in checker.funcs if name.startswith("fused_NT_matmul")]
-    assert heads
-    assert check_races(checker, ("races", "uninitialized"), names=heads).passed
-
-    kernel = "fused_NT_matmul_cast_kernel"  # decode's
-    source = next(
-        lowered.sources[kernel] for lowered in checker.lowered.values() if kernel in lowered.sources
-    )
-    body = source[source.rindex(f"__kernel void {kernel}(") :]
-    assert "_shared_ptr[" in body.split("barrier(", 1)[0]  # the copy, before the first barrier
-    planted = body.replace("barrier(CLK_LOCAL_MEM_FENCE);", "", 1)
-    report = check_races(
-        checker,
-        ("races",),
-        names=["fused_NT_matmul_cast"],
-        sources={kernel: source.replace(body, planted)},
-    )
-    problems = [m for c in report.failed for _, m in c.problems()]
-    assert any("data race at local memory" in m.message for m in problems), problems
+    spec = ModelSpec.create(config, quantization, load_preset(target.default_preset))
+    return model_checker(spec, target, default_sizes(spec, seq_lens), OclgrindHost())
 
 
-@needs_oclgrind
-def test_every_4bit_kernel_is_race_free_and_a_missing_barrier_is_caught(tmp_path):
-    """The 4-bit decode GEMVs (``schedules/gpu/gemv_int4.py``) stage the activation row in
-    local memory and add the threads' partial sums there: every 4-bit kernel of the tiny
-    model with the 4-bit head (decode, prefill chunks of 1 and 7, batch decode) is clean;
-    with the barrier after the staging removed, Oclgrind reports the race."""
-    make_llama(tmp_path, tie_word_embeddings=True)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["num_hidden_layers"] = 1
-    target = get_target("android-opencl")
-    spec = ModelSpec.create(config, "q4f16t-h4", load_preset(target.default_preset))
-    checker = model_checker(spec, target, default_sizes(spec, (1, 7)), OclgrindHost())
-    int4 = [name for name in checker.funcs if "dequantize_int4" in name]
-    assert len(int4) == 15  # qkv, o, gate_up, down and the head, in three functions each
-    report = check_races(checker, ("races", "uninitialized"), names=int4)
-    assert report.passed, "\n".join(report.lines())
-
-    staged = {}  # kernel -> (its program, the kernel's own text)
-    for lowered in checker.lowered.values():
-        for kernel, source in lowered.sources.items():
-            if "dequantize_int4" not in kernel:
-                continue
+def _staged_kernels(checker, names: list[str]) -> dict[str, tuple[str, str]]:
+    """The kernels of ``names`` that write local memory before their first barrier (the
+    activation row staged for every thread): kernel -> (its program, the kernel's text)."""
+    staged = {}
+    for name in names:
+        lowered = checker.lowered[name]
+        for kernel in lowered.sources:
+            source = lowered.sources[kernel]
             body = source[source.rindex(f"__kernel void {kernel}(") :]
             if "barrier(" in body and "_shared_ptr[" in body.split("barrier(", 1)[0]:
                 staged[kernel] = (source, body)
-    assert len(staged) >= 4, sorted(staged)  # at least qkv and gate_up in decode and batch
-    kernel = min(staged)
-    source, body = staged[kernel]
+    return staged
+
+
+def _race_without_first_barrier(checker, kernel: str, source: str, body: str) -> bool:
+    """Whether Oclgrind reports a local-memory race once the kernel's first barrier (the
+    one after the staging) is removed."""
     planted = body.replace("barrier(CLK_LOCAL_MEM_FENCE);", "", 1)
     report = check_races(
         checker,
@@ -185,7 +152,41 @@ def test_every_4bit_kernel_is_race_free_and_a_missing_barrier_is_caught(tmp_path
         sources={kernel: source.replace(body, planted)},
     )
     problems = [m for c in report.failed for _, m in c.problems()]
-    assert any("data race at local memory" in m.message for m in problems), (kernel, problems)
+    return any("data race at local memory" in m.message for m in problems)
+
+
+@needs_oclgrind
+def test_the_tied_lm_heads_staged_activation_is_race_free(tmp_path):
+    """Our NK GEMV copies the activation row to local memory with all threads of a
+    work-group, then reads it from every weight row: clean as built; with the barrier
+    between the copy and the reads removed, Oclgrind reports the race."""
+    checker = _tied_one_layer_checker(tmp_path, "q0f16t", (1,))
+    heads = [name for name in checker.funcs if name.startswith("fused_NT_matmul")]
+    assert heads
+    assert check_races(checker, ("races", "uninitialized"), names=heads).passed
+
+    kernel = "fused_NT_matmul_cast_kernel"  # decode's
+    staged = _staged_kernels(checker, heads)
+    assert kernel in staged, sorted(staged)
+    assert _race_without_first_barrier(checker, kernel, *staged[kernel])
+
+
+@needs_oclgrind
+def test_every_4bit_kernel_is_race_free_and_a_missing_barrier_is_caught(tmp_path):
+    """The 4-bit decode GEMVs (``schedules/gpu/gemv_int4.py``) stage the activation row in
+    local memory and add the threads' partial sums there: every 4-bit kernel of the tiny
+    model with the 4-bit head (decode, prefill chunks of 1 and 7, batch decode) is clean;
+    with the barrier after the staging removed, Oclgrind reports the race."""
+    checker = _tied_one_layer_checker(tmp_path, "q4f16t-h4", (1, 7))
+    int4 = [name for name in checker.funcs if "dequantize_int4" in name]
+    assert len(int4) == 15  # qkv, o, gate_up, down and the head, in three functions each
+    report = check_races(checker, ("races", "uninitialized"), names=int4)
+    assert report.passed, "\n".join(report.lines())
+
+    staged = _staged_kernels(checker, int4)
+    assert len(staged) >= 4, sorted(staged)  # at least qkv and gate_up in decode and batch
+    kernel = min(staged)
+    assert _race_without_first_barrier(checker, kernel, *staged[kernel]), kernel
 
 
 @needs_oclgrind
