@@ -39,6 +39,12 @@ def cpu_bundle(models):
     return compile_bundle(root / "hf", root / "cpu", "--target", "cpu")
 
 
+@pytest.fixture(autouse=True)
+def _threads_setting_restored(monkeypatch):
+    """``bench -t`` sets TVM_NUM_THREADS for the process it runs in: here, pytest's."""
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+
+
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run the CLI in this process: (exit code, stdout, stderr)."""
     capsys.readouterr()
