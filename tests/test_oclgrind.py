@@ -117,11 +117,18 @@ def _planted_out_of_bounds(checker, kernel: str = "reshape_kernel") -> dict[str,
     return {kernel: source.replace(body, planted)}
 
 
-def _tied_one_layer_checker(tmp_path, quantization: str, seq_lens: tuple[int, ...]):
-    """Every kernel of the tiny Llama with a tied head, one layer, for Oclgrind."""
-    make_llama(tmp_path, tie_word_embeddings=True)
+def oclgrind_checker(
+    tmp_path,
+    quantization: str = "q0f16t",
+    seq_lens: tuple[int, ...] = (1, 7, 16),
+    layers: int = 1,
+    **overrides,
+):
+    """Every kernel of the tiny Llama (``overrides`` to its config), compiled with
+    ``layers`` layers for android-opencl, run on Oclgrind."""
+    make_llama(tmp_path, **overrides)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["num_hidden_layers"] = 1
+    config["num_hidden_layers"] = layers
     target = get_target("android-opencl")
     spec = ModelSpec.create(config, quantization, load_preset(target.default_preset))
     return model_checker(spec, target, default_sizes(spec, seq_lens), OclgrindHost())
@@ -160,7 +167,7 @@ def test_the_tied_lm_heads_staged_activation_is_race_free(tmp_path):
     """Our NK GEMV copies the activation row to local memory with all threads of a
     work-group, then reads it from every weight row: clean as built; with the barrier
     between the copy and the reads removed, Oclgrind reports the race."""
-    checker = _tied_one_layer_checker(tmp_path, "q0f16t", (1,))
+    checker = oclgrind_checker(tmp_path, seq_lens=(1,), tie_word_embeddings=True)
     heads = [name for name in checker.funcs if name.startswith("fused_NT_matmul")]
     assert heads
     assert check_races(checker, ("races", "uninitialized"), names=heads).passed
@@ -177,7 +184,7 @@ def test_every_4bit_kernel_is_race_free_and_a_missing_barrier_is_caught(tmp_path
     local memory and add the threads' partial sums there: every 4-bit kernel of the tiny
     model with the 4-bit head (decode, prefill chunks of 1 and 7, batch decode) is clean;
     with the barrier after the staging removed, Oclgrind reports the race."""
-    checker = _tied_one_layer_checker(tmp_path, "q4f16t-h4", (1, 7))
+    checker = oclgrind_checker(tmp_path, "q4f16t-h4", (1, 7), tie_word_embeddings=True)
     int4 = [name for name in checker.funcs if "dequantize_int4" in name]
     assert len(int4) == 15  # qkv, o, gate_up, down and the head, in three functions each
     report = check_races(checker, ("races", "uninitialized"), names=int4)

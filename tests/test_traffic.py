@@ -18,16 +18,15 @@ import re
 
 import numpy as np
 import pytest
-from test_oclgrind import needs_oclgrind
+from test_oclgrind import needs_oclgrind, oclgrind_checker
 from tiny_models import make_llama
 from tvm import IRModule
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode
 
 from mlc_edge.cli import main
 from mlc_edge.compiler.targets import TARGETS, get_target
-from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.models.decode_attention import decode_attention
-from mlc_edge.verify import KernelChecker, Sizes, default_sizes, model_checker
+from mlc_edge.verify import KernelChecker, Sizes
 from mlc_edge.verify.kv_cache import DecodeRecipe
 from mlc_edge.verify.oclgrind import Job, OclgrindHost, make_job, plugin_path, run_jobs
 from mlc_edge.verify.traffic import (
@@ -38,18 +37,9 @@ from mlc_edge.verify.traffic import (
 )
 
 
-def _checker(tmp_path, layers: int = 1, quantization: str = "q0f16t", **overrides):
-    make_llama(tmp_path, **overrides)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["num_hidden_layers"] = layers
-    target = get_target("android-opencl")
-    spec = ModelSpec.create(config, quantization, load_preset(target.default_preset))
-    return model_checker(spec, target, default_sizes(spec), OclgrindHost())
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return _checker(tmp_path_factory.mktemp("tiny"))
+    return oclgrind_checker(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +97,13 @@ def test_our_decode_gemvs_read_each_weight_once(decode):
 def test_our_4bit_decode_gemvs_read_each_word_scale_and_zero_once(tmp_path):
     """``schedules/gpu/gemv_int4.py``, the 4-bit head's included: the packed words, the
     scales and the zero points each loaded once, the step within the limit."""
-    checker = _checker(tmp_path, quantization="q4f16t-h4", tie_word_embeddings=True)
+    checker = oclgrind_checker(tmp_path, "q4f16t-h4", tie_word_embeddings=True)
     (step,) = measure_traffic(checker, ("decode",)).steps
     linear = [k for k in step.kernels if k.linear]
     assert len(linear) == 5 and all("dequantize_int4" in k.function for k in linear)
     for k in linear:
-        buffers = {b.name: b for b in k.buffers}
         for role in ("qweight", "scales", "qzeros"):
-            (b,) = [b for name, b in buffers.items() if re.search(rf"_{role}\d*$", name)]
+            (b,) = [b for b in k.buffers if re.search(rf"_{role}\d*$", b.name)]
             assert b.loaded == b.min_loaded > 0, (k.kernel, b)
         assert k.ratio <= RATIO_LIMIT, k.as_dict()
     assert not step.over_limit() and not step.kernels_over_limit()
@@ -161,7 +150,7 @@ def test_a_schedule_that_reads_its_weight_twice_is_flagged(tiny, decode):
 
 @needs_oclgrind
 def test_one_layer_scaled_to_three_is_the_three_layer_library(tmp_path, decode):
-    (three,) = measure_traffic(_checker(tmp_path, layers=3), ("decode",), layers=3).steps
+    (three,) = measure_traffic(oclgrind_checker(tmp_path, layers=3), ("decode",), layers=3).steps
     assert decode.total_bytes() == pytest.approx(three.total_bytes())
     assert decode.minimum_bytes() == pytest.approx(three.minimum_bytes())
 
@@ -207,7 +196,7 @@ def test_cli_says_in_one_line_when_the_plugin_cannot_be_built(tmp_path, monkeypa
 
 @needs_oclgrind
 def test_traffic_tied_lm_head(tmp_path):
-    checker = _checker(tmp_path, tie_word_embeddings=True)
+    checker = oclgrind_checker(tmp_path, tie_word_embeddings=True)
     (step,) = measure_traffic(checker, ("decode",)).steps
     lm_head = [k for k in step.kernels if k.linear and k.calls_in_layers == 0]
     assert lm_head, [k.kernel for k in step.kernels]
