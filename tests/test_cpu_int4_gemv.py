@@ -1,5 +1,6 @@
-"""The per-group 4-bit decode GEMV (``schedules/cpu/int4_gemv.py``): which functions it
-takes, what its hot loop compiles to, and its results against numpy."""
+"""The per-group 4-bit decode GEMVs (``schedules/cpu/int4_gemv.py`` and, on AVX-512 VNNI,
+``schedules/cpu/int4_gemv_vnni.py``): which functions they take, what their hot loops
+compile to, and their results against numpy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import tvm
 from mlc_edge.schedules.cpu import cpu_rules
 from mlc_edge.schedules.cpu.int4_gemv import Int4DecodeGEMV
+from mlc_edge.schedules.cpu.int4_gemv_vnni import Int4DecodeGEMVVNNI, has_vnni
 from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import spec
@@ -18,7 +20,13 @@ from tvm.s_tir import dlight as dl
 from tvm.target.codegen import llvm_get_system_cpu, target_has_features
 
 from mlc_edge.compiler.build import fuse_into_tir
-from mlc_edge.quantization.int4 import Int4KNLinear, Int4Layout, dequantize, quantize_rtn
+from mlc_edge.quantization.int4 import (
+    Int4KNLinear,
+    Int4Layout,
+    dequantize,
+    quantize_rtn,
+    unpack_int4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +59,21 @@ def _fused(k: int, n: int, group: int, dtype: str) -> tvm.IRModule:
         }
     )
     return fuse_into_tir()(mod)
+
+
+def _rules(vnni: bool) -> list:
+    """``cpu_rules()``, without the VNNI GEMV unless ``vnni`` (so the fp32-form rule is
+    tested on fp16 too: CPUs without VNNI run it)."""
+    return [r for r in cpu_rules() if vnni or not isinstance(r, Int4DecodeGEMVVNNI)]
+
+
+def _decode_func(mod: tvm.IRModule) -> tirx.PrimFunc:
+    """The fused 4-bit function of the decode kind (static shapes throughout)."""
+    return next(
+        f
+        for f in _int4_funcs(mod).values()
+        if all(isinstance(d, tirx.IntImm) for p in f.params for d in p.shape)
+    )
 
 
 def _int4_funcs(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
@@ -91,12 +114,7 @@ def test_hot_loop_masks_converts_and_fmas_whole_registers(k: int, n: int, target
     hottest loop (the loop with the most FMAs), for short rows and long ones; the fp16
     scales are staged by shuffles."""
     mod = _fused(k, n, 32, "float16")
-    decode = next(
-        f
-        for f in _int4_funcs(mod).values()
-        if all(isinstance(d, tirx.IntImm) for p in f.params for d in p.shape)
-    )
-    sch = Int4DecodeGEMV().apply(decode, target, False)
+    sch = Int4DecodeGEMV().apply(_decode_func(mod), target, False)
     func = sch.mod["main"].with_attr("global_symbol", "main")
     lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=target)
     asm = lib.inspect_source("asm")
@@ -132,25 +150,125 @@ CASES = [
 def test_matches_numpy_on_the_dequantized_weight(
     k: int, n: int, group: int, dtype: str, target
 ) -> None:
-    """Built through ``cpu_rules()`` as the model is: the decode result equals numpy's
-    matmul with the dequantized weight (float64), to fp32 summation error (fp16: the
-    output's rounding). Weights with every nibble value and zero points across 0..15."""
+    """Built through ``cpu_rules()`` as the model is (the VNNI rule left out: it has its
+    own test): the decode result equals numpy's matmul with the dequantized weight
+    (float64), to fp32 summation error (fp16: the output's rounding). Weights with every
+    nibble value and zero points across 0..15."""
+    run, x, stored = _build_and_inputs(k, n, group, dtype, target, vnni=False)
+    assert "group_part" in run.script, "the decode GEMV was not rewritten"
+    w_deq = dequantize(stored["qweight"], stored["qzeros"], stored["scales"], group)
+    ref = x.astype(np.float64) @ w_deq.astype(np.float64)
+    out = run(x)
+    err = np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= (1e-3 if dtype == "float16" else 2e-6), err
+
+
+class _Built:
+    """A compiled decode function and its weights: ``run(x)`` is its result in numpy."""
+
+    def __init__(self, scheduled: tvm.IRModule, target, stored: dict[str, np.ndarray]):
+        self.script = scheduled.script()
+        ex = tvm.compile(
+            scheduled, target=target, relax_pipeline=relax.get_pipeline("default_build")
+        )
+        self.vm = relax.VirtualMachine(ex, tvm.cpu())
+        self.params = [
+            tvm.runtime.tensor(stored[p], tvm.cpu()) for p in ("qweight", "qzeros", "scales")
+        ]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.vm["decode"](tvm.runtime.tensor(x, tvm.cpu()), *self.params).numpy()
+
+
+def _build_and_inputs(
+    k: int, n: int, group: int, dtype: str, target, vnni: bool
+) -> tuple[_Built, np.ndarray, dict[str, np.ndarray]]:
     mod = _fused(k, n, group, dtype)
     with target:
-        scheduled = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
-    assert "group_part" in scheduled.script(), "the decode GEMV was not rewritten"
-    ex = tvm.compile(scheduled, target=target, relax_pipeline=relax.get_pipeline("default_build"))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
+        scheduled = dl.ApplyDefaultSchedule(*_rules(vnni))(mod)
     rng = np.random.default_rng(7)
     # A column offset per column makes the zero points range over 0..15.
     w = rng.standard_normal((k, n)) / np.sqrt(k) + rng.uniform(-0.05, 0.05, n)
     stored = quantize_rtn(w.astype(np.float32), group, dtype)
-    w_deq = dequantize(stored["qweight"], stored["qzeros"], stored["scales"], group)
     assert len(np.unique(stored["qzeros"].view(np.uint32) & 0xF)) > 4
-    dev = tvm.cpu()
-    params = [tvm.runtime.tensor(stored[p], dev) for p in ("qweight", "qzeros", "scales")]
     x = rng.standard_normal((1, 1, k)).astype(dtype)
-    ref = x.astype(np.float64) @ w_deq.astype(np.float64)
-    out = vm["decode"](tvm.runtime.tensor(x, dev), *params).numpy()
-    err = np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max()
-    assert err <= (1e-3 if dtype == "float16" else 2e-6), err
+    return _Built(scheduled, target, stored), x, stored
+
+
+_VNNI = has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()}))
+needs_vnni = pytest.mark.skipif(not _VNNI, reason="this CPU has no AVX-512 VNNI")
+
+
+def _int16_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """The VNNI kernel's activations: per group of rows, ``round(x * 32767 / m)`` and the
+    factor ``m / 32767`` that undoes it (``m = max |x|`` of the group), in float64."""
+    xg = x.reshape(-1, group).astype(np.float32)
+    m = np.abs(xg).max(axis=1, keepdims=True)
+    factor = np.where(m > 0, np.float32(32767) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    a = np.round(xg * factor)  # the kernel rounds half away from zero; ties are measure-zero
+    return a.reshape(-1).astype(np.float64), (m / np.float32(32767)).astype(np.float64)
+
+
+VNNI_CASES = [(512, 2048, 32), (256, 8192, 32), (1024, 1024, 128), (2048, 256, 32)]
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("k", "n", "group"), VNNI_CASES, ids=[f"K{k}_N{n}_g{g}" for k, n, g in VNNI_CASES]
+)
+def test_vnni_gemv_matches_its_int16_rounding_and_stays_within_its_bound(
+    k: int, n: int, group: int, target
+) -> None:
+    """Built through ``cpu_rules()``, an fp16 decode GEMV is the VNNI kernel. Its result
+    equals numpy's float64 computation of the same sum (activations rounded to int16 per
+    group, integer dot products, scale and zero point per group) to the fp16 output's
+    rounding; and it differs from the exact product with the dequantized weight by no
+    more than that rounding can: ``sum_k |w[k, n]| * m_g / 65534`` plus the output's
+    rounding."""
+    run, x, stored = _build_and_inputs(k, n, group, "float16", target, vnni=True)
+    assert "vpdpwssd" in run.script and "group_part" not in run.script
+    q = unpack_int4(stored["qweight"]).astype(np.float64)
+    z = np.repeat(unpack_int4(stored["qzeros"]).astype(np.float64), group, axis=0)
+    s = np.repeat(stored["scales"].astype(np.float64), group, axis=0)
+    a, unit = _int16_activations(x, group)
+    w = (q - z) * s
+    simulated = (a * np.repeat(unit.reshape(-1), group)) @ w
+    exact = x.reshape(-1).astype(np.float64) @ w
+    out = run(x).reshape(-1).astype(np.float64)
+    output_rounding = np.abs(simulated) * 2.0**-11 + 1e-7 * np.abs(simulated).max()
+    assert np.all(np.abs(out - simulated) <= output_rounding), np.abs(out - simulated).max()
+    bound = (np.repeat(unit.reshape(-1), group) / 2) @ np.abs(w)
+    assert np.all(np.abs(out - exact) <= bound + output_rounding)
+    # The bound is not vacuous: activations rounded to int8 instead (llama.cpp's Q8_0)
+    # break it.
+    xg = x.reshape(-1, group).astype(np.float64)
+    m = np.abs(xg).max(axis=1, keepdims=True)
+    int8 = (np.round(xg * 127 / m) * m / 127).reshape(-1)
+    assert np.any(np.abs(int8 @ w - exact) > bound + output_rounding)
+
+
+@needs_vnni
+def test_vnni_gemv_leaves_fp32_other_widths_and_other_cpus_alone(target) -> None:
+    """fp32 compute (the exact mode), a width whose words do not fill a register (40 words)
+    and a CPU without VNNI (Skylake-AVX512) keep the fp32-form rule."""
+    rule = Int4DecodeGEMVVNNI()
+    assert rule.apply(_decode_func(_fused(256, 2048, 32, "float16")), target, False)
+    assert rule.apply(_decode_func(_fused(256, 2048, 32, "float32")), target, False) is None
+    assert rule.apply(_decode_func(_fused(96, 320, 32, "float16")), target, False) is None
+    skylake = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    assert rule.apply(_decode_func(_fused(256, 2048, 32, "float16")), skylake, False) is None
+
+
+@needs_vnni
+def test_vnni_hot_loop_is_dot_products_on_registers(target) -> None:
+    """The loop with the most ``vpdpwssd`` holds the 8 nibbles of 4 row pairs (32) and
+    stores only the 8 accumulators at its end: no accumulator or temporary goes through
+    memory after each pair (what TVM's workspace allocation of a ``local`` buffer did)."""
+    sch = Int4DecodeGEMVVNNI().apply(_decode_func(_fused(512, 2048, 32, "float16")), target, False)
+    func = sch.mod["main"].with_attr("global_symbol", "main")
+    asm = tvm.tirx.build(tvm.IRModule({"main": func}), target=target).inspect_source("asm")
+    blocks = re.split(r"\n\.LBB\d+_\d+:", asm)
+    hot = max(blocks, key=lambda b: len(re.findall(r"\bvpdpwssd\b", b)))
+    assert len(re.findall(r"\bvpdpwssd\b", hot)) == 32
+    stores = re.findall(r"\bvmov\w+\s+%zmm\d+, [^\n]*\(", hot)
+    assert len(stores) <= 8, stores

@@ -2,8 +2,11 @@
 
 ``cpu_rules()`` is what ``tvm.s_tir.dlight.ApplyDefaultSchedule(*cpu_rules())`` takes:
 
-0. :class:`Int4DecodeGEMV` (``int4_gemv.py``) - a 4-bit layer's fused dequantize + matmul
-   with one activation row (decode): rewritten per group, the nibbles masked in place.
+0. :class:`Int4DecodeGEMVVNNI` (``int4_gemv_vnni.py``) - on AVX-512 VNNI, an fp16 4-bit
+   layer's fused dequantize + matmul with one activation row (decode): integer dot products
+   per group, the activations as int16 under the group's largest.
+   :class:`Int4DecodeGEMV` (``int4_gemv.py``) - the other one-row 4-bit matmuls (fp32
+   compute, other CPUs): rewritten per group, the nibbles masked in place.
    :class:`Int4Matmul` (``int4.py``) - the other 4-bit matmuls (prefill, batch decode): MatmulKN's
    loop nest, the packed words unpacked in its vector loop (a function it cannot tile: the
    dequantization inlined into the loads, then as ``ParallelSpatial``).
@@ -131,8 +134,10 @@ def cpu_rules() -> list[CPURule | CPUScheduleRule]:
     """The CPU schedule rules in priority order, for ``dl.ApplyDefaultSchedule(*cpu_rules())``."""
     from .int4 import Int4Matmul  # falls back to ParallelSpatial, defined above
     from .int4_gemv import Int4DecodeGEMV
+    from .int4_gemv_vnni import Int4DecodeGEMVVNNI
 
     return [
+        Int4DecodeGEMVVNNI(),
         Int4DecodeGEMV(),
         Int4Matmul(),
         MatmulKN(),
