@@ -176,6 +176,15 @@ def group_sum_gemv(ops: dict[str, tirx.Buffer], order: list[str]) -> tirx.PrimFu
     return te.create_prim_func([tensors[role] for role in order])
 
 
+def group_bands(target: Target, groups: int) -> int:
+    """Bands of whole groups, one a core: the most cores (at most ``groups``) dividing
+    ``groups``."""
+    bands = min(_num_cores(target), groups)
+    while groups % bands:
+        bands -= 1
+    return bands
+
+
 class Int4DecodeGEMV(CPURule):
     """The per-group 4-bit GEMV (module docstring) for fused dequantize + matmul functions
     with one activation row; other functions: None.
@@ -206,9 +215,7 @@ class Int4DecodeGEMV(CPURule):
         lanes = vector_bytes(target) // 4
         while lanes > 1 and words % lanes:
             lanes //= 2
-        bands = min(_num_cores(target), groups)
-        while groups % bands:
-            bands -= 1
+        bands = group_bands(target, groups)
         order = [next(r for r, b in ops.items() if b.same_as(p)) for p in func.params]
         # The original's attributes only: te names its functions "main" (global_symbol),
         # which would clash between the model's many GEMVs.

@@ -58,8 +58,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
-from .int4_gemv import _decode_operands
-from .matmul_kn import CPURule, _num_cores
+from .int4_gemv import _decode_operands, group_bands
+from .matmul_kn import CPURule
 
 LANES = 16  # int32 lanes of an AVX-512 register: 16 word columns
 VPDPWSSD = "llvm.x86.avx512.vpdpwssd.512"
@@ -91,6 +91,17 @@ def vnni_gemv(
 
     def vec(c: int) -> tirx.PrimExpr:
         return T.broadcast(T.int32(c), LANES)
+
+    def dot(
+        acc: tirx.PrimExpr, halves: tirx.PrimExpr, j: tirx.PrimExpr, pair: tirx.PrimExpr
+    ) -> tirx.PrimExpr:
+        """``acc`` plus nibble ``j`` of each 16-bit half times the activation pair."""
+        nibble = (halves >> T.broadcast(T.Cast("uint16", j * 4), 2 * LANES)) & T.broadcast(
+            T.uint16(15), 2 * LANES
+        )
+        return T.call_llvm_pure_intrin(
+            "int32x16", VPDPWSSD, acc, T.reinterpret("int16x32", nibble), pair
+        )
 
     @T.prim_func(s_tir=True)
     def func(
@@ -155,28 +166,11 @@ def vnni_gemv(
                             "uint16x32", ((lo >> vec(16)) & vec(0xFFFF)) | (hi & vec(-65536))
                         )
                         for j in T.unroll(4):
-                            acc[T.ramp(j * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                "int32x16",
-                                VPDPWSSD,
-                                acc[T.ramp(j * LANES, 1, LANES)],
-                                T.reinterpret(
-                                    "int16x32",
-                                    (low4 >> T.broadcast(T.Cast("uint16", j * 4), 2 * LANES))
-                                    & T.broadcast(T.uint16(15), 2 * LANES),
-                                ),
-                                pair,
+                            acc[T.ramp(j * LANES, 1, LANES)] = dot(
+                                acc[T.ramp(j * LANES, 1, LANES)], low4, j, pair
                             )
-                        for j in T.unroll(4):
-                            acc[T.ramp((j + 4) * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                "int32x16",
-                                VPDPWSSD,
-                                acc[T.ramp((j + 4) * LANES, 1, LANES)],
-                                T.reinterpret(
-                                    "int16x32",
-                                    (high4 >> T.broadcast(T.Cast("uint16", j * 4), 2 * LANES))
-                                    & T.broadcast(T.uint16(15), 2 * LANES),
-                                ),
-                                pair,
+                            acc[T.ramp((j + 4) * LANES, 1, LANES)] = dot(
+                                acc[T.ramp((j + 4) * LANES, 1, LANES)], high4, j, pair
                             )
                     for j in T.unroll(8):
                         P[j, T.ramp(s * LANES, 1, LANES)] = acc[T.ramp(j * LANES, 1, LANES)]
@@ -233,15 +227,12 @@ class Int4DecodeGEMVVNNI(CPURule):
         groups = int(ops["qzeros"].shape[0])
         if words % LANES or (k // groups) % self.rows:
             return None
-        bands = min(_num_cores(target), groups)
-        while groups % bands:
-            bands -= 1
         kernel = vnni_gemv(
             [int(d) for d in ops["x"].shape],
             k,
             words,
             groups,
-            bands,
+            group_bands(target, groups),
             str(ops["out"].dtype),
             self.rows,
         )
