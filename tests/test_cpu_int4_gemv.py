@@ -1,6 +1,7 @@
 """The per-group 4-bit decode GEMVs (``schedules/cpu/int4_gemv.py`` and, on AVX-512 VNNI,
-``schedules/cpu/int4_gemv_vnni.py``): which functions they take, what their hot loops
-compile to, and their results against numpy."""
+``schedules/cpu/int4_gemv_vnni_bytes.py`` for groups of up to 32 rows and
+``schedules/cpu/int4_gemv_vnni.py`` for larger ones): which functions they take, what their
+hot loops compile to, and their results against numpy."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import tvm
 from mlc_edge.schedules.cpu import cpu_rules
 from mlc_edge.schedules.cpu.int4_gemv import Int4DecodeGEMV
 from mlc_edge.schedules.cpu.int4_gemv_vnni import Int4DecodeGEMVVNNI, has_vnni
+from mlc_edge.schedules.cpu.int4_gemv_vnni_bytes import Int4DecodeGEMVVNNIBytes
 from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import spec
@@ -62,9 +64,10 @@ def _fused(k: int, n: int, group: int, dtype: str) -> tvm.IRModule:
 
 
 def _rules(vnni: bool) -> list:
-    """``cpu_rules()``, without the VNNI GEMV unless ``vnni`` (so the fp32-form rule is
+    """``cpu_rules()``, without the VNNI GEMVs unless ``vnni`` (so the fp32-form rule is
     tested on fp16 too: CPUs without VNNI run it)."""
-    return [r for r in cpu_rules() if vnni or not isinstance(r, Int4DecodeGEMVVNNI)]
+    vnni_rules = (Int4DecodeGEMVVNNI, Int4DecodeGEMVVNNIBytes)
+    return [r for r in cpu_rules() if vnni or not isinstance(r, vnni_rules)]
 
 
 def _decode_func(mod: tvm.IRModule) -> tirx.PrimFunc:
@@ -199,38 +202,47 @@ _VNNI = has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu(
 needs_vnni = pytest.mark.skipif(not _VNNI, reason="this CPU has no AVX-512 VNNI")
 
 
-def _int16_activations(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """The VNNI kernel's activations: per group of rows, ``round(x * 32767 / m)`` and the
-    factor ``m / 32767`` that undoes it (``m = max |x|`` of the group), in float64."""
+def _rounded_activations(x: np.ndarray, group: int, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """A VNNI kernel's activations: per group of rows, ``round(x * level / m)`` and the
+    factor ``m / level`` that undoes it (``m = max |x|`` of the group), in float64."""
     xg = x.reshape(-1, group).astype(np.float32)
     m = np.abs(xg).max(axis=1, keepdims=True)
-    factor = np.where(m > 0, np.float32(32767) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    factor = np.where(m > 0, np.float32(level) / np.where(m > 0, m, 1), 0).astype(np.float32)
     a = np.round(xg * factor)  # the kernel rounds half away from zero; ties are measure-zero
-    return a.reshape(-1).astype(np.float64), (m / np.float32(32767)).astype(np.float64)
+    return a.reshape(-1).astype(np.float64), (m / np.float32(level)).astype(np.float64)
 
 
-VNNI_CASES = [(512, 2048, 32), (256, 8192, 32), (1024, 1024, 128), (2048, 256, 32)]
+# (K, N, group, the kernel's dot product, its activation level): groups of up to 32 rows
+# take int4_gemv_vnni_bytes.py (15 bits), larger ones int4_gemv_vnni.py (16 bits).
+VNNI_CASES = [
+    (512, 2048, 32, "vpdpbusd", 16383),
+    (256, 8192, 32, "vpdpbusd", 16383),
+    (2048, 256, 32, "vpdpbusd", 16383),
+    (1024, 1024, 128, "vpdpwssd", 32767),
+]
 
 
 @needs_vnni
 @pytest.mark.parametrize(
-    ("k", "n", "group"), VNNI_CASES, ids=[f"K{k}_N{n}_g{g}" for k, n, g in VNNI_CASES]
+    ("k", "n", "group", "dot", "level"),
+    VNNI_CASES,
+    ids=[f"K{k}_N{n}_g{g}" for k, n, g, _, _ in VNNI_CASES],
 )
-def test_vnni_gemv_matches_its_int16_rounding_and_stays_within_its_bound(
-    k: int, n: int, group: int, target
+def test_vnni_gemv_matches_its_rounding_and_stays_within_its_bound(
+    k: int, n: int, group: int, dot: str, level: int, target
 ) -> None:
-    """Built through ``cpu_rules()``, an fp16 decode GEMV is the VNNI kernel. Its result
-    equals numpy's float64 computation of the same sum (activations rounded to int16 per
-    group, integer dot products, scale and zero point per group) to the fp16 output's
-    rounding; and it differs from the exact product with the dequantized weight by no
-    more than that rounding can: ``sum_k |w[k, n]| * m_g / 65534`` plus the output's
-    rounding."""
+    """Built through ``cpu_rules()``, an fp16 decode GEMV is a VNNI kernel. Its result
+    equals numpy's float64 computation of the same sum (activations rounded to integers
+    under ``level`` per group, integer dot products, scale and zero point per group) to the
+    fp16 output's rounding; and it differs from the exact product with the dequantized
+    weight by no more than that rounding can: ``sum_k |w[k, n]| * m_g / (2 level)`` plus
+    the output's rounding."""
     run, x, stored = _build_and_inputs(k, n, group, "float16", target, vnni=True)
-    assert "vpdpwssd" in run.script and "group_part" not in run.script
+    assert dot in run.script and "group_part" not in run.script
     q = unpack_int4(stored["qweight"]).astype(np.float64)
     z = np.repeat(unpack_int4(stored["qzeros"]).astype(np.float64), group, axis=0)
     s = np.repeat(stored["scales"].astype(np.float64), group, axis=0)
-    a, unit = _int16_activations(x, group)
+    a, unit = _rounded_activations(x, group, level)
     w = (q - z) * s
     simulated = (a * np.repeat(unit.reshape(-1), group)) @ w
     exact = x.reshape(-1).astype(np.float64) @ w
@@ -250,13 +262,18 @@ def test_vnni_gemv_matches_its_int16_rounding_and_stays_within_its_bound(
 @needs_vnni
 def test_vnni_gemv_leaves_fp32_other_widths_and_other_cpus_alone(target) -> None:
     """fp32 compute (the exact mode), a width whose words do not fill a register (40 words)
-    and a CPU without VNNI (Skylake-AVX512) keep the fp32-form rule."""
-    rule = Int4DecodeGEMVVNNI()
-    assert rule.apply(_decode_func(_fused(256, 2048, 32, "float16")), target, False)
-    assert rule.apply(_decode_func(_fused(256, 2048, 32, "float32")), target, False) is None
-    assert rule.apply(_decode_func(_fused(96, 320, 32, "float16")), target, False) is None
+    and a CPU without VNNI (Skylake-AVX512) keep the fp32-form rule; groups of 128 rows go
+    from the byte kernel to the 16-bit one."""
+    bytes_rule, words_rule = Int4DecodeGEMVVNNIBytes(), Int4DecodeGEMVVNNI()
     skylake = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
-    assert rule.apply(_decode_func(_fused(256, 2048, 32, "float16")), skylake, False) is None
+    for rule in (bytes_rule, words_rule):
+        assert rule.apply(_decode_func(_fused(256, 2048, 32, "float16")), target, False)
+        assert rule.apply(_decode_func(_fused(256, 2048, 32, "float32")), target, False) is None
+        assert rule.apply(_decode_func(_fused(96, 320, 32, "float16")), target, False) is None
+        assert rule.apply(_decode_func(_fused(256, 2048, 32, "float16")), skylake, False) is None
+    g128 = _decode_func(_fused(256, 2048, 128, "float16"))
+    assert bytes_rule.apply(g128, target, False) is None
+    assert words_rule.apply(g128, target, False)
 
 
 @needs_vnni
@@ -264,7 +281,7 @@ def test_vnni_hot_loop_is_dot_products_on_registers(target) -> None:
     """The loop with the most ``vpdpwssd`` holds the 8 nibbles of 4 row pairs (32) and
     stores only the 8 accumulators at its end: no accumulator or temporary goes through
     memory after each pair (what TVM's workspace allocation of a ``local`` buffer did)."""
-    sch = Int4DecodeGEMVVNNI().apply(_decode_func(_fused(512, 2048, 32, "float16")), target, False)
+    sch = Int4DecodeGEMVVNNI().apply(_decode_func(_fused(512, 2048, 128, "float16")), target, False)
     func = sch.mod["main"].with_attr("global_symbol", "main")
     asm = tvm.tirx.build(tvm.IRModule({"main": func}), target=target).inspect_source("asm")
     blocks = re.split(r"\n\.LBB\d+_\d+:", asm)
@@ -272,3 +289,23 @@ def test_vnni_hot_loop_is_dot_products_on_registers(target) -> None:
     assert len(re.findall(r"\bvpdpwssd\b", hot)) == 32
     stores = re.findall(r"\bvmov\w+\s+%zmm\d+, [^\n]*\(", hot)
     assert len(stores) <= 8, stores
+
+
+@needs_vnni
+def test_vnni_bytes_hot_loop_keeps_the_group_sums_in_registers(target) -> None:
+    """The byte kernel's strip loop holds a whole group of 32 rows: 8 steps of 4 rows, each
+    16 ``vpdpbusd`` into the 16 accumulators (128, once in the function: the rows are
+    unrolled), with the 4 rows' prefetches. From the first ``vpdpbusd`` to the last, no
+    zmm register is stored: the accumulators stay in registers. (With one 1 KB accumulator
+    buffer instead of two, TVM allocates it from the workspace and LLVM stores all 16
+    after every step.)"""
+    sch = Int4DecodeGEMVVNNIBytes().apply(
+        _decode_func(_fused(512, 2048, 32, "float16")), target, False
+    )
+    func = sch.mod["main"].with_attr("global_symbol", "main")
+    asm = tvm.tirx.build(tvm.IRModule({"main": func}), target=target).inspect_source("asm")
+    assert len(re.findall(r"\bvpdpbusd\b", asm)) == 128
+    assert len(re.findall(r"\bprefetcht1\b", asm)) == 32
+    dots = asm[asm.index("vpdpbusd") : asm.rindex("vpdpbusd")]
+    stores = re.findall(r"\bvmov\w+\s+%zmm\d+, [^\n]*\(", dots)
+    assert not stores, stores

@@ -198,7 +198,8 @@ def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
         ("Qwen2", {}),
         ("Phi", {"hidden_size": 160, "num_attention_heads": 8, "num_key_value_heads": 8}),
         # Every layer's words fill 16-lane registers (16 to 64 words): on an AVX-512 VNNI
-        # CPU each decode GEMV is schedules/cpu/int4_gemv_vnni.py's (int16 activations).
+        # CPU each decode GEMV is schedules/cpu/int4_gemv_vnni_bytes.py's (15-bit
+        # activations).
         ("Llama", {"hidden_size": 128, "intermediate_size": 256}),
     ],
     ids=["Qwen2", "Phi", "Llama-vnni-shapes"],

@@ -2,9 +2,12 @@
 
 ``cpu_rules()`` is what ``tvm.s_tir.dlight.ApplyDefaultSchedule(*cpu_rules())`` takes:
 
-0. :class:`Int4DecodeGEMVVNNI` (``int4_gemv_vnni.py``) - on AVX-512 VNNI, an fp16 4-bit
-   layer's fused dequantize + matmul with one activation row (decode): integer dot products
-   per group, the activations as int16 under the group's largest.
+0. :class:`Int4DecodeGEMVVNNIBytes` (``int4_gemv_vnni_bytes.py``) - on AVX-512 VNNI, an fp16
+   4-bit layer's fused dequantize + matmul with one activation row (decode) and groups of
+   up to 32 rows: byte dot products over 4 rows, the activations as 15-bit integers per
+   group, the group's rows summed in registers.
+   :class:`Int4DecodeGEMVVNNI` (``int4_gemv_vnni.py``) - the same with larger groups
+   (``q4f16t-g128``): 16-bit dot products over 2 rows, the activations as int16.
    :class:`Int4DecodeGEMV` (``int4_gemv.py``) - the other one-row 4-bit matmuls (fp32
    compute, other CPUs): rewritten per group, the nibbles masked in place.
    :class:`Int4Matmul` (``int4.py``) - the other 4-bit matmuls (prefill, batch decode): MatmulKN's
@@ -135,8 +138,10 @@ def cpu_rules() -> list[CPURule | CPUScheduleRule]:
     from .int4 import Int4Matmul  # falls back to ParallelSpatial, defined above
     from .int4_gemv import Int4DecodeGEMV
     from .int4_gemv_vnni import Int4DecodeGEMVVNNI
+    from .int4_gemv_vnni_bytes import Int4DecodeGEMVVNNIBytes
 
     return [
+        Int4DecodeGEMVVNNIBytes(),
         Int4DecodeGEMVVNNI(),
         Int4DecodeGEMV(),
         Int4Matmul(),

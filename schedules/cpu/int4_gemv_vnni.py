@@ -1,6 +1,10 @@
 """The CPU rule for fp16 4-bit decode GEMVs on AVX-512 VNNI: integer dot products
 (``vpdpwssd``) on the packed words, the activation row as int16 per group of rows.
 
+Groups of up to 32 rows (``q4f16t``'s) go to ``int4_gemv_vnni_bytes.py`` first, which takes
+4 rows a product and keeps a group's sums in registers; this kernel serves larger groups
+(``q4f16t-g128``), whose rows that one would read all at once.
+
 ``int4_gemv.py`` regroups the sum per group, ``y[n] = sum_g s[g, n] * (P[g, n] - z[g, n] * X[g])``
 with ``P[g, n] = sum_{k in g} x[k] * q[k, n]``, and spends a mask, an int-to-float conversion
 and an FMA on every 16 weights. Here ``P`` is computed in integers. Per group, each core turns
@@ -236,9 +240,16 @@ class Int4DecodeGEMVVNNI(CPURule):
             str(ops["out"].dtype),
             self.rows,
         )
-        # The kernel's parameters in the original's order, with its attributes only (the
-        # script's global_symbol would clash between the model's GEMVs).
-        mine = dict(zip(("x", "qweight", "qzeros", "scales", "out"), kernel.params, strict=True))
-        order = [next(r for r, b in ops.items() if b.same_as(p)) for p in func.params]
-        rewritten = tirx.PrimFunc([mine[r] for r in order], kernel.body, kernel.ret_type)
-        return s_tir.Schedule(rewritten.with_attrs(func.attrs))
+        return as_rule_output(func, ops, kernel)
+
+
+def as_rule_output(
+    func: tirx.PrimFunc, ops: dict[str, tirx.Buffer], kernel: tirx.PrimFunc
+) -> s_tir.Schedule:
+    """A hand-written kernel with parameters ``x, qweight, qzeros, scales, out`` in place of
+    ``func``: its parameters in ``func``'s order, with ``func``'s attributes only (the
+    script's global_symbol would clash between the model's GEMVs)."""
+    mine = dict(zip(("x", "qweight", "qzeros", "scales", "out"), kernel.params, strict=True))
+    order = [next(r for r, b in ops.items() if b.same_as(p)) for p in func.params]
+    rewritten = tirx.PrimFunc([mine[r] for r in order], kernel.body, kernel.ret_type)
+    return s_tir.Schedule(rewritten.with_attrs(func.attrs))

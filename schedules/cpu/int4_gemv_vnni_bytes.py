@@ -1,0 +1,336 @@
+"""The CPU rule for fp16 4-bit decode GEMVs with groups of up to 32 rows on AVX-512 VNNI:
+byte dot products (``vpdpbusd``) over 4 rows at once, the group's rows summed in registers.
+
+It computes what ``int4_gemv_vnni.py`` computes, ``y[n] = sum_g s * (P - z * A) * m / L``
+with ``P = sum_{k in g} a[k] * q[k, n]`` in integers, but with a 4-way product:
+``vpdpbusd`` adds four unsigned-byte by signed-byte products into each int32 lane, so a lane
+is one column and 4 rows. The activations are rounded to 15 bits per group,
+``a = round(x * L / m)`` with ``L = 16383``, and split in two signed bytes,
+``a = 128 * hi + lo`` (``hi`` in [-128, 127], ``lo`` in [0, 127]); ``P = 128 * P_hi + P_lo``,
+each a separate accumulator. 4 rows' words become bytes of one lane by two levels of unpacks
+(``vpunpck{l,h}bw`` then ``vpunpck{l,h}wd``): register ``u`` of the 4 holds, in lane
+``4L + i``, byte ``i`` of word ``4L + u`` of the 4 rows; its low nibbles (``& 0x0F``) are
+nibble ``2i`` of those words and its high nibbles (``>> 4 & 0x0F``) nibble ``2i + 1``.
+Per 4 rows and 16 words (512 weights): 8 unpacks, 12 shifts and masks and 16 ``vpdpbusd``,
+against 28 shuffles, shifts and masks and 16 ``vpdpwssd`` for ``int4_gemv_vnni.py``.
+
+The accumulators of a 16-word strip are 16 registers, so a strip takes all rows of a group
+before its epilogue (``P``, the zero point as ``z * A`` in int32, the scale and ``m / L`` in
+fp32, added to ``y``), and ``P`` never goes to memory. That reads the group's 32 rows at
+once: 32 short streams, which the hardware prefetcher does not keep ahead of, so each step
+prefetches its 4 rows' words 8 strips ahead (the next group's rows past a row's end).
+Groups larger than 32 rows (``q4f16t-g128``) would read 128 rows at once and stay with
+``int4_gemv_vnni.py``.
+
+Numerically: ``P`` is exact (``|P| <= 32 * 15 * 16383 < 2**24``) and so is ``P - z * A``.
+The activations' rounding is at most ``m / 32766`` an element, 1/16 of half an fp16 ulp of
+the group's largest (``int4_gemv_vnni.py``: 1/32). fp32 compute (``q4f32t``) keeps the exact
+kernel of ``int4_gemv.py``; ``tests/test_cpu_int4_gemv.py`` checks this kernel against
+numpy's computation of the same rounding and against the exact product within its bound.
+
+Loop nest::
+
+    parallel band                            # a band of whole groups per core
+      for g in the band
+        a = round(x * L / m); hi, lo bytes of 4 rows packed in an int32 each; A = sum a
+        for strips of 16 words
+          16 accumulators <- 0
+          for the group's rows, 4 at a time (unrolled)
+            prefetch the 4 rows' words 8 strips on
+            load 4 rows, 8 unpacks, 8 nibble registers x (hi, lo): 16 vpdpbusd
+          y_band[nibble register, strip] += s * m/L * (128 * P_hi + P_lo - z * A)
+    out[n] = sum of the bands' y at n's register and lane
+
+Measured on this CPU (2 cores of an AMD EPYC (Zen 4) with AVX-512 VNNI; each GEMV alone,
+weights cycled through 384 MB of copies, the two kernels timed alternately, best of 6
+rounds), ``int4_gemv_vnni.py`` -> this kernel: ``2048 x 16384`` 1.23 -> 1.03 ms, ``8192 x
+2048`` 0.70 -> 0.55, ``2048 x 3072`` 0.29 -> 0.19, ``2048 x 2048`` 0.19 -> 0.16, ``2048 x
+128256`` 8.8 -> 6.5 ms. Without the prefetch the narrow ones were slower than before
+(``8192 x 2048``: 1.26 ms); with groups of 128 rows, 1.3-1.7x slower.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .int4_gemv import _decode_operands, group_bands
+from .int4_gemv_vnni import LANES, as_rule_output, has_vnni
+from .matmul_kn import CPURule
+
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+LEVEL = 16383  # activations in 15 bits: two signed bytes, 128 * hi + lo with lo >= 0
+PREFETCH_STRIPS = 8
+MAX_GROUP = 32
+
+
+def _unpack(a: tirx.PrimExpr, b: tirx.PrimExpr, bits: int, high: int) -> tirx.PrimExpr:
+    """``vpunpck{l,h}{bw,wd}`` of two int32x16 registers, as an int32x16: in each 128-bit
+    lane, the low (``high`` 0) or high half's ``bits``-wide elements of ``a`` and ``b``
+    interleaved."""
+    per_lane = 128 // bits
+    dtype = f"int{bits}x{512 // bits}"
+    half = per_lane // 2
+    indices = []
+    for lane in range(4):
+        for t in range(half):
+            src = per_lane * lane + half * high + t
+            indices += [src, 512 // bits + src]
+    both = [T.reinterpret(dtype, a), T.reinterpret(dtype, b)]
+    return T.reinterpret("int32x16", tirx.Shuffle(both, indices))
+
+
+def _column(j: int) -> int:
+    # nibble j of a word holds column 2 (j % 4) + j // 4 of its 8 (AWQ's order, int4_gemv.py)
+    return 2 * (j % 4) + j // 4
+
+
+def vnni_bytes_gemv(
+    x_shape: list[int], k: int, words: int, groups: int, bands: int, out_dtype: str
+) -> tirx.PrimFunc:
+    """The kernel (module docstring) with parameters ``x, qweight, qzeros, scales, out``."""
+    size = k // groups
+    n = words * 8
+    strips = words // LANES
+    quads = size // 4
+    per_band = groups // bands
+    out_shape = [*x_shape[:-1], n]
+
+    def vec(c: int) -> tirx.PrimExpr:
+        return T.broadcast(T.int32(c), LANES)
+
+    def dot(acc: tirx.PrimExpr, nibbles: tirx.PrimExpr, act: tirx.PrimExpr) -> tirx.PrimExpr:
+        return T.call_llvm_pure_intrin(
+            "int32x16",
+            VPDPBUSD,
+            acc,
+            T.reinterpret("int8x64", nibbles),
+            T.reinterpret("int8x64", T.broadcast(act, LANES)),
+        )
+
+    def scale_lanes(r: int) -> list[int]:
+        # lane 4L + i of nibble register r = 2u + h: word 4L + u of the strip, nibble 2i + h
+        u, h = divmod(r, 2)
+        return [32 * lane + 8 * u + _column(2 * i + h) for lane in range(4) for i in range(4)]
+
+    def zero_point(words_z: tirx.PrimExpr, r: int) -> tirx.PrimExpr:
+        u, h = divmod(r, 2)
+        word = tirx.Shuffle([words_z], [4 * lane + u for lane in range(4) for i in range(4)])
+        shift = ((T.ramp(T.int32(0), 1, LANES) & vec(3)) << vec(3)) + vec(4 * h)  # 4 (2i + h)
+        return (word >> shift) & vec(15)
+
+    @T.macro
+    def accumulate(acc_hi, acc_lo, u, reg, act_hi, act_lo):
+        low: T.let[T.int32x16] = u & vec(0x0F0F0F0F)
+        high: T.let[T.int32x16] = (u >> vec(4)) & vec(0x0F0F0F0F)
+        acc_hi[T.ramp(2 * reg * LANES, 1, LANES)] = dot(
+            acc_hi[T.ramp(2 * reg * LANES, 1, LANES)], low, act_hi
+        )
+        acc_lo[T.ramp(2 * reg * LANES, 1, LANES)] = dot(
+            acc_lo[T.ramp(2 * reg * LANES, 1, LANES)], low, act_lo
+        )
+        acc_hi[T.ramp((2 * reg + 1) * LANES, 1, LANES)] = dot(
+            acc_hi[T.ramp((2 * reg + 1) * LANES, 1, LANES)], high, act_hi
+        )
+        acc_lo[T.ramp((2 * reg + 1) * LANES, 1, LANES)] = dot(
+            acc_lo[T.ramp((2 * reg + 1) * LANES, 1, LANES)], high, act_lo
+        )
+
+    @T.macro
+    def fold(y_band, band, s, acc_hi, acc_lo, strip_scales, words_z, unit, a_sum, r):
+        # the strip's 128 scales (4 registers) shuffled into register r's lanes
+        scale: T.let[T.float32x16] = T.Cast(
+            "float32x16", tirx.Shuffle(strip_scales, scale_lanes(r))
+        )
+        y_band[band, r, T.ramp(s * LANES, 1, LANES)] = y_band[
+            band, r, T.ramp(s * LANES, 1, LANES)
+        ] + scale * T.broadcast(unit, LANES) * T.Cast(
+            "float32x16",
+            (acc_hi[T.ramp(r * LANES, 1, LANES)] << vec(7))
+            + acc_lo[T.ramp(r * LANES, 1, LANES)]
+            - zero_point(words_z, r) * T.broadcast(a_sum, LANES),
+        )
+
+    @T.prim_func(s_tir=True)
+    def func(
+        x: T.Buffer(x_shape, "float16"),
+        qweight: T.Buffer((k, words), "int32"),
+        qzeros: T.Buffer((groups, words), "int32"),
+        scales: T.Buffer((groups, n), "float16"),
+        out: T.Buffer(out_shape, out_dtype),
+    ):
+        x_row = T.decl_buffer((k,), "float16", data=x.data)
+        out_row = T.decl_buffer((n,), out_dtype, data=out.data)
+        y_band = T.alloc_buffer((bands, 8, words), "float32")
+        for band in T.parallel(bands):
+            # Per-core buffers under TVM's 1 KB stack limit (else a workspace call, and
+            # LLVM keeps storing the accumulators): global scope, docs/tvm-0.27.md.
+            a = T.alloc_buffer((size,), "int32")
+            act_hi = T.alloc_buffer((quads,), "int32")
+            act_lo = T.alloc_buffer((quads,), "int32")
+            stats = T.alloc_buffer((2,), "float32")  # m, L / m
+            a_sum = T.alloc_buffer((1,), "int32")
+            acc_hi = T.alloc_buffer((8 * LANES,), "int32")
+            acc_lo = T.alloc_buffer((8 * LANES,), "int32")
+            for r, w in T.grid(8, words):
+                y_band[band, r, w] = T.float32(0)
+            for gi in range(per_band):
+                g: T.let[T.int32] = band * per_band + gi
+                k0: T.let[T.int32] = g * size
+                stats[0] = T.float32(0)
+                for i in range(size):
+                    stats[0] = T.max(stats[0], T.fabs(T.Cast("float32", x_row[k0 + i])))
+                stats[1] = T.Select(
+                    stats[0] > T.float32(0), T.float32(LEVEL) / stats[0], T.float32(0)
+                )
+                a_sum[0] = 0
+                for i in range(size):
+                    a[i] = T.Cast("int32", T.round(T.Cast("float32", x_row[k0 + i]) * stats[1]))
+                    a_sum[0] = a_sum[0] + a[i]
+                for q in range(quads):  # byte b of the int32: row 4q + b
+                    act_hi[q] = (
+                        ((a[4 * q] >> 7) & 255)
+                        | (((a[4 * q + 1] >> 7) & 255) << 8)
+                        | (((a[4 * q + 2] >> 7) & 255) << 16)
+                        | ((a[4 * q + 3] >> 7) << 24)
+                    )
+                    act_lo[q] = (
+                        (a[4 * q] & 127)
+                        | ((a[4 * q + 1] & 127) << 8)
+                        | ((a[4 * q + 2] & 127) << 16)
+                        | ((a[4 * q + 3] & 127) << 24)
+                    )
+                unit: T.let[T.float32] = stats[0] / T.float32(LEVEL)
+                for s in range(strips):
+                    for r in T.unroll(8):
+                        acc_hi[T.ramp(r * LANES, 1, LANES)] = vec(0)
+                        acc_lo[T.ramp(r * LANES, 1, LANES)] = vec(0)
+                    for q in T.unroll(quads):
+                        # (the test depends on the strip only: one that depends on q
+                        # splits the unrolled loop, and LLVM hoists and spills its loads)
+                        if k0 + size * ((s + PREFETCH_STRIPS) // strips) < k:
+                            for i in T.unroll(4):
+                                T.evaluate(
+                                    T.call_llvm_intrin(
+                                        "void",
+                                        "llvm.prefetch.p0",
+                                        T.address_of(
+                                            qweight[
+                                                k0
+                                                + size * ((s + PREFETCH_STRIPS) // strips)
+                                                + 4 * q
+                                                + i,
+                                                ((s + PREFETCH_STRIPS) % strips) * LANES,
+                                            ]
+                                        ),
+                                        0,  # read
+                                        2,  # locality: keep in L2
+                                        1,  # data
+                                    )
+                                )
+                        r0: T.let[T.int32x16] = qweight[k0 + 4 * q, T.ramp(s * LANES, 1, LANES)]
+                        r1: T.let[T.int32x16] = qweight[k0 + 4 * q + 1, T.ramp(s * LANES, 1, LANES)]
+                        r2: T.let[T.int32x16] = qweight[k0 + 4 * q + 2, T.ramp(s * LANES, 1, LANES)]
+                        r3: T.let[T.int32x16] = qweight[k0 + 4 * q + 3, T.ramp(s * LANES, 1, LANES)]
+                        # bytes of rows 0/1 and 2/3 paired, then the pairs paired
+                        p01_lo: T.let[T.int32x16] = _unpack(r0, r1, 8, 0)
+                        p01_hi: T.let[T.int32x16] = _unpack(r0, r1, 8, 1)
+                        p23_lo: T.let[T.int32x16] = _unpack(r2, r3, 8, 0)
+                        p23_hi: T.let[T.int32x16] = _unpack(r2, r3, 8, 1)
+                        accumulate(
+                            acc_hi, acc_lo, _unpack(p01_lo, p23_lo, 16, 0), 0, act_hi[q], act_lo[q]
+                        )
+                        accumulate(
+                            acc_hi, acc_lo, _unpack(p01_lo, p23_lo, 16, 1), 1, act_hi[q], act_lo[q]
+                        )
+                        accumulate(
+                            acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 0), 2, act_hi[q], act_lo[q]
+                        )
+                        accumulate(
+                            acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 1), 3, act_hi[q], act_lo[q]
+                        )
+                    words_z: T.let[T.int32x16] = qzeros[g, T.ramp(s * LANES, 1, LANES)]
+                    sc0: T.let[T.float16x32] = scales[g, T.ramp(s * 128, 1, 32)]
+                    sc1: T.let[T.float16x32] = scales[g, T.ramp(s * 128 + 32, 1, 32)]
+                    sc2: T.let[T.float16x32] = scales[g, T.ramp(s * 128 + 64, 1, 32)]
+                    sc3: T.let[T.float16x32] = scales[g, T.ramp(s * 128 + 96, 1, 32)]
+                    # eight calls: a register's scale and zero point lanes are Python lists
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 0,
+                    )  # fmt: skip
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 1,
+                    )  # fmt: skip
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 2,
+                    )  # fmt: skip
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 3,
+                    )  # fmt: skip
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 4,
+                    )  # fmt: skip
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 5,
+                    )  # fmt: skip
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 6,
+                    )  # fmt: skip
+                    fold(
+                        y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
+                        a_sum[0], 7,
+                    )  # fmt: skip
+        total = T.alloc_buffer((1,), "float32")
+        for c in range(n):
+            # column c: word c // 8, nibble j = 4 (c % 2) + (c % 8) // 2, at register
+            # 2 (word % 4) + j % 2, lane 4 ((word % 16) // 4) + j // 2 of its strip
+            total[0] = T.float32(0)
+            for band in range(bands):
+                total[0] = (
+                    total[0]
+                    + y_band[
+                        band,
+                        ((c // 8) % 4) * 2 + (c % 8) // 2 % 2,
+                        (c // 128) * LANES
+                        + ((c // 8) % 16) // 4 * 4
+                        + (4 * (c % 2) + (c % 8) // 2) // 2,
+                    ]
+                )
+            out_row[c] = T.Cast(out_dtype, total[0])
+
+    return func
+
+
+class Int4DecodeGEMVVNNIBytes(CPURule):
+    """The byte-dot-product 4-bit GEMV (module docstring) for fp16 fused dequantize + matmul
+    functions with one activation row and groups of at most 32 rows (a multiple of 4), on
+    targets with AVX-512 VNNI; other functions and targets: None."""
+
+    def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        if not has_vnni(target):
+            return None
+        ops = _decode_operands(func)
+        if ops is None or ops["x"].dtype != "float16" or ops["scales"].dtype != "float16":
+            return None
+        k, words = (int(d) for d in ops["qweight"].shape)
+        groups = int(ops["qzeros"].shape[0])
+        size = k // groups
+        if words % LANES or size % 4 or size > MAX_GROUP:
+            return None
+        kernel = vnni_bytes_gemv(
+            [int(d) for d in ops["x"].shape],
+            k,
+            words,
+            groups,
+            group_bands(target, groups),
+            str(ops["out"].dtype),
+        )
+        return as_rule_output(func, ops, kernel)
