@@ -55,6 +55,8 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from mlc_edge.quantization.int4 import AWQ_PACK_ORDER
+
 from .int4_gemv import _decode_operands, group_bands
 from .int4_gemv_vnni import LANES, as_rule_output, has_vnni
 from .matmul_kn import CPURule
@@ -79,11 +81,6 @@ def _unpack(a: tirx.PrimExpr, b: tirx.PrimExpr, bits: int, high: int) -> tirx.Pr
             indices += [src, 512 // bits + src]
     both = [T.reinterpret(dtype, a), T.reinterpret(dtype, b)]
     return T.reinterpret("int32x16", tirx.Shuffle(both, indices))
-
-
-def _column(j: int) -> int:
-    # nibble j of a word holds column 2 (j % 4) + j // 4 of its 8 (AWQ's order, int4_gemv.py)
-    return 2 * (j % 4) + j // 4
 
 
 def vnni_bytes_gemv(
@@ -112,7 +109,10 @@ def vnni_bytes_gemv(
     def scale_lanes(r: int) -> list[int]:
         # lane 4L + i of nibble register r = 2u + h: word 4L + u of the strip, nibble 2i + h
         u, h = divmod(r, 2)
-        return [32 * lane + 8 * u + _column(2 * i + h) for lane in range(4) for i in range(4)]
+        # (nibble j of a word holds column AWQ_PACK_ORDER[j] of its 8)
+        return [
+            32 * lane + 8 * u + AWQ_PACK_ORDER[2 * i + h] for lane in range(4) for i in range(4)
+        ]
 
     def zero_point(words_z: tirx.PrimExpr, r: int) -> tirx.PrimExpr:
         u, h = divmod(r, 2)
