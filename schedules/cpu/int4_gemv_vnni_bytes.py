@@ -207,8 +207,7 @@ def vnni_bytes_gemv(
                         acc_hi[T.ramp(r * LANES, 1, LANES)] = vec(0)
                         acc_lo[T.ramp(r * LANES, 1, LANES)] = vec(0)
                     for q in T.unroll(quads):
-                        # (the test depends on the strip only: one that depends on q
-                        # splits the unrolled loop, and LLVM hoists and spills its loads)
+                        # (none past the last group; the test depends on the strip only)
                         if k0 + size * ((s + PREFETCH_STRIPS) // strips) < k:
                             for i in T.unroll(4):
                                 T.evaluate(
