@@ -75,6 +75,21 @@ def has_vnni(target: Target) -> bool:
     return target_has_features("avx512vnni", target) and target_has_features("avx512bw", target)
 
 
+@T.macro
+def round_group(x_row, k0, size, level, a, stats, a_sum):
+    """The group's activations ``x_row[k0 : k0 + size]`` as integers under ``level``:
+    ``stats = (m, level / m)`` with ``m`` their largest magnitude, ``a = round(x * level /
+    m)``, ``a_sum = sum a``."""
+    stats[0] = T.float32(0)
+    for r in range(size):
+        stats[0] = T.max(stats[0], T.fabs(T.Cast("float32", x_row[k0 + r])))
+    stats[1] = T.Select(stats[0] > T.float32(0), T.float32(level) / stats[0], T.float32(0))
+    a_sum[0] = 0
+    for r in range(size):
+        a[r] = T.Cast("int32", T.round(T.Cast("float32", x_row[k0 + r]) * stats[1]))
+        a_sum[0] = a_sum[0] + a[r]
+
+
 def vnni_gemv(
     x_shape: list[int],
     k: int,
@@ -132,16 +147,7 @@ def vnni_gemv(
             for gi in range(per_band):
                 g: T.let[T.int32] = band * per_band + gi
                 k0: T.let[T.int32] = g * size
-                stats[0] = T.float32(0)
-                for r in range(size):
-                    stats[0] = T.max(stats[0], T.fabs(T.Cast("float32", x_row[k0 + r])))
-                stats[1] = T.Select(
-                    stats[0] > T.float32(0), T.float32(INT16_MAX) / stats[0], T.float32(0)
-                )
-                a_sum[0] = 0
-                for r in range(size):
-                    a[r] = T.Cast("int32", T.round(T.Cast("float32", x_row[k0 + r]) * stats[1]))
-                    a_sum[0] = a_sum[0] + a[r]
+                round_group(x_row, k0, size, INT16_MAX, a, stats, a_sum)
                 # Pass b takes rows b + i * passes (i < rows); slot i pairs with i + half.
                 for b, i in T.grid(passes, half):
                     pairs[b * half + i] = (a[b + i * passes] & 0xFFFF) | (

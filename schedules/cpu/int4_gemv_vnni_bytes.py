@@ -58,7 +58,7 @@ from tvm.target import Target
 from mlc_edge.quantization.int4 import AWQ_PACK_ORDER
 
 from .int4_gemv import _decode_operands, group_bands
-from .int4_gemv_vnni import LANES, as_rule_output, has_vnni
+from .int4_gemv_vnni import LANES, as_rule_output, has_vnni, round_group
 from .matmul_kn import CPURule
 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -178,16 +178,7 @@ def vnni_bytes_gemv(
             for gi in range(per_band):
                 g: T.let[T.int32] = band * per_band + gi
                 k0: T.let[T.int32] = g * size
-                stats[0] = T.float32(0)
-                for i in range(size):
-                    stats[0] = T.max(stats[0], T.fabs(T.Cast("float32", x_row[k0 + i])))
-                stats[1] = T.Select(
-                    stats[0] > T.float32(0), T.float32(LEVEL) / stats[0], T.float32(0)
-                )
-                a_sum[0] = 0
-                for i in range(size):
-                    a[i] = T.Cast("int32", T.round(T.Cast("float32", x_row[k0 + i]) * stats[1]))
-                    a_sum[0] = a_sum[0] + a[i]
+                round_group(x_row, k0, size, LEVEL, a, stats, a_sum)
                 for q in range(quads):  # byte b of the int32: row 4q + b
                     act_hi[q] = (
                         ((a[4 * q] >> 7) & 255)
