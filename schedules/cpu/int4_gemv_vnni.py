@@ -57,6 +57,8 @@ of TVMScript becomes a one-element buffer, so the vector temporaries are ``T.let
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 from tvm.target import Target
@@ -228,33 +230,49 @@ class Int4DecodeGEMVVNNI(CPURule):
         self.rows = rows
 
     def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        if not has_vnni(target):
-            return None
-        ops = _decode_operands(func)
-        if ops is None or ops["x"].dtype != "float16" or ops["scales"].dtype != "float16":
+        ops = fp16_decode_operands(func, target)
+        if ops is None:
             return None
         k, words = (int(d) for d in ops["qweight"].shape)
         groups = int(ops["qzeros"].shape[0])
         if words % LANES or (k // groups) % self.rows:
             return None
-        kernel = vnni_gemv(
-            [int(d) for d in ops["x"].shape],
-            k,
-            words,
-            groups,
-            group_bands(target, groups),
-            str(ops["out"].dtype),
-            self.rows,
-        )
-        return as_rule_output(func, ops, kernel)
+        return hand_written(func, ops, target, vnni_gemv, self.rows)
 
 
-def as_rule_output(
-    func: tirx.PrimFunc, ops: dict[str, tirx.Buffer], kernel: tirx.PrimFunc
+def fp16_decode_operands(func: tirx.PrimFunc, target: Target) -> dict[str, tirx.Buffer] | None:
+    """``func``'s operands (``_decode_operands``) when a VNNI kernel may take it: a one-row
+    4-bit GEMV with fp16 activations and scales, on a target with VNNI; else None."""
+    if not has_vnni(target):
+        return None
+    ops = _decode_operands(func)
+    if ops is None or ops["x"].dtype != "float16" or ops["scales"].dtype != "float16":
+        return None
+    return ops
+
+
+def hand_written(
+    func: tirx.PrimFunc,
+    ops: dict[str, tirx.Buffer],
+    target: Target,
+    make_kernel: Callable[..., tirx.PrimFunc],
+    *options: int,
 ) -> s_tir.Schedule:
-    """A hand-written kernel with parameters ``x, qweight, qzeros, scales, out`` in place of
-    ``func``: its parameters in ``func``'s order, with ``func``'s attributes only (the
-    script's global_symbol would clash between the model's GEMVs)."""
+    """``make_kernel(x_shape, k, words, groups, bands, out_dtype, *options)`` for ``func``'s
+    shapes, in place of ``func``: the kernel's parameters ``x, qweight, qzeros, scales, out``
+    in ``func``'s order, with ``func``'s attributes only (the script's global_symbol would
+    clash between the model's GEMVs)."""
+    k, words = (int(d) for d in ops["qweight"].shape)
+    groups = int(ops["qzeros"].shape[0])
+    kernel = make_kernel(
+        [int(d) for d in ops["x"].shape],
+        k,
+        words,
+        groups,
+        group_bands(target, groups),
+        str(ops["out"].dtype),
+        *options,
+    )
     mine = dict(zip(("x", "qweight", "qzeros", "scales", "out"), kernel.params, strict=True))
     order = [next(r for r, b in ops.items() if b.same_as(p)) for p in func.params]
     rewritten = tirx.PrimFunc([mine[r] for r in order], kernel.body, kernel.ret_type)

@@ -59,8 +59,7 @@ from tvm.target import Target
 
 from mlc_edge.quantization.int4 import AWQ_PACK_ORDER
 
-from .int4_gemv import _decode_operands, group_bands
-from .int4_gemv_vnni import LANES, as_rule_output, has_vnni, round_group
+from .int4_gemv_vnni import LANES, fp16_decode_operands, hand_written, round_group
 from .matmul_kn import CPURule
 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -200,20 +199,18 @@ def vnni_bytes_gemv(
                     for r in T.unroll(8):
                         acc_hi[T.ramp(r * LANES, 1, LANES)] = vec(0)
                         acc_lo[T.ramp(r * LANES, 1, LANES)] = vec(0)
+                    # where this strip's prefetches go: `ahead` strips on, past a row's end
+                    # the next group's rows (none past the last group)
+                    row_ahead: T.let[T.int32] = k0 + size * ((s + ahead) // strips)
+                    col_ahead: T.let[T.int32] = ((s + ahead) % strips) * LANES
                     for q in T.unroll(quads):
-                        # (none past the last group; the test depends on the strip only)
-                        if k0 + size * ((s + ahead) // strips) < k:
+                        if row_ahead < k:
                             for i in T.unroll(4):
                                 T.evaluate(
                                     T.call_llvm_intrin(
                                         "void",
                                         "llvm.prefetch.p0",
-                                        T.address_of(
-                                            qweight[
-                                                k0 + size * ((s + ahead) // strips) + 4 * q + i,
-                                                ((s + ahead) % strips) * LANES,
-                                            ]
-                                        ),
+                                        T.address_of(qweight[row_ahead + 4 * q + i, col_ahead]),
                                         0,  # read
                                         2,  # locality: keep in L2
                                         1,  # data
@@ -305,22 +302,11 @@ class Int4DecodeGEMVVNNIBytes(CPURule):
     targets with AVX-512 VNNI; other functions and targets: None."""
 
     def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        if not has_vnni(target):
-            return None
-        ops = _decode_operands(func)
-        if ops is None or ops["x"].dtype != "float16" or ops["scales"].dtype != "float16":
+        ops = fp16_decode_operands(func, target)
+        if ops is None:
             return None
         k, words = (int(d) for d in ops["qweight"].shape)
-        groups = int(ops["qzeros"].shape[0])
-        size = k // groups
+        size = k // int(ops["qzeros"].shape[0])
         if words % LANES or size % 4 or size > MAX_GROUP:
             return None
-        kernel = vnni_bytes_gemv(
-            [int(d) for d in ops["x"].shape],
-            k,
-            words,
-            groups,
-            group_bands(target, groups),
-            str(ops["out"].dtype),
-        )
-        return as_rule_output(func, ops, kernel)
+        return hand_written(func, ops, target, vnni_bytes_gemv)
