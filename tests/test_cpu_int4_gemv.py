@@ -208,7 +208,7 @@ def _rounded_activations(x: np.ndarray, group: int, level: int) -> tuple[np.ndar
     xg = x.reshape(-1, group).astype(np.float32)
     m = np.abs(xg).max(axis=1, keepdims=True)
     factor = np.where(m > 0, np.float32(level) / np.where(m > 0, m, 1), 0).astype(np.float32)
-    a = np.round(xg * factor)  # the kernel rounds half away from zero; ties are measure-zero
+    a = np.round(xg * factor)  # half to even, as the kernels round (nearbyint)
     return a.reshape(-1).astype(np.float64), (m / np.float32(level)).astype(np.float64)
 
 
