@@ -1,9 +1,10 @@
-"""4-bit decode on this CPU: mlc-edge ``q4f16t`` and ``q4f16t-h4`` vs ``q0f16t`` vs llama.cpp
+"""4-bit decode on this CPU: mlc-edge ``q4f16t`` and ``q4f16t-hf`` vs ``q0f16t`` vs llama.cpp
 ``Q4_0``.
 
 One random Llama-3.2-1B-shaped checkpoint (``model_shapes.LLAMA_3_2_1B``, fewer layers with
 ``--layers``) is saved as a Hugging Face checkpoint; mlc-edge compiles it for the CPU in
-each scheme (``q4f16t-h4``: the tied output layer a 4-bit copy of the fp16 table),
+each scheme (``q4f16t``: the tied output layer a 4-bit copy of the fp16 table;
+``q4f16t-hf``: the fp16 table is the output layer),
 and the same weights are written as a llama.cpp GGUF in Q4_0 (gguf-py's numpy
 quantizer; every matrix, the tied embedding included, in Q4_0; norms in F32; q/k rows
 permuted as llama.cpp's converter does). All engines are loaded (and warmed up) first;
@@ -14,7 +15,7 @@ engine can land in a slow spell, which once swung llama.cpp's decode between 26 
 tok/s from run to run.
 
 Decode reads every weight once a token (but of an embedding table that the output layer
-does not share, one row: ``q4f16t-h4``'s fp16 table is left out), so its ceiling is
+does not share, one row: ``q4f16t``'s fp16 table is left out), so its ceiling is
 bandwidth / those bytes; the bandwidth is measured here with a numpy copy (one thread: a
 floor of what the machine has, so the share is an upper bound). llama.cpp comes from
 ``pip install llama-cpp-python`` (not a project dependency); without it the script says so
@@ -22,7 +23,7 @@ and runs the others.
 
 ``--split`` also times, on their own, the GEMVs one decode step runs: one layer's four
 4-bit linear layers (q/k/v, o, gate/up, down), the tied fp16 lm_head and the 4-bit lm_head
-of ``q4f16t-h4``, each cycling through copies of its weights larger than the caches, so the
+of ``q4f16t``, each cycling through copies of its weights larger than the caches, so the
 step's time can be split into layers and lm_head (attention, norms and sampling are left
 out).
 
@@ -208,8 +209,8 @@ def _int4_gemv(k: int, n: int, group: int, target: Any) -> Any:
 
 
 def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float]:
-    """Seconds per call of one layer's 4-bit GEMVs (q4f16t, group 32), of the tied fp16
-    lm_head GEMV (MatmulNK) and of the 4-bit lm_head (q4f16t-h4), weights cycled through
+    """Seconds per call of one layer's 4-bit GEMVs (group 32), of the tied fp16 lm_head
+    GEMV (MatmulNK, q4f16t-hf) and of the 4-bit lm_head (q4f16t), weights cycled through
     copies larger than ``cold_bytes``."""
     import tvm
     from tvm.target.codegen import llvm_get_system_cpu
@@ -293,7 +294,7 @@ def main() -> None:
             file=sys.stderr,
         )
         weights = make_checkpoint(work / "hf", args.layers)
-        for scheme in ("q4f16t", "q4f16t-h4", "q0f16t"):
+        for scheme in ("q4f16t", "q4f16t-hf", "q0f16t"):
             bundle = work / scheme
             print(f"compiling mlc-edge {scheme} ...", file=sys.stderr)
             subprocess.run(
@@ -381,7 +382,7 @@ def main() -> None:
         print("timing the decode GEMVs on their own ...", file=sys.stderr)
         split = decode_split(args.threads)
         layers_s = args.layers * split["layer"]
-        for scheme, head in (("q4f16t", "lm_head"), ("q4f16t-h4", "lm_head_int4")):
+        for scheme, head in (("q4f16t", "lm_head_int4"), ("q4f16t-hf", "lm_head")):
             total = layers_s + split[head]
             kind = "4-bit" if head == "lm_head_int4" else "fp16"
             print(

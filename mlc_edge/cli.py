@@ -28,8 +28,9 @@ from .bundle import layout
 from .errors import UserError
 
 QUANT_HELP = ("weight scheme: q0f16t (fp16 [in, out], default), q0f32t, q0f16, q4f16t, "
-              "q4f16t-g128, q4f32t (4-bit linear weights; cpu, android-opencl, cuda), "
-              "q4f16t-h4, q4f16t-g128-h4, q4f32t-h4 (the output layer in 4 bits too)")
+              "q4f16t-g128, q4f32t (4-bit linear weights and output layer; cpu, "
+              "android-opencl, cuda), q4f16t-hf, q4f16t-g128-hf, q4f32t-hf (the output "
+              "layer kept in floats)")
 
 
 def _size_options(func: Any) -> Any:

@@ -190,17 +190,17 @@ def test_app_entry_is_the_memory_plan_total(built, tmp_path):
 
 
 def test_app_entry_of_a_4bit_bundle_is_its_memory_plan_total(checkpoint, built, tmp_path):
-    """q4f16t: the entry counts the packed int32 words, scales and zero points as stored
+    """q4f16t-hf: the entry counts the packed int32 words, scales and zero points as stored
     (from the tensor cache or, before conversion, from _metadata.params), the same total
     `mlc-edge memory` plans, and below q0f16t's by the weights saved."""
     from mlc_edge.bundle.app_config import estimated_vram_bytes
     from mlc_edge.memory.sources import plan_for
 
     preset = load_preset("edge-512")
-    spec = ModelSpec.create(json.loads((checkpoint / "config.json").read_text()), "q4f16t",
+    spec = ModelSpec.create(json.loads((checkpoint / "config.json").read_text()), "q4f16t-hf",
                             preset)
     _, metadata = compile_model(spec, get_target("android-opencl"), "hf_q4f16t_android_opencl")
-    main(["convert", str(checkpoint), "-o", str(tmp_path / "w"), "--quantization", "q4f16t"])
+    main(["convert", str(checkpoint), "-o", str(tmp_path / "w"), "--quantization", "q4f16t-hf"])
     cache = json.loads((tmp_path / "w" / "tensor-cache.json").read_text())
     stored = {r["name"]: r for shard in cache["records"] for r in shard["records"]}
     assert stored["model.layers.0.mlp.down_proj.qweight"]["dtype"] == "int32"

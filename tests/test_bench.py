@@ -92,10 +92,10 @@ def test_bench_json_has_the_documented_fields(models, cpu_bundle, capsys):
 
 
 def test_bench_on_a_4bit_bundle(models, capsys):
-    """q4f16t: bench runs it; n_params is the model's, size the packed bytes on disk."""
+    """q4f16t-hf: bench runs it; n_params is the model's, size the packed bytes on disk."""
     model, root = models
     bundle = compile_bundle(root / "hf", root / "q4", "--target", "cpu",
-                            "--quantization", "q4f16t")
+                            "--quantization", "q4f16t-hf")
     code, out, err = cli(capsys, "bench", str(bundle), "-p", "20", "-n", "4", "-r", "1",
                          "-t", "1", "--json")
     assert code == 0, err
@@ -107,7 +107,7 @@ def test_bench_on_a_4bit_bundle(models, capsys):
     n_bytes = sum(r["nbytes"] for r in records)
     assert any(r["name"].endswith(".qweight") for r in records)
     for r in results:
-        assert (r["quantization"], r["model_lib"]) == ("q4f16t", "hf_q4f16t_cpu")
+        assert (r["quantization"], r["model_lib"]) == ("q4f16t-hf", "hf_q4f16t_hf_cpu")
         assert r["n_params"] == n_params and r["size"] == n_bytes < 2 * n_params
         assert r["avg_ts"] > 0 and len(r["samples_ns"]) == 1
     # The packed words count as the weights they hold, not one parameter each.

@@ -318,7 +318,7 @@ def test_other_ops_keep_results(target) -> None:
         np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-7)
 
 
-# 4-bit (q4f16t / q4f32t) layers: (K, N, group, dtype, bias). N=40: five words, a 10-wide
+# 4-bit (q4f16t-hf / q4f32t-hf) layers: (K, N, group, dtype, bias). N=40: five words, a 10-wide
 # register tile (no multiple of the vector lanes divides 40), so lanes straddle words; N=2368:
 # 148 register tiles, a ragged last column chunk, g128; K=96: three groups.
 INT4_CASES = [

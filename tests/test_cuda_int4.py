@@ -103,7 +103,7 @@ def fused_4bit_kernels(executable) -> dict[str, str]:
     return packed
 
 
-@pytest.mark.parametrize("quantization", ["q4f16t", "q4f16t-g128", "q4f32t"])
+@pytest.mark.parametrize("quantization", ["q4f16t-hf", "q4f16t-g128-hf", "q4f32t-hf"])
 def test_4bit_cuda_kernels_unpack_words_in_registers(hf_config, quantization):
     """The kernels as CUDA source (no nvcc needed: ``CudaTarget(nvcc=False)``)."""
     spec = ModelSpec.create(hf_config, quantization, load_preset("edge-512"))
@@ -116,10 +116,10 @@ def test_4bit_cuda_kernels_unpack_words_in_registers(hf_config, quantization):
     assert not [n for n, s in packed.items() if "make_ulonglong4(" in s]
 
 
-@pytest.mark.parametrize("quantization", ["q4f16t", "q4f32t"])
+@pytest.mark.parametrize("quantization", ["q4f16t-hf", "q4f32t-hf"])
 def test_4bit_cuda_library_builds_with_nvcc(hf_config, tmp_path, quantization):
-    """``mlc-edge compile --target cuda --quantization q4f16t``'s build (nvcc compiles every
-    kernel, no GPU needed; q4f16t-g128's kernels differ from q4f16t's in the group size)."""
+    """``mlc-edge compile --target cuda --quantization q4f16t-hf``'s build (nvcc compiles every
+    kernel, no GPU needed; q4f16t-g128-hf's kernels differ from q4f16t-hf's in the group size)."""
     target = get_target("cuda")
     problem = target.build_problem()
     if problem:

@@ -297,7 +297,7 @@ def _cache_weights(
     return out
 
 
-@pytest.mark.parametrize("scheme", ["q4f16t", "q4f32t"])
+@pytest.mark.parametrize("scheme", ["q4f16t-hf", "q4f32t-hf"])
 def test_q4_0_blocks_become_q4f16t_with_their_values(q4_0_llama, scheme, tmp_path, capsys):
     """Q4_0 is (q - 8) * d per 32 values along a row: our layout with group 32, zero 8
     and scale d. The converted layers dequantize bit for bit to gguf's own dequantization
@@ -315,12 +315,12 @@ def test_q4_0_blocks_become_q4f16t_with_their_values(q4_0_llama, scheme, tmp_pat
     cache = load_tensor_cache(tmp_path / "b")
     zeros = cache["model.layers.0.mlp.down_proj.qzeros"].view(np.uint32)
     assert (zeros == 0x88888888).all()
-    want = {"q4f16t": "float16", "q4f32t": "float32"}[scheme]
+    want = {"q4f16t-hf": "float16", "q4f32t-hf": "float32"}[scheme]
     assert str(cache["model.layers.0.mlp.down_proj.scales"].dtype) == want
 
 
 def test_q4_0_gguf_compiles_to_transformers_logits_on_its_blocks(q4_0_llama, tmp_path):
-    """The Q4_0 GGUF compiled for the CPU in q4f32t against transformers holding gguf's
+    """The Q4_0 GGUF compiled for the CPU in q4f32t-hf against transformers holding gguf's
     dequantization of the same blocks: the weights are equal, so only fp32 summation
     order differs (the bound of the float schemes' tests)."""
     from helpers import greedy_compare, prompt_ids
@@ -330,7 +330,7 @@ def test_q4_0_gguf_compiles_to_transformers_logits_on_its_blocks(q4_0_llama, tmp
     model, path, expected = q4_0_llama
     theirs = copy.deepcopy(model)
     theirs.load_state_dict({n: torch.from_numpy(w) for n, w in expected.items()}, strict=False)
-    bundle = compile_bundle(path, tmp_path / "bundle", "--quantization", "q4f32t")
+    bundle = compile_bundle(path, tmp_path / "bundle", "--quantization", "q4f32t-hf")
     ids = prompt_ids(model.config.vocab_size)
     ours, their_tokens, errors = greedy_compare(Engine(bundle), theirs, ids)
     assert max(errors) < 1e-4, errors
@@ -348,7 +348,7 @@ def test_other_gguf_blocks_are_requantized_with_a_notice(tmp_path, capsys):
         "blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q4_0,
     }
     path = write_gguf(model, tmp_path / "q.gguf", types=types, tokenizer=True)
-    for scheme, listed in [("q4f16t", "1 Q4_1 layers"), ("q4f16t-g128", "1 Q4_0, 1 Q4_1")]:
+    for scheme, listed in [("q4f16t-hf", "1 Q4_1 layers"), ("q4f16t-g128-hf", "1 Q4_0, 1 Q4_1")]:
         capsys.readouterr()
         main(["convert", str(path), "-o", str(tmp_path / scheme), "--quantization", scheme])
         notes = [line for line in capsys.readouterr().err.splitlines() if "re-quantized" in line]
@@ -360,7 +360,7 @@ def test_other_gguf_blocks_are_requantized_with_a_notice(tmp_path, capsys):
         gguf.quants.quantize(model.state_dict()[name].numpy(), q4_1), q4_1
     )
     rows = {n: t.shape[0] for n, t in model.state_dict().items()}
-    ours = _cache_weights(tmp_path / "q4f16t", path, 32, rows)
+    ours = _cache_weights(tmp_path / "q4f16t-hf", path, 32, rows)
     rtn = quantize_rtn(theirs.T, 32, "float16")
     np.testing.assert_array_equal(ours[name], dequantize(*rtn.values(), 32).T)
 
@@ -545,7 +545,7 @@ def test_phi2_fused_q4_0_qkv_becomes_q4f16t_with_its_values(tmp_path):
         for n in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
     }
     path = write_phi2_gguf(model, tmp_path / "phi.gguf", fused_qkv=True, types=types)
-    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"])
+    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-hf"])
     f = GGUFFile(path)
     ours = _cache_weights(tmp_path / "b", path, 32, {n: f.shape(n)[0] for n in f.names()})
     assert "model.layers.0.self_attn.k_proj.weight" in ours

@@ -1,4 +1,4 @@
-"""4-bit weights (q4f16t, q4f32t): the packed layout, conversion, the compiled model.
+"""4-bit weights (q4f16t-hf, q4f32t-hf): the packed layout, conversion, the compiled model.
 
 The test's own packer and unpacker are written from AutoAWQ's GEMM format description
 (nibble i of a word holds column 0,2,4,6,1,3,5,7[i] of its group of 8), independently of
@@ -146,7 +146,7 @@ def _load_into(model, state: dict[str, torch.Tensor]):
 
 def test_q4f32t_matches_transformers_on_the_dequantized_weights(tiny_llama):
     model, path = tiny_llama
-    bundle = compile_bundle(path / "hf", path / "q4f32t", "--quantization", "q4f32t")
+    bundle = compile_bundle(path / "hf", path / "q4f32t-hf", "--quantization", "q4f32t-hf")
     cache = load_tensor_cache(bundle)
     assert cache["model.layers.0.self_attn.qkv_proj.qweight"].dtype == np.int32
     assert cache["lm_head.weight"].dtype == np.float32  # the output layer stays float
@@ -172,7 +172,7 @@ def test_q4f32t_matches_transformers_on_the_dequantized_weights(tiny_llama):
 )
 def test_q4f32t_other_families_match_transformers(tmp_path, family, overrides):
     model = make_model(family, tmp_path / "hf", **overrides)
-    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t")
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t-hf")
     reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
     ours, theirs, errors = greedy_compare(Engine(bundle), reference, prompt_ids(384))
     assert max(errors) < 1e-4, errors
@@ -181,7 +181,7 @@ def test_q4f32t_other_families_match_transformers(tmp_path, family, overrides):
 
 def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
     model, path = tiny_llama
-    bundle = compile_bundle(path / "hf", path / "q4f16t", "--quantization", "q4f16t")
+    bundle = compile_bundle(path / "hf", path / "q4f16t-hf", "--quantization", "q4f16t-hf")
     cache = load_tensor_cache(bundle)
     assert cache["model.layers.0.mlp.down_proj.scales"].dtype == np.float16
     reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
@@ -206,7 +206,7 @@ def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
 )
 def test_q4f16t_other_families_greedy_tokens_match_on_decisive_steps(tmp_path, family, overrides):
     model = make_model(family, tmp_path / "hf", **overrides)
-    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t")
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t-hf")
     reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
     ids = prompt_ids(model.config.vocab_size, seed=1)
     ours, theirs, _ = greedy_compare(Engine(bundle), reference, ids)
@@ -222,8 +222,8 @@ def test_q4f16t_other_families_greedy_tokens_match_on_decisive_steps(tmp_path, f
         ({"hidden_size": 128}, "q4f16t-g128", "160 inputs, not a multiple of the group size 128"),
         ({"intermediate_size": 98}, "q4f16t", "196 outputs, not a multiple of 8"),
         # a 4-bit output layer: the scheme that keeps it in floats is the way out
-        ({"vocab_size": 388}, "q4f16t-h4", "388 outputs (the vocabulary, or a piece of it)"),
-        ({"vocab_size": 388}, "q4f32t-h4", "use q4f32t, which keeps it in float32"),
+        ({"vocab_size": 388}, "q4f16t", "388 outputs (the vocabulary, or a piece of it)"),
+        ({"vocab_size": 388}, "q4f32t", "use q4f32t-hf, which keeps it in float32"),
     ],
 )
 def test_layers_that_do_not_fit_the_layout_get_one_line(
@@ -255,7 +255,7 @@ def test_memory_counts_the_packed_tensors(tiny_llama):
     hf_config = json.loads((path / "hf" / "config.json").read_text())
     sizes = {"context_window_size": 512, "prefill_chunk_size": 16, "max_batch_size": 1}
     plans = {}
-    for scheme in ("q0f16t", "q4f16t"):
+    for scheme in ("q0f16t", "q4f16t-hf"):
         spec = ModelSpec.create(hf_config, scheme, sizes)
         params = [{"name": n, "shape": list(s), "dtype": d} for n, s, d in parameter_list(spec)]
         plans[scheme] = weight_breakdown(records_from_metadata({"params": params}))
@@ -264,16 +264,16 @@ def test_memory_counts_the_packed_tensors(tiny_llama):
         )
         assert weight_breakdown(tensor_cache_records(path / f"w-{scheme}")) == plans[scheme]
     # 4 bits + an fp16 scale and a 4-bit zero per 32 weights (4.625 bits), plus the norms.
-    ratio = plans["q4f16t"].layers / plans["q0f16t"].layers
+    ratio = plans["q4f16t-hf"].layers / plans["q0f16t"].layers
     cfg = model.config
     linear = (
         cfg.num_hidden_layers
         * cfg.hidden_size
         * (cfg.hidden_size * 2 + 2 * cfg.hidden_size // 2 + 3 * cfg.intermediate_size)
     )
-    assert plans["q4f16t"].layers == linear * 4.625 / 8 + cfg.num_hidden_layers * 2 * 64 * 2
+    assert plans["q4f16t-hf"].layers == linear * 4.625 / 8 + cfg.num_hidden_layers * 2 * 64 * 2
     assert 0.28 < ratio < 0.3, ratio
-    assert plans["q4f16t"].output_layer == plans["q0f16t"].output_layer  # lm_head stays fp16
+    assert plans["q4f16t-hf"].output_layer == plans["q0f16t"].output_layer  # lm_head stays fp16
 
 
 def _tiny_int4_module():
@@ -281,7 +281,7 @@ def _tiny_int4_module():
 
     from mlc_edge.quantization import get_scheme
 
-    scheme = get_scheme("q4f16t")
+    scheme = get_scheme("q4f16t-hf")
 
     class TwoLayers(nn.Module):
         def __init__(self):
@@ -369,12 +369,12 @@ def test_a_target_without_4bit_kernels_refuses_in_one_line(
                 "--target",
                 "cpu",
                 "--quantization",
-                "q4f16t",
+                "q4f16t-hf",
             ]
         )
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [
-        "error: q4f16t is not supported on cpu yet: its 4-bit matmul kernels are built and "
+        "error: q4f16t-hf is not supported on cpu yet: its 4-bit matmul kernels are built and "
         "checked for android-opencl, cuda only; use one of those, or --quantization q0f16t "
         "for this target"
     ], err
@@ -393,7 +393,7 @@ def test_every_4bit_opencl_kernel_passes_verify(tiny_llama, capsys):
         capsys,
         str(path / "hf" / "config.json"),
         "--quantization",
-        "q4f16t",
+        "q4f16t-hf",
         "--num-hidden-layers",
         "1",
         "--seq-lens",
@@ -473,7 +473,7 @@ def awq_checkpoint(tiny_llama):
 
 def test_awq_checkpoint_runs_with_its_bits_unchanged(awq_checkpoint):
     reference, tensors, path = awq_checkpoint
-    bundle = compile_bundle(path, path.parent / "awq-q4f32t", "--quantization", "q4f32t")
+    bundle = compile_bundle(path, path.parent / "awq-q4f32t-hf", "--quantization", "q4f32t-hf")
     cache = load_tensor_cache(bundle)
     layer = "model.layers.1"
     # The bits as they are: o_proj's words byte for byte, q/k/v's side by side.
@@ -493,9 +493,12 @@ def test_awq_checkpoint_runs_with_its_bits_unchanged(awq_checkpoint):
     assert ours == theirs
 
 
-def test_awq_fp16_scales_are_stored_unchanged(awq_checkpoint, tmp_path):
+def test_awq_fp16_scales_are_stored_unchanged(awq_checkpoint, tmp_path, capsys):
+    """``-hf`` keeps the checkpoint's float output layer: no notice of a re-quantized one."""
     _, tensors, path = awq_checkpoint
-    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"])
+    capsys.readouterr()
+    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-hf"])
+    assert "output layer" not in capsys.readouterr().err
     cache = load_tensor_cache(tmp_path / "b")
     name = "model.layers.0.mlp.gate_up_proj"
     for part in ("qweight", "qzeros", "scales"):

@@ -86,11 +86,11 @@ def check_on_opencl(runner, func, rule: str, seq_lens: tuple[int, ...]) -> None:
 @pytest.mark.parametrize(
     "k,n,scheme,rows",
     [
-        (64, 64, "q4f16t", 1),
-        (256, 200, "q4f16t", 1),  # 25 words: a partial tile of threads
-        (256, 128, "q4f16t-g128", 1),  # 128-row groups: 32 rows of a group per thread
-        (128, 96, "q4f16t", "batch_size"),
-        (96, 64, "q4f32t", 1),  # fp32 activations and scales
+        (64, 64, "q4f16t-hf", 1),
+        (256, 200, "q4f16t-hf", 1),  # 25 words: a partial tile of threads
+        (256, 128, "q4f16t-g128-hf", 1),  # 128-row groups: 32 rows of a group per thread
+        (128, 96, "q4f16t-hf", "batch_size"),
+        (96, 64, "q4f32t-hf", 1),  # fp32 activations and scales
     ],
 )
 def test_the_4bit_decode_gemv_matches_the_cpu(runner, k, n, scheme, rows):
@@ -101,10 +101,10 @@ def test_the_4bit_decode_gemv_matches_the_cpu(runner, k, n, scheme, rows):
 @pytest.mark.parametrize(
     "k,n,scheme",
     [
-        (64, 64, "q4f16t"),
-        (128, 200, "q4f16t"),  # 25 words: a partial tile of threads
-        (256, 64, "q4f16t-g128"),
-        (96, 64, "q4f32t"),
+        (64, 64, "q4f16t-hf"),
+        (128, 200, "q4f16t-hf"),  # 25 words: a partial tile of threads
+        (256, 64, "q4f16t-g128-hf"),
+        (96, 64, "q4f32t-hf"),
     ],
 )
 def test_the_4bit_prefill_matmul_matches_the_cpu(runner, k, n, scheme):
@@ -114,11 +114,11 @@ def test_the_4bit_prefill_matmul_matches_the_cpu(runner, k, n, scheme):
 
 
 def test_the_rule_takes_the_tiny_models_4bit_decode_matmuls(tmp_path):
-    """``mlc-edge compile --target android-opencl --quantization q4f16t``: every 4-bit
+    """``mlc-edge compile --target android-opencl --quantization q4f16t-hf``: every 4-bit
     matmul is ours, the GEMV for decode and batch decode, the matmul for prefill."""
     make_llama(tmp_path, num_hidden_layers=1)
     config = json.loads((tmp_path / "config.json").read_text())
-    spec = ModelSpec.create(config, "q4f16t", load_preset("edge-512"))
+    spec = ModelSpec.create(config, "q4f16t-hf", load_preset("edge-512"))
     unscheduled, scheduled = scheduled_module(spec, get_target("android-opencl"))
     int4 = [
         gv.name_hint
@@ -142,7 +142,7 @@ def test_the_rule_takes_the_tiny_models_4bit_decode_matmuls(tmp_path):
 def test_every_4bit_kernel_of_the_tiny_model_is_at_the_fp16_floor_on_intel(tmp_path, capsys):
     """Real fp16 (Intel's CPU OpenCL runtime has cl_khr_fp16, as a phone): each 4-bit
     kernel of decode, prefill (chunks of 1, 7, 16) and batch decode, the 4-bit head's
-    (``q4f16t-h4``) included, against an fp32 reference from the same fp16 inputs. The
+    (``q4f16t``) included, against an fp32 reference from the same fp16 inputs. The
     words unpacked exactly and fp32 accumulation leave one rounding, of the output: at
     most half an fp16 ulp of the largest output (``tests/test_verify_fp16.py`` sees an
     fp16 accumulator well above that)."""
@@ -160,7 +160,7 @@ def test_every_4bit_kernel_of_the_tiny_model_is_at_the_fp16_floor_on_intel(tmp_p
         "--device",
         "intel",
         "--quantization",
-        "q4f16t-h4",
+        "q4f16t",
         "--only",
         "dequantize_int4",
         "--seq-lens",

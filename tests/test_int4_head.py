@@ -1,4 +1,4 @@
-"""The output layer in 4 bits too (``q4f16t-h4``, ``q4f32t-h4``): untied, and tied, where
+"""The output layer in 4 bits too (``q4f16t``, ``q4f32t``): untied, and tied, where
 the fp16 embedding table stays for the lookup and the output layer is a 4-bit copy of it.
 
 The compiled model is checked against transformers running the weights the bundle's
@@ -30,11 +30,11 @@ SIZES = {"context_window_size": 512, "prefill_chunk_size": 16, "max_batch_size":
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def llama(request, tmp_path_factory):
-    """A tiny Llama (untied or tied) and its ``q4f32t-h4`` bundle."""
+    """A tiny Llama (untied or tied) and its ``q4f32t`` bundle."""
     tied = request.param
     path = tmp_path_factory.mktemp("tied" if tied else "untied")
     model = make_llama(path / "hf", tie_word_embeddings=tied)
-    bundle = compile_bundle(path / "hf", path / "q4f32t-h4", "--quantization", "q4f32t-h4")
+    bundle = compile_bundle(path / "hf", path / "q4f32t", "--quantization", "q4f32t")
     return model, path, bundle
 
 
@@ -49,7 +49,7 @@ def _reference(model, bundle, group: int = 32):
     return reference
 
 
-def test_q4f32t_h4_matches_transformers_on_the_dequantized_head(llama):
+def test_q4f32t_matches_transformers_on_the_dequantized_head(llama):
     model, _, bundle = llama
     cache = load_tensor_cache(bundle)
     assert cache["lm_head.qweight"].dtype == np.int32 and "lm_head.weight" not in cache
@@ -71,9 +71,9 @@ def test_q4f32t_h4_matches_transformers_on_the_dequantized_head(llama):
     assert ours == theirs
 
 
-def test_q4f16t_h4_greedy_tokens_match_on_decisive_steps(tmp_path):
+def test_q4f16t_greedy_tokens_match_on_decisive_steps(tmp_path):
     model = make_llama(tmp_path / "hf", tie_word_embeddings=True)
-    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t-h4")
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t")
     cache = load_tensor_cache(bundle)
     assert cache["lm_head.scales"].dtype == np.float16
     assert cache["model.embed_tokens.weight"].dtype == np.float16
@@ -93,7 +93,7 @@ def test_a_tied_phi_keeps_its_head_bias_beside_the_4bit_copy(tmp_path):
         tie_word_embeddings=True,
     )
     assert model.lm_head.bias is not None
-    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t-h4")
+    bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t")
     cache = load_tensor_cache(bundle)
     np.testing.assert_array_equal(cache["lm_head_bias"], model.lm_head.bias.detach().numpy())
     reference = _reference(model, bundle)
@@ -106,7 +106,7 @@ def test_a_tied_phi_keeps_its_head_bias_beside_the_4bit_copy(tmp_path):
 def test_tensor_cache_holds_what_the_memory_plan_predicts(llama):
     _, path, bundle = llama
     hf_config = json.loads((path / "hf" / "config.json").read_text())
-    spec = ModelSpec.create(hf_config, "q4f32t-h4", SIZES)
+    spec = ModelSpec.create(hf_config, "q4f32t", SIZES)
     declared = parameter_list(spec)
     cache = load_tensor_cache(bundle)
     assert [(n, tuple(a.shape), str(a.dtype)) for n, a in cache.items()] == [
@@ -149,7 +149,7 @@ def test_memory_plan_of_the_1b_shape(tied):
     per 32); a tied model adds it beside the fp16 table, which stays."""
     config = {**LLAMA_1B, "tie_word_embeddings": tied}
     plans = {}
-    for scheme in ("q4f16t", "q4f16t-h4"):
+    for scheme in ("q4f16t-hf", "q4f16t"):
         params = [
             {"name": n, "shape": list(s), "dtype": d}
             for n, s, d in parameter_list(ModelSpec.create(config, scheme, SIZES))
@@ -158,7 +158,7 @@ def test_memory_plan_of_the_1b_shape(tied):
     table = 128256 * 2048 * 2
     head4 = 128256 * 2048 * 4.625 / 8
     assert head4 == 151_855_104
-    before, after = plans["q4f16t"], plans["q4f16t-h4"]
+    before, after = plans["q4f16t-hf"], plans["q4f16t"]
     assert before.output_layer == (0 if tied else table)
     assert after.output_layer == head4 and after.output_pieces == 1
     assert before.embedding == after.embedding == table
@@ -178,7 +178,7 @@ def test_split_4bit_head_computes_what_the_whole_one_does(llama, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TARGETS, "cpu", _limited_cpu(limit))
         split = compile_bundle(
-            path / "hf", tmp_path / "split", "--target", "cpu", "--quantization", "q4f32t-h4"
+            path / "hf", tmp_path / "split", "--target", "cpu", "--quantization", "q4f32t"
         )
     whole_cache, split_cache = load_tensor_cache(whole), load_tensor_cache(split)
     assert "lm_head.qweight" not in split_cache
@@ -213,7 +213,7 @@ def test_verify_passes_with_the_4bit_head(tmp_path, capsys):
         capsys,
         str(tmp_path / "hf" / "config.json"),
         "--quantization",
-        "q4f16t-h4",
+        "q4f16t",
         "--num-hidden-layers",
         "1",
         "--seq-lens",
@@ -243,7 +243,7 @@ def test_a_q4_0_gguf_table_becomes_the_4bit_head_with_its_values(tmp_path, capsy
     table = model.get_input_embeddings().weight.detach().numpy()
     blocks = gguf.quants.dequantize(gguf.quants.quantize(table, q4_0), q4_0)
     capsys.readouterr()
-    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-h4"])
+    main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"])
     assert "re-quantized" not in capsys.readouterr().err
     cache = load_tensor_cache(tmp_path / "b")
     head = dequantize(*(cache[f"lm_head.{p}"] for p in ("qweight", "qzeros", "scales")), 32)
@@ -251,9 +251,9 @@ def test_a_q4_0_gguf_table_becomes_the_4bit_head_with_its_values(tmp_path, capsy
     assert (cache["lm_head.qzeros"].view(np.uint32) == 0x88888888).all()
 
 
-def test_an_awq_checkpoint_keeps_its_bits_and_its_float_head_is_quantized(tmp_path):
-    """AWQ leaves the output layer in float: ``q4f16t-h4`` quantizes it round-to-nearest,
-    and the AWQ layers keep their bits."""
+def test_an_awq_checkpoint_keeps_its_bits_and_its_float_head_is_quantized(tmp_path, capsys):
+    """AWQ leaves the output layer in float: ``q4f16t`` quantizes it round-to-nearest and
+    says so in one line naming ``q4f16t-hf``; the AWQ layers keep their bits."""
     from test_int4 import make_awq_checkpoint
 
     from mlc_edge.cli import main
@@ -261,9 +261,16 @@ def test_an_awq_checkpoint_keeps_its_bits_and_its_float_head_is_quantized(tmp_pa
 
     model = make_llama(tmp_path / "hf")
     _, tensors = make_awq_checkpoint(model, tmp_path / "awq")
+    capsys.readouterr()
     main(
-        ["convert", str(tmp_path / "awq"), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-h4"]
+        ["convert", str(tmp_path / "awq"), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"]
     )
+    notes = [line for line in capsys.readouterr().err.splitlines() if "output layer" in line]
+    assert notes == [
+        "note: the AWQ checkpoint's output layer is in float; q4f16t quantizes it "
+        "round-to-nearest, so the logits are no longer exactly the checkpoint's; "
+        "--quantization q4f16t-hf keeps it"
+    ]
     cache = load_tensor_cache(tmp_path / "b")
     o_proj = "model.layers.1.self_attn.o_proj.qweight"
     assert cache[o_proj].tobytes() == tensors[o_proj].tobytes()
@@ -286,7 +293,7 @@ def test_the_4bit_head_builds_for_cuda_and_unpacks_in_registers(tmp_path):
 
     make_llama(tmp_path / "hf", num_hidden_layers=1, tie_word_embeddings=True)
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    spec = ModelSpec.create(hf_config, "q4f16t-h4", load_preset("edge-512"))
+    spec = ModelSpec.create(hf_config, "q4f16t", load_preset("edge-512"))
     source_only = dataclasses.replace(get_target("cuda"), nvcc=False)
     kernels = kernel_sources(compile_model(spec, source_only, "tiny")[0])
     packed = {n: s for n, s in kernels.items() if any("qweight" in p for p in _parameters(s))}

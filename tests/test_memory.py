@@ -211,7 +211,7 @@ def mlc_edge(*args: str) -> subprocess.CompletedProcess:
     ["memory", "{pruned}", "--preset", "edge-999"],
     ["memory", "{pruned}", "--budget", "lots"],
     ["memory", "{pruned}", "--target", "nope"],
-    ["memory", "{pruned}", "--quantization", "q0f16t,q4f16t"],  # several need --compare
+    ["memory", "{pruned}", "--quantization", "q0f16t,q4f16t-hf"],  # several need --compare
 ])
 def test_bad_input_is_one_line(pruned: Path, args: list[str]) -> None:
     res = mlc_edge(*[a.replace("{pruned}", str(pruned)) for a in args])
@@ -240,15 +240,15 @@ def test_phone_bundle_and_compare(tmp_path: Path, capsys) -> None:
 
 
 def test_compare_plans_each_scheme(tmp_path: Path, capsys) -> None:
-    """--compare --quantization q0f16t,q4f16t: the presets for each scheme, labelled; the
+    """--compare --quantization q0f16t,q4f16t-hf: the presets for each scheme, labelled; the
     4-bit weights are smaller, the KV cache the same."""
     make_llama(tmp_path / "hf")
     capsys.readouterr()
     main(["memory", str(tmp_path / "hf" / "config.json"), "--compare", "--json",
-          "--quantization", "q0f16t,q4f16t"])
+          "--quantization", "q0f16t,q4f16t-hf"])
     plans = json.loads(capsys.readouterr().out)["plans"]
     assert [(p["label"], p["quantization"]) for p in plans] == [
-        (f"{name} {q}", q) for q in ("q0f16t", "q4f16t")
+        (f"{name} {q}", q) for q in ("q0f16t", "q4f16t-hf")
         for name in ("edge-512", "edge-768", "mlc-default")]
     for fp16, int4 in zip(plans[:3], plans[3:], strict=True):
         assert int4["weights"]["total"] < fp16["weights"]["total"] / 2

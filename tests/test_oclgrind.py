@@ -184,7 +184,7 @@ def test_every_4bit_kernel_is_race_free_and_a_missing_barrier_is_caught(tmp_path
     local memory and add the threads' partial sums there: every 4-bit kernel of the tiny
     model with the 4-bit head (decode, prefill chunks of 1 and 7, batch decode) is clean;
     with the barrier after the staging removed, Oclgrind reports the race."""
-    checker = oclgrind_checker(tmp_path, "q4f16t-h4", (1, 7), tie_word_embeddings=True)
+    checker = oclgrind_checker(tmp_path, "q4f16t", (1, 7), tie_word_embeddings=True)
     int4 = [name for name in checker.funcs if "dequantize_int4" in name]
     assert len(int4) == 15  # qkv, o, gate_up, down and the head, in three functions each
     report = check_races(checker, ("races", "uninitialized"), names=int4)

@@ -97,7 +97,7 @@ def test_our_decode_gemvs_read_each_weight_once(decode):
 def test_our_4bit_decode_gemvs_read_each_word_scale_and_zero_once(tmp_path):
     """``schedules/gpu/gemv_int4.py``, the 4-bit head's included: the packed words, the
     scales and the zero points each loaded once, the step within the limit."""
-    checker = oclgrind_checker(tmp_path, "q4f16t-h4", tie_word_embeddings=True)
+    checker = oclgrind_checker(tmp_path, "q4f16t", tie_word_embeddings=True)
     (step,) = measure_traffic(checker, ("decode",)).steps
     linear = [k for k in step.kernels if k.linear]
     assert len(linear) == 5 and all("dequantize_int4" in k.function for k in linear)

@@ -17,9 +17,10 @@ Every linear layer's bundle parameters are ``X.qweight``, ``X.qzeros`` and ``X.s
   and Q4_0 for ``q4f16t-g128`` are dequantized and re-quantized round-to-nearest, with a
   notice.
 
-The output layer is one of these layers for a scheme with ``int4_head`` (for a tied model
-its source is the embedding table, ``mlc_edge.models.parameters.weight_sources``): AWQ
-checkpoints keep it in fp16, so it is quantized round-to-nearest; a GGUF's Q4_0
+The output layer is one of these layers for a scheme with ``int4_head`` (all but the
+``-hf`` ones; for a tied model its source is the embedding table,
+``mlc_edge.models.parameters.weight_sources``): AWQ checkpoints keep it in fp16, so it is
+quantized round-to-nearest, with a notice; a GGUF's Q4_0
 ``output.weight`` (or ``token_embd.weight``) is repacked as above. A split output layer
 is quantized whole and written piece by piece.
 
@@ -277,6 +278,13 @@ def convert_int4_weights(
             for b, shapes in bases.items()
         }
         _requantized_notice(ckpt, linears, scheme.name)
+        if awq is not None and scheme.int4_head:
+            print(
+                f"note: the AWQ checkpoint's output layer is in float; {scheme.name} "
+                f"quantizes it round-to-nearest, so the logits are no longer exactly the "
+                f"checkpoint's; --quantization {scheme.name}-hf keeps it",
+                file=sys.stderr,
+            )
         total = sum(p.source_bytes for p in planned.values())
         total += sum(q.source_bytes for q in linears.values())
         # The tensors of the 4-bit layer(s) being written, until their last part is: one

@@ -26,8 +26,8 @@ def rows(plan: MemoryPlan) -> list[tuple[str, int | None, str]]:
         ("sizes (batch / prefill chunk / context)", None,
          f"{plan.max_batch_size} / {plan.prefill_chunk_size} / {plan.context_window_size}"),
         ("weights: embedding", w.embedding, _pieces(w.embedding_pieces)),
-        # Per plan, not in the label: a --compare table's columns differ (q4f16t-h4 gives
-        # a tied model an output layer of its own).
+        # Per plan, not in the label: a --compare table's columns differ (q4f16t gives a
+        # tied model an output layer of its own, q4f16t-hf does not).
         ("weights: output layer", w.output_layer,
          "(tied)" if not w.output_layer else _pieces(w.output_pieces)),
         (f"weights: {w.num_layers} layers", w.layers, ""),

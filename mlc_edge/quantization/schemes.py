@@ -12,13 +12,14 @@ one small class here; nothing else branches on the scheme's name.
 - ``q0f16``: fp16 in PyTorch's ``[out, in]`` layout; the transpose is fused into the
   matmul by ``FuseTransposeMatmul``. Kept for comparison with MLC-LLM's stock scheme.
 - ``q4f16t`` / ``q4f16t-g128``: every linear layer in 4 bits, KN, groups of 32 / 128 rows
-  along K with fp16 scales and zero points (``int4.Int4Layout``: AutoAWQ's GEMM layout);
-  the embedding and the untied output layer stay fp16 (``head_linear``). ``q4f32t``: the
-  same in fp32 compute, for exact tests.
-- ``q4f16t-h4`` / ``q4f16t-g128-h4`` / ``q4f32t-h4``: the same, and the output layer in 4
-  bits too (``int4_head``), in the same layout, so the same kernels run it. A tied model
-  keeps its fp16 embedding table for the lookup and gets a 4-bit copy of it as its output
-  layer (``lm_head``; ``mlc_edge.models.parameters.weight_sources``).
+  along K with fp16 scales and zero points (``int4.Int4Layout``: AutoAWQ's GEMM layout),
+  the output layer too (``int4_head``), in the same layout, so the same kernels run it. A
+  tied model keeps its fp16 embedding table for the lookup and gets a 4-bit copy of it as
+  its output layer (``lm_head``; ``mlc_edge.models.parameters.weight_sources``). The
+  embedding stays fp16. ``q4f32t``: the same in fp32 compute, for exact tests.
+- ``q4f16t-hf`` / ``q4f16t-g128-hf`` / ``q4f32t-hf``: the same, but the output layer stays
+  in the float dtype (``head_linear``), tied when the model is: what an AWQ checkpoint
+  holds, reproduced exactly.
 """
 
 from __future__ import annotations
@@ -142,8 +143,10 @@ class Q0F16(WeightScheme):
 
 
 class _Int4(_Transposed):
-    """4-bit linear weights (``int4_layout``); the output layer stays in ``dtype``, KN,
-    unless ``int4_head``."""
+    """4-bit linear weights (``int4_layout``), the output layer included unless a subclass
+    clears ``int4_head``."""
+
+    int4_head = True
 
     def linear(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         assert self.int4_layout is not None
@@ -154,12 +157,12 @@ class _Int4(_Transposed):
         if self.int4_head:
             assert self.int4_layout is not None
             if out_features % self.int4_layout.pack_factor:
-                # The scheme without "-h4" keeps the output layer in floats: it fits there.
+                # The "-hf" scheme keeps the output layer in floats: it fits there.
                 raise UserError(
                     f"{self.name}: the output layer has {out_features} outputs (the "
                     f"vocabulary, or a piece of it), not a multiple of "
                     f"{self.int4_layout.pack_factor} (8 4-bit values share a 32-bit word); "
-                    f"use {self.name.removesuffix('-h4')}, which keeps it in {self.dtype}"
+                    f"use {self.name}-hf, which keeps it in {self.dtype}"
                 )
             return self.linear(in_features, out_features, bias=False)
         return KNLinear(in_features, out_features, False, self.dtype)
@@ -183,19 +186,19 @@ class Q4F32T(_Int4):
     int4_layout = Int4Layout(group_size=32)
 
 
-class Q4F16TH4(Q4F16T):
-    name = "q4f16t-h4"
-    int4_head = True
+class Q4F16THF(Q4F16T):
+    name = "q4f16t-hf"
+    int4_head = False
 
 
-class Q4F16TG128H4(Q4F16TG128):
-    name = "q4f16t-g128-h4"
-    int4_head = True
+class Q4F16TG128HF(Q4F16TG128):
+    name = "q4f16t-g128-hf"
+    int4_head = False
 
 
-class Q4F32TH4(Q4F32T):
-    name = "q4f32t-h4"
-    int4_head = True
+class Q4F32THF(Q4F32T):
+    name = "q4f32t-hf"
+    int4_head = False
 
 
 SCHEMES: dict[str, WeightScheme] = {
@@ -207,9 +210,9 @@ SCHEMES: dict[str, WeightScheme] = {
         Q4F16T(),
         Q4F16TG128(),
         Q4F32T(),
-        Q4F16TH4(),
-        Q4F16TG128H4(),
-        Q4F32TH4(),
+        Q4F16THF(),
+        Q4F16TG128HF(),
+        Q4F32THF(),
     )
 }
 

@@ -49,7 +49,7 @@ between runs than between the two). 4 rows at once were no better, 16 slower (1.
 registers), and so was holding P of a strip in registers over the whole group (32 streams:
 1.6-2.3x slower). Staging the scales made the L3-resident GEMV 10% faster and changed
 little from DRAM. Huge pages (the loaded weights collapsed with ``MADV_COLLAPSE``) took a
-plain 2-thread read of 1 GB from 32 to 59 GB/s, but a 16-layer ``q4f16t-h4`` decode step
+plain 2-thread read of 1 GB from 32 to 59 GB/s, but a 16-layer ``q4f16t`` decode step
 only from 37.6-38.8 to 36.2-38.2 ms (two runs each) at 2 s more loading per GB: the GEMV is
 bound by its unpacking, not the TLB, so the engine does not ask for them.
 
