@@ -313,7 +313,7 @@ def run_cmd(bundle: Path, prompt: str, max_tokens: int, temperature: float, top_
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="check the library runs on this device (default: the one it was built for)")
 @click.option("-t", "--threads", type=int, default=None,
-              help="CPU threads of TVM's thread pool (default: TVM's choice)")
+              help="CPU threads of TVM's thread pool (default: one per physical core)")
 @click.option("--seed", type=int, default=0, show_default=True, help="for the random token ids")
 def bench_cmd(bundle: Path, n_prompt: str, n_gen: str, repetitions: int, output: str,
               as_json: bool, as_csv: bool, device: str | None, threads: int | None,

@@ -24,6 +24,7 @@ from mlc_edge.compiler.targets import get_target
 from mlc_edge.runtime import Engine
 from mlc_edge.runtime.bench import FIELDS, run_bench
 from mlc_edge.runtime.cuda import cuda_problem
+from mlc_edge.runtime.threads import physical_cores
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,46 @@ def test_bench_json_has_the_documented_fields(models, cpu_bundle, capsys):
         assert r["avg_ts"] == pytest.approx(np.mean(expected), rel=1e-3)
         assert r["stddev_ts"] == pytest.approx(np.std(expected, ddof=1), rel=1e-2, abs=1e-2)
         assert r["avg_ts"] > 0
+
+
+def _topology(root: Path, cpus: dict[int, tuple[int, int]]) -> Path:
+    """A fake ``/sys/devices/system/cpu``: cpu -> (package, core)."""
+    for cpu, (package, core) in cpus.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_physical_cores_counts_cores_not_hardware_threads(tmp_path):
+    # 2 packages x 2 cores x 2 hardware threads (siblings numbered as Linux does)
+    smt = _topology(tmp_path / "smt", {c: (c // 2 % 2, c % 2) for c in range(8)})
+    assert physical_cores(range(8), smt) == 4
+    assert physical_cores([0, 4], smt) == 1  # the process may run on one core's two threads
+    flat = _topology(tmp_path / "flat", {0: (0, 0), 1: (0, 1)})
+    assert physical_cores([0, 1], flat) == 2
+    assert physical_cores([0, 1, 2], tmp_path / "missing") == 3  # no topology: CPUs
+
+
+def test_the_engine_runs_a_thread_per_physical_core_unless_told(cpu_bundle):
+    """TVM alone would take half the logical CPUs on x86 (one thread on this 2-core,
+    1-thread-per-core machine); the engine asks for the cores, and TVM_NUM_THREADS wins."""
+    probe = (
+        "import sys, tvm; from mlc_edge.runtime import Engine; Engine(sys.argv[1]); "
+        "print(tvm.get_global_func('runtime.NumThreads')())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+
+    def threads(**extra: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", probe, str(cpu_bundle)],
+            env={**env, **extra}, capture_output=True, text=True, check=True,
+        )
+        return int(run.stdout.split()[-1])
+
+    assert threads() == physical_cores()
+    assert threads(TVM_NUM_THREADS="1") == 1
 
 
 def test_bench_on_a_4bit_bundle(models, capsys):

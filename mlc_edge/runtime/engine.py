@@ -26,6 +26,7 @@ from ..compiler.contract import PAGE_SIZE
 from ..conversation import render
 from ..errors import UserError
 from .sampler import Sampler
+from .threads import default_thread_count
 
 
 def open_device(bundle: Path, library: layout.Library, device: str | None) -> Any:
@@ -81,6 +82,7 @@ class Engine:
     compiled for; ``device`` only checks it)."""
 
     def __init__(self, bundle: str | Path, device: str | None = None):
+        default_thread_count()  # before any kernel starts TVM's thread pool
         self.bundle = Path(bundle)
         self.chat_config = layout.read_chat_config(self.bundle)
         library = layout.runnable_library(self.bundle)
