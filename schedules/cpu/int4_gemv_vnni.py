@@ -112,8 +112,9 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
     """The group's activations ``x_row[k0 : k0 + size]`` (``size`` a multiple of 16) as
     integers under ``level``: ``stats = (m, level / m)`` with ``m`` their largest
     magnitude, ``a = round(x * level / m)`` (half to even), ``a_sum = sum a``. In vectors
-    of 16: one element at a time, the group's two serial chains (the largest, then the
-    rounding, a ``roundf`` call each) cost 5-10% of a GEMV from L3."""
+    of 16: one element at a time, LLVM vectorized the rounding but kept the largest
+    magnitude a serial chain of scalar fp16 compares (this and the byte kernel's column
+    pass took 5-10% of its GEMVs from L3)."""
     peak: T.let[T.float32x16] = _peak_lanes(x_row, k0, size)
     stats[0] = _across_lanes(peak, tirx.max)
     stats[1] = T.Select(stats[0] > T.float32(0), T.float32(level) / stats[0], T.float32(0))

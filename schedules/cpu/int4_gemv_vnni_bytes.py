@@ -288,7 +288,7 @@ def vnni_bytes_gemv(
         for s in T.parallel(strips):
             # A strip's bands summed, then its 128 columns in order: unrolled, so each
             # column's slot is a constant (one serial loop over the columns, indexing
-            # per column, took 5-8% of a wide GEMV).
+            # per column, took 8% of the 2048 x 16384 GEMV from L3).
             y_sum = T.alloc_buffer((8 * LANES,), "float32")
             for r in T.unroll(8):
                 y_sum[T.ramp(r * LANES, 1, LANES)] = y_band[0, r, T.ramp(s * LANES, 1, LANES)]
