@@ -57,6 +57,8 @@ of TVMScript becomes a one-element buffer, so the vector temporaries are ``T.let
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 
 from tvm import s_tir, tirx
@@ -92,19 +94,8 @@ def _vectors(buf: tirx.Buffer, start: tirx.PrimExpr, size: int) -> list[tirx.Pri
 
 def _peak_lanes(x_row: tirx.Buffer, k0: tirx.PrimExpr, size: int) -> tirx.PrimExpr:
     """The lane-wise largest magnitude of the group's fp16 activations, in fp32."""
-    peak = None
-    for v in _vectors(x_row, k0, size):
-        magnitude = tirx.abs(tirx.Cast("float32x16", v))
-        peak = magnitude if peak is None else tirx.max(peak, magnitude)
-    return peak
-
-
-def _sum_lanes(a: tirx.Buffer, size: int) -> tirx.PrimExpr:
-    """The lane-wise sum of ``a[0 : size]``."""
-    total = None
-    for v in _vectors(a, 0, size):
-        total = v if total is None else total + v
-    return total
+    magnitudes = [tirx.abs(tirx.Cast("float32x16", v)) for v in _vectors(x_row, k0, size)]
+    return functools.reduce(tirx.max, magnitudes)
 
 
 @T.macro
@@ -126,8 +117,8 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
                 * T.broadcast(stats[1], LANES)
             ),
         )
-    total: T.let[T.int32x16] = _sum_lanes(a, size)
-    a_sum[0] = _across_lanes(total, lambda p, q: p + q)
+    total: T.let[T.int32x16] = functools.reduce(operator.add, _vectors(a, 0, size))
+    a_sum[0] = _across_lanes(total, operator.add)
 
 
 def vnni_gemv(
@@ -261,7 +252,7 @@ class Int4DecodeGEMVVNNI(CPURule):
     ----------
     rows : int
         Rows of a group read at once (``group / rows`` apart); the group size must be a
-        multiple of it, and of 16 (``round_group`` works in vectors of 16).
+        multiple of it (and of 16: ``fp16_decode_operands``).
     """
 
     def __init__(self, rows: int = 8):
@@ -273,18 +264,22 @@ class Int4DecodeGEMVVNNI(CPURule):
             return None
         k, words = (int(d) for d in ops["qweight"].shape)
         groups = int(ops["qzeros"].shape[0])
-        if words % LANES or (k // groups) % self.rows or (k // groups) % LANES:
+        if words % LANES or (k // groups) % self.rows:
             return None
         return hand_written(func, ops, target, vnni_gemv, self.rows)
 
 
 def fp16_decode_operands(func: tirx.PrimFunc, target: Target) -> dict[str, tirx.Buffer] | None:
     """``func``'s operands (``_decode_operands``) when a VNNI kernel may take it: a one-row
-    4-bit GEMV with fp16 activations and scales, on a target with VNNI; else None."""
+    4-bit GEMV with fp16 activations and scales and groups of a multiple of 16 rows
+    (``round_group``'s vectors), on a target with VNNI; else None."""
     if not has_vnni(target):
         return None
     ops = _decode_operands(func)
     if ops is None or ops["x"].dtype != "float16" or ops["scales"].dtype != "float16":
+        return None
+    k = int(ops["qweight"].shape[0])
+    if (k // int(ops["qzeros"].shape[0])) % LANES:
         return None
     return ops
 

@@ -314,6 +314,6 @@ class Int4DecodeGEMVVNNIBytes(CPURule):
             return None
         k, words = (int(d) for d in ops["qweight"].shape)
         size = k // int(ops["qzeros"].shape[0])
-        if words % LANES or size % LANES or size > MAX_GROUP:
+        if words % LANES or size > MAX_GROUP:
             return None
         return hand_written(func, ops, target, vnni_bytes_gemv)
