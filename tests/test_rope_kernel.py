@@ -7,6 +7,10 @@ vector. Here it runs on the OpenCL device against numpy's rotate-half RoPE (plai
 llama3-scaled, partial rotary; positions out of order), inside ``mlc-edge verify`` of
 the tiny Llama and Phi (PoCL, and real fp16 on Intel), on Oclgrind for races and
 out-of-bounds accesses, and through the traffic counter.
+
+On the CPU TVM's kernel computes pow/cos/sin for every value; ours (``split_rotary_cpu``)
+computes a token's angles once. It must give TVM's results bit for bit: checked here
+against TVM's kernel compiled for this CPU, and verify keeps TVM's as the reference.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_positio
 from mlc_edge.compiler.targets import get_target
 from mlc_edge.config import ModelSpec, load_preset
 from mlc_edge.errors import UserError
-from mlc_edge.models.rope_kernel import FUSED_ROPE, split_rotary
+from mlc_edge.models.rope_kernel import FUSED_ROPE, split_rotary, split_rotary_cpu
 from mlc_edge.verify import OpenCLRunner, default_sizes, model_checker
 from mlc_edge.verify.lower import lower_for_device
 from mlc_edge.verify.oclgrind import OclgrindHost, check_races
@@ -217,7 +221,91 @@ def test_the_model_builds_its_kv_cache_with_our_rope_kernel(tmp_path, family):
         kv.rotary_dim,
     )
     assert tvm_ffi.structural_equal(got, ours)
-    cpu, _, _ = _module(tmp_path / "cpu", "cpu", family)  # TVM's serial loop stays there
+    cpu, kv, _ = _module(tmp_path / "cpu", "cpu", family)
+    ours_cpu = split_rotary_cpu(
+        kv.rope_theta,
+        kv.head_dim,
+        kv.num_attention_heads,
+        kv.num_key_value_heads,
+        "float16",
+        kv.rope_scaling,
+        kv.rotary_dim,
+    )
+    assert tvm_ffi.structural_equal(cpu, ours_cpu)
+
+
+def _cpu_rope(func):
+    import tvm
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=tvm.target.Target("llvm"))["main"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_the_cpu_kernel_gives_tvms_results_bit_for_bit(case, dtype):
+    """One token (decode) and a chunk of 16, rope applied and not: every output equal to
+    TVM's kernel's, bits included (the same expressions in the same order)."""
+    import tvm
+
+    q_heads, kv_heads, head_dim, rotary_dim, theta, scaling = CASES[case]
+    args = (theta, head_dim, q_heads, kv_heads, dtype, scaling, rotary_dim)
+    ours = _cpu_rope(split_rotary_cpu(*args))
+    stock = _cpu_rope(llama_rope_with_position_map(args[0], 1, *args[1:]))
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    for seq_len in (1, 16):
+        qkv = (rng.standard_normal((seq_len, q_heads + 2 * kv_heads, head_dim)) * 4).astype(dtype)
+        positions = rng.permutation(100_000)[:seq_len].astype(np.int32)
+        for apply_rope in (1, 0):
+            got = []
+            for kernel in (ours, stock):
+                outs = [
+                    tvm.runtime.tensor(np.full((seq_len, n, head_dim), np.nan, dtype), dev)
+                    for n in (q_heads, kv_heads, kv_heads)
+                ]
+                kernel(tvm.runtime.tensor(qkv, dev), tvm.runtime.tensor(positions, dev), *outs,
+                       apply_rope)
+                got.append([o.numpy() for o in outs])
+            for name, a, b in zip("qkv", *got, strict=True):
+                assert a.tobytes() == b.tobytes(), (name, seq_len, apply_rope)
+            if apply_rope:  # the rotation happened (the check compares something)
+                assert not np.array_equal(got[0][0], qkv[:, :q_heads])
+            else:
+                assert np.array_equal(got[0][0], qkv[:, :q_heads])
+
+
+def test_a_planted_fault_in_the_cpu_kernel_is_seen():
+    """The bit-for-bit check above catches a kernel that swaps the sign of sin."""
+    import tvm
+
+    q_heads, kv_heads, head_dim, rotary_dim, theta, scaling = CASES["plain"]
+    args = (theta, head_dim, q_heads, kv_heads, "float16", scaling, rotary_dim)
+    stock = _cpu_rope(llama_rope_with_position_map(args[0], 1, *args[1:]))
+    # TVM's own kernel at position -p rotates by -angle: what a sign error in sin gives
+    dev = tvm.cpu()
+    qkv = np.random.default_rng(1).standard_normal((1, q_heads + 2 * kv_heads, head_dim))
+    qkv = tvm.runtime.tensor(qkv.astype("float16"), dev)
+    got = []
+    for pos in (37, -37):
+        outs = [tvm.runtime.tensor(np.zeros((1, n, head_dim), "float16"), dev)
+                for n in (q_heads, kv_heads, kv_heads)]
+        stock(qkv, tvm.runtime.tensor(np.array([pos], np.int32), dev), *outs, 1)
+        got.append(outs[0].numpy())
+    ours = _cpu_rope(split_rotary_cpu(*args))
+    outs = [tvm.runtime.tensor(np.zeros((1, n, head_dim), "float16"), dev)
+            for n in (q_heads, kv_heads, kv_heads)]
+    ours(qkv, tvm.runtime.tensor(np.array([37], np.int32), dev), *outs, 1)
+    assert outs[0].numpy().tobytes() == got[0].tobytes()
+    assert outs[0].numpy().tobytes() != got[1].tobytes()
+
+
+def test_verify_compares_with_tvms_kernel(tmp_path):
+    """The CPU build holds ours: verify's reference for ``fused_rope`` is TVM's kernel."""
+    _, kv, _ = _module(tmp_path / "cpu", "cpu", "Llama")
+    config = json.loads((tmp_path / "cpu" / "config.json").read_text())
+    spec = ModelSpec.create(config, "q0f16t", load_preset("edge-512"))
+    checker = model_checker(spec, get_target("android-opencl"), runner=None, only="^fused_rope$")
     stock = llama_rope_with_position_map(
         kv.rope_theta,
         1,
@@ -228,9 +316,7 @@ def test_the_model_builds_its_kv_cache_with_our_rope_kernel(tmp_path, family):
         kv.rope_scaling,
         kv.rotary_dim,
     )
-    assert tvm_ffi.structural_equal(
-        cpu.without_attr("global_symbol"), stock.without_attr("global_symbol")
-    )
+    assert tvm_ffi.structural_equal(checker.references[FUSED_ROPE], stock)
 
 
 # -- inside mlc-edge verify (the CPU build's TVM kernel is the reference) -----------------

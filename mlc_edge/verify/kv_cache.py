@@ -5,7 +5,9 @@ GPU, so there is no unscheduled form to compare with. For an LLVM target it buil
 kernels of the same signatures instead (a separate implementation of the same
 arithmetic): those are the reference here, taken from the model exported for LLVM. They
 are TVM's but for decode attention, where a CPU build holds ours
-(``decode_attention_cpu``, checked against float64 attention in its tests).
+(``decode_attention_cpu``, checked against float64 attention in its tests), and the
+split-rotary kernel ``fused_rope``, where a CPU build holds ours too and the reference is
+TVM's kernel made here (``tvm_rope_reference``).
 
 Inputs are one sequence (batch 1) laid out in a paged cache the way the runtime does it:
 pages of 16 tokens in shuffled order with an unused page between, ``page_indptr`` /
@@ -25,7 +27,10 @@ from typing import Any
 import numpy as np
 import tvm
 from tvm import tirx
+from tvm.relax.frontend.nn.llm.kv_cache import llama_rope_with_position_map
 
+from ..models import KVCacheShape
+from ..models.rope_kernel import FUSED_ROPE
 from .inputs import (
     ArrayPool,
     NotChecked,
@@ -49,7 +54,6 @@ CPU_NAMES = {
     "compact_kv_copy": "compact_kv_copy_cpu",
     # ours on the GPU (mlc_edge/models/kv_cache_kernels.py), TVM's on the CPU
     "tir_kv_cache_transpose_append": "tir_kv_cache_transpose_append",
-    "fused_rope": "fused_rope",
 }
 
 NOT_CHECKED = {
@@ -269,3 +273,11 @@ def cpu_references(cpu_module: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
     funcs = {gv.name_hint: f for gv, f in cpu_module.functions_items()
              if isinstance(f, tirx.PrimFunc)}
     return {gpu: funcs[cpu] for gpu, cpu in CPU_NAMES.items() if cpu in funcs}
+
+
+def tvm_rope_reference(kv: KVCacheShape, dtype: str) -> dict[str, tirx.PrimFunc]:
+    """TVM's own split-rotary kernel for this model, the reference of ``fused_rope``
+    (both our GPU and our CPU build hold ours: ``mlc_edge/models/rope_kernel.py``)."""
+    return {FUSED_ROPE: llama_rope_with_position_map(
+        kv.rope_theta, 1, kv.head_dim, kv.num_attention_heads, kv.num_key_value_heads, dtype,
+        kv.rope_scaling, kv.rotary_dim)}

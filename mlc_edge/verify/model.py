@@ -24,7 +24,13 @@ from ..errors import UserError
 from ..models.parameters import instantiate
 from .check import KernelChecker, VerifyReport, bundle_stale_kernels
 from .inputs import Sizes
-from .kv_cache import KNOWN_ISSUES, NOT_CHECKED, cpu_references, kv_recipes
+from .kv_cache import (
+    KNOWN_ISSUES,
+    NOT_CHECKED,
+    cpu_references,
+    kv_recipes,
+    tvm_rope_reference,
+)
 from .opencl import OpenCLRunner
 
 
@@ -103,12 +109,13 @@ def model_checker(
     unscheduled, scheduled = scheduled_module(spec, target_spec, rules)
     kv = instantiate(spec, target_spec.tvm_target()).kv_cache_shape()
     # The KV cache's CPU kernels, as TVM makes them for an LLVM target: the reference of
-    # the pre-scheduled GPU ones.
+    # the pre-scheduled GPU ones; TVM's RoPE kernel made apart (the CPU build holds ours).
     cpu_model = instantiate(spec, tvm.target.Target({"kind": "llvm"}))
     cpu_mod, _, _ = cpu_model.export_tvm(spec=cpu_model.get_default_spec(), allow_extern=True)
+    references = {**cpu_references(cpu_mod), **tvm_rope_reference(kv, cpu_model.dtype)}
     return KernelChecker(
         unscheduled, scheduled, target_spec.tvm_target(), sizes or default_sizes(spec),
-        runner=runner, references=cpu_references(cpu_mod),
+        runner=runner, references=references,
         recipes=kv_recipes(kv.num_attention_heads, kv.head_dim, kv.rope_theta),
         not_checked=NOT_CHECKED, known_issues=KNOWN_ISSUES, only=only,
     )
