@@ -252,6 +252,23 @@ def test_parallel_spatial_rule(target) -> None:
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_math_calls_count_for_more_work(target) -> None:
+    """Decode's SiLU for Llama-3.2-1B (8,192 sigmoids) goes to the thread pool; 8,192
+    adds stay serial (waking the pool costs more), and so would the SiLU with a weight of 1."""
+    from tvm import te
+
+    x = te.placeholder((1, 1, 8192), "float16", name="x")
+    y = te.placeholder((1, 1, 8192), "float16", name="y")
+    silu = te.compute(x.shape, lambda *i: x(*i) * tvm.tirx.sigmoid(x(*i)) * y(*i), name="silu")
+    add = te.compute(x.shape, lambda *i: x(*i) + y(*i), name="add")
+    silu_f = te.create_prim_func([x, y, silu])
+    add_f = te.create_prim_func([x, y, add])
+    scheduled = ParallelSpatial().apply(silu_f, target, False)
+    assert scheduled is not None and "T.parallel(" in scheduled.mod["main"].script()
+    assert ParallelSpatial().apply(add_f, target, False) is None
+    assert ParallelSpatial(call_weight=1).apply(silu_f, target, False) is None
+
+
 class _OtherOps(nn.Module):
     """The model's other kernels: embedding take, RMSNorm, an NK nn.Linear, softmax."""
 
