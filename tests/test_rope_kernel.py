@@ -211,27 +211,15 @@ def _module(tmp_path, target_name: str, family: str = "Llama"):
 @pytest.mark.parametrize("family", ["Llama", "Phi"])
 def test_the_model_builds_its_kv_cache_with_our_rope_kernel(tmp_path, family):
     got, kv, _ = _module(tmp_path / "gpu", "android-opencl", family)
-    ours = split_rotary(
-        kv.rope_theta,
-        kv.head_dim,
-        kv.num_attention_heads,
-        kv.num_key_value_heads,
-        "float16",
-        kv.rope_scaling,
-        kv.rotary_dim,
-    )
-    assert tvm_ffi.structural_equal(got, ours)
+    assert tvm_ffi.structural_equal(got, split_rotary(*_kernel_args(kv)))
     cpu, kv, _ = _module(tmp_path / "cpu", "cpu", family)
-    ours_cpu = split_rotary_cpu(
-        kv.rope_theta,
-        kv.head_dim,
-        kv.num_attention_heads,
-        kv.num_key_value_heads,
-        "float16",
-        kv.rope_scaling,
-        kv.rotary_dim,
-    )
-    assert tvm_ffi.structural_equal(cpu, ours_cpu)
+    assert tvm_ffi.structural_equal(cpu, split_rotary_cpu(*_kernel_args(kv)))
+
+
+def _kernel_args(kv) -> tuple:
+    """A rope kernel's arguments for the model's KV cache shape (fp16)."""
+    return (kv.rope_theta, kv.head_dim, kv.num_attention_heads, kv.num_key_value_heads,
+            "float16", kv.rope_scaling, kv.rotary_dim)
 
 
 def _cpu_rope(func):
@@ -306,16 +294,8 @@ def test_verify_compares_with_tvms_kernel(tmp_path):
     config = json.loads((tmp_path / "cpu" / "config.json").read_text())
     spec = ModelSpec.create(config, "q0f16t", load_preset("edge-512"))
     checker = model_checker(spec, get_target("android-opencl"), runner=None, only="^fused_rope$")
-    stock = llama_rope_with_position_map(
-        kv.rope_theta,
-        1,
-        kv.head_dim,
-        kv.num_attention_heads,
-        kv.num_key_value_heads,
-        "float16",
-        kv.rope_scaling,
-        kv.rotary_dim,
-    )
+    theta, *rest = _kernel_args(kv)
+    stock = llama_rope_with_position_map(theta, 1, *rest)
     assert tvm_ffi.structural_equal(checker.references[FUSED_ROPE], stock)
 
 

@@ -108,6 +108,15 @@ def _frequency(rope_type: str, rope_scaling: dict[str, Any], theta: float, rotar
     return llama3
 
 
+def _angle(theta: float, head_dim: int, rope_scaling: dict[str, Any], rotary_dim: int,
+           scale: float) -> Any:
+    """``_frequency`` for what the kernels support; a UserError for anything else."""
+    if scale != 1.0:
+        raise UserError(f"the RoPE kernel supports rope_scale 1 only; got {scale}")
+    rope_type = _check_supported(head_dim, rotary_dim, rope_scaling)
+    return _frequency(rope_type, rope_scaling, theta, rotary_dim)
+
+
 def split_rotary(
     theta: float,
     head_dim: int,
@@ -120,10 +129,7 @@ def split_rotary(
 ) -> tirx.PrimFunc:
     """The split-rotary kernel for a GPU, same signature as TVM's ``fused_rope``:
     ``(qkv, position_map, q, k, v, apply_rope)``."""
-    if scale != 1.0:
-        raise UserError(f"the RoPE kernel supports rope_scale 1 only; got {scale}")
-    rope_type = _check_supported(head_dim, rotary_dim, rope_scaling)
-    angle = _frequency(rope_type, rope_scaling, theta, rotary_dim)
+    angle = _angle(theta, head_dim, rope_scaling, rotary_dim, scale)
     fused_heads = num_q_heads + 2 * num_kv_heads
     rotated_heads = num_q_heads + num_kv_heads  # q and k; v is copied
     vec = _vector_size(rotary_dim, head_dim)
@@ -220,10 +226,7 @@ def split_rotary_cpu(
     token's angles once into a table, then each head rotated from it (module docstring).
     Tokens one after the other: a decode step has one, and a prefill chunk's 16 take
     about as long as TVM's kernel takes for one."""
-    if scale != 1.0:
-        raise UserError(f"the RoPE kernel supports rope_scale 1 only; got {scale}")
-    rope_type = _check_supported(head_dim, rotary_dim, rope_scaling)
-    angle = _frequency(rope_type, rope_scaling, theta, rotary_dim)
+    angle = _angle(theta, head_dim, rope_scaling, rotary_dim, scale)
     half = rotary_dim // 2
     tail = head_dim - rotary_dim  # partial rotary (Phi-2): copied
 
