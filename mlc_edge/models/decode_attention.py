@@ -64,7 +64,7 @@ rule, TVM's initial softmax state. On a 16-layer Llama-3.2-1B-shaped model (``q4
 2 cores, 32 to 72 cached tokens), the cache's attention call (rope, append, attention)
 took 2.7 ms of a 40 ms decode step with TVM's kernel and 1.1 ms with ours a slot at a
 time (timed per call with ``vm.set_instrument``); a page at a time, with our CPU RoPE
-kernel (``rope_kernel.py``), 0.7 ms at 70 to 170 tokens.
+kernel (``rope_kernel.py``), 0.7 ms at 57 to 105 cached tokens.
 """
 
 from __future__ import annotations
