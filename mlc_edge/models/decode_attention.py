@@ -70,6 +70,7 @@ kernel (``rope_kernel.py``), 0.7 ms at 57 to 105 cached tokens.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 from tvm import relax as rx
@@ -80,6 +81,7 @@ from tvm.target import Target
 
 from ..compiler.contract import PAGE_SIZE
 from ..errors import UserError
+from ..schedules.cpu.lanes import across_lanes
 
 DECODE = "batch_decode_paged_kv"
 DECODE_SLIDING_WINDOW = "batch_decode_paged_kv_sliding_window"
@@ -406,16 +408,6 @@ def _dot_in_lanes(q: tirx.Buffer, g: Any, key: tirx.Buffer, at: list[Any], size:
     return total
 
 
-def _sum_of_lanes(v: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
-    """The lanes of ``v`` added in a tree of shuffles (a serial sum: one add a lane)."""
-    while lanes > 1:
-        lanes //= 2
-        v = tirx.Shuffle([v], list(range(lanes))) + tirx.Shuffle(
-            [v], list(range(lanes, 2 * lanes))
-        )
-    return v
-
-
 def decode_attention_cpu(
     num_kv_heads: int,
     num_qo_heads: int,
@@ -536,8 +528,9 @@ def decode_attention_cpu(
                         for g in T.serial(group):
                             score[g, t] = T.float32("-inf")
                             if holds_token(pg * page_size + t, slots, lens):
-                                score[g, t] = _sum_of_lanes(
-                                    _dot_in_lanes(q, g, pages, [page, 0, h, t], D, lanes), lanes
+                                score[g, t] = across_lanes(
+                                    _dot_in_lanes(q, g, pages, [page, 0, h, t], D, lanes),
+                                    operator.add,
                                 )
                     # the new max, the rescale of the earlier sum and output, the weights
                     for g in T.serial(group):

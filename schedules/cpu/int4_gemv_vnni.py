@@ -67,6 +67,7 @@ from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
 from .int4_gemv import _decode_operands, group_bands
+from .lanes import across_lanes
 from .matmul_kn import CPURule
 
 LANES = 16  # int32 lanes of an AVX-512 register: 16 word columns
@@ -77,13 +78,6 @@ INT16_MAX = 32767
 def has_vnni(target: Target) -> bool:
     """Whether ``target`` has 512-bit ``vpdpwssd`` (AVX-512 VNNI and BW)."""
     return target_has_features("avx512vnni", target) and target_has_features("avx512bw", target)
-
-
-def _across_lanes(v: tirx.PrimExpr, combine: Callable[..., tirx.PrimExpr]) -> tirx.PrimExpr:
-    """``combine`` over the 16 lanes of ``v``: a tree of shuffles, the result a scalar."""
-    for width in (8, 4, 2, 1):
-        v = combine(v, tirx.Shuffle([v], [(i + width) % LANES for i in range(LANES)]))
-    return tirx.Shuffle([v], [0])
 
 
 def _vectors(buf: tirx.Buffer, start: tirx.PrimExpr, size: int) -> list[tirx.PrimExpr]:
@@ -107,7 +101,7 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
     magnitude a serial chain of scalar fp16 compares (this and the byte kernel's column
     pass took 5-10% of its GEMVs from L3)."""
     peak: T.let[T.float32x16] = _peak_lanes(x_row, k0, size)
-    stats[0] = _across_lanes(peak, tirx.max)
+    stats[0] = across_lanes(peak, tirx.max)
     stats[1] = T.Select(stats[0] > T.float32(0), T.float32(level) / stats[0], T.float32(0))
     for v in T.unroll(size // LANES):
         a[T.ramp(v * LANES, 1, LANES)] = T.Cast(
@@ -118,7 +112,7 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
             ),
         )
     total: T.let[T.int32x16] = functools.reduce(operator.add, _vectors(a, 0, size))
-    a_sum[0] = _across_lanes(total, operator.add)
+    a_sum[0] = across_lanes(total, operator.add)
 
 
 def vnni_gemv(
