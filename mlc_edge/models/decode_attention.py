@@ -135,27 +135,21 @@ def holds_token(slot: Any, slots: Any, lens: Any) -> Any:
     return T.And(slot < slots, T.Or(slot < lens[4], slot >= lens[3]))
 
 
-def decode_attention(
-    num_kv_heads: int,
-    num_qo_heads: int,
-    head_dim: int,
-    dtype: str,
+def _with_decode_signature(
+    body: Any,
+    shape: tuple[int, int, int, str, int],
     sliding_window: bool,
-    target: Target,
-    page_size: int = PAGE_SIZE,
+    symbol: str,
+    attrs: dict[str, Any],
+    pages_offset: bool,
 ) -> tirx.PrimFunc:
-    """The decode kernel for a GPU ``target``, same signature as TVM's."""
-    group = _query_group(num_qo_heads, num_kv_heads)
-    max_threads = int(target.attrs["max_num_threads"])
-    shared_limit = int(target.attrs.get("max_shared_memory_per_block", 16384))
-    vec, bdx, bdz = _layout(group, head_dim, max_threads, shared_limit, page_size)
-    threads = bdx * bdz
-    tile_pages = bdz // page_size
-    scratch_size = max(group, vec) * threads
-    q_loads = (group * head_dim + threads - 1) // threads
-    g_per_tx = (group + bdx - 1) // bdx  # heads a work-item sums scores of (step 3)
-    score_scale = LOG2_E  # times sm_scale: scores in log2 units, as TVM's (lse in log2)
-    H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
+    """A decode kernel with TVM's signature around ``body``, a ``T.macro`` taking
+    ``(B, Q, pages, page_table_indptr, page_table_values, length_info, output, lse,
+    sm_scale)``. ``shape`` is ``(num_qo_heads, num_kv_heads, head_dim, dtype, page_size)``;
+    ``length_info`` is ``[3, B]`` with a sliding window, else ``[B]``. The rope arguments
+    are taken and not used (module docstring). ``pages_offset``: the pages buffer may start
+    at an element offset, as in TVM's GPU kernel (its CPU kernel has none)."""
+    H_qo, H_kv, D, dtype, page_size = shape
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -173,11 +167,10 @@ def decode_attention(
         rope_theta: T.float32,
         sm_scale: T.float32,
     ):
-        T.func_attr({"tirx.is_scheduled": True})
+        T.func_attr(attrs)
         B = T.int32()
         nnz_pages = T.int32()
         max_num_pages = T.int32()
-        pages_elem_offset = T.int64()
         page_indptr_elem_offset = T.int32()
         page_values_elem_offset = T.int32()
         k_rope_pos_offset_elem_offset = T.int32()
@@ -185,12 +178,16 @@ def decode_attention(
         length_info_elem_offset = T.int32()
 
         Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
-        pages = T.match_buffer(
-            pages_handle,
-            (max_num_pages, 2, H_kv, page_size, D),
-            dtype,
-            elem_offset=pages_elem_offset,
-        )
+        if pages_offset:
+            pages_elem_offset = T.int64()
+            pages = T.match_buffer(
+                pages_handle,
+                (max_num_pages, 2, H_kv, page_size, D),
+                dtype,
+                elem_offset=pages_elem_offset,
+            )
+        else:
+            pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, page_size, D), dtype)
         page_table_indptr = T.match_buffer(
             page_table_indptr_handle, (B + 1,), "int32", elem_offset=page_indptr_elem_offset
         )
@@ -214,7 +211,35 @@ def decode_attention(
             length_info = T.match_buffer(
                 var_length_info, (B,), "int32", elem_offset=length_info_elem_offset
             )
+        body(B, Q, pages, page_table_indptr, page_table_values, length_info, output, lse, sm_scale)
 
+    return batch_decode_paged_kv.with_attr("global_symbol", symbol)
+
+
+def decode_attention(
+    num_kv_heads: int,
+    num_qo_heads: int,
+    head_dim: int,
+    dtype: str,
+    sliding_window: bool,
+    target: Target,
+    page_size: int = PAGE_SIZE,
+) -> tirx.PrimFunc:
+    """The decode kernel for a GPU ``target``, same signature as TVM's."""
+    group = _query_group(num_qo_heads, num_kv_heads)
+    max_threads = int(target.attrs["max_num_threads"])
+    shared_limit = int(target.attrs.get("max_shared_memory_per_block", 16384))
+    vec, bdx, bdz = _layout(group, head_dim, max_threads, shared_limit, page_size)
+    threads = bdx * bdz
+    tile_pages = bdz // page_size
+    scratch_size = max(group, vec) * threads
+    q_loads = (group * head_dim + threads - 1) // threads
+    g_per_tx = (group + bdx - 1) // bdx  # heads a work-item sums scores of (step 3)
+    score_scale = LOG2_E  # times sm_scale: scores in log2 units, as TVM's (lse in log2)
+    H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
+
+    @T.macro
+    def body(B, Q, pages, page_table_indptr, page_table_values, length_info, output, lse, sm_scale):
         for b in T.thread_binding(B, thread="blockIdx.x"):
             for h in T.thread_binding(H_kv, thread="blockIdx.y"):
                 for tz in T.thread_binding(bdz, thread="threadIdx.y"):
@@ -388,15 +413,22 @@ def decode_attention(
                             if lin < group:
                                 lse[b, h * group + lin] = m_run[0] + T.log2(d_run[0])
 
-    return batch_decode_paged_kv.with_attr(
-        "global_symbol", DECODE_SLIDING_WINDOW if sliding_window else DECODE
+    return _with_decode_signature(
+        body,
+        (H_qo, H_kv, D, dtype, page_size),
+        sliding_window,
+        DECODE_SLIDING_WINDOW if sliding_window else DECODE,
+        {"tirx.is_scheduled": True},
+        pages_offset=True,
     )
 
 
-def _dot_in_lanes(q: tirx.Buffer, g: Any, key: tirx.Buffer, at: list[Any], size: int,
-                  lanes: int) -> tirx.PrimExpr:
+def _dot_in_lanes(
+    q: tirx.Buffer, g: Any, key: tirx.Buffer, at: list[Any], size: int, lanes: int
+) -> tirx.PrimExpr:
     """``q[g, :size] . key[*at, :size]`` as ``lanes`` partial sums in one vector (an SSA
     value: local buffers for them stayed in memory, a store and a load a step)."""
+
     def chunk(c: int) -> tirx.PrimExpr:
         ramp = tirx.Ramp(c * lanes, 1, lanes)
         k = tirx.BufferLoad(key, [*at, ramp])
@@ -430,58 +462,8 @@ def decode_attention_cpu(
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     lanes = next(n for n in (16, 8, 4, 2, 1) if D % n == 0)  # a dot product's partial sums
 
-    @T.prim_func(s_tir=True)
-    def batch_decode_paged_kv_cpu(
-        Q_handle: T.handle,
-        pages_handle: T.handle,
-        page_table_indptr_handle: T.handle,
-        page_table_values_handle: T.handle,
-        var_length_info: T.handle,  # [B], or [3, B] with a sliding window
-        k_rope_pos_offset_handle: T.handle,
-        q_rope_position_handle: T.handle,
-        output_handle: T.handle,
-        lse_handle: T.handle,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        page_indptr_elem_offset = T.int32()
-        page_values_elem_offset = T.int32()
-        k_rope_pos_offset_elem_offset = T.int32()
-        q_rope_position_elem_offset = T.int32()
-        length_info_elem_offset = T.int32()
-
-        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, page_size, D), dtype)
-        page_table_indptr = T.match_buffer(
-            page_table_indptr_handle, (B + 1,), "int32", elem_offset=page_indptr_elem_offset
-        )
-        page_table_values = T.match_buffer(
-            page_table_values_handle, (nnz_pages,), "int32", elem_offset=page_values_elem_offset
-        )
-        # unused with rope applied before the cache (module docstring); part of the ABI
-        k_rope_pos_offset = T.match_buffer(  # noqa: F841
-            k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_pos_offset_elem_offset
-        )
-        q_rope_position = T.match_buffer(  # noqa: F841
-            q_rope_position_handle, (B,), "int32", elem_offset=q_rope_position_elem_offset
-        )
-        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
-        lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
-        if sliding_window:
-            length_info = T.match_buffer(
-                var_length_info, (3, B), "int32", elem_offset=length_info_elem_offset
-            )
-        else:
-            length_info = T.match_buffer(
-                var_length_info, (B,), "int32", elem_offset=length_info_elem_offset
-            )
-
+    @T.macro
+    def body(B, Q, pages, page_table_indptr, page_table_values, length_info, output, lse, sm_scale):
         for bh in T.parallel(B * H_kv):
             with T.sblock("decode"):
                 # accesses depend on the page table: no regions to declare
@@ -563,8 +545,13 @@ def decode_attention_cpu(
                         output[b, h * group + g, d] = T.Cast(dtype, o[g, d] / d_run[g])
                     lse[b, h * group + g] = m_run[g] + T.log2(d_run[g])
 
-    return batch_decode_paged_kv_cpu.with_attr(
-        "global_symbol", DECODE_CPU_SLIDING_WINDOW if sliding_window else DECODE_CPU
+    return _with_decode_signature(
+        body,
+        (H_qo, H_kv, D, dtype, page_size),
+        sliding_window,
+        DECODE_CPU_SLIDING_WINDOW if sliding_window else DECODE_CPU,
+        {"tirx.is_scheduled": True, "tirx.noalias": True},
+        pages_offset=False,
     )
 
 

@@ -108,13 +108,45 @@ def _frequency(rope_type: str, rope_scaling: dict[str, Any], theta: float, rotar
     return llama3
 
 
-def _angle(theta: float, head_dim: int, rope_scaling: dict[str, Any], rotary_dim: int,
-           scale: float) -> Any:
+def _angle(
+    theta: float, head_dim: int, rope_scaling: dict[str, Any], rotary_dim: int, scale: float
+) -> Any:
     """``_frequency`` for what the kernels support; a UserError for anything else."""
     if scale != 1.0:
         raise UserError(f"the RoPE kernel supports rope_scale 1 only; got {scale}")
     rope_type = _check_supported(head_dim, rotary_dim, rope_scaling)
     return _frequency(rope_type, rope_scaling, theta, rotary_dim)
+
+
+def _with_rope_signature(
+    body: Any, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
+) -> tirx.PrimFunc:
+    """A split-rotary kernel with TVM's ``fused_rope`` signature, ``(qkv, position_map, q,
+    k, v, apply_rope)``, around ``body``, a ``T.macro`` taking ``(seq_len, qkv,
+    position_map, q, k, v, apply_rope)``."""
+
+    @T.prim_func(s_tir=True)
+    def fused_rope(
+        var_qkv: T.handle,
+        var_position_map: T.handle,
+        var_q: T.handle,
+        var_k: T.handle,
+        var_v: T.handle,
+        apply_rope: T.int64,
+    ):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, num_q_heads + 2 * num_kv_heads, head_dim), dtype)
+        q = T.match_buffer(var_q, (seq_len, num_q_heads, head_dim), dtype)
+        k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
+        v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
+        position_map = T.match_buffer(
+            var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset
+        )
+        body(seq_len, qkv, position_map, q, k, v, apply_rope)
+
+    return fused_rope.with_attr("global_symbol", FUSED_ROPE)
 
 
 def split_rotary(
@@ -138,25 +170,8 @@ def split_rotary(
     per_head = pairs + (head_dim - rotary_dim) // vec  # ... plus the unrotated tail
     per_token = fused_heads * per_head
 
-    @T.prim_func(s_tir=True)
-    def fused_rope(
-        var_qkv: T.handle,
-        var_position_map: T.handle,
-        var_q: T.handle,
-        var_k: T.handle,
-        var_v: T.handle,
-        apply_rope: T.int64,
-    ):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        seq_len = T.int32()
-        position_map_elem_offset = T.int32()
-        qkv = T.match_buffer(var_qkv, (seq_len, fused_heads, head_dim), dtype)
-        q = T.match_buffer(var_q, (seq_len, num_q_heads, head_dim), dtype)
-        k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
-        v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
-        position_map = T.match_buffer(
-            var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset
-        )
+    @T.macro
+    def body(seq_len, qkv, position_map, q, k, v, apply_rope):
         for bx in T.thread_binding(
             T.ceildiv(seq_len * per_token, ROPE_THREADS), thread="blockIdx.x"
         ):
@@ -209,7 +224,7 @@ def split_rotary(
                                 for e in T.vectorized(vec):
                                     v[s, h - rotated_heads, first + half + e] = hi[e]
 
-    return fused_rope.with_attr("global_symbol", FUSED_ROPE)
+    return _with_rope_signature(body, num_q_heads, num_kv_heads, head_dim, dtype)
 
 
 def split_rotary_cpu(
@@ -252,25 +267,8 @@ def split_rotary_cpu(
             for d in T.vectorized(tail):
                 dst[s, dst_head, rotary_dim + d] = qkv[s, h, rotary_dim + d]
 
-    @T.prim_func(s_tir=True)
-    def fused_rope(
-        var_qkv: T.handle,
-        var_position_map: T.handle,
-        var_q: T.handle,
-        var_k: T.handle,
-        var_v: T.handle,
-        apply_rope: T.int64,
-    ):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        seq_len = T.int32()
-        position_map_elem_offset = T.int32()
-        qkv = T.match_buffer(var_qkv, (seq_len, num_q_heads + 2 * num_kv_heads, head_dim), dtype)
-        q = T.match_buffer(var_q, (seq_len, num_q_heads, head_dim), dtype)
-        k = T.match_buffer(var_k, (seq_len, num_kv_heads, head_dim), dtype)
-        v = T.match_buffer(var_v, (seq_len, num_kv_heads, head_dim), dtype)
-        position_map = T.match_buffer(
-            var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset
-        )
+    @T.macro
+    def body(seq_len, qkv, position_map, q, k, v, apply_rope):
         for s in T.serial(seq_len):
             with T.sblock("split_rotary"):
                 T.reads()
@@ -289,7 +287,7 @@ def split_rotary_cpu(
                     for d in T.vectorized(head_dim):
                         v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
 
-    return fused_rope.with_attr("global_symbol", FUSED_ROPE)
+    return _with_rope_signature(body, num_q_heads, num_kv_heads, head_dim, dtype)
 
 
 def replace_split_rotary(

@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
+from typing import Any
 
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
@@ -115,6 +116,30 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
     a_sum[0] = across_lanes(total, operator.add)
 
 
+def with_gemv_signature(
+    body: Any, x_shape: list[int], k: int, words: int, groups: int, out_dtype: str
+) -> tirx.PrimFunc:
+    """A hand-written 4-bit decode GEMV with parameters ``x, qweight, qzeros, scales, out``
+    (``hand_written`` puts them in the replaced function's order) around ``body``, a
+    ``T.macro`` taking ``(x_row, qweight, qzeros, scales, out_row)``: ``x`` and ``out``
+    seen as flat rows."""
+    n = words * 8
+
+    @T.prim_func(s_tir=True)
+    def func(
+        x: T.Buffer(x_shape, "float16"),
+        qweight: T.Buffer((k, words), "int32"),
+        qzeros: T.Buffer((groups, words), "int32"),
+        scales: T.Buffer((groups, n), "float16"),
+        out: T.Buffer([*x_shape[:-1], n], out_dtype),
+    ):
+        x_row = T.decl_buffer((k,), "float16", data=x.data)
+        out_row = T.decl_buffer((n,), out_dtype, data=out.data)
+        body(x_row, qweight, qzeros, scales, out_row)
+
+    return func
+
+
 def vnni_gemv(
     x_shape: list[int],
     k: int,
@@ -131,7 +156,6 @@ def vnni_gemv(
     passes = size // rows
     half = rows // 2
     per_band = groups // bands
-    out_shape = [*x_shape[:-1], n]
 
     def vec(c: int) -> tirx.PrimExpr:
         return T.broadcast(T.int32(c), LANES)
@@ -147,16 +171,8 @@ def vnni_gemv(
             "int32x16", VPDPWSSD, acc, T.reinterpret("int16x32", nibble), pair
         )
 
-    @T.prim_func(s_tir=True)
-    def func(
-        x: T.Buffer(x_shape, "float16"),
-        qweight: T.Buffer((k, words), "int32"),
-        qzeros: T.Buffer((groups, words), "int32"),
-        scales: T.Buffer((groups, n), "float16"),
-        out: T.Buffer(out_shape, out_dtype),
-    ):
-        x_row = T.decl_buffer((k,), "float16", data=x.data)
-        out_row = T.decl_buffer((n,), out_dtype, data=out.data)
+    @T.macro
+    def body(x_row, qweight, qzeros, scales, out_row):
         y_band = T.alloc_buffer((bands, 8, words), "float32")
         for band in T.parallel(bands):
             # P of one group in nibble order; the rest is small enough for the stack.
@@ -234,7 +250,7 @@ def vnni_gemv(
                 total[0] = total[0] + y_band[band, 4 * (c % 2) + (c % 8) // 2, c // 8]
             out_row[c] = T.Cast(out_dtype, total[0])
 
-    return func
+    return with_gemv_signature(body, x_shape, k, words, groups, out_dtype)
 
 
 class Int4DecodeGEMVVNNI(CPURule):

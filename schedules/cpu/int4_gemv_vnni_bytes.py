@@ -65,7 +65,13 @@ from tvm.target import Target
 
 from mlc_edge.quantization.int4 import AWQ_PACK_ORDER
 
-from .int4_gemv_vnni import LANES, fp16_decode_operands, hand_written, round_group
+from .int4_gemv_vnni import (
+    LANES,
+    fp16_decode_operands,
+    hand_written,
+    round_group,
+    with_gemv_signature,
+)
 from .matmul_kn import CPURule
 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -104,11 +110,9 @@ def vnni_bytes_gemv(
 ) -> tirx.PrimFunc:
     """The kernel (module docstring) with parameters ``x, qweight, qzeros, scales, out``."""
     size = k // groups
-    n = words * 8
     strips = words // LANES
     quads = size // 4
     per_band = groups // bands
-    out_shape = [*x_shape[:-1], n]
     ahead = strips if strips <= 2 * PREFETCH_STRIPS else PREFETCH_STRIPS
 
     def vec(c: int) -> tirx.PrimExpr:
@@ -169,16 +173,8 @@ def vnni_bytes_gemv(
             - zero_point(words_z, r) * T.broadcast(a_sum, LANES),
         )
 
-    @T.prim_func(s_tir=True)
-    def func(
-        x: T.Buffer(x_shape, "float16"),
-        qweight: T.Buffer((k, words), "int32"),
-        qzeros: T.Buffer((groups, words), "int32"),
-        scales: T.Buffer((groups, n), "float16"),
-        out: T.Buffer(out_shape, out_dtype),
-    ):
-        x_row = T.decl_buffer((k,), "float16", data=x.data)
-        out_row = T.decl_buffer((n,), out_dtype, data=out.data)
+    @T.macro
+    def body(x_row, qweight, qzeros, scales, out_row):
         y_band = T.alloc_buffer((bands, 8, words), "float32")
         for band in T.parallel(bands):
             # Per-core buffers under TVM's 1 KB stack limit (else a workspace call, and
@@ -300,7 +296,7 @@ def vnni_bytes_gemv(
             for c in T.unroll(128):
                 out_row[s * 128 + c] = T.Cast(out_dtype, y_sum[_column_slot(c)])
 
-    return func
+    return with_gemv_signature(body, x_shape, k, words, groups, out_dtype)
 
 
 class Int4DecodeGEMVVNNIBytes(CPURule):
