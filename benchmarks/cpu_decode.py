@@ -21,13 +21,26 @@ import time
 from pathlib import Path
 
 LLAMA_3_2_1B = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=64, vocab_size=128256, rms_norm_eps=1e-5,
-    max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    tie_word_embeddings=True,
+    bos_token_id=128000,
     eos_token_id=128001,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 
 
@@ -108,16 +121,33 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mlc-edge-bench-"))
     prompt = [int(i) for i in torch.randint(1000, 100000, (args.prompt,))]
     try:
-        print(f"building a random Llama-3.2-1B-shaped checkpoint ({args.layers} layers) ...",
-              file=sys.stderr)
+        print(
+            f"building a random Llama-3.2-1B-shaped checkpoint ({args.layers} layers) ...",
+            file=sys.stderr,
+        )
         model = make_checkpoint(work / "hf", args.layers)
         rows = {}
         for scheme in args.schemes.split(","):
             bundle = work / scheme
-            subprocess.run([sys.executable, "-m", "mlc_edge", "compile", str(work / "hf"),
-                            "--target", "cpu", "--quantization", scheme, "-o", str(bundle),
-                            "--context-window-size", str(args.prompt + args.decode + 16),
-                            "--json"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlc_edge",
+                    "compile",
+                    str(work / "hf"),
+                    "--target",
+                    "cpu",
+                    "--quantization",
+                    scheme,
+                    "-o",
+                    str(bundle),
+                    "--context-window-size",
+                    str(args.prompt + args.decode + 16),
+                    "--json",
+                ],
+                check=True,
+            )
             rows[f"mlc-edge {scheme}"] = time_mlc_edge(bundle, prompt, args.decode)
             shutil.rmtree(bundle)
         rows["transformers fp32 eager"] = time_transformers(model, prompt, args.decode)
@@ -128,10 +158,21 @@ def main() -> None:
     print(f"\n{'engine':<26}{'prefill tok/s':>15}{'decode tok/s':>14}{'decode vs torch':>17}")
     for name, (prefill, decode) in rows.items():
         print(f"{name:<26}{prefill:>15.2f}{decode:>14.2f}{decode / base:>16.2f}x")
-    print(json.dumps({"benchmark": "cpu_decode", "layers": args.layers, "threads": args.threads,
-                      "prompt_tokens": args.prompt, "decode_tokens": args.decode,
-                      "results": {k: {"prefill_tok_s": round(p, 3), "decode_tok_s": round(d, 3)}
-                                  for k, (p, d) in rows.items()}}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "cpu_decode",
+                "layers": args.layers,
+                "threads": args.threads,
+                "prompt_tokens": args.prompt,
+                "decode_tokens": args.decode,
+                "results": {
+                    k: {"prefill_tok_s": round(p, 3), "decode_tok_s": round(d, 3)}
+                    for k, (p, d) in rows.items()
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

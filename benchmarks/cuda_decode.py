@@ -40,26 +40,59 @@ from pathlib import Path
 from typing import Any
 
 LLAMA_3_2_1B = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=64, vocab_size=128256, rms_norm_eps=1e-5,
-    max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    tie_word_embeddings=True,
+    bos_token_id=128000,
     eos_token_id=128001,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 
 # Peak DRAM bandwidth in GB/s from the vendors' spec sheets, by a piece of the device name.
 BANDWIDTH_GB_S = {
-    "H200": 4800, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "GH200": 4000,
-    "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "L40": 864,
-    "L4": 300, "A10G": 600, "A10": 600, "RTX 4090": 1008, "RTX 3090": 936, "RTX 5090": 1792,
+    "H200": 4800,
+    "H100 PCIe": 2000,
+    "H100 NVL": 3900,
+    "H100": 3350,
+    "GH200": 4000,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,
+    "L40S": 864,
+    "L40": 864,
+    "L4": 300,
+    "A10G": 600,
+    "A10": 600,
+    "RTX 4090": 1008,
+    "RTX 3090": 936,
+    "RTX 5090": 1792,
 }
 
 
 # -- step 1: prepare (needs the TVM compiler and nvcc) -------------------------------------
-def prepare(out: Path, layers: int, context: int, chunk: int, target: str, seed: int,
-            tvm_ffi_wheel: Path | None) -> dict[str, Any]:
+def prepare(
+    out: Path,
+    layers: int,
+    context: int,
+    chunk: int,
+    target: str,
+    seed: int,
+    tvm_ffi_wheel: Path | None,
+) -> dict[str, Any]:
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig
 
@@ -88,11 +121,19 @@ def prepare(out: Path, layers: int, context: int, chunk: int, target: str, seed:
 
     runtime = pack_runtime(out / "runtime", tvm_ffi_wheel)
     library = next((bundle / "lib").glob("*.so"))
-    carried = runtime["bytes"] + library.stat().st_size + sum(
-        f.stat().st_size for f in bundle.glob("*.json"))
-    summary = {"bundle": str(bundle), "library": library.name,
-               "library_bytes": library.stat().st_size, "compile_s": round(compile_s, 1),
-               "runtime": runtime, "carried_bytes": carried}
+    carried = (
+        runtime["bytes"]
+        + library.stat().st_size
+        + sum(f.stat().st_size for f in bundle.glob("*.json"))
+    )
+    summary = {
+        "bundle": str(bundle),
+        "library": library.name,
+        "library_bytes": library.stat().st_size,
+        "compile_s": round(compile_s, 1),
+        "runtime": runtime,
+        "carried_bytes": carried,
+    }
     print(json.dumps(summary))
     if carried >= 64 * 2**20:
         print(f"warning: {carried / 2**20:.1f} MiB to carry, over 64 MiB", file=sys.stderr)
@@ -111,9 +152,15 @@ def weights_recipe(bundle: Path) -> dict[str, Any]:
     params = []
     for name, shape, dtype in parameter_list(spec):
         source = mapping[name]
-        params.append({"name": name, "shape": list(shape), "dtype": dtype,
-                       "hf_names": list(source.hf_names),
-                       "transpose": bool(source.is_linear_weight and transposes)})
+        params.append(
+            {
+                "name": name,
+                "shape": list(shape),
+                "dtype": dtype,
+                "hf_names": list(source.hf_names),
+                "transpose": bool(source.is_linear_weight and transposes),
+            }
+        )
     return {"quantization": spec.scheme.name, "params": params}
 
 
@@ -183,12 +230,17 @@ def check_logits(engine: Any, model: Any, vocab: int, n: int = 64, steps: int = 
             if step < steps:
                 ours = engine.decode(token)
     engine.reset()
-    return {"max_logit_error": max(errors), "logit_range": min(spread),
-            "greedy_agree": agree, "greedy_steps": steps + 1}
+    return {
+        "max_logit_error": max(errors),
+        "logit_range": min(spread),
+        "greedy_agree": agree,
+        "greedy_steps": steps + 1,
+    }
 
 
-def time_transformers(model: Any, vocab: int, n_prompt: int, n_gen: int, reps: int,
-                      seed: int = 0) -> dict[str, list[float]]:
+def time_transformers(
+    model: Any, vocab: int, n_prompt: int, n_gen: int, reps: int, seed: int = 0
+) -> dict[str, list[float]]:
     """Tokens/s samples of the same pp / tg tests with transformers eager."""
     import numpy as np
     import torch
@@ -212,8 +264,7 @@ def time_transformers(model: Any, vocab: int, n_prompt: int, n_gen: int, reps: i
         start = time.perf_counter()
         past = None
         for i in range(n_gen):
-            past = model(tokens[:, i : i + 1], past_key_values=past, use_cache=True
-                         ).past_key_values
+            past = model(tokens[:, i : i + 1], past_key_values=past, use_cache=True).past_key_values
         synchronize()
         return n_gen / (time.perf_counter() - start)
 
@@ -231,8 +282,7 @@ def gpu_bandwidth() -> tuple[str, float | None, float]:
 
     import torch
 
-    name = torch.cuda.get_device_name() if DEVICE == "cuda" else (
-        platform.processor() or "CPU")
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else (platform.processor() or "CPU")
     spec = next((v for k, v in BANDWIDTH_GB_S.items() if k in name), None)
     src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
@@ -268,10 +318,13 @@ def run(out: Path, n_prompt: int, n_gen: int, reps: int, args: argparse.Namespac
     import torch
 
     if not (out / "weights-recipe.json").is_file():
-        print(f"{out} is not prepared: preparing it (needs the TVM compiler and nvcc) ...",
-              file=sys.stderr)
-        prepare(out, args.layers, args.context, args.chunk, args.target, args.seed,
-                args.tvm_ffi_wheel)
+        print(
+            f"{out} is not prepared: preparing it (needs the TVM compiler and nvcc) ...",
+            file=sys.stderr,
+        )
+        prepare(
+            out, args.layers, args.context, args.chunk, args.target, args.seed, args.tvm_ffi_wheel
+        )
     recipe = json.loads((out / "weights-recipe.json").read_text())
     bundle = out / "bundle"
     print("making the random model and the bundle's weights ...", file=sys.stderr)
@@ -294,32 +347,59 @@ def run(out: Path, n_prompt: int, n_gen: int, reps: int, args: argparse.Namespac
     bandwidth = spec_bw or measured_bw
     ceiling = bandwidth * 1e9 / per_token
 
-    rows = {f"mlc-edge {DEVICE} ({recipe['quantization']})": ours,
-            "transformers fp16 eager": theirs}
+    rows = {
+        f"mlc-edge {DEVICE} ({recipe['quantization']})": ours,
+        "transformers fp16 eager": theirs,
+    }
     tg, pp = f"tg{n_gen}", f"pp{n_prompt}"
-    print(f"\n{name}: weights read per decode step {per_token / 2**30:.2f} GiB; "
-          f"bandwidth {bandwidth:.0f} GB/s ({'spec sheet' if spec_bw else 'measured'}; "
-          f"copy measured {measured_bw:.0f} GB/s) -> decode ceiling {ceiling:.1f} tok/s")
-    print(f"correctness: max |logit diff| {check['max_logit_error']:.4f} (logit range "
-          f"{check['logit_range']:.2f}), greedy tokens agree "
-          f"{check['greedy_agree']}/{check['greedy_steps']}")
+    print(
+        f"\n{name}: weights read per decode step {per_token / 2**30:.2f} GiB; "
+        f"bandwidth {bandwidth:.0f} GB/s ({'spec sheet' if spec_bw else 'measured'}; "
+        f"copy measured {measured_bw:.0f} GB/s) -> decode ceiling {ceiling:.1f} tok/s"
+    )
+    print(
+        f"correctness: max |logit diff| {check['max_logit_error']:.4f} (logit range "
+        f"{check['logit_range']:.2f}), greedy tokens agree "
+        f"{check['greedy_agree']}/{check['greedy_steps']}"
+    )
     print(f"\n{'engine':<28}{pp + ' tok/s':>20}{tg + ' tok/s':>20}{'of ceiling':>12}")
     for label, s in rows.items():
-        print(f"{label:<28}{np.mean(s[pp]):>12.1f} ± {np.std(s[pp], ddof=1):<5.1f}"
-              f"{np.mean(s[tg]):>12.1f} ± {np.std(s[tg], ddof=1):<5.1f}"
-              f"{np.mean(s[tg]) / ceiling:>11.0%}")
-    print(json.dumps({
-        "benchmark": "cuda_decode", "gpu": name, "layers": recipe["hf_config"]["num_hidden_layers"],
-        "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
-        "prefill_chunk_size": json.loads((bundle / "mlc-chat-config.json").read_text())[
-            "prefill_chunk_size"],
-        "decode_weight_bytes": per_token, "bandwidth_gb_s": bandwidth,
-        "bandwidth_spec_gb_s": spec_bw, "bandwidth_copy_gb_s": round(measured_bw, 1),
-        "decode_ceiling_tok_s": round(ceiling, 2), "correctness": check,
-        "results": {k: {t: {"avg_ts": round(float(np.mean(v)), 2),
-                            "stddev_ts": round(float(np.std(v, ddof=1)), 2)}
-                        for t, v in s.items()} for k, s in rows.items()},
-    }))
+        print(
+            f"{label:<28}{np.mean(s[pp]):>12.1f} ± {np.std(s[pp], ddof=1):<5.1f}"
+            f"{np.mean(s[tg]):>12.1f} ± {np.std(s[tg], ddof=1):<5.1f}"
+            f"{np.mean(s[tg]) / ceiling:>11.0%}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "cuda_decode",
+                "gpu": name,
+                "layers": recipe["hf_config"]["num_hidden_layers"],
+                "n_prompt": n_prompt,
+                "n_gen": n_gen,
+                "repetitions": reps,
+                "prefill_chunk_size": json.loads((bundle / "mlc-chat-config.json").read_text())[
+                    "prefill_chunk_size"
+                ],
+                "decode_weight_bytes": per_token,
+                "bandwidth_gb_s": bandwidth,
+                "bandwidth_spec_gb_s": spec_bw,
+                "bandwidth_copy_gb_s": round(measured_bw, 1),
+                "decode_ceiling_tok_s": round(ceiling, 2),
+                "correctness": check,
+                "results": {
+                    k: {
+                        t: {
+                            "avg_ts": round(float(np.mean(v)), 2),
+                            "stddev_ts": round(float(np.std(v, ddof=1)), 2),
+                        }
+                        for t, v in s.items()
+                    }
+                    for k, s in rows.items()
+                },
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -334,19 +414,28 @@ def main() -> None:
         p.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
         p.add_argument("--target", default="cuda", help="cuda, cuda:sm_90, ...")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--tvm-ffi-wheel", type=Path, default=None,
-                       help="apache-tvm-ffi wheel for the GPU machine's Python")
+        p.add_argument(
+            "--tvm-ffi-wheel",
+            type=Path,
+            default=None,
+            help="apache-tvm-ffi wheel for the GPU machine's Python",
+        )
         if step == "run":
             p.add_argument("-p", "--n-prompt", type=int, default=128)
             p.add_argument("-n", "--n-gen", type=int, default=128)
             p.add_argument("-r", "--repetitions", type=int, default=5)
-            p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                           help="cpu: smoke-test the script (prepare with --target cpu)")
+            p.add_argument(
+                "--device",
+                choices=["cuda", "cpu"],
+                default="cuda",
+                help="cpu: smoke-test the script (prepare with --target cpu)",
+            )
     args = parser.parse_args()
     out = args.output or args.out
     if args.step == "prepare":
-        prepare(out, args.layers, args.context, args.chunk, args.target, args.seed,
-                args.tvm_ffi_wheel)
+        prepare(
+            out, args.layers, args.context, args.chunk, args.target, args.seed, args.tvm_ffi_wheel
+        )
     else:
         global DEVICE
         DEVICE = args.device

@@ -23,22 +23,41 @@ from mlc_edge.memory import plan_from_config
 MiB = 1 << 20
 
 QWEN2_5_1_5B: dict[str, Any] = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
-    "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,
-    "num_hidden_layers": 28, "vocab_size": 151936, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-    "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21,
-    "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 28,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 21,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
 }
 # Llama-3.1-8B pruned to hidden 3072 / intermediate 9216 / 24 heads: 4,311,419,904 params.
 PRUNED_LLAMA_4_3B: dict[str, Any] = {
-    **LLAMA_3_2_1B, "hidden_size": 3072, "intermediate_size": 9216,
-    "num_attention_heads": 24, "num_hidden_layers": 32, "head_dim": 128,
+    **LLAMA_3_2_1B,
+    "hidden_size": 3072,
+    "intermediate_size": 9216,
+    "num_attention_heads": 24,
+    "num_hidden_layers": 32,
+    "head_dim": 128,
     "tie_word_embeddings": False,
     "rope_scaling": {**LLAMA_3_2_1B["rope_scaling"], "factor": 8.0},
 }
-MODELS = {"Llama-3.2-1B": LLAMA_3_2_1B, "Qwen2.5-1.5B": QWEN2_5_1_5B,
-          "Llama-3.1-8B pruned 4.3B": PRUNED_LLAMA_4_3B}
+MODELS = {
+    "Llama-3.2-1B": LLAMA_3_2_1B,
+    "Qwen2.5-1.5B": QWEN2_5_1_5B,
+    "Llama-3.1-8B pruned 4.3B": PRUNED_LLAMA_4_3B,
+}
 SETTINGS = ("edge-512", "edge-768", "mlc-default")
 
 
@@ -51,31 +70,39 @@ def main() -> None:
         for setting in SETTINGS:
             start = time.perf_counter()
             plan = plan_from_config(config, args.target, setting, "q0f16t", {})
-            results.append({
-                "model": model, "setting": setting,
-                "context_window_size": plan.context_window_size,
-                "prefill_chunk_size": plan.prefill_chunk_size,
-                "kv_tokens": plan.kv_tokens, "weights_bytes": plan.weights.total,
-                "kv_cache_bytes": plan.kv_cache_bytes,
-                "temporaries_bytes": plan.temp_max_bytes, "total_bytes": plan.total_bytes,
-                "loads_5GiB_floor": plan.loads[0].loads,
-                "loads_16GiB_floor": plan.loads[1].loads,
-                "compile_s": round(time.perf_counter() - start, 1),
-            })
-    print(f"\n{'model':<26}{'setting':<13}{'chunk/context':>15}{'KV tokens':>11}"
-          f"{'temps MiB':>11}{'total MiB':>12}{'vs default':>12}  loads 5/16 GiB")
+            results.append(
+                {
+                    "model": model,
+                    "setting": setting,
+                    "context_window_size": plan.context_window_size,
+                    "prefill_chunk_size": plan.prefill_chunk_size,
+                    "kv_tokens": plan.kv_tokens,
+                    "weights_bytes": plan.weights.total,
+                    "kv_cache_bytes": plan.kv_cache_bytes,
+                    "temporaries_bytes": plan.temp_max_bytes,
+                    "total_bytes": plan.total_bytes,
+                    "loads_5GiB_floor": plan.loads[0].loads,
+                    "loads_16GiB_floor": plan.loads[1].loads,
+                    "compile_s": round(time.perf_counter() - start, 1),
+                }
+            )
+    print(
+        f"\n{'model':<26}{'setting':<13}{'chunk/context':>15}{'KV tokens':>11}"
+        f"{'temps MiB':>11}{'total MiB':>12}{'vs default':>12}  loads 5/16 GiB"
+    )
     for r in results:
-        base = next(x for x in results if x["model"] == r["model"]
-                    and x["setting"] == "mlc-default")
+        base = next(
+            x for x in results if x["model"] == r["model"] and x["setting"] == "mlc-default"
+        )
         saved = base["total_bytes"] - r["total_bytes"]
-        loads = "/".join("yes" if r[k] else "no" for k in ("loads_5GiB_floor",
-                                                             "loads_16GiB_floor"))
-        print(f"{r['model']:<26}{r['setting']:<13}"
-              f"{r['prefill_chunk_size']:>7}/{r['context_window_size']:<7}"
-              f"{r['kv_tokens']:>11}{r['temporaries_bytes'] / MiB:>11.1f}"
-              f"{r['total_bytes'] / MiB:>12.1f}{-saved / MiB:>+12.1f}  {loads}")
-    print(json.dumps({"benchmark": "memory_presets", "target": args.target,
-                      "results": results}))
+        loads = "/".join("yes" if r[k] else "no" for k in ("loads_5GiB_floor", "loads_16GiB_floor"))
+        print(
+            f"{r['model']:<26}{r['setting']:<13}"
+            f"{r['prefill_chunk_size']:>7}/{r['context_window_size']:<7}"
+            f"{r['kv_tokens']:>11}{r['temporaries_bytes'] / MiB:>11.1f}"
+            f"{r['total_bytes'] / MiB:>12.1f}{-saved / MiB:>+12.1f}  {loads}"
+        )
+    print(json.dumps({"benchmark": "memory_presets", "target": args.target, "results": results}))
 
 
 if __name__ == "__main__":

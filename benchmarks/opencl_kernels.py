@@ -49,18 +49,34 @@ from typing import Any
 from model_shapes import LLAMA_3_2_1B_ONE_LAYER
 
 PRUNED_LLAMA_3_1_8B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 3072, "intermediate_size": 9216,
-    "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8,
-    "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "tie_word_embeddings": False, "max_position_embeddings": 131072,
-    "bos_token_id": 128000, "eos_token_id": 128001,
-    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 3072,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 131072,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 }
 
 PREFILL_CHUNK = 16
-DEFAULT_RULES = ["stock=mlc_edge.schedules.adreno:stock_rules",
-                 "adreno=mlc_edge.schedules.adreno:adreno_rules"]
+DEFAULT_RULES = [
+    "stock=mlc_edge.schedules.adreno:stock_rules",
+    "adreno=mlc_edge.schedules.adreno:adreno_rules",
+]
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed_tokens")
 
 
@@ -85,8 +101,7 @@ def linear_functions(checker: Any) -> dict[str, tuple[str, dict[str, int]]]:
         if "matmul" not in name:
             continue
         params = checker.params(name)
-        weights = [p for p in params if p.is_buffer and len(p.shape) == 2
-                   and "weight" in p.name]
+        weights = [p for p in params if p.is_buffer and len(p.shape) == 2 and "weight" in p.name]
         if len(weights) != 1:
             continue
         projection = next((k for k in PROJECTIONS if k in weights[0].name), weights[0].name)
@@ -99,6 +114,7 @@ def linear_functions(checker: Any) -> dict[str, tuple[str, dict[str, int]]]:
             found[f"prefill {projection}"] = (name, {"seq_len": PREFILL_CHUNK})
         else:
             found[f"decode {projection}"] = (name, {})
+
     def order(label: str) -> tuple[bool, int]:
         phase, _, projection = label.partition(" ")
         rank = PROJECTIONS.index(projection) if projection in PROJECTIONS else len(PROJECTIONS)
@@ -120,8 +136,12 @@ def bytes_moved(checker: Any, name: str, case: dict[str, int]) -> int:
 
 
 def benchmark_rule_sets(
-    rule_sets: dict[str, list[Any]], config: dict[str, Any] | None = None,
-    repeat: int = 20, lm_head: bool = False, check: bool = True, rounds: int = 3,
+    rule_sets: dict[str, list[Any]],
+    config: dict[str, Any] | None = None,
+    repeat: int = 20,
+    lm_head: bool = False,
+    check: bool = True,
+    rounds: int = 3,
     quantizations: tuple[str, ...] = ("q0f16t",),
 ) -> dict[str, Any]:
     """Time each rule set's linear kernels of one layer; returns rows and device info.
@@ -140,19 +160,24 @@ def benchmark_rule_sets(
     # Several schemes (q0f16t,q4f16t): each rule set's kernels per scheme, on the same shapes;
     # the functions are matched by label, so the 4-bit GEMV sits beside the fp16 one.
     for quantization in quantizations:
-        spec = ModelSpec.create(config or LLAMA_3_2_1B_ONE_LAYER, quantization,
-                                load_preset("edge-512"))
+        spec = ModelSpec.create(
+            config or LLAMA_3_2_1B_ONE_LAYER, quantization, load_preset("edge-512")
+        )
         for rules_name, rules in rule_sets.items():
             start = time.perf_counter()
             checker = model_checker(spec, target, runner=runner, rules=rules, only="matmul")
             name = f"{rules_name} {quantization}" if len(quantizations) > 1 else rules_name
             checkers[name] = (checker, time.perf_counter() - start)
     first = next(iter(checkers.values()))[0]
-    labels = {label: found for label, found in linear_functions(first).items()
-              if lm_head or "lm_head" not in label}
+    labels = {
+        label: found
+        for label, found in linear_functions(first).items()
+        if lm_head or "lm_head" not in label
+    }
     best: dict[tuple[str, str], float] = {}
-    functions = {rules_name: linear_functions(checker)
-                 for rules_name, (checker, _s) in checkers.items()}
+    functions = {
+        rules_name: linear_functions(checker) for rules_name, (checker, _s) in checkers.items()
+    }
     for label in labels:
         for _ in range(rounds):
             for rules_name, (checker, _s) in checkers.items():
@@ -168,12 +193,19 @@ def benchmark_rule_sets(
             nbytes = bytes_moved(checker, name, case)
             correct = checker.check_case(name, case).passed if check else None
             launches = checker.launches(name, checker.prepare(name, case))
-            rows.append({
-                "rules": rules_name, "kernel": label, "function": name,
-                "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9, "bytes": nbytes,
-                "correct": correct, "compile_s": compile_s,
-                "launches": [f"{k.kernel} {k.global_size}/{k.local_size}" for k in launches],
-            })
+            rows.append(
+                {
+                    "rules": rules_name,
+                    "kernel": label,
+                    "function": name,
+                    "seconds": seconds,
+                    "gb_per_s": nbytes / seconds / 1e9,
+                    "bytes": nbytes,
+                    "correct": correct,
+                    "compile_s": compile_s,
+                    "launches": [f"{k.kernel} {k.global_size}/{k.local_size}" for k in launches],
+                }
+            )
     base = {r["kernel"]: r["seconds"] for r in rows if r["rules"] == next(iter(checkers))}
     for r in rows:
         r["speedup_vs_first"] = base[r["kernel"]] / r["seconds"] if r["kernel"] in base else None
@@ -186,11 +218,22 @@ def time_compile(config: dict[str, Any], target: str = "android-opencl") -> dict
         bundle = Path(tmp) / "pruned-llama-4.3b"
         bundle.mkdir()
         sizes = {"context_window_size": 512, "prefill_chunk_size": 16, "max_batch_size": 1}
-        chat = {"model_type": "llama", "quantization": "q0f16t",
-                "model_config": {**config, **sizes, "tensor_parallel_shards": 1}}
+        chat = {
+            "model_type": "llama",
+            "quantization": "q0f16t",
+            "model_config": {**config, **sizes, "tensor_parallel_shards": 1},
+        }
         (bundle / "mlc-chat-config.json").write_text(json.dumps(chat))
-        cmd = [sys.executable, "-m", "mlc_edge", "compile", str(bundle), "--target", target,
-               "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlc_edge",
+            "compile",
+            str(bundle),
+            "--target",
+            target,
+            "--json",
+        ]
         # The compile runs under a small parent of its own, which reports the largest
         # RSS of its children: this process's other children (PoCL's linker) stay out.
         wrapper = (
@@ -200,8 +243,9 @@ def time_compile(config: dict[str, Any], target: str = "android-opencl") -> dict
             " 'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
         )
         start = time.perf_counter()
-        outer = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True,
-                               text=True, check=True)
+        outer = subprocess.run(
+            [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True
+        )
         wall = time.perf_counter() - start
         child = json.loads(outer.stdout)
         if child["rc"] != 0:
@@ -211,61 +255,91 @@ def time_compile(config: dict[str, Any], target: str = "android-opencl") -> dict
         lib = Path(summary["library"])
         return {
             "model": "pruned Llama-3.1-8B (hidden 3072, intermediate 9216, 24/8 heads, "
-                     "32 layers, vocab 128256)",
-            "target": target, "seconds": wall,
+            "32 layers, vocab 128256)",
+            "target": target,
+            "seconds": wall,
             "peak_rss_mib": child["maxrss_kib"] / 1024,  # KiB on Linux
             "library_mib": lib.stat().st_size / 2**20,
-            "estimated_vram_mib": summary.get("app_config", {}).get(
-                "estimated_vram_bytes", 0) / 2**20,
+            "estimated_vram_mib": summary.get("app_config", {}).get("estimated_vram_bytes", 0)
+            / 2**20,
         }
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"device: {result['device']}"
-          + (" (fp16 kernels run as float: bytes are fp32's)" if result["fp16_as_float"]
-             else ""))
-    print(f"{'rules':<16} {'kernel':<22} {'function':<22} {'time':>10} {'MB read':>8} "
-          f"{'GB/s':>8} {'vs first':>8}  check")
+    print(
+        f"device: {result['device']}"
+        + (" (fp16 kernels run as float: bytes are fp32's)" if result["fp16_as_float"] else "")
+    )
+    print(
+        f"{'rules':<16} {'kernel':<22} {'function':<22} {'time':>10} {'MB read':>8} "
+        f"{'GB/s':>8} {'vs first':>8}  check"
+    )
     for r in result["rows"]:
         ratio = f"{r['speedup_vs_first']:.2f}x" if r["speedup_vs_first"] else "-"
         check = {True: "ok", False: "WRONG", None: "-"}[r["correct"]]
-        print(f"{r['rules']:<16} {r['kernel']:<22} {r['function']:<22} "
-              f"{r['seconds'] * 1e6:>8.0f}us {r['bytes'] / 1e6:>8.2f} {r['gb_per_s']:>8.2f} "
-              f"{ratio:>8}  {check}")
+        print(
+            f"{r['rules']:<16} {r['kernel']:<22} {r['function']:<22} "
+            f"{r['seconds'] * 1e6:>8.0f}us {r['bytes'] / 1e6:>8.2f} {r['gb_per_s']:>8.2f} "
+            f"{ratio:>8}  {check}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rules", action="append", default=[],
-                    help="NAME=module:attr (repeatable); default: stock vs adreno rules")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        help="NAME=module:attr (repeatable); default: stock vs adreno rules",
+    )
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="turns of the rule sets on each kernel (best median kept)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="turns of the rule sets on each kernel (best median kept)",
+    )
     ap.add_argument("--lm-head", action="store_true", help="also the 128256-row output layer")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time mlc-edge compile of the 4.3B pruned Llama config")
-    ap.add_argument("--quantization", default="q0f16t",
-                    help="scheme(s), e.g. q0f16t,q4f16t: each rule set's kernels per scheme")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time mlc-edge compile of the 4.3B pruned Llama config",
+    )
+    ap.add_argument(
+        "--quantization",
+        default="q0f16t",
+        help="scheme(s), e.g. q0f16t,q4f16t: each rule set's kernels per scheme",
+    )
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args(argv)
 
     specs = args.rules or DEFAULT_RULES
     rule_sets = dict(load_rules(s) for s in specs)
-    result = benchmark_rule_sets(rule_sets, repeat=args.repeat, lm_head=args.lm_head,
-                                 check=not args.no_check, rounds=args.rounds,
-                                 quantizations=tuple(args.quantization.split(",")))
+    result = benchmark_rule_sets(
+        rule_sets,
+        repeat=args.repeat,
+        lm_head=args.lm_head,
+        check=not args.no_check,
+        rounds=args.rounds,
+        quantizations=tuple(args.quantization.split(",")),
+    )
     if args.compile:
         result["compile"] = time_compile(PRUNED_LLAMA_3_1_8B)
     if not args.json_only:
         print_table(result)
         if "compile" in result:
             c = result["compile"]
-            print(f"mlc-edge compile {c['model']} for {c['target']}: {c['seconds']:.1f} s, "
-                  f"peak memory {c['peak_rss_mib']:.0f} MiB, library {c['library_mib']:.1f} MiB")
-    compact = {**result, "rows": [{k: v for k, v in r.items() if k != "launches"}
-                                  for r in result["rows"]]}
+            print(
+                f"mlc-edge compile {c['model']} for {c['target']}: {c['seconds']:.1f} s, "
+                f"peak memory {c['peak_rss_mib']:.0f} MiB, library {c['library_mib']:.1f} MiB"
+            )
+    compact = {
+        **result,
+        "rows": [{k: v for k, v in r.items() if k != "launches"} for r in result["rows"]],
+    }
     print(json.dumps({"benchmark": "opencl_kernels", "cpus": os.cpu_count(), **compact}))
     if any(r["correct"] is False for r in result["rows"]):
         sys.exit(1)

@@ -203,8 +203,9 @@ def _to_fp32(expr: tirx.Expr) -> tirx.Expr:
 
 def is_fp16_matmul(pat: KNPattern) -> bool:
     """fp16 operands and output: the case that must accumulate in fp32."""
-    return (pat.out_dtype == "float16"
-            and operand_dtype(pat.lhs) == operand_dtype(pat.rhs) == "float16")
+    return (
+        pat.out_dtype == "float16" and operand_dtype(pat.lhs) == operand_dtype(pat.rhs) == "float16"
+    )
 
 
 def accumulate_in_fp32(sch: s_tir.Schedule, block_rv: s_tir.schedule.SBlockRV) -> bool:

@@ -14,5 +14,6 @@ prepare_environment()
 # float rewrite's checks, as before Intel's runtime was in .[dev]; test_verify_fp16.py
 # asks for Intel by name. MLC_EDGE_OPENCL_DEVICE=intel runs them all in real fp16.
 if "MLC_EDGE_OPENCL_DEVICE" not in os.environ and any(
-        d.implementation == "pocl" for d in available_devices()):
+    d.implementation == "pocl" for d in available_devices()
+):
     os.environ["MLC_EDGE_OPENCL_DEVICE"] = "pocl"

@@ -42,7 +42,6 @@ PREFILL = "adreno.prefill_matmul_kn"
 GEMV_NK = "adreno.gemv_nk"
 
 
-
 def _opencl_device() -> str | None:
     try:
         import pyopencl as cl
@@ -53,12 +52,12 @@ def _opencl_device() -> str | None:
     return None if devices else "no OpenCL device"
 
 
-needs_opencl = pytest.mark.skipif(_opencl_device() is not None,
-                                  reason=_opencl_device() or "")
+needs_opencl = pytest.mark.skipif(_opencl_device() is not None, reason=_opencl_device() or "")
 
 
-def kn_matmul(rows: str | int, k: int, n: int, epilogue: str | None = None,
-              dtype: str = "float16") -> tirx.PrimFunc:
+def kn_matmul(
+    rows: str | int, k: int, n: int, epilogue: str | None = None, dtype: str = "float16"
+) -> tirx.PrimFunc:
     """``x[b, s, K] @ weight[K, N]`` (+ an epilogue), as LegalizeOps + FuseTIR make it.
 
     ``rows``: ``"seq_len"`` (prefill chunk), ``"batch_size"`` (batch decode: one token
@@ -72,8 +71,7 @@ def kn_matmul(rows: str | int, k: int, n: int, epilogue: str | None = None,
     x = te.placeholder((*lead, k), dtype, name="x")
     w = te.placeholder((k, n), dtype, name="weight")
     r = te.reduce_axis((tirx.IntImm(i64, 0), k), name="k")
-    mm = te.compute((*lead, n), lambda b, i, j: te.sum(x[b, i, r] * w[r, j], axis=r),
-                    name="matmul")
+    mm = te.compute((*lead, n), lambda b, i, j: te.sum(x[b, i, r] * w[r, j], axis=r), name="matmul")
     args = [x, w]
     if epilogue == "add":  # the residual
         res = te.placeholder((*lead, n), dtype, name="residual")
@@ -81,8 +79,9 @@ def kn_matmul(rows: str | int, k: int, n: int, epilogue: str | None = None,
         args.append(res)
     elif epilogue == "silu_mul":  # SiLU(gate) * up
         up = te.placeholder((*lead, n), dtype, name="up")
-        out = te.compute((*lead, n), lambda *i: mm(*i) * te.sigmoid(mm(*i)) * up(*i),
-                         name="T_silu_mul")
+        out = te.compute(
+            (*lead, n), lambda *i: mm(*i) * te.sigmoid(mm(*i)) * up(*i), name="T_silu_mul"
+        )
         args.append(up)
     elif epilogue == "cast":  # the output layer's fp32 logits
         out = te.compute((*lead, n), lambda *i: mm(*i).astype("float32"), name="compute")
@@ -110,8 +109,9 @@ def nt_matmul(rows: str | int, k: int, n: int, dtype: str = "float16") -> tirx.P
     x = te.placeholder((*lead, k), dtype, name="x")
     w = te.placeholder((n, k), dtype, name="weight")
     r = te.reduce_axis((tirx.IntImm(i64, 0), k), name="k")
-    mm = te.compute((*lead, n), lambda b, i, j: te.sum(x[b, i, r] * w[j, r], axis=r),
-                    name="NT_matmul")
+    mm = te.compute(
+        (*lead, n), lambda b, i, j: te.sum(x[b, i, r] * w[j, r], axis=r), name="NT_matmul"
+    )
     out = te.compute((*lead, n), lambda *i: mm(*i).astype("float32"), name="compute")
     func = te.create_prim_func([x, w, out]).with_attr("tirx.noalias", True)
     return func.with_attr("global_symbol", "f")
@@ -152,14 +152,22 @@ def runner() -> OpenCLRunner:
     return OpenCLRunner()
 
 
-def check(func: tirx.PrimFunc, runner: OpenCLRunner, rules: list | None = None,
-          seq_lens: tuple[int, ...] = (1, 7, 16)):
+def check(
+    func: tirx.PrimFunc,
+    runner: OpenCLRunner,
+    rules: list | None = None,
+    seq_lens: tuple[int, ...] = (1, 7, 16),
+):
     """Schedule ``func``, run it for each size on OpenCL, compare with the CPU."""
     unscheduled = IRModule({"f": func})
     scheduled = schedule(func, rules or adreno_rules())
-    checker = KernelChecker(unscheduled, scheduled, get_target("android-opencl").tvm_target(),
-                            Sizes(vocab_size=1, seq_lens=seq_lens, batch_size=3),
-                            runner=runner)
+    checker = KernelChecker(
+        unscheduled,
+        scheduled,
+        get_target("android-opencl").tvm_target(),
+        Sizes(vocab_size=1, seq_lens=seq_lens, batch_size=3),
+        runner=runner,
+    )
     return scheduled["f"], checker, checker.check("f")
 
 
@@ -167,13 +175,16 @@ def check(func: tirx.PrimFunc, runner: OpenCLRunner, rules: list | None = None,
 
 
 @needs_opencl
-@pytest.mark.parametrize("k,n,epilogue", [
-    (256, 384, None),
-    (96, 100, "add"),         # N: 25 vectors of 4, a partial tile of threads
-    (37, 75, "silu_mul"),     # odd K and N: vectors of 1, K not split
-    (160, 384, "cast"),       # fp32 output (the logits)
-    (4864, 64, None),         # a long reduction (Qwen2.5-1.5B's intermediate size)
-])
+@pytest.mark.parametrize(
+    "k,n,epilogue",
+    [
+        (256, 384, None),
+        (96, 100, "add"),  # N: 25 vectors of 4, a partial tile of threads
+        (37, 75, "silu_mul"),  # odd K and N: vectors of 1, K not split
+        (160, 384, "cast"),  # fp32 output (the logits)
+        (4864, 64, None),  # a long reduction (Qwen2.5-1.5B's intermediate size)
+    ],
+)
 def test_decode_gemv_matches_the_cpu(runner, k, n, epilogue):
     func, checker, results = check(kn_matmul(1, k, n, epilogue), runner)
     assert annotations(func) == [GEMV]
@@ -193,15 +204,19 @@ def test_batch_decode_gemv_matches_the_cpu(runner, epilogue):
 
 
 @needs_opencl
-@pytest.mark.parametrize("k,n,epilogue", [
-    (64, 160, "silu_mul"),
-    (37, 75, "add"),          # odd K and N
-    (160, 384, "cast"),
-    (100, 96, None),
-])
+@pytest.mark.parametrize(
+    "k,n,epilogue",
+    [
+        (64, 160, "silu_mul"),
+        (37, 75, "add"),  # odd K and N
+        (160, 384, "cast"),
+        (100, 96, None),
+    ],
+)
 def test_prefill_matmul_matches_the_cpu(runner, k, n, epilogue):
-    func, checker, results = check(kn_matmul("seq_len", k, n, epilogue), runner,
-                                   seq_lens=(1, 7, 16, 20))
+    func, checker, results = check(
+        kn_matmul("seq_len", k, n, epilogue), runner, seq_lens=(1, 7, 16, 20)
+    )
     assert annotations(func) == [PREFILL]
     assert [r.sizes["seq_len"] for r in results] == [1, 7, 16, 20]
     assert all(r.passed for r in results), results
@@ -224,12 +239,15 @@ def test_a_broken_launch_of_our_kernels_is_caught(runner):
 
 
 @needs_opencl
-@pytest.mark.parametrize("rows,k,n", [
-    ("batch_size", 2048, 300),      # batch decode's lm_head; N not a multiple of 32 rows
-    ("batch_prefill", 96, 75),      # batch prefill's [1, b, K]; odd N
-    (1, 37, 40),                    # decode; odd K: vectors of 1, K not split
-    ("batch_size", 8192, 64),       # a long reduction
-])
+@pytest.mark.parametrize(
+    "rows,k,n",
+    [
+        ("batch_size", 2048, 300),  # batch decode's lm_head; N not a multiple of 32 rows
+        ("batch_prefill", 96, 75),  # batch prefill's [1, b, K]; odd N
+        (1, 37, 40),  # decode; odd K: vectors of 1, K not split
+        ("batch_size", 8192, 64),  # a long reduction
+    ],
+)
 def test_tied_lm_head_gemv_matches_the_cpu(runner, rows, k, n):
     func, checker, results = check(nt_matmul(rows, k, n), runner, seq_lens=(1,))
     assert annotations(func) == [GEMV_NK]
@@ -253,8 +271,9 @@ def shared_buffers(func: tirx.PrimFunc) -> dict[str, list[str]]:
     def on_block(block: s_tir.SBlock) -> None:
         for buf in block.alloc_buffers:
             if buf.scope() == "shared":
-                found[buf.name] = [str(d) if isinstance(d, tirx.Var) else str(int(d))
-                                   for d in buf.shape]
+                found[buf.name] = [
+                    str(d) if isinstance(d, tirx.Var) else str(int(d)) for d in buf.shape
+                ]
 
     tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
     return found
@@ -272,7 +291,6 @@ def test_the_nk_gemv_stages_the_activation_row_in_local_memory(k, staged):
     assert rows == ([["batch_size", "1", str(k)]] if staged else []), shared_buffers(func)
 
 
-
 def test_the_devices_local_memory_bounds_the_staged_row():
     """A GPU whose description gives a work-group 8 KiB of local memory (less than the
     target's 16 KiB) keeps a 4096-half row (8 KiB, plus the partial sums) in global memory."""
@@ -282,6 +300,7 @@ def test_the_devices_local_memory_bounds_the_staged_row():
     assert not [name for name in shared_buffers(func["f"]) if name.startswith("x")]
     func = schedule(nt_matmul("batch_size", 2048, 64), [GemvNK(AdrenoTuning.for_device(small))])
     assert [name for name in shared_buffers(func["f"]) if name.startswith("x")]
+
 
 @needs_opencl
 def test_a_broken_launch_of_the_nk_gemv_is_caught(runner):
@@ -351,8 +370,11 @@ def test_the_tied_lm_head_is_ours_in_every_function(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     spec = ModelSpec.create(config, "q0f16t", load_preset("edge-512"))
     unscheduled, scheduled = scheduled_module(spec, get_target("android-opencl"))
-    heads = [gv.name_hint for gv, f in unscheduled.functions_items()
-             if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("fused_NT_matmul")]
+    heads = [
+        gv.name_hint
+        for gv, f in unscheduled.functions_items()
+        if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("fused_NT_matmul")
+    ]
     assert len(heads) == 3, heads  # decode/prefill share one; batch_decode; batch_prefill
     for name in heads:
         assert annotations(scheduled[name]) == [GEMV_NK], name
@@ -368,8 +390,9 @@ def test_the_tied_lm_head_is_ours_on_cuda_too():
 
     target = get_target("cuda")
     with target.tvm_target():
-        mod = dl.ApplyDefaultSchedule(*cuda_rules())(IRModule({"f": nt_matmul("batch_size",
-                                                                             2048, 1000)}))
+        mod = dl.ApplyDefaultSchedule(*cuda_rules())(
+            IRModule({"f": nt_matmul("batch_size", 2048, 1000)})
+        )
     assert annotations(mod["f"]) == [GEMV_NK]
     assert accumulator_dtypes(mod["f"]) == {"float32"}
     if target.build_problem() is None:
@@ -382,8 +405,7 @@ def test_the_tied_lm_head_is_ours_on_cuda_too():
 def test_every_kernel_of_the_tiny_model_passes_with_our_rules(tiny_spec, runner):
     checker = model_checker(tiny_spec, get_target("android-opencl"), runner=runner)
     report = checker.check_all()
-    assert report.passed, [(r.function, r.sizes, r.max_rel_error, r.error)
-                           for r in report.failed]
+    assert report.passed, [(r.function, r.sizes, r.max_rel_error, r.error) for r in report.failed]
     ours = {name for name, f in checker.funcs.items() if annotations(f)}
     checked = set(report.checked_functions())
     assert ours and ours <= checked
@@ -409,8 +431,10 @@ def test_tunables_come_from_the_gpus_json():
     # The GPU's device description (its work-group cap) and the rule set's tunables (the
     # defaults: none is tuned for the Adreno 750 in schedules/adreno/tuning.json).
     path = ROOT / "configs" / "devices" / "adreno-750.json"
-    assert "adreno-750" not in json.loads(
-        (ROOT / "schedules" / "adreno" / "tuning.json").read_text())["gpus"]
+    assert (
+        "adreno-750"
+        not in json.loads((ROOT / "schedules" / "adreno" / "tuning.json").read_text())["gpus"]
+    )
     data = {**json.loads(path.read_text()), "schedule": _default_tunables()}
     tuning = AdrenoTuning.load("adreno-750")
     assert tuning.gpu == "adreno-750"
@@ -445,8 +469,9 @@ def test_other_tunables_give_another_schedule():
     s8 = schedule(pre, [PrefillMatmulKN(p8)])["f"].script()
     assert "// T.int64(16)" in s16 and "// T.int64(8)" in s8
     # work-groups stay within the GPU's limits
-    small = AdrenoTuning.for_device(default.replace(schedule_threads=256,
-                                                    max_work_group_size=64), {})
+    small = AdrenoTuning.for_device(
+        default.replace(schedule_threads=256, max_work_group_size=64), {}
+    )
     assert _work_group(schedule(func, [GemvKN(small)])["f"]) <= 64
     assert _work_group(schedule(pre, [PrefillMatmulKN(small)])["f"]) <= 64
 

@@ -68,8 +68,9 @@ def assert_one_error_line(code: int, out: str, err: str, *words: str) -> None:
 
 def test_bench_json_has_the_documented_fields(models, cpu_bundle, capsys):
     model, _ = models
-    code, out, err = cli(capsys, "bench", str(cpu_bundle), "-p", "16,33", "-n", "8", "-r", "3",
-                         "-t", "1", "--json")
+    code, out, err = cli(
+        capsys, "bench", str(cpu_bundle), "-p", "16,33", "-n", "8", "-r", "3", "-t", "1", "--json"
+    )
     assert code == 0, err
     results = json.loads(out)
     assert [r["test"] for r in results] == ["pp16", "pp33", "tg8"]
@@ -78,7 +79,11 @@ def test_bench_json_has_the_documented_fields(models, cpu_bundle, capsys):
     for r in results:
         assert list(r) == list(FIELDS)
         assert (r["target"], r["backend"], r["quantization"], r["model_type"]) == (
-            "cpu", "CPU", "q0f16t", "llama")
+            "cpu",
+            "CPU",
+            "q0f16t",
+            "llama",
+        )
         assert r["model_lib"] == "hf_q0f16t_cpu" and r["model"] == "cpu"
         assert r["n_params"] == n_params and r["size"] == 2 * n_params  # fp16 weights
         assert r["threads"] == 1 and r["repetitions"] == 3
@@ -124,7 +129,10 @@ def test_the_engine_runs_a_thread_per_physical_core_unless_told(cpu_bundle):
     def threads(**extra: str) -> int:
         run = subprocess.run(
             [sys.executable, "-c", probe, str(cpu_bundle)],
-            env={**env, **extra}, capture_output=True, text=True, check=True,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return int(run.stdout.split()[-1])
 
@@ -135,10 +143,12 @@ def test_the_engine_runs_a_thread_per_physical_core_unless_told(cpu_bundle):
 def test_bench_on_a_4bit_bundle(models, capsys):
     """q4f16t-hf: bench runs it; n_params is the model's, size the packed bytes on disk."""
     model, root = models
-    bundle = compile_bundle(root / "hf", root / "q4", "--target", "cpu",
-                            "--quantization", "q4f16t-hf")
-    code, out, err = cli(capsys, "bench", str(bundle), "-p", "20", "-n", "4", "-r", "1",
-                         "-t", "1", "--json")
+    bundle = compile_bundle(
+        root / "hf", root / "q4", "--target", "cpu", "--quantization", "q4f16t-hf"
+    )
+    code, out, err = cli(
+        capsys, "bench", str(bundle), "-p", "20", "-n", "4", "-r", "1", "-t", "1", "--json"
+    )
     assert code == 0, err
     results = json.loads(out)
     assert [r["test"] for r in results] == ["pp20", "tg4"]
@@ -179,8 +189,9 @@ def test_pp_prefills_in_chunks_and_tg_decodes_from_empty(cpu_bundle, monkeypatch
 
 
 def test_bench_csv_and_table(cpu_bundle, capsys):
-    code, out, err = cli(capsys, "bench", str(cpu_bundle), "-p", "16", "-n", "4", "-r", "2",
-                         "--csv")
+    code, out, err = cli(
+        capsys, "bench", str(cpu_bundle), "-p", "16", "-n", "4", "-r", "2", "--csv"
+    )
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["test"] for r in rows] == ["pp16", "tg4"]
@@ -192,7 +203,14 @@ def test_bench_csv_and_table(cpu_bundle, capsys):
     assert code == 0, err
     header, rule, row = out.strip().splitlines()
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "model", "size", "params", "backend", "threads", "test", "t/s"]
+        "model",
+        "size",
+        "params",
+        "backend",
+        "threads",
+        "test",
+        "t/s",
+    ]
     assert "pp16" in row and "±" in row and "CPU" in row
 
 
@@ -215,8 +233,9 @@ def test_bench_refuses_a_library_for_another_target(models, cpu_bundle, capsys):
     _, root = models
     phone = compile_bundle(root / "hf", root / "phone", "--target", "android-opencl")
     assert_one_error_line(*cli(capsys, "bench", str(phone)), "phone", "--target cpu")
-    assert_one_error_line(*cli(capsys, "bench", str(cpu_bundle), "--device", "cuda"),
-                          "compiled for cpu")
+    assert_one_error_line(
+        *cli(capsys, "bench", str(cpu_bundle), "--device", "cuda"), "compiled for cpu"
+    )
 
 
 def _cuda_bundle(models) -> Path:
@@ -261,8 +280,13 @@ def test_cuda_build_holds_compiled_kernels(models, capsys):
     assert b"sm_80" in data and b"sm_90" in data
     # A runtime-only TVM loads it without compiling anything.
     env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
-    done = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_LOAD, str(lib)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", RUNTIME_ONLY_LOAD, str(lib)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cuda" in done.stdout.strip().split(",")
 
@@ -291,12 +315,13 @@ def test_bench_on_cuda(models, capsys):
     problem = cuda_problem()
     if problem:
         pytest.skip(f"no CUDA GPU: {problem}")
-    code, text, err = cli(capsys, "bench", str(out), "-p", "33", "-n", "8", "-r", "2",
-                          "--json")
+    code, text, err = cli(capsys, "bench", str(out), "-p", "33", "-n", "8", "-r", "2", "--json")
     assert code == 0, err
     results = json.loads(text)
     assert [(r["test"], r["backend"], r["target"]) for r in results] == [
-        ("pp33", "CUDA", "cuda"), ("tg8", "CUDA", "cuda")]
+        ("pp33", "CUDA", "cuda"),
+        ("tg8", "CUDA", "cuda"),
+    ]
     # The speed is of a correct model: greedy tokens as transformers', logits within a
     # small multiple of fp16's own error (as test_llama_matches_transformers' q0f16t test).
     model, _ = models
@@ -322,7 +347,9 @@ def test_cuda_benchmark_weights_match_mlc_edge_convert(models, cpu_bundle, tmp_p
     model, _ = models
     recipe = bench_script.weights_recipe(cpu_bundle)
     assert [p["name"] for p in recipe["params"]][:2] == [
-        "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"]
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+    ]
     assert any(p["transpose"] for p in recipe["params"])  # q0f16t: linear weights [in, out]
     bench_script.write_weights(model, recipe, tmp_path)
     ours = json.loads((tmp_path / "tensor-cache.json").read_text())

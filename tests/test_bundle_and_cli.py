@@ -28,28 +28,66 @@ from mlc_edge.errors import UserError
 from mlc_edge.runtime import Engine, Sampler
 
 REQUIRED_CHAT_CONFIG = (
-    "model_type", "vocab_size", "prefill_chunk_size", "model_config", "conv_template",
-    "version", "quantization", "context_window_size", "sliding_window_size",
-    "attention_sink_size", "tensor_parallel_shards", "pipeline_parallel_stages",
-    "active_vocab_size", "temperature", "top_p", "repetition_penalty", "tokenizer_files",
-    "tokenizer_info", "pad_token_id", "bos_token_id", "eos_token_id", "model_task",
+    "model_type",
+    "vocab_size",
+    "prefill_chunk_size",
+    "model_config",
+    "conv_template",
+    "version",
+    "quantization",
+    "context_window_size",
+    "sliding_window_size",
+    "attention_sink_size",
+    "tensor_parallel_shards",
+    "pipeline_parallel_stages",
+    "active_vocab_size",
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "tokenizer_files",
+    "tokenizer_info",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "model_task",
 )
 REQUIRED_METADATA = (
-    "model_type", "quantization", "context_window_size", "sliding_window_size",
-    "attention_sink_size", "prefill_chunk_size", "max_batch_size", "tensor_parallel_shards",
-    "pipeline_parallel_stages", "kv_state_kind", "active_vocab_size", "model_task", "params",
-    "kv_cache", "memory_usage",
+    "model_type",
+    "quantization",
+    "context_window_size",
+    "sliding_window_size",
+    "attention_sink_size",
+    "prefill_chunk_size",
+    "max_batch_size",
+    "tensor_parallel_shards",
+    "pipeline_parallel_stages",
+    "kv_state_kind",
+    "active_vocab_size",
+    "model_task",
+    "params",
+    "kv_cache",
+    "memory_usage",
 )
 RUNTIME_FUNCTIONS = (
-    "_metadata", "embed", "prefill", "decode", "batch_prefill", "batch_decode",
-    "create_tir_paged_kv_cache", "alloc_embedding_tensor", "softmax_with_temperature",
-    "apply_logit_bias_inplace", "apply_penalty_inplace", "apply_bitmask_inplace",
+    "_metadata",
+    "embed",
+    "prefill",
+    "decode",
+    "batch_prefill",
+    "batch_decode",
+    "create_tir_paged_kv_cache",
+    "alloc_embedding_tensor",
+    "softmax_with_temperature",
+    "apply_logit_bias_inplace",
+    "apply_penalty_inplace",
+    "apply_bitmask_inplace",
 )
 
 
 def mlc_edge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlc_edge", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mlc_edge", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +118,16 @@ def test_bundle_files_follow_the_runtime_contract(bundle):
     for key in REQUIRED_METADATA:
         assert key in md, key
     assert (md["context_window_size"], md["prefill_chunk_size"], md["max_batch_size"]) == (
-        768, 16, 1)
-    assert md["kv_cache"] == {"num_hidden_layers": 3, "num_attention_heads": 4,
-                              "num_key_value_heads": 2, "head_dim": 16}
+        768,
+        16,
+        1,
+    )
+    assert md["kv_cache"] == {
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
     assert md["memory_usage"]["prefill"] > 0 and md["memory_usage"]["decode"] > 0
     for name in RUNTIME_FUNCTIONS:
         engine.vm[name]  # raises if the library lacks it
@@ -92,7 +137,9 @@ def test_bundle_files_follow_the_runtime_contract(bundle):
     assert [p["name"] for p in md["params"]] == list(records)
     for p in md["params"]:
         assert (records[p["name"]]["shape"], records[p["name"]]["dtype"]) == (
-            p["shape"], p["dtype"])
+            p["shape"],
+            p["dtype"],
+        )
     for shard in cache["records"]:
         data = (out / shard["dataPath"]).read_bytes()
         assert shard["format"] == "raw-shard" and shard["nbytes"] == len(data)
@@ -127,12 +174,17 @@ def test_weights_load_with_tvms_reader_and_keep_their_values(bundle):
     finally:
         tvm.get_global_func("vm.builtin.tensor_cache.clear")()
     attn = model.model.layers[1].self_attn
-    expected = np.concatenate([attn.q_proj.weight.detach().numpy(),
-                               attn.k_proj.weight.detach().numpy(),
-                               attn.v_proj.weight.detach().numpy()]).T.astype("float16")
+    expected = np.concatenate(
+        [
+            attn.q_proj.weight.detach().numpy(),
+            attn.k_proj.weight.detach().numpy(),
+            attn.v_proj.weight.detach().numpy(),
+        ]
+    ).T.astype("float16")
     np.testing.assert_array_equal(qkv, expected)  # q0f16t: fused, stored [in, out]
     np.testing.assert_array_equal(
-        embed, model.model.embed_tokens.weight.detach().numpy().astype("float16"))
+        embed, model.model.embed_tokens.weight.detach().numpy().astype("float16")
+    )
 
 
 def test_run_cli_streams_and_reports_speeds(bundle):
@@ -140,8 +192,7 @@ def test_run_cli_streams_and_reports_speeds(bundle):
     text = mlc_edge("run", str(out), "What is the capital of France?", "--max-tokens", "6")
     assert text.returncode == 0, text.stderr
     assert "prefill" in text.stderr and "decode" in text.stderr and "tok/s" in text.stderr
-    res = mlc_edge("run", str(out), "What is the capital of France?", "--max-tokens", "6",
-                   "--json")
+    res = mlc_edge("run", str(out), "What is the capital of France?", "--max-tokens", "6", "--json")
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     assert 1 <= len(result["token_ids"]) <= 6
@@ -153,10 +204,12 @@ def test_run_cli_streams_and_reports_speeds(bundle):
 
 def test_generation_stops_when_the_context_window_is_full(tmp_path):
     model = make_llama(tmp_path / "hf")
-    out = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q0f32t",
-                         "--context-window-size", "48")
+    out = compile_bundle(
+        tmp_path / "hf", tmp_path / "b", "--quantization", "q0f32t", "--context-window-size", "48"
+    )
     engine = Engine(out)
     ids = prompt_ids(model.config.vocab_size)
+
     # eos is token 1; a sampler that never picks it keeps generating until the window ends
     class NeverEos(Sampler):
         def __call__(self, probs: np.ndarray) -> int:
@@ -188,10 +241,14 @@ def test_softmax_with_temperature_through_the_vm(bundle):
     vm = Engine(out).vm
     logits, temps = softmax_cases(384, 384)
     # One row a call: the library is planned for max_batch_size (1) rows.
-    probs = np.concatenate([
-        vm["softmax_with_temperature"](tvm.runtime.tensor(logits[row : row + 1]),
-                                       tvm.runtime.tensor(temps[row : row + 1])).numpy()
-        for row in range(len(temps))])
+    probs = np.concatenate(
+        [
+            vm["softmax_with_temperature"](
+                tvm.runtime.tensor(logits[row : row + 1]), tvm.runtime.tensor(temps[row : row + 1])
+            ).numpy()
+            for row in range(len(temps))
+        ]
+    )
     check_softmax(probs, logits, 384)
 
 
@@ -204,13 +261,20 @@ def test_softmax_with_temperature_zeroes_ids_past_the_active_vocabulary():
 
     class Softmax(nn.Module):
         def softmax(self, logits: nn.Tensor, temperature: nn.Tensor) -> nn.Tensor:
-            return op.tensor_expr_op(softmax_with_temperature_te, "softmax",
-                                     args=[logits, temperature, 384])
+            return op.tensor_expr_op(
+                softmax_with_temperature_te, "softmax", args=[logits, temperature, 384]
+            )
 
     none = {"param_mode": "none", "effect_mode": "none"}
-    mod, _ = Softmax().export_tvm(spec={"softmax": {
-        "logits": nn.spec.Tensor(["batch_size", 1, "vocab_size"], "float32"),
-        "temperature": nn.spec.Tensor(["batch_size"], "float32"), "$": none}})
+    mod, _ = Softmax().export_tvm(
+        spec={
+            "softmax": {
+                "logits": nn.spec.Tensor(["batch_size", 1, "vocab_size"], "float32"),
+                "temperature": nn.spec.Tensor(["batch_size"], "float32"),
+                "$": none,
+            }
+        }
+    )
     vm = relax.VirtualMachine(relax.build(mod, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
     logits, temps = softmax_cases(390, 384)
     probs = vm["softmax"](tvm.runtime.tensor(logits), tvm.runtime.tensor(temps)).numpy()
@@ -239,9 +303,12 @@ def test_logit_processors_match_numpy(bundle):
     logits = rng.normal(size=(2, 384)).astype("float32")
 
     x = tvm.runtime.tensor(logits.copy())
-    vm["apply_logit_bias_inplace"](x, tvm.runtime.tensor(np.array([0, 1], "int32")),
-                                   tvm.runtime.tensor(np.array([5, 7], "int32")),
-                                   tvm.runtime.tensor(np.array([2.0, -3.0], "float32")))
+    vm["apply_logit_bias_inplace"](
+        x,
+        tvm.runtime.tensor(np.array([0, 1], "int32")),
+        tvm.runtime.tensor(np.array([5, 7], "int32")),
+        tvm.runtime.tensor(np.array([2.0, -3.0], "float32")),
+    )
     expected = logits.copy()
     expected[0, 5] += 2.0
     expected[1, 7] -= 3.0
@@ -249,11 +316,14 @@ def test_logit_processors_match_numpy(bundle):
 
     x = tvm.runtime.tensor(logits.copy())
     penalties = np.array([[0.5, 0.25, 1.5]], "float32")
-    vm["apply_penalty_inplace"](x, tvm.runtime.tensor(np.array([1], "int32")),
-                                tvm.runtime.tensor(np.array([0, 0], "int32")),
-                                tvm.runtime.tensor(np.array([3, 9], "int32")),
-                                tvm.runtime.tensor(np.array([2, 1], "int32")),
-                                tvm.runtime.tensor(penalties))
+    vm["apply_penalty_inplace"](
+        x,
+        tvm.runtime.tensor(np.array([1], "int32")),
+        tvm.runtime.tensor(np.array([0, 0], "int32")),
+        tvm.runtime.tensor(np.array([3, 9], "int32")),
+        tvm.runtime.tensor(np.array([2, 1], "int32")),
+        tvm.runtime.tensor(penalties),
+    )
     expected = logits.copy()
     for tok, cnt in ((3, 2), (9, 1)):
         v = expected[1, tok] - (0.5 + cnt * 0.25)
@@ -263,8 +333,9 @@ def test_logit_processors_match_numpy(bundle):
     x = tvm.runtime.tensor(logits.copy())
     bitmask = np.zeros((2, 12), "int32")
     bitmask[0, 0] = 0b101  # tokens 0 and 2 allowed for row 0
-    vm["apply_bitmask_inplace"](x, tvm.runtime.tensor(np.array([0], "int32")),
-                                tvm.runtime.tensor(bitmask))
+    vm["apply_bitmask_inplace"](
+        x, tvm.runtime.tensor(np.array([0], "int32")), tvm.runtime.tensor(bitmask)
+    )
     got = x.numpy()
     assert np.all(got[0, [1] + list(range(3, 384))] < -1e30)
     np.testing.assert_array_equal(got[0, [0, 2]], logits[0, [0, 2]])
@@ -274,9 +345,11 @@ def test_logit_processors_match_numpy(bundle):
 def test_subcommands_build_the_same_bundle_step_by_step(bundle, tmp_path):
     _, root, full = bundle
     hf, out = root / "hf", tmp_path / "steps"
-    for args in (["gen-config", str(hf), "-o", str(out), "--preset", "edge-768"],
-                 ["convert", str(hf), "-o", str(out), "--json"],
-                 ["compile", str(out), "--json"]):
+    for args in (
+        ["gen-config", str(hf), "-o", str(out), "--preset", "edge-768"],
+        ["convert", str(hf), "-o", str(out), "--json"],
+        ["compile", str(out), "--json"],
+    ):
         res = mlc_edge(*args)
         assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
@@ -291,10 +364,16 @@ def test_tokenizer_model_only_checkpoint_gets_a_tokenizer_json(tmp_path):
     make_llama(hf)
     (hf / "tokenizer.json").unlink()
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["The capital of France is Paris.",
-                                 "Small language models run on phones."] * 50))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(hf / "tokenizer"),
-                                   vocab_size=300, model_type="bpe", byte_fallback=True)
+    corpus.write_text(
+        "\n".join(["The capital of France is Paris.", "Small language models run on phones."] * 50)
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(hf / "tokenizer"),
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+    )
     (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     res = mlc_edge("gen-config", str(hf), "-o", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr
@@ -323,10 +402,16 @@ def _truncate_weights(hf: Path) -> None:
 BAD_INPUTS = {
     "missing config.json": (lambda hf: (hf / "config.json").unlink(), [], "config.json"),
     "unsupported architecture": (
-        lambda hf: _break_config(hf, architectures=["MambaForCausalLM"]), [], "not supported"),
+        lambda hf: _break_config(hf, architectures=["MambaForCausalLM"]),
+        [],
+        "not supported",
+    ),
     "truncated safetensors": (_truncate_weights, [], "truncated"),
     "weight shape does not fit config": (
-        lambda hf: _break_config(hf, intermediate_size=96), [], "config.json implies"),
+        lambda hf: _break_config(hf, intermediate_size=96),
+        [],
+        "config.json implies",
+    ),
     "unknown target": (lambda hf: None, ["--target", "tpu"], "unknown target"),
     "unknown preset": (lambda hf: None, ["--preset", "edge-9000"], "unknown preset"),
     "unknown quantization": (lambda hf: None, ["--quantization", "q4f16"], "unknown quant"),
@@ -370,6 +455,9 @@ def test_installed_package_carries_its_presets():
     from mlc_edge.config import load_preset, preset_names
 
     assert {"edge-512", "edge-768"} <= set(preset_names())
-    assert load_preset("edge-768") == {"max_batch_size": 1, "prefill_chunk_size": 16,
-                                       "context_window_size": 768}
+    assert load_preset("edge-768") == {
+        "max_batch_size": 1,
+        "prefill_chunk_size": 16,
+        "context_window_size": 768,
+    }
     assert os.path.basename(os.path.dirname(load_preset.__code__.co_filename)) == "config"

@@ -22,9 +22,7 @@ def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
     return {
         "model.embed_tokens.weight": rng.standard_normal((16, 8)).astype(np.float32),
         "model.norm.weight": rng.standard_normal(8).astype(np.float16),
-        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((8, 8)).astype(
-            np.float64
-        ),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((8, 8)).astype(np.float64),
         "position_ids": np.arange(12, dtype=np.int64).reshape(3, 4),
         "counts": np.arange(5, dtype=np.int32),
         "scalar": np.array(3.5, dtype=np.float32),
@@ -55,8 +53,10 @@ def test_single_safetensors(tmp_path: Path) -> None:
 def test_sharded_safetensors_with_index(tmp_path: Path) -> None:
     want = _tensors()
     names = list(want)
-    shards = {"model-00001-of-00002.safetensors": names[:3],
-              "model-00002-of-00002.safetensors": names[3:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:3],
+        "model-00002-of-00002.safetensors": names[3:],
+    }
     weight_map = {}
     for shard, members in shards.items():
         save_numpy({n: want[n] for n in members}, str(tmp_path / shard))
@@ -149,9 +149,7 @@ def test_corrupt_safetensors_header(tmp_path: Path) -> None:
         Checkpoint.open(tmp_path)
 
     # Offsets that disagree with shape x itemsize.
-    header = json.dumps(
-        {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}
-    ).encode()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     with pytest.raises(UserError, match=r"model\.safetensors is corrupt: tensor w"):
         Checkpoint.open(tmp_path)
@@ -168,8 +166,12 @@ def test_index_names_missing_shard(tmp_path: Path) -> None:
     save_numpy({"counts": want["counts"]}, str(tmp_path / "model-00001-of-00002.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps(
-            {"weight_map": {"counts": "model-00001-of-00002.safetensors",
-                            "scalar": "model-00002-of-00002.safetensors"}}
+            {
+                "weight_map": {
+                    "counts": "model-00001-of-00002.safetensors",
+                    "scalar": "model-00002-of-00002.safetensors",
+                }
+            }
         )
     )
     with pytest.raises(UserError, match=r"model-00002-of-00002\.safetensors.*missing"):

@@ -187,22 +187,40 @@ LLAMA3_TEMPLATE = (
 )
 
 _CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eot_id|>"]
+_LLAMA3_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 
 # name → (jinja, special tokens, bos, eos, the template we must choose)
 TOKENIZERS = {
     "qwen2": (QWEN2_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", "qwen2"),
-    "qwen2.5": (QWEN25_TEMPLATE, _CHATML_TOKENS + ["<tool_call>", "</tool_call>"], None,
-                "<|im_end|>", "qwen2.5"),
-    "qwen3": (QWEN3_TEMPLATE, _CHATML_TOKENS + ["<think>", "</think>"], None, "<|im_end|>",
-              "qwen3"),
+    "qwen2.5": (
+        QWEN25_TEMPLATE,
+        _CHATML_TOKENS + ["<tool_call>", "</tool_call>"],
+        None,
+        "<|im_end|>",
+        "qwen2.5",
+    ),
+    "qwen3": (
+        QWEN3_TEMPLATE,
+        _CHATML_TOKENS + ["<think>", "</think>"],
+        None,
+        "<|im_end|>",
+        "qwen3",
+    ),
     "llama-3": (LLAMA3_TEMPLATE, _LLAMA3_TOKENS, "<|begin_of_text|>", "<|eot_id|>", "llama-3"),
 }
 
 SYSTEM = "You are a terse assistant."
-TURNS = [("user", "What is the capital of France?"), ("assistant", "Paris."),
-         ("user", "And of Italy?")]
+TURNS = [
+    ("user", "What is the capital of France?"),
+    ("assistant", "Paris."),
+    ("user", "And of Italy?"),
+]
 
 
 def _tokenizer_dir(path: Path, name: str) -> Path:
@@ -212,8 +230,12 @@ def _tokenizer_dir(path: Path, name: str) -> Path:
     tok = make_tokenizer()
     tok.add_special_tokens(specials)
     tok.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": jinja,
-              "bos_token": bos, "eos_token": eos}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": jinja,
+        "bos_token": bos,
+        "eos_token": eos,
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
@@ -225,8 +247,12 @@ def _ours(name: str, path: Path, system: str | None) -> str:
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     vocab = tokenizer_vocab(json.loads((path / "tokenizer.json").read_text()))
     bos = TOKENIZERS[name][2]
-    template = make_template(choose_template("unused", vocab, read_chat_template(path)), vocab,
-                             vocab[bos] if bos else None, [vocab[TOKENIZERS[name][3]]])
+    template = make_template(
+        choose_template("unused", vocab, read_chat_template(path)),
+        vocab,
+        vocab[bos] if bos else None,
+        [vocab[TOKENIZERS[name][3]]],
+    )
     if system is not None:
         template["system_message"] = system
     prefix = tok.decode(template["system_prefix_token_ids"], skip_special_tokens=False)
@@ -272,13 +298,14 @@ def test_phi2_instruct_output_format():
     assert template["system_prefix_token_ids"] == []
     assert template["stop_token_ids"] == [50256]
     text = render(template, [*TURNS, ("assistant", None)])
-    assert text == ("Instruct: What is the capital of France?\nOutput: Paris.\n"
-                    "Instruct: And of Italy?\nOutput:")
+    assert text == (
+        "Instruct: What is the capital of France?\nOutput: Paris.\nInstruct: And of Italy?\nOutput:"
+    )
 
 
 @pytest.mark.parametrize(
-    "family, expected", [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("phi", "phi-2"),
-                         ("llama", "llama-2")],
+    "family, expected",
+    [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("phi", "phi-2"), ("llama", "llama-2")],
 )
 def test_family_default_when_the_tokenizer_does_not_tell(family, expected):
     vocab = tokenizer_vocab(json.loads(make_tokenizer().to_str()))
@@ -286,9 +313,16 @@ def test_family_default_when_the_tokenizer_does_not_tell(family, expected):
 
 
 def test_named_chat_templates_and_jinja_file_are_read(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": [{"name": "tool_use", "template": "T"},
-                           {"name": "default", "template": "D"}]}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "tool_use", "template": "T"},
+                    {"name": "default", "template": "D"},
+                ]
+            }
+        )
+    )
     assert read_chat_template(tmp_path) == "D"
     (tmp_path / "chat_template.jinja").write_text("J")
     assert read_chat_template(tmp_path) == "J"
@@ -298,10 +332,19 @@ def test_gen_config_writes_qwen25_template_without_bos(tmp_path):
     """config.json of Qwen2.5 names bos_token_id 151643, but its prompts carry no BOS."""
     model = _tokenizer_dir(tmp_path / "model", "qwen2.5")
     vocab = tokenizer_vocab(json.loads((model / "tokenizer.json").read_text()))
-    hf = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 160,
-          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "vocab_size": 384, "tie_word_embeddings": True, "use_sliding_window": False,
-          "bos_token_id": vocab["<|endoftext|>"], "eos_token_id": vocab["<|im_end|>"]}
+    hf = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 384,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "bos_token_id": vocab["<|endoftext|>"],
+        "eos_token_id": vocab["<|im_end|>"],
+    }
     sizes = {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 512}
     out = tmp_path / "bundle"
     out.mkdir()
@@ -322,14 +365,26 @@ def test_the_jinja_chat_template_travels_with_the_bundle(tmp_path):
     template = config.pop("chat_template")
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     (model / "chat_template.jinja").write_text(template)
-    hf = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 160,
-          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "vocab_size": 384, "tie_word_embeddings": True, "use_sliding_window": False}
+    hf = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 384,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+    }
     sizes = {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 512}
     out = tmp_path / "bundle"
     out.mkdir()
-    assert generate_chat_config(model, ModelSpec.create(hf, "q0f16t", sizes), out)[
-        "conv_template"]["name"] == "qwen2.5"
+    assert (
+        generate_chat_config(model, ModelSpec.create(hf, "q0f16t", sizes), out)["conv_template"][
+            "name"
+        ]
+        == "qwen2.5"
+    )
     assert (out / "chat_template.jinja").read_text() == template
 
 
@@ -351,7 +406,8 @@ NUMBERED_TEMPLATE = (
 )
 # ChatML that marks messages after the fourth: only a three-turn check can tell.
 LATE_TEMPLATE = SMOLLM2_TEMPLATE.replace(
-    "message['content'] +", "('(again) ' if loop.index0 > 3 else '') + message['content'] +")
+    "message['content'] +", "('(again) ' if loop.index0 > 3 else '') + message['content'] +"
+)
 # Llama 3's format with a default system block (as Llama 3.1's writes one): the leading
 # BOS becomes system_prefix_token_ids.
 LLAMA3_DEFAULT_SYSTEM_TEMPLATE = (
@@ -362,17 +418,26 @@ LLAMA3_DEFAULT_SYSTEM_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{% endif %}"
 )
-DERIVED = {**{n: TOKENIZERS[n] for n in TOKENIZERS},
-           "smollm2": (SMOLLM2_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
-           "numbered": (NUMBERED_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
-           "late": (LATE_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
-           "llama-3-default-system": (LLAMA3_DEFAULT_SYSTEM_TEMPLATE, _LLAMA3_TOKENS,
-                                      "<|begin_of_text|>", "<|eot_id|>", None)}
+DERIVED = {
+    **{n: TOKENIZERS[n] for n in TOKENIZERS},
+    "smollm2": (SMOLLM2_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
+    "numbered": (NUMBERED_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
+    "late": (LATE_TEMPLATE, _CHATML_TOKENS, None, "<|im_end|>", None),
+    "llama-3-default-system": (
+        LLAMA3_DEFAULT_SYSTEM_TEMPLATE,
+        _LLAMA3_TOKENS,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        None,
+    ),
+}
 # What MLC's format cannot express, and the warning naming it.
-NOT_EXPRESSIBLE = {"qwen3": "writes no system block", "llama-3": "writes no system block",
-                   "numbered": "differs",
-                   "late": "renders the conversation system+user+assistant+user+assistant+user "
-                           "differently"}
+NOT_EXPRESSIBLE = {
+    "qwen3": "writes no system block",
+    "llama-3": "writes no system block",
+    "numbered": "differs",
+    "late": "renders the conversation system+user+assistant+user+assistant+user differently",
+}
 CONVERSATIONS = [
     [("user", "Hi there!")],
     [("system", SYSTEM), ("user", "Hi there!")],
@@ -398,8 +463,9 @@ def test_derived_template_gives_the_tokenizers_token_ids(tmp_path, name, capsys)
     tokenizer_json = json.loads((path / "tokenizer.json").read_text())
     vocab = tokenizer_vocab(tokenizer_json)
     capsys.readouterr()
-    template = checkpoint_template(path, "llama", tokenizer_json, vocab,
-                                   vocab[bos] if bos else None, [vocab[eos]])
+    template = checkpoint_template(
+        path, "llama", tokenizer_json, vocab, vocab[bos] if bos else None, [vocab[eos]]
+    )
     warning = capsys.readouterr().err
     if name in NOT_EXPRESSIBLE:
         assert warning.startswith("warning:") and NOT_EXPRESSIBLE[name] in warning, warning
@@ -418,7 +484,8 @@ def test_derived_template_gives_the_tokenizers_token_ids(tmp_path, name, capsys)
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         theirs = tok.encode(text, add_special_tokens=False)
         ours = list(template["system_prefix_token_ids"]) + tok.encode(
-            render_mlc(template, [*conversation, ("assistant", None)]), add_special_tokens=False)
+            render_mlc(template, [*conversation, ("assistant", None)]), add_special_tokens=False
+        )
         assert ours == theirs, conversation
 
 

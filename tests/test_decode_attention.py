@@ -233,8 +233,14 @@ def _run_cpu(func: tirx.PrimFunc, arrays: dict[str, np.ndarray], q: np.ndarray):
     symbol = str(func.attrs["global_symbol"])
     lib = tvm.tirx.build(IRModule({symbol: func}), target=target)
     dev = tvm.cpu()
-    names = ["pages", "page_table_indptr", "page_table_values", "length_info",
-             "k_rope_pos_offset", "q_rope_position"]
+    names = [
+        "pages",
+        "page_table_indptr",
+        "page_table_values",
+        "length_info",
+        "k_rope_pos_offset",
+        "q_rope_position",
+    ]
     output = tvm.runtime.tensor(np.zeros_like(q), dev)
     lse = tvm.runtime.tensor(np.zeros(q.shape[:2], "float32"), dev)
     args = [tvm.runtime.tensor(q, dev), *(tvm.runtime.tensor(arrays[n], dev) for n in names)]

@@ -89,7 +89,11 @@ def test_a_tied_phi_keeps_its_head_bias_beside_the_4bit_copy(tmp_path):
     # Phi's output layer has a bias: tied, the 4-bit head is a copy of the table and the
     # bias stays as the checkpoint has it.
     model = make_model(
-        "Phi", tmp_path / "hf", hidden_size=160, num_attention_heads=8, num_key_value_heads=8,
+        "Phi",
+        tmp_path / "hf",
+        hidden_size=160,
+        num_attention_heads=8,
+        num_key_value_heads=8,
         tie_word_embeddings=True,
     )
     assert model.lm_head.bias is not None
@@ -262,9 +266,7 @@ def test_an_awq_checkpoint_keeps_its_bits_and_its_float_head_is_quantized(tmp_pa
     model = make_llama(tmp_path / "hf")
     _, tensors = make_awq_checkpoint(model, tmp_path / "awq")
     capsys.readouterr()
-    main(
-        ["convert", str(tmp_path / "awq"), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"]
-    )
+    main(["convert", str(tmp_path / "awq"), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"])
     notes = [line for line in capsys.readouterr().err.splitlines() if "output layer" in line]
     assert notes == [
         "note: the AWQ checkpoint's output layer is in float; q4f16t quantizes it "

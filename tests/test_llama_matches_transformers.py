@@ -27,8 +27,10 @@ VARIANTS = {
     "tied-embeddings": ({"tie_word_embeddings": True}, torch.float32),
     "llama3-rope-scaling": ({"rope_parameters": LLAMA3_ROPE}, torch.float32),
     "bf16-checkpoint": ({}, torch.bfloat16),
-    "mha-biases": ({"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True},
-                   torch.float32),
+    "mha-biases": (
+        {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True},
+        torch.float32,
+    ),
 }
 
 
@@ -51,8 +53,9 @@ def test_q0f32t_logits_and_greedy_tokens(tmp_path, variant):
 def test_llama3_rope_scaling_changes_the_result(tmp_path):
     """The rope case above must exercise the scaling: without it the logits differ."""
     scaled = make_llama(tmp_path / "scaled", rope_parameters=LLAMA3_ROPE)
-    plain = make_llama(tmp_path / "plain", rope_parameters={"rope_type": "default",
-                                                            "rope_theta": 500000.0})
+    plain = make_llama(
+        tmp_path / "plain", rope_parameters={"rope_type": "default", "rope_theta": 500000.0}
+    )
     ids = prompt_ids(scaled.config.vocab_size)
     with torch.no_grad():
         a = scaled(torch.tensor([ids])).logits[0, -1]

@@ -30,13 +30,28 @@ from mlc_edge.runtime import Engine
 
 # Llama-3.1-8B pruned to hidden 3072 / intermediate 9216 / 24 heads / 8 kv heads, untied.
 PRUNED_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072,
-    "intermediate_size": 9216, "num_attention_heads": 24, "num_key_value_heads": 8,
-    "num_hidden_layers": 32, "vocab_size": 128256, "head_dim": 128,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 3072,
+    "intermediate_size": 9216,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
     "hidden_act": "silu",
 }
 PRUNED_PARAMS = 4_311_419_904
@@ -75,21 +90,32 @@ def test_bundle_figures_match_the_runtime(bundle: Path) -> None:
     # KV: context in whole pages plus one; the paged cache TVM creates holds that many.
     kv = engine.metadata["kv_cache"]
     assert plan.kv_tokens == 128 == (math.ceil(100 / PAGE_SIZE) + 1) * PAGE_SIZE
-    assert plan.kv_cache_bytes == (kv["num_hidden_layers"] * kv["num_key_value_heads"]
-                                   * kv["head_dim"] * 128 * 2 * 2)  # fp16 k and v
+    assert plan.kv_cache_bytes == (
+        kv["num_hidden_layers"] * kv["num_key_value_heads"] * kv["head_dim"] * 128 * 2 * 2
+    )  # fp16 k and v
     pages = tvm.get_global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
     fresh = engine.vm["create_tir_paged_kv_cache"](
-        ShapeTuple([1]), ShapeTuple([100]), ShapeTuple([16]), ShapeTuple([PAGE_SIZE]),
-        ShapeTuple([0]))
+        ShapeTuple([1]),
+        ShapeTuple([100]),
+        ShapeTuple([16]),
+        ShapeTuple([PAGE_SIZE]),
+        ShapeTuple([0]),
+    )
     assert int(pages(fresh)) * PAGE_SIZE == plan.kv_tokens
     assert plan.logits_bytes == 1 * engine.metadata["active_vocab_size"] * 4
-    assert plan.total_bytes == (plan.weights.total + plan.kv_cache_bytes + plan.temp_max_bytes
-                                + plan.logits_bytes + RUNTIME_OVERHEAD_BYTES)
+    assert plan.total_bytes == (
+        plan.weights.total
+        + plan.kv_cache_bytes
+        + plan.temp_max_bytes
+        + plan.logits_bytes
+        + RUNTIME_OVERHEAD_BYTES
+    )
 
 
 def test_pruned_llama_from_config_alone(pruned: Path) -> None:
-    plan = plan_from_config(json.loads(pruned.read_text()), "android-opencl", "edge-768",
-                            "q0f16t", {})
+    plan = plan_from_config(
+        json.loads(pruned.read_text()), "android-opencl", "edge-768", "q0f16t", {}
+    )
     assert plan.weights.total == 2 * PRUNED_PARAMS
     assert plan.weights.embedding == plan.weights.output_layer == 128256 * 3072 * 2
     assert plan.kv_tokens == 784  # 48 pages of 16 + 1
@@ -105,8 +131,12 @@ def test_pruned_llama_from_config_alone(pruned: Path) -> None:
 
 def test_load_prediction_by_hand() -> None:
     """MLC's EstimateMemoryUsageOnMode (engine_estimate.py), each term computed by hand."""
-    kv = {"head_dim": 128, "num_key_value_heads": 8, "num_attention_heads": 24,
-          "num_hidden_layers": 32}
+    kv = {
+        "head_dim": 128,
+        "num_key_value_heads": 8,
+        "num_attention_heads": 24,
+        "num_hidden_layers": 32,
+    }
     params = 2 * PRUNED_PARAMS  # 8,622,839,808
     temps = {"prefill": 1_000_000, "decode": 70_000}
     sizes = {"vocab_size": 128256, "prefill_chunk_size": 16}
@@ -132,9 +162,13 @@ def test_load_prediction_by_hand() -> None:
     assert sixteen.kv_capacity_tokens == int(free / per_token) == 45_205  # 45,220 before
     assert sixteen.loads and sixteen.context_fits
     e = sixteen.engine
-    assert (e.temp_buffer_bytes, e.kv_bytes_per_token, e.kv_aux_workspace_bytes,
-            e.model_workspace_bytes, e.logit_processor_workspace_bytes) == (
-        temp, per_token, aux, model_ws, logit_ws)
+    assert (
+        e.temp_buffer_bytes,
+        e.kv_bytes_per_token,
+        e.kv_aux_workspace_bytes,
+        e.model_workspace_bytes,
+        e.logit_processor_workspace_bytes,
+    ) == (temp, per_token, aux, model_ws, logit_ws)
     # A 1.2B fp16 model loads with the upstream floor.
     assert predict_load(2 * 1_235_814_400, temps, kv, 0, 5 * 2**30, 768, **sizes).loads
 
@@ -142,8 +176,12 @@ def test_load_prediction_by_hand() -> None:
 def test_load_prediction_at_the_boundary() -> None:
     """The tiny Llama's shapes: where the old formula (48 MiB and the logits only,
     4 bytes a token entry) still found room, the engine refuses."""
-    kv = {"head_dim": 16, "num_key_value_heads": 2, "num_attention_heads": 4,
-          "num_hidden_layers": 3}
+    kv = {
+        "head_dim": 16,
+        "num_key_value_heads": 2,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+    }
     sizes = {"vocab_size": 384, "prefill_chunk_size": 16}
     temps = {"prefill": 1000}
     per_token = 16 * 2 * 3 * 4 + 1.25  # 385.25
@@ -175,44 +213,76 @@ def test_parse_size() -> None:
 
 
 def test_cli_json_and_budget(pruned: Path, capsys) -> None:
-    main(["memory", str(pruned), "--target", "android-opencl", "--preset", "edge-768",
-          "--reported-memory", "5.4GB", "--budget", "9GB", "--json"])
+    main(
+        [
+            "memory",
+            str(pruned),
+            "--target",
+            "android-opencl",
+            "--preset",
+            "edge-768",
+            "--reported-memory",
+            "5.4GB",
+            "--budget",
+            "9GB",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["target"] == "android-opencl" and len(out["plans"]) == 1
     plan = out["plans"][0]
-    for key in ("weights", "kv_cache", "temporaries", "logits_bytes", "overhead_bytes",
-                "total_bytes", "largest_buffer", "reported_memory_bytes", "load",
-                "budget_bytes", "within_budget"):
+    for key in (
+        "weights",
+        "kv_cache",
+        "temporaries",
+        "logits_bytes",
+        "overhead_bytes",
+        "total_bytes",
+        "largest_buffer",
+        "reported_memory_bytes",
+        "load",
+        "budget_bytes",
+        "within_budget",
+    ):
         assert key in plan
     assert plan["weights"]["total"] == 2 * PRUNED_PARAMS
     assert plan["reported_memory_bytes"] == int(5.4 * GB)
     assert [p["loads"] for p in plan["load"]] == [False, True]
     assert plan["budget_bytes"] == 9 * GB and plan["within_budget"] is True
-    assert plan["total_bytes"] == (plan["weights"]["total"] + plan["kv_cache"]["bytes"]
-                                   + plan["temporaries"]["max"] + plan["logits_bytes"]
-                                   + plan["overhead_bytes"])
+    assert plan["total_bytes"] == (
+        plan["weights"]["total"]
+        + plan["kv_cache"]["bytes"]
+        + plan["temporaries"]["max"]
+        + plan["logits_bytes"]
+        + plan["overhead_bytes"]
+    )
 
 
 def test_cli_table_of_bundle(bundle: Path, capsys) -> None:
     main(["memory", str(bundle)])
     out = capsys.readouterr().out
     assert "TOTAL (peak)" in out
-    assert any(line.startswith("KV cache tokens") and "128 float16" in line
-               for line in out.splitlines())
+    assert any(
+        line.startswith("KV cache tokens") and "128 float16" in line for line in out.splitlines()
+    )
 
 
 def mlc_edge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlc_edge", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlc_edge", *args], capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("args", [
-    ["memory", "/nonexistent/config.json"],
-    ["memory", "{pruned}", "--preset", "edge-999"],
-    ["memory", "{pruned}", "--budget", "lots"],
-    ["memory", "{pruned}", "--target", "nope"],
-    ["memory", "{pruned}", "--quantization", "q0f16t,q4f16t-hf"],  # several need --compare
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["memory", "/nonexistent/config.json"],
+        ["memory", "{pruned}", "--preset", "edge-999"],
+        ["memory", "{pruned}", "--budget", "lots"],
+        ["memory", "{pruned}", "--target", "nope"],
+        ["memory", "{pruned}", "--quantization", "q0f16t,q4f16t-hf"],  # several need --compare
+    ],
+)
 def test_bad_input_is_one_line(pruned: Path, args: list[str]) -> None:
     res = mlc_edge(*[a.replace("{pruned}", str(pruned)) for a in args])
     lines = [line for line in res.stderr.splitlines() if line.strip() and "Warning" not in line]
@@ -244,12 +314,22 @@ def test_compare_plans_each_scheme(tmp_path: Path, capsys) -> None:
     4-bit weights are smaller, the KV cache the same."""
     make_llama(tmp_path / "hf")
     capsys.readouterr()
-    main(["memory", str(tmp_path / "hf" / "config.json"), "--compare", "--json",
-          "--quantization", "q0f16t,q4f16t-hf"])
+    main(
+        [
+            "memory",
+            str(tmp_path / "hf" / "config.json"),
+            "--compare",
+            "--json",
+            "--quantization",
+            "q0f16t,q4f16t-hf",
+        ]
+    )
     plans = json.loads(capsys.readouterr().out)["plans"]
     assert [(p["label"], p["quantization"]) for p in plans] == [
-        (f"{name} {q}", q) for q in ("q0f16t", "q4f16t-hf")
-        for name in ("edge-512", "edge-768", "mlc-default")]
+        (f"{name} {q}", q)
+        for q in ("q0f16t", "q4f16t-hf")
+        for name in ("edge-512", "edge-768", "mlc-default")
+    ]
     for fp16, int4 in zip(plans[:3], plans[3:], strict=True):
         assert int4["weights"]["total"] < fp16["weights"]["total"] / 2
         assert int4["kv_cache"] == fp16["kv_cache"]

@@ -64,13 +64,15 @@ def _reference(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"V": v, "S": np.log2(w + w_other) + m}
 
 
-def _run(func: tirx.PrimFunc, runner: OpenCLRunner, target, heads: int, head_dim: int
-         ) -> tuple[dict[str, float], list]:
+def _run(
+    func: tirx.PrimFunc, runner: OpenCLRunner, target, heads: int, head_dim: int
+) -> tuple[dict[str, float], list]:
     """Max error of V and S against the reference, and the launches."""
     lowered = lower_for_device({MERGE_STATE: func}, target)[MERGE_STATE]
     arrays = _inputs(heads, head_dim, runner.host_dtype("float16"))
-    out, launches = runner.run(lowered, arrays, lowered.host_env(
-        {"N": N, "H": heads, "D": head_dim}), written=["V", "S"])
+    out, launches = runner.run(
+        lowered, arrays, lowered.host_env({"N": N, "H": heads, "D": head_dim}), written=["V", "S"]
+    )
     ref = _reference(arrays)
     return {k: float(np.abs(out[k] - ref[k]).max()) for k in ("V", "S")}, launches
 
@@ -83,8 +85,9 @@ def _tolerance(runner: OpenCLRunner) -> float:
 @needs_opencl
 @pytest.mark.parametrize(("heads", "head_dim"), SHAPES)
 def test_ours_matches_the_merge_formula(heads, head_dim, runner, target):
-    errors, launches = _run(merge_state_inplace(heads, head_dim, "float16", target),
-                            runner, target, heads, head_dim)
+    errors, launches = _run(
+        merge_state_inplace(heads, head_dim, "float16", target), runner, target, heads, head_dim
+    )
     assert max(errors.values()) < _tolerance(runner), errors
     ((global_size, local_size),) = [launch for _, launch in launches]
     assert np.prod(local_size) <= 256  # the default Adreno work-group limit
@@ -98,8 +101,13 @@ def test_tvm_kernel_races_where_work_items_run_one_after_another(runner, target)
     if not runner.device.type & runner.cl.device_type.CPU:
         pytest.skip("a GPU may run a head's work-items in lockstep: the race may not show")
     heads, head_dim = 32, 64  # Llama-3.2-1B: 16 work-items a head
-    errors, _ = _run(_merge_state_inplace(heads, head_dim, "float16", target, MERGE_STATE),
-                     runner, target, heads, head_dim)
+    errors, _ = _run(
+        _merge_state_inplace(heads, head_dim, "float16", target, MERGE_STATE),
+        runner,
+        target,
+        heads,
+        head_dim,
+    )
     # every work-item after a head's first merges with an already merged S
     assert errors["V"] > 0.1 and errors["S"] > 0.1, errors
 
@@ -112,8 +120,9 @@ def test_tvm_kernel_skips_heads_that_do_not_fit_its_work_groups(runner, target):
     func = _merge_state_inplace(heads, head_dim, "float16", target, MERGE_STATE)
     lowered = lower_for_device({MERGE_STATE: func}, target)[MERGE_STATE]
     arrays = _inputs(heads, head_dim, runner.host_dtype("float16"))
-    out, _ = runner.run(lowered, arrays, lowered.host_env(
-        {"N": N, "H": heads, "D": head_dim}), written=["V", "S"])
+    out, _ = runner.run(
+        lowered, arrays, lowered.host_env({"N": N, "H": heads, "D": head_dim}), written=["V", "S"]
+    )
     np.testing.assert_array_equal(out["S"][:, 14], arrays["S"][:, 14])
     assert not np.allclose(arrays["S"][:, 14], _reference(arrays)["S"][:, 14])
 
@@ -121,8 +130,7 @@ def test_tvm_kernel_skips_heads_that_do_not_fit_its_work_groups(runner, target):
 def _tiny_module(tmp_path, target_name: str):
     make_llama(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    spec = ModelSpec.create(config, "q0f16t",
-                            load_preset(get_target(target_name).default_preset))
+    spec = ModelSpec.create(config, "q0f16t", load_preset(get_target(target_name).default_preset))
     target = get_target(target_name).tvm_target()
     model = instantiate(spec, target)
     mod, _, _ = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
@@ -132,8 +140,9 @@ def _tiny_module(tmp_path, target_name: str):
 def test_the_model_builds_its_kv_cache_with_our_kernel(tmp_path):
     mod, kv, target = _tiny_module(tmp_path, "android-opencl")
     ours = merge_state_inplace(kv.num_attention_heads, kv.head_dim, "float16", target)
-    stock = _merge_state_inplace(kv.num_attention_heads, kv.head_dim, "float16", target,
-                                 MERGE_STATE)
+    stock = _merge_state_inplace(
+        kv.num_attention_heads, kv.head_dim, "float16", target, MERGE_STATE
+    )
     got = mod[MERGE_STATE]
     assert _structural_equal(got, ours)
     assert not _structural_equal(got, stock)

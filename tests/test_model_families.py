@@ -25,8 +25,15 @@ QWEN_VOCAB = 151936
 
 # A pruned Llama: head_dim (32) is not hidden / heads (96 / 4), widths are not powers of
 # two, every projection has a bias.
-PRUNED = dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-              intermediate_size=200, attention_bias=True, mlp_bias=True)
+PRUNED = dict(
+    hidden_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=200,
+    attention_bias=True,
+    mlp_bias=True,
+)
 
 # name → (transformers family, overrides of tiny_models.FAMILY_DEFAULTS)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -85,8 +92,11 @@ def test_q0f16t_greedy_tokens(tiny):
     assert [ours[i] for i in decisive] == [theirs[i] for i in decisive], (ours, theirs)
 
 
-@pytest.mark.parametrize("tiny", ["qwen2-tied", "qwen3-qk-norm-head-dim",
-                                  "phi2-partial-rotary", "llama-pruned-1-layer"], indirect=True)
+@pytest.mark.parametrize(
+    "tiny",
+    ["qwen2-tied", "qwen3-qk-norm-head-dim", "phi2-partial-rotary", "llama-pruned-1-layer"],
+    indirect=True,
+)
 def test_compiles_for_android_opencl_with_every_function_a_kernel(tiny):
     """``RequireKernels`` runs inside the compile: a host fallback would raise UserError."""
     from mlc_edge.compiler.build import compile_model
@@ -94,8 +104,7 @@ def test_compiles_for_android_opencl_with_every_function_a_kernel(tiny):
 
     chat = json.loads((tiny.engine("q0f32t").bundle / "mlc-chat-config.json").read_text())
     spec = ModelSpec.from_chat_config({**chat, "quantization": "q0f16t"})
-    executable, metadata = compile_model(spec, get_target("android-opencl"),
-                                                       "family_test")
+    executable, metadata = compile_model(spec, get_target("android-opencl"), "family_test")
     source = executable.mod.imports[0].imports[0].inspect_source()
     assert "__kernel" in source and metadata["quantization"] == "q0f16t"
 
@@ -117,8 +126,7 @@ SIZES = {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 5
 
 def _hf(family: str, **changes: Any) -> dict[str, Any]:
     """A tiny model's config.json contents, changed."""
-    return {**tiny_config(family).to_dict(), "architectures": [f"{family}ForCausalLM"],
-            **changes}
+    return {**tiny_config(family).to_dict(), "architectures": [f"{family}ForCausalLM"], **changes}
 
 
 def _qwen2(**changes: Any) -> dict[str, Any]:
@@ -148,8 +156,13 @@ REFUSED = {
         "rope",
     ),
     "phi-odd-rotary-dim": (
-        _phi(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                              "partial_rotary_factor": 0.35}),
+        _phi(
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.35,
+            }
+        ),
         "partial_rotary_factor",
     ),
     "unknown-architecture": (
@@ -171,55 +184,158 @@ def _published(arch: str, **fields: Any) -> dict[str, Any]:
     return {"architectures": [arch], "rms_norm_eps": 1e-6, "rope_theta": 1e6, **fields}
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 # config.json shapes as published on the hub; the counts are those checkpoints' tensor
 # totals (the model cards round them: 0.49B, 1.54B, 7.61B, 0.6B, 1.7B, 2.7B, 1.23B,
 # 3.21B, 8.03B).
 PUBLISHED = {
-    "Qwen2.5-0.5B": (_published(
-        "Qwen2ForCausalLM", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-        tie_word_embeddings=True, use_sliding_window=False, sliding_window=32768,
-        max_window_layers=21), 494_032_768),
-    "Qwen2.5-1.5B": (_published(
-        "Qwen2ForCausalLM", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-        tie_word_embeddings=True, use_sliding_window=False), 1_543_714_304),
-    "Qwen2.5-7B": (_published(
-        "Qwen2ForCausalLM", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-        tie_word_embeddings=False, use_sliding_window=False), 7_615_616_512),
-    "Qwen3-0.6B": (_published(
-        "Qwen3ForCausalLM", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        tie_word_embeddings=True, attention_bias=False), 596_049_920),
-    "Qwen3-1.7B": (_published(
-        "Qwen3ForCausalLM", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        tie_word_embeddings=True, attention_bias=False), 1_720_574_976),
-    "Phi-2": ({
-        "architectures": ["PhiForCausalLM"], "hidden_size": 2560, "intermediate_size": 10240,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-        "vocab_size": 51200, "hidden_act": "gelu_new", "layer_norm_eps": 1e-5,
-        "partial_rotary_factor": 0.4, "qk_layernorm": False, "rope_scaling": None,
-        "rope_theta": 10000.0, "tie_word_embeddings": False}, 2_779_683_840),
-    "Llama-3.2-1B": (_published(
-        "LlamaForCausalLM", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-        tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE),
-        1_235_814_400),
-    "Llama-3.2-3B": (_published(
-        "LlamaForCausalLM", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-        tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE),
-        3_212_749_824),
-    "Llama-3.1-8B": (_published(
-        "LlamaForCausalLM", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-        tie_word_embeddings=False, rope_theta=500000.0,
-        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}), 8_030_261_248),
+    "Qwen2.5-0.5B": (
+        _published(
+            "Qwen2ForCausalLM",
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            sliding_window=32768,
+            max_window_layers=21,
+        ),
+        494_032_768,
+    ),
+    "Qwen2.5-1.5B": (
+        _published(
+            "Qwen2ForCausalLM",
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+        ),
+        1_543_714_304,
+    ),
+    "Qwen2.5-7B": (
+        _published(
+            "Qwen2ForCausalLM",
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        ),
+        7_615_616_512,
+    ),
+    "Qwen3-0.6B": (
+        _published(
+            "Qwen3ForCausalLM",
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            attention_bias=False,
+        ),
+        596_049_920,
+    ),
+    "Qwen3-1.7B": (
+        _published(
+            "Qwen3ForCausalLM",
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            attention_bias=False,
+        ),
+        1_720_574_976,
+    ),
+    "Phi-2": (
+        {
+            "architectures": ["PhiForCausalLM"],
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 51200,
+            "hidden_act": "gelu_new",
+            "layer_norm_eps": 1e-5,
+            "partial_rotary_factor": 0.4,
+            "qk_layernorm": False,
+            "rope_scaling": None,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+        },
+        2_779_683_840,
+    ),
+    "Llama-3.2-1B": (
+        _published(
+            "LlamaForCausalLM",
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling=_LLAMA3_ROPE,
+        ),
+        1_235_814_400,
+    ),
+    "Llama-3.2-3B": (
+        _published(
+            "LlamaForCausalLM",
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=28,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling=_LLAMA3_ROPE,
+        ),
+        3_212_749_824,
+    ),
+    "Llama-3.1-8B": (
+        _published(
+            "LlamaForCausalLM",
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+        ),
+        8_030_261_248,
+    ),
 }
 
 

@@ -218,8 +218,15 @@ def test_the_model_builds_its_kv_cache_with_our_rope_kernel(tmp_path, family):
 
 def _kernel_args(kv) -> tuple:
     """A rope kernel's arguments for the model's KV cache shape (fp16)."""
-    return (kv.rope_theta, kv.head_dim, kv.num_attention_heads, kv.num_key_value_heads,
-            "float16", kv.rope_scaling, kv.rotary_dim)
+    return (
+        kv.rope_theta,
+        kv.head_dim,
+        kv.num_attention_heads,
+        kv.num_key_value_heads,
+        "float16",
+        kv.rope_scaling,
+        kv.rotary_dim,
+    )
 
 
 def _cpu_rope(func):
@@ -252,8 +259,12 @@ def test_the_cpu_kernel_gives_tvms_results_bit_for_bit(case, dtype):
                     tvm.runtime.tensor(np.full((seq_len, n, head_dim), np.nan, dtype), dev)
                     for n in (q_heads, kv_heads, kv_heads)
                 ]
-                kernel(tvm.runtime.tensor(qkv, dev), tvm.runtime.tensor(positions, dev), *outs,
-                       apply_rope)
+                kernel(
+                    tvm.runtime.tensor(qkv, dev),
+                    tvm.runtime.tensor(positions, dev),
+                    *outs,
+                    apply_rope,
+                )
                 got.append([o.numpy() for o in outs])
             for name, a, b in zip("qkv", *got, strict=True):
                 assert a.tobytes() == b.tobytes(), (name, seq_len, apply_rope)
@@ -276,13 +287,17 @@ def test_a_planted_fault_in_the_cpu_kernel_is_seen():
     qkv = tvm.runtime.tensor(qkv.astype("float16"), dev)
     got = []
     for pos in (37, -37):
-        outs = [tvm.runtime.tensor(np.zeros((1, n, head_dim), "float16"), dev)
-                for n in (q_heads, kv_heads, kv_heads)]
+        outs = [
+            tvm.runtime.tensor(np.zeros((1, n, head_dim), "float16"), dev)
+            for n in (q_heads, kv_heads, kv_heads)
+        ]
         stock(qkv, tvm.runtime.tensor(np.array([pos], np.int32), dev), *outs, 1)
         got.append(outs[0].numpy())
     ours = _cpu_rope(split_rotary_cpu(*args))
-    outs = [tvm.runtime.tensor(np.zeros((1, n, head_dim), "float16"), dev)
-            for n in (q_heads, kv_heads, kv_heads)]
+    outs = [
+        tvm.runtime.tensor(np.zeros((1, n, head_dim), "float16"), dev)
+        for n in (q_heads, kv_heads, kv_heads)
+    ]
     ours(qkv, tvm.runtime.tensor(np.array([37], np.int32), dev), *outs, 1)
     assert outs[0].numpy().tobytes() == got[0].tobytes()
     assert outs[0].numpy().tobytes() != got[1].tobytes()

@@ -45,11 +45,21 @@ PIECES = (336, 336, 328)
 
 # Qwen2-7B's published config.json, one layer (the kernels do not depend on the count).
 QWEN2_7B = {
-    "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
-    "num_hidden_layers": 1, "num_attention_heads": 28, "num_key_value_heads": 4,
-    "vocab_size": 152064, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-    "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 28,
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "sliding_window": 131072,
+    "max_window_layers": 28,
 }
 
 
@@ -60,10 +70,12 @@ def test_pieces_fit_cover_the_vocabulary_and_keep_kernel_friendly_sizes():
     # Qwen2-7B: two equal pieces of 76032 rows (594 x 128), 519.75 MiB each.
     assert vocab_pieces(152064, 3584, "float16", 1024 * MiB) == (76032, 76032)
     assert PIECES == vocab_pieces(VOCAB, 64, "float32", LIMIT)
-    for vocab, hidden, dtype, limit in [(152064, 3584, "float16", 256 * MiB),
-                                        (128256, 3072, "float32", 1024 * MiB),
-                                        (151936, 1536, "float16", 100 * MiB),
-                                        (VOCAB, 64, "float32", 20_000)]:
+    for vocab, hidden, dtype, limit in [
+        (152064, 3584, "float16", 256 * MiB),
+        (128256, 3072, "float32", 1024 * MiB),
+        (151936, 1536, "float16", 100 * MiB),
+        (VOCAB, 64, "float32", 20_000),
+    ]:
         pieces = vocab_pieces(vocab, hidden, dtype, limit)
         row = hidden * np.dtype(dtype).itemsize
         assert sum(pieces) == vocab and len(pieces) > 1
@@ -78,12 +90,16 @@ def test_pieces_fit_cover_the_vocabulary_and_keep_kernel_friendly_sizes():
     assert vocab_pieces(VOCAB, 64, "float32", 255) == (VOCAB,)
 
 
-@pytest.mark.parametrize("quantization, head_piece", [
-    ("q0f16t", lambda rows: (64, rows)), ("q0f32t", lambda rows: (64, rows)),
-    ("q0f16", lambda rows: (rows, 64))])
+@pytest.mark.parametrize(
+    "quantization, head_piece",
+    [
+        ("q0f16t", lambda rows: (64, rows)),
+        ("q0f32t", lambda rows: (64, rows)),
+        ("q0f16", lambda rows: (rows, 64)),
+    ],
+)
 def test_each_scheme_stores_the_pieces_in_its_layout(quantization, head_piece):
-    hf = {**tiny_config("Llama", vocab_size=VOCAB).to_dict(),
-          "architectures": ["LlamaForCausalLM"]}
+    hf = {**tiny_config("Llama", vocab_size=VOCAB).to_dict(), "architectures": ["LlamaForCausalLM"]}
     spec = ModelSpec.create(hf, quantization, load_preset("edge-512"))
     itemsize = np.dtype(spec.scheme.dtype).itemsize
     limit = LIMIT * itemsize // 4  # the same 3 pieces in fp16 and fp32
@@ -95,20 +111,25 @@ def test_each_scheme_stores_the_pieces_in_its_layout(quantization, head_piece):
         assert shapes[f"lm_head.weight.{i}"] == head_piece(rows)
     assert "model.embed_tokens.weight" not in shapes and "lm_head.weight" not in shapes
     assert [n for n in shapes if "embed" not in n and "lm_head" not in n] == [
-        n for n, _, _ in parameter_list(spec) if "embed" not in n and "lm_head" not in n]
+        n for n, _, _ in parameter_list(spec) if "embed" not in n and "lm_head" not in n
+    ]
 
 
 @pytest.mark.parametrize("family, tied", [("Llama", False), ("Qwen2", True)])
 def test_the_model_declares_each_pieces_rows(family, tied):
     """The converter takes each piece's rows from the model definition."""
-    hf = {**tiny_config(family, vocab_size=VOCAB, tie_word_embeddings=tied).to_dict(),
-          "architectures": [f"{family}ForCausalLM"]}
+    hf = {
+        **tiny_config(family, vocab_size=VOCAB, tie_word_embeddings=tied).to_dict(),
+        "architectures": [f"{family}ForCausalLM"],
+    }
     spec = ModelSpec.create(hf, "q0f32t", load_preset("edge-512"))
     assert table_pieces(spec) == {}
     tables = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
     assert table_pieces(spec.for_device(LIMIT)) == {
         f"{table}.{i}": TablePiece(table, rows)
-        for table in tables for i, rows in enumerate(piece_ranges(PIECES))}
+        for table in tables
+        for i, rows in enumerate(piece_ranges(PIECES))
+    }
 
 
 def test_the_cpu_target_has_no_limit_and_does_not_split():
@@ -136,9 +157,11 @@ class Split:
     hidden: int
 
 
-@pytest.fixture(scope="module", params=[("Llama", False, LIMIT), ("Qwen2", True, LIMIT),
-                                        ("Phi", False, PHI_LIMIT)],
-                ids=["llama-untied", "qwen2-tied", "phi-untied-bias"])
+@pytest.fixture(
+    scope="module",
+    params=[("Llama", False, LIMIT), ("Qwen2", True, LIMIT), ("Phi", False, PHI_LIMIT)],
+    ids=["llama-untied", "qwen2-tied", "phi-untied-bias"],
+)
 def split_bundle(request, tmp_path_factory) -> Split:
     """``mlc-edge compile MODEL_DIR --target cpu`` where the CPU has a small largest
     allocation (q0f32t, for exact comparisons)."""
@@ -147,8 +170,9 @@ def split_bundle(request, tmp_path_factory) -> Split:
     hf = make_model(family, root / "hf", vocab_size=VOCAB, tie_word_embeddings=tied)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TARGETS, "cpu", _limited_cpu(limit))
-        out = compile_bundle(root / "hf", root / "bundle", "--target", "cpu",
-                             "--quantization", "q0f32t")
+        out = compile_bundle(
+            root / "hf", root / "bundle", "--target", "cpu", "--quantization", "q0f32t"
+        )
     return Split(hf, out, tied, limit, hf.config.hidden_size)
 
 
@@ -170,8 +194,9 @@ def test_embed_equals_take_on_the_whole_table(split_bundle):
     chunk = engine.prefill_chunk_size  # the most tokens embed is compiled for
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
-        got = engine.vm["embed"](tvm.runtime.tensor(np.array(part, dtype="int32")),
-                                 engine.params).numpy()
+        got = engine.vm["embed"](
+            tvm.runtime.tensor(np.array(part, dtype="int32")), engine.params
+        ).numpy()
         np.testing.assert_array_equal(got, table[part])
 
 
@@ -204,15 +229,21 @@ def test_bundle_records_the_split_and_recompiles_with_it(split_bundle):
     spec = ModelSpec.from_chat_config(chat)
     require_weights_match(spec, out)
     assert [n for n, _, _ in parameter_list(spec) if "embed" in n] == [
-        f"model.embed_tokens.weight.{i}" for i in range(3)]
+        f"model.embed_tokens.weight.{i}" for i in range(3)
+    ]
 
 
 def test_memory_plan_counts_the_pieces(split_bundle):
-    out, tied, limit, hidden = (split_bundle.out, split_bundle.tied, split_bundle.limit,
-                                split_bundle.hidden)
+    out, tied, limit, hidden = (
+        split_bundle.out,
+        split_bundle.tied,
+        split_bundle.limit,
+        split_bundle.hidden,
+    )
     metadata = Engine(out).metadata
-    plan = make_plan(metadata, label="bundle", target="cpu", kv_dtype="float32",
-                     max_alloc_bytes=limit)
+    plan = make_plan(
+        metadata, label="bundle", target="cpu", kv_dtype="float32", max_alloc_bytes=limit
+    )
     assert plan.weights.embedding == VOCAB * hidden * 4
     assert plan.weights.embedding_pieces == 3
     assert plan.weights.output_pieces == (0 if tied else 3)
@@ -224,17 +255,20 @@ def test_memory_plan_counts_the_pieces(split_bundle):
     assert any("weights: embedding" in line and "in 3 pieces" in line for line in table([plan]))
 
 
-def test_whole_weights_compiled_for_a_limit_that_splits_are_refused(split_bundle, tmp_path,
-                                                                    capsys):
+def test_whole_weights_compiled_for_a_limit_that_splits_are_refused(split_bundle, tmp_path, capsys):
     """A bundle converted without a target keeps whole tables: compiling it for a device
     that needs them split says how to make it, in one line, and writes no library."""
     out = split_bundle.out
     plain = tmp_path / "plain"
     for step in ("gen-config", "convert"):
-        main([step, str(out.parent / "hf"), "-o", str(plain), "--quantization", "q0f32t"]
-             + (["--json"] if step == "convert" else []))
-    assert "max_alloc_bytes" not in json.loads(
-        (plain / "mlc-chat-config.json").read_text())["model_config"]
+        main(
+            [step, str(out.parent / "hf"), "-o", str(plain), "--quantization", "q0f32t"]
+            + (["--json"] if step == "convert" else [])
+        )
+    assert (
+        "max_alloc_bytes"
+        not in json.loads((plain / "mlc-chat-config.json").read_text())["model_config"]
+    )
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TARGETS, "cpu", _limited_cpu(split_bundle.limit))
@@ -255,11 +289,24 @@ def test_stepwise_bundle_for_the_target_splits_like_compile(split_bundle, tmp_pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TARGETS, "cpu", _limited_cpu(split_bundle.limit))
         for step in ("gen-config", "convert"):
-            main([step, str(out.parent / "hf"), "-o", str(steps), "--quantization", "q0f32t",
-                  "--target", "cpu"] + (["--json"] if step == "convert" else []))
+            main(
+                [
+                    step,
+                    str(out.parent / "hf"),
+                    "-o",
+                    str(steps),
+                    "--quantization",
+                    "q0f32t",
+                    "--target",
+                    "cpu",
+                ]
+                + (["--json"] if step == "convert" else [])
+            )
         compile_bundle(steps, steps, "--target", "cpu")
-    assert (json.loads((steps / "mlc-chat-config.json").read_text())["model_config"]
-            ["max_alloc_bytes"] == split_bundle.limit)
+    assert (
+        json.loads((steps / "mlc-chat-config.json").read_text())["model_config"]["max_alloc_bytes"]
+        == split_bundle.limit
+    )
     stepwise, whole = load_tensor_cache(steps), load_tensor_cache(out)
     assert set(stepwise) == set(whole) and "model.embed_tokens.weight.2" in stepwise
     ids = prompt_ids(VOCAB)
@@ -276,8 +323,9 @@ def test_pieces_split_for_a_larger_limit_are_refused_with_the_fix(split_bundle):
     with pytest.raises(UserError) as err:
         compile_model(spec, smaller, "tiny")
     message = str(err.value)
-    assert (f"weight 'model.embed_tokens.weight.0' (336x{hidden} float32) is "
-            f"{336 * hidden * 4:,} bytes") in message
+    assert (
+        f"weight 'model.embed_tokens.weight.0' (336x{hidden} float32) is {336 * hidden * 4:,} bytes"
+    ) in message
     assert "make the bundle for this target" in message
 
 
@@ -299,21 +347,29 @@ def test_qwen2_7b_output_layer_compiles_for_android_in_pieces(qwen2_7b):
     assert "lm_head.weight" not in params and "model.embed_tokens.weight" not in params
     assert [params[f"lm_head.weight.{i}"]["shape"] for i in range(2)] == [[3584, 76032]] * 2
     assert [params[f"model.embed_tokens.weight.{i}"]["shape"] for i in range(2)] == [
-        [76032, 3584]] * 2
+        [76032, 3584]
+    ] * 2
     for p in metadata["params"]:
         assert np.prod(p["shape"], dtype=np.int64) * np.dtype(p["dtype"]).itemsize <= limit
     assert max(metadata["memory_usage"].values()) <= limit
     # The embedding is one kernel reading from both pieces.
     source = executable.mod.imports[0].imports[0].inspect_source()
-    assert ("qwen2_7b_split_take_kernel(__global int* restrict input_ids_ptr, "
-            "__global half* restrict model_embed_tokens_weight_0_ptr, "
-            "__global half* restrict model_embed_tokens_weight_1_ptr") in source
+    assert (
+        "qwen2_7b_split_take_kernel(__global int* restrict input_ids_ptr, "
+        "__global half* restrict model_embed_tokens_weight_0_ptr, "
+        "__global half* restrict model_embed_tokens_weight_1_ptr"
+    ) in source
 
 
 def test_qwen2_7b_memory_plan_fits_and_says_so(qwen2_7b):
     _, metadata, limit = qwen2_7b
-    plan = make_plan(metadata, label="edge-512", target="android-opencl:adreno-740",
-                     kv_dtype="float16", max_alloc_bytes=limit)
+    plan = make_plan(
+        metadata,
+        label="edge-512",
+        target="android-opencl:adreno-740",
+        kv_dtype="float16",
+        max_alloc_bytes=limit,
+    )
     assert plan.weights.embedding == plan.weights.output_layer == 152064 * 3584 * 2
     assert plan.weights.embedding_pieces == plan.weights.output_pieces == 2
     name, size = plan.largest_buffer
@@ -348,8 +404,9 @@ def test_split_kernels_pass_on_opencl(tmp_path):
     # verify's own inputs put ids on both sides of every boundary (then random ones)
     assert prepared.arrays["input_ids"][:4].tolist() == [335, 336, 671, 672]
     assert all(r.passed for r in checker.check("split_take"))
-    ids = np.array([0, 335, 336, 337, 671, 672, 673, 999, 998, 500, 100, 800, 1, 334, 670, 2],
-                   dtype="int32")
+    ids = np.array(
+        [0, 335, 336, 337, 671, 672, 673, 999, 998, 500, 100, 800, 1, 334, 670, 2], dtype="int32"
+    )
     prepared.arrays["input_ids"][:] = ids
     got, launches = checker.run_function("split_take", prepared)
     whole = np.concatenate([prepared.arrays[f"model_embed_tokens_weight_{i}"] for i in range(3)])
@@ -358,8 +415,13 @@ def test_split_kernels_pass_on_opencl(tmp_path):
 
     # The output layer's kernels: the pieces' matmuls (336 / 328 columns), the concatenation.
     def vocab_sized(name: str) -> bool:
-        dims = {int(d) for p in checker.params(name) if p.is_buffer for d in p.shape or ()
-                if isinstance(d, int | tvm.tirx.IntImm)}
+        dims = {
+            int(d)
+            for p in checker.params(name)
+            if p.is_buffer
+            for d in p.shape or ()
+            if isinstance(d, int | tvm.tirx.IntImm)
+        }
         return bool(dims & {336, 328, VOCAB})
 
     names = [n for n in checker.funcs if n == "split_take" or vocab_sized(n)]

@@ -133,15 +133,9 @@ def _toy_checkpoint(model_dir: Path) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
     hf = {
         "model.embed_tokens.weight": rng.standard_normal((50, 32)).astype(np.float32),
-        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((32, 32)).astype(
-            np.float32
-        ),
-        "model.layers.0.self_attn.k_proj.weight": rng.standard_normal((16, 32)).astype(
-            np.float32
-        ),
-        "model.layers.0.self_attn.v_proj.weight": rng.standard_normal((16, 32)).astype(
-            np.float32
-        ),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((32, 32)).astype(np.float32),
+        "model.layers.0.self_attn.k_proj.weight": rng.standard_normal((16, 32)).astype(np.float32),
+        "model.layers.0.self_attn.v_proj.weight": rng.standard_normal((16, 32)).astype(np.float32),
         "model.layers.0.mlp.up_proj.weight": rng.standard_normal((64, 32)).astype(np.float32),
         "model.norm.weight": rng.standard_normal(32).astype(np.float32),
     }
@@ -188,7 +182,11 @@ def test_convert_fuses_and_transposes(
     out = tmp_path / "bundle"
     out.mkdir()
     cache = convert_weights(
-        tmp_path / "hf", out, _expected(dtype, transposed), _MAPPING, get_scheme(scheme),
+        tmp_path / "hf",
+        out,
+        _expected(dtype, transposed),
+        _MAPPING,
+        get_scheme(scheme),
         progress=False,
     )
     assert cache == read_tensor_cache_json(out)
@@ -217,8 +215,12 @@ def test_convert_shape_mismatch_names_tensor(tmp_path: Path) -> None:
     out.mkdir()
     with pytest.raises(UserError) as err:
         convert_weights(
-            tmp_path / "hf", out, _expected("float16", True, up_rows=128), _MAPPING,
-            get_scheme("q0f16t"), progress=False,
+            tmp_path / "hf",
+            out,
+            _expected("float16", True, up_rows=128),
+            _MAPPING,
+            get_scheme("q0f16t"),
+            progress=False,
         )
     assert str(err.value) == (
         "weight model.layers.0.mlp.up_proj.weight has shape [64, 32] but config.json "
@@ -244,8 +246,12 @@ def test_convert_missing_tensor(tmp_path: Path) -> None:
     mapping["model.norm.weight"] = ParamSource(("model.final_norm.weight",))
     with pytest.raises(UserError, match=r"^tensor model\.final_norm\.weight is missing"):
         convert_weights(
-            tmp_path / "hf", tmp_path, _expected("float16", True), mapping,
-            get_scheme("q0f16t"), progress=False,
+            tmp_path / "hf",
+            tmp_path,
+            _expected("float16", True),
+            mapping,
+            get_scheme("q0f16t"),
+            progress=False,
         )
 
 
@@ -255,8 +261,9 @@ _EMBED = "model.embed_tokens.weight"
 def _split_embedding(rows: list[tuple[int, int]]):
     """``_expected`` with the embedding in pieces of ``rows``, and those pieces."""
     names = [f"{_EMBED}.{i}" for i in range(len(rows))]
-    expected = [(n, (stop - start, 32), "float32") for n, (start, stop) in zip(names, rows,
-                                                                               strict=True)]
+    expected = [
+        (n, (stop - start, 32), "float32") for n, (start, stop) in zip(names, rows, strict=True)
+    ]
     expected += _expected("float32", True)[1:]
     return expected, {n: TablePiece(_EMBED, r) for n, r in zip(names, rows, strict=True)}
 
@@ -269,8 +276,15 @@ def test_convert_writes_the_pieces_the_model_declares(tmp_path: Path) -> None:
     expected, pieces = _split_embedding(rows)
     out = tmp_path / "bundle"
     out.mkdir()
-    convert_weights(tmp_path / "hf", out, expected, _MAPPING, get_scheme("q0f32t"),
-                    progress=False, pieces=pieces)
+    convert_weights(
+        tmp_path / "hf",
+        out,
+        expected,
+        _MAPPING,
+        get_scheme("q0f32t"),
+        progress=False,
+        pieces=pieces,
+    )
     got = load_tensor_cache(out)
     assert _EMBED not in got and f"{_EMBED}.3" not in got
     for i, (start, stop) in enumerate(rows):
@@ -283,8 +297,15 @@ def test_convert_refuses_a_table_of_another_vocabulary(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     out.mkdir()
     with pytest.raises(UserError) as err:
-        convert_weights(tmp_path / "hf", out, expected, _MAPPING, get_scheme("q0f32t"),
-                        progress=False, pieces=pieces)
+        convert_weights(
+            tmp_path / "hf",
+            out,
+            expected,
+            _MAPPING,
+            get_scheme("q0f32t"),
+            progress=False,
+            pieces=pieces,
+        )
     assert str(err.value) == (
         "weight model.embed_tokens.weight has shape [50, 32] but config.json implies 60 "
         "vocabulary rows; the checkpoint does not match its config.json"

@@ -38,36 +38,80 @@ pytestmark = pytest.mark.skipif(opencl_missing() is not None, reason=str(opencl_
 REAL_SHAPES = {
     # Llama-3.2-1B: tied 128256 x 2048 embedding, head_dim 64, llama3 rope scaling.
     "llama-3.2-1b": {
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
-        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
     },
     # Qwen2.5-1.5B: attention biases, 12 heads / 2 kv heads of 128, vocab 151936, tied.
     "qwen2.5-1.5b": {
-        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536,
-        "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-        "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "tie_word_embeddings": True, "use_sliding_window": False,
-        "sliding_window": 32768, "max_window_layers": 21, "hidden_act": "silu",
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 21,
+        "hidden_act": "silu",
     },
     # A Llama-3.1-8B pruned to ~4.3B: hidden 3072, intermediate 9216, 24 / 8 heads.
     "llama-3.1-8b-pruned": {
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 3072,
-        "intermediate_size": 9216, "num_hidden_layers": 32, "num_attention_heads": 24,
-        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 3072,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "rope_scaling": {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
     },
 }
 
 # Functions every Llama-like model has, by what they do (names carry numbers).
-EXPECTED = ("matmul", "rms_norm", "fused_rope", "softmax", "take", "split", "reshape",
-            "apply_bitmask_inplace_tir", "tir_kv_cache_transpose_append",
-            "batch_decode_paged_kv", "batch_prefill_paged_kv", "batch_prefill_ragged_kv")
+EXPECTED = (
+    "matmul",
+    "rms_norm",
+    "fused_rope",
+    "softmax",
+    "take",
+    "split",
+    "reshape",
+    "apply_bitmask_inplace_tir",
+    "tir_kv_cache_transpose_append",
+    "batch_decode_paged_kv",
+    "batch_prefill_paged_kv",
+    "batch_prefill_ragged_kv",
+)
 TREE_ATTENTION = {"batch_tree_attn", "tree_attn_paged_kv"}
 
 
@@ -83,18 +127,20 @@ def bundle(tmp_path_factory) -> Path:
 def checker(bundle):
     """The tiny model's kernels, ready to run (only a few, to stay quick)."""
     source = load_source(bundle)
-    return model_checker(source.spec, get_target(source.target_name),
-                         only=r"^(rms_norm\d*|matmul\d*|fused_rope|apply_bitmask_inplace_tir|"
-                              r"batch_prefill_paged_kv|tir_attention_merge_state|"
-                              r"softmax_with_temperature_tir)$")
+    return model_checker(
+        source.spec,
+        get_target(source.target_name),
+        only=r"^(rms_norm\d*|matmul\d*|fused_rope|apply_bitmask_inplace_tir|"
+        r"batch_prefill_paged_kv|tir_attention_merge_state|"
+        r"softmax_with_temperature_tir)$",
+    )
 
 
 def _prefill(checker, prefix: str) -> str:
     """The function named ``prefix<n>`` that runs on a chunk (``seq_len`` tokens):
     the names carry numbers that follow the model's definition."""
     for name in checker.funcs:
-        shapes = " ".join(str(d) for p in checker.params(name) if p.is_buffer
-                          for d in p.shape)
+        shapes = " ".join(str(d) for p in checker.params(name) if p.is_buffer for d in p.shape)
         if re.fullmatch(rf"{prefix}\d*", name) and "seq_len" in shapes:
             return name
     raise AssertionError(f"no prefill {prefix}")
@@ -116,8 +162,7 @@ def matmul(checker) -> str:
 
 def test_every_kernel_of_the_tiny_bundle_passes(bundle, norm, capsys):
     code, report = run_verify_json(capsys, str(bundle))
-    assert code == 0 and report["passed"], [
-        r for r in report["results"] if r["status"] == "FAIL"]
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
     assert report["target"] == "android-opencl" and report["bundle"] == str(bundle)
     # The kernels checked are the bundle's own: each one's source is in its library.
     assert report["stale_kernels"] == []
@@ -134,13 +179,15 @@ def test_every_kernel_of_the_tiny_bundle_passes(bundle, norm, capsys):
         assert "not fp16 rounding" in report["note"]
     for r in report["results"]:
         assert r["launches"] and all(
-            g % loc == 0 for k in r["launches"]
-            for g, loc in zip(k["global_size"], k["local_size"], strict=True))
+            g % loc == 0
+            for k in r["launches"]
+            for g, loc in zip(k["global_size"], k["local_size"], strict=True)
+        )
 
 
-def test_text_report_one_row_per_kernel_and_failures_exit_non_zero(bundle, checker, norm,
-                                                                   matmul, capsys,
-                                                                   monkeypatch):
+def test_text_report_one_row_per_kernel_and_failures_exit_non_zero(
+    bundle, checker, norm, matmul, capsys, monkeypatch
+):
     import mlc_edge.verify.check as check
 
     monkeypatch.setattr(check, "TOLERANCE_FLOAT", -1.0)  # nothing can pass
@@ -151,8 +198,11 @@ def test_text_report_one_row_per_kernel_and_failures_exit_non_zero(bundle, check
     out = capsys.readouterr().out
     if "fp16_as_float" in out or "half rewritten to float" in out:
         assert "not fp16 rounding" in out
-    rows = [line.split() for line in out.splitlines()
-            if line.startswith((f"{norm}_kernel", f"{matmul}_kernel"))]
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.startswith((f"{norm}_kernel", f"{matmul}_kernel"))
+    ]
     # the norm: one kernel x 3 chunk lengths; the matmul: its kernels (earlier ones feed
     # the last, checked together) x 3
     n = len(checker.kernels(matmul))
@@ -180,8 +230,9 @@ def _halve_work_groups(kernel: str, launch):
 
 
 def test_half_the_work_groups_is_caught(checker, norm):
-    (result,) = [r for r in checker.check(norm, hook=_halve_work_groups)
-                 if r.sizes["seq_len"] == 16]
+    (result,) = [
+        r for r in checker.check(norm, hook=_halve_work_groups) if r.sizes["seq_len"] == 16
+    ]
     assert not result.passed and result.max_rel_error > 0.1
     assert result.worst_buffer in checker.written(norm)
     (right,) = checker.launches(norm, checker.prepare(norm, {"seq_len": 16}))
@@ -195,8 +246,7 @@ def test_too_small_work_groups_are_caught(checker, norm, matmul):
         # with another work-group size than its schedule's does. (Not more groups:
         # those would write past the buffers.)
         global_size, local_size = launch
-        return ((global_size[0] // 2, *global_size[1:]),
-                (local_size[0] // 2, *local_size[1:]))
+        return ((global_size[0] // 2, *global_size[1:]), (local_size[0] // 2, *local_size[1:]))
 
     for name in (norm, matmul):
         results = checker.check(name, hook=smaller_groups)
@@ -209,8 +259,9 @@ def test_a_chain_of_kernels_is_checked_together(bundle, matmul):
     from mlc_edge.schedules.adreno import stock_rules
 
     source = load_source(bundle)
-    stock = model_checker(source.spec, get_target(source.target_name), rules=stock_rules(),
-                          only=rf"^{matmul}$")
+    stock = model_checker(
+        source.spec, get_target(source.target_name), rules=stock_rules(), only=rf"^{matmul}$"
+    )
     first, _ = stock.kernels(matmul)
     assert all(r.passed for r in stock.check(matmul))
 
@@ -223,8 +274,9 @@ def test_a_chain_of_kernels_is_checked_together(bundle, matmul):
 
 def test_launch_sizes_are_the_host_codes(checker):
     # The GPU logit processors: one thread per (sequence, token), 256 a work-group.
-    prepared = checker.prepare("apply_bitmask_inplace_tir", {
-        "batch_size": 2, "vocab_size": 384, "num_seq": 2})
+    prepared = checker.prepare(
+        "apply_bitmask_inplace_tir", {"batch_size": 2, "vocab_size": 384, "num_seq": 2}
+    )
     (launch,) = checker.launches("apply_bitmask_inplace_tir", prepared)
     assert launch.global_size == [math.ceil(2 * 384 / 256) * 256]
     assert launch.local_size == [256]
@@ -267,8 +319,9 @@ def test_kernels_of_other_schedules_are_not_the_bundles(bundle, checker, matmul)
     source = load_source(bundle)
     code = library_device_code(source.library)
     assert bundle_stale_kernels(checker, code, source.prefix) == []
-    other = model_checker(source.spec, get_target(source.target_name),
-                          rules=[dl.gpu.Fallback()], only=rf"^{matmul}$")
+    other = model_checker(
+        source.spec, get_target(source.target_name), rules=[dl.gpu.Fallback()], only=rf"^{matmul}$"
+    )
     assert bundle_stale_kernels(other, code, source.prefix) == [f"{matmul}_kernel"]
     # ... and they are still correct kernels
     assert all(r.passed for r in other.check(matmul))
@@ -278,7 +331,7 @@ def test_half_is_rewritten_to_float():
     program = (
         "// Function: k_kernel\n#ifdef cl_khr_fp16\n#pragma OPENCL EXTENSION cl_khr_fp16 : "
         "enable\n#elif defined(cl_amd_fp16)\n#pragma OPENCL EXTENSION cl_amd_fp16 : enable\n"
-        "#else\n#error \"Half precision floating point not supported\"\n#endif\n\n"
+        '#else\n#error "Half precision floating point not supported"\n#endif\n\n'
         "__kernel void k_kernel(__global half* restrict a, __global half4* b) {\n"
         "  half4 v = convert_half4(vload4(0, (__global float*)a));\n"
         "  a[0] = (half)1.0f; b[0] = v; }\n"
@@ -300,10 +353,10 @@ def test_a_cpu_target_is_refused(bundle):
 def test_one_layer_of_real_shapes(name, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(REAL_SHAPES[name]))
     # No weights, no tokenizer: the config is all verify needs.
-    code, report = run_verify_json(capsys, str(tmp_path), "--num-hidden-layers", "1",
-                            "--seq-lens", "7")
-    assert code == 0 and report["passed"], [
-        r for r in report["results"] if r["status"] == "FAIL"]
+    code, report = run_verify_json(
+        capsys, str(tmp_path), "--num-hidden-layers", "1", "--seq-lens", "7"
+    )
+    assert code == 0 and report["passed"], [r for r in report["results"] if r["status"] == "FAIL"]
     assert report["bundle"] is None and report["stale_kernels"] is None
     assert report["checked_functions"] >= 50
     assert {n["function"] for n in report["not_checked"]} == TREE_ATTENTION

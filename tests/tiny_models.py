@@ -53,15 +53,26 @@ _COMMON = dict(
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "Llama": dict(rms_norm_eps=1e-5, tie_word_embeddings=False),
     # Qwen2.5-0.5B: tied embeddings; the sliding-window fields are present but off.
-    "Qwen2": dict(rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
-                  sliding_window=32, max_window_layers=2),
+    "Qwen2": dict(
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=32,
+        max_window_layers=2,
+    ),
     # Qwen3-0.6B: head_dim explicit and larger than hidden_size / heads; tied.
     "Qwen3": dict(head_dim=32, rms_norm_eps=1e-6, tie_word_embeddings=True),
     # Phi-2: MHA, head_dim 20 (not a power of two), partial_rotary_factor 0.4 (rotary_dim
     # 8 of 20), gelu_new, untied.
-    "Phi": dict(hidden_size=80, intermediate_size=320, num_key_value_heads=4,
-                layer_norm_eps=1e-5, hidden_act="gelu_new", partial_rotary_factor=0.4,
-                tie_word_embeddings=False),
+    "Phi": dict(
+        hidden_size=80,
+        intermediate_size=320,
+        num_key_value_heads=4,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu_new",
+        partial_rotary_factor=0.4,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -84,8 +95,9 @@ def save_model(model, path: Path, dtype: torch.dtype = torch.float32) -> Path:
     return path
 
 
-def make_model(family: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-               **overrides: Any):
+def make_model(
+    family: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+):
     """A random ``<family>ForCausalLM``, saved to ``path`` like the hub; returns it in fp32."""
     import transformers
 

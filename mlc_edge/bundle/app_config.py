@@ -33,13 +33,23 @@ def estimated_vram_bytes(bundle: Path, metadata: dict[str, Any], kv_dtype: str) 
     i.e. the tensor cache's weights (or ``_metadata.params`` before conversion), the KV
     cache for the context window (with TVM's extra page), the largest function's planned
     temporaries, the float32 logits and the runtime's fixed overhead."""
-    plan = make_plan(metadata, label="app", target="", kv_dtype=kv_dtype,
-                     weight_records=tensor_cache_records(Path(bundle)), floors=())
+    plan = make_plan(
+        metadata,
+        label="app",
+        target="",
+        kv_dtype=kv_dtype,
+        weight_records=tensor_cache_records(Path(bundle)),
+        floors=(),
+    )
     return plan.total_bytes
 
 
 def app_config_entry(
-    bundle: Path, model_id: str, model_lib: str, metadata: dict[str, Any], kv_dtype: str,
+    bundle: Path,
+    model_id: str,
+    model_lib: str,
+    metadata: dict[str, Any],
+    kv_dtype: str,
     model_url: str | None = None,
 ) -> dict[str, Any]:
     return {
@@ -64,8 +74,7 @@ def write_app_config(
     ``weights_dir`` holds the bundle's tensor-cache.json when it is not ``out`` (a library
     staged beside an existing bundle).
     """
-    entry = app_config_entry(weights_dir or out, model_id, model_lib, metadata, kv_dtype,
-                             model_url)
+    entry = app_config_entry(weights_dir or out, model_id, model_lib, metadata, kv_dtype, model_url)
     config = {"model_list": [entry]}
     (Path(out) / APP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return config

@@ -147,8 +147,9 @@ def read_chat_template(model_dir: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def make_template(name: str, vocab: dict[str, int], bos_token_id: int | None,
-                  eos_token_ids: list[int]) -> dict[str, Any]:
+def make_template(
+    name: str, vocab: dict[str, int], bos_token_id: int | None, eos_token_ids: list[int]
+) -> dict[str, Any]:
     """The full template object for ``mlc-chat-config.json``, ids filled from the tokenizer."""
     if name not in _TEMPLATES:
         raise UserError(

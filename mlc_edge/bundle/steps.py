@@ -37,11 +37,14 @@ def warn_context_window(spec: ModelSpec) -> None:
     trained = spec.model_config.get("max_position_embeddings")
     window = spec.runtime_sizes["context_window_size"]
     if isinstance(trained, int) and window > trained:
-        print(f"warning: context_window_size {window:,} exceeds the model's "
-              f"max_position_embeddings {trained:,} (config.json): positions past "
-              f"{trained:,} were never trained and output degrades there; use "
-              f"--context-window-size {trained} or less unless the model is known to extend",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: context_window_size {window:,} exceeds the model's "
+            f"max_position_embeddings {trained:,} (config.json): positions past "
+            f"{trained:,} were never trained and output degrades there; use "
+            f"--context-window-size {trained} or less unless the model is known to extend",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def default_model_lib(model_dir: Path, spec: ModelSpec, target_name: str) -> str:
@@ -56,15 +59,22 @@ def write_chat_config(
     return generate_chat_config(model_dir, spec, out, conv_template)
 
 
-def write_weights(model_dir: Path, spec: ModelSpec, out: Path, progress: bool,
-                  allow_non_finite: bool = False) -> dict[str, Any]:
+def write_weights(
+    model_dir: Path, spec: ModelSpec, out: Path, progress: bool, allow_non_finite: bool = False
+) -> dict[str, Any]:
     from ..convert.weights import convert_weights
     from ..models.parameters import parameter_list, table_pieces, weight_sources
 
     mapping = weight_sources(spec)
     return convert_weights(
-        Path(model_dir), out, parameter_list(spec), mapping, spec.scheme, progress=progress,
-        allow_non_finite=allow_non_finite, pieces=table_pieces(spec),
+        Path(model_dir),
+        out,
+        parameter_list(spec),
+        mapping,
+        spec.scheme,
+        progress=progress,
+        allow_non_finite=allow_non_finite,
+        pieces=table_pieces(spec),
     )
 
 
@@ -76,12 +86,14 @@ def weight_bytes(spec: ModelSpec) -> int:
 
     from ..models.parameters import parameter_list
 
-    return sum(math.prod(shape) * np.dtype(dtype).itemsize
-               for _, shape, dtype in parameter_list(spec))
+    return sum(
+        math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in parameter_list(spec)
+    )
 
 
-def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
-                  progress: bool) -> tuple[Path, dict[str, Any]]:
+def write_library(
+    spec: ModelSpec, target_name: str, out: Path, model_lib: str, progress: bool
+) -> tuple[Path, dict[str, Any]]:
     """Compile and export ``lib/<model_lib><suffix>``; returns its path and ``_metadata``."""
     from ..compiler.build import compile_model, export
     from ..compiler.targets import get_target
@@ -96,18 +108,27 @@ def write_library(spec: ModelSpec, target_name: str, out: Path, model_lib: str,
     target.check_library(path)
     write_build_record(path, target.name, target.device, str(target.tvm_target()), metadata)
     if progress:
-        print(f"compiled in {time.perf_counter() - start:.1f} s: {path.relative_to(out)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"compiled in {time.perf_counter() - start:.1f} s: {path.relative_to(out)}",
+            file=sys.stderr,
+            flush=True,
+        )
     return path, metadata
 
 
-def write_build_record(library: Path, target: str, device: str, tvm_target: str,
-                       metadata: dict[str, Any] | None = None) -> None:
+def write_build_record(
+    library: Path, target: str, device: str, tvm_target: str, metadata: dict[str, Any] | None = None
+) -> None:
     """``lib/<model_lib>.json`` beside the library: the target it was compiled for, so
     ``run``/``bench`` pick its device and refuse a library this machine cannot run, and its
     ``_metadata`` (read back by ``mlc-edge package``: a phone's library does not load here)."""
-    record = {"model_lib": library.stem, "library": library.name, "target": target,
-              "device": device, "tvm_target": tvm_target}
+    record = {
+        "model_lib": library.stem,
+        "library": library.name,
+        "target": target,
+        "device": device,
+        "tvm_target": tvm_target,
+    }
     if metadata is not None:
         record["metadata"] = metadata
     layout.build_record_path(library).write_text(json.dumps(record, indent=2) + "\n")

@@ -25,8 +25,9 @@ def _gather_rows(table: te.Tensor, rows: te.Tensor, name: str) -> te.Tensor:
     return te.compute((n, table.shape[1]), lambda i, j: table[rows[i], j], name=name)
 
 
-def _first_above(cum: te.Tensor, threshold: te.Tensor, last: Any, name: str,
-                 scale: te.Tensor | None = None) -> te.Tensor:
+def _first_above(
+    cum: te.Tensor, threshold: te.Tensor, last: Any, name: str, scale: te.Tensor | None = None
+) -> te.Tensor:
     """Per row ``i``: the first ``j`` with ``cum[i, j] > threshold[i] (* scale[i])``, at most
     ``last(i)`` (a total that rounds to just below the threshold cannot step past it)."""
     n, vocab = cum.shape
@@ -35,8 +36,9 @@ def _first_above(cum: te.Tensor, threshold: te.Tensor, last: Any, name: str,
     def bound(i):
         return threshold[i] if scale is None else threshold[i] * scale[i]
 
-    count = te.compute((n,), lambda i: te.sum((cum[i, k] <= bound(i)).astype(I32), axis=k),
-                       name=f"{name}_count")
+    count = te.compute(
+        (n,), lambda i: te.sum((cum[i, k] <= bound(i)).astype(I32), axis=k), name=f"{name}_count"
+    )
     return te.compute((n,), lambda i: tirx.min(count[i], last(i)), name=name)
 
 
@@ -50,8 +52,9 @@ def _nucleus_size(cum: te.Tensor, top_p: Any, name: str) -> te.Tensor:
     def before(i, k):
         return tirx.if_then_else(k == 0, tirx.const(0, F32), cum[i, k - 1])
 
-    return te.compute((n,), lambda i: te.sum((before(i, k) < top_p(i)).astype(I32), axis=k),
-                      name=name)
+    return te.compute(
+        (n,), lambda i: te.sum((before(i, k) < top_p(i)).astype(I32), axis=k), name=name
+    )
 
 
 def attach_gpu_sampler(bb: relax.BlockBuilder) -> list[relax.GlobalVar]:
@@ -86,8 +89,9 @@ def _multinomial_from_uniform(bb: relax.BlockBuilder) -> relax.GlobalVar:
     rows = relax.Var("sample_indices", relax.TensorType((n,), I32))
     with bb.function("multinomial_from_uniform", [probs, uniform, rows]):
         with bb.dataflow():
-            picked = bb.emit_te(_gather_rows, probs, rows, "picked",
-                                primfunc_name_hint="sampler_gather_rows")
+            picked = bb.emit_te(
+                _gather_rows, probs, rows, "picked", primfunc_name_hint="sampler_gather_rows"
+            )
             cum = bb.emit(relax.op.cumsum(picked, axis=1))
             token = bb.emit_te(_draw, picked, cum, uniform, primfunc_name_hint="sampler_draw")
             out = bb.emit_output(token)
@@ -109,9 +113,11 @@ def _emit_sorted(bb: relax.BlockBuilder, probs: relax.Expr) -> tuple[relax.Var, 
     """Each row of ``probs`` sorted, largest first: (the values, their token ids)."""
     ids = bb.emit(relax.op.argsort(probs, axis=-1, descending=True, dtype=I32))
     values = bb.emit_te(
-        lambda p, order: te.compute(p.shape, lambda i, j: p[i, order[i, j]],
-                                    name="sorted_probs"),
-        probs, ids, primfunc_name_hint="sampler_take_sorted")
+        lambda p, order: te.compute(p.shape, lambda i, j: p[i, order[i, j]], name="sorted_probs"),
+        probs,
+        ids,
+        primfunc_name_hint="sampler_take_sorted",
+    )
     return values, ids
 
 
@@ -133,11 +139,20 @@ def _sample_with_top_p(bb: relax.BlockBuilder) -> relax.GlobalVar:
 
     with bb.function("sample_with_top_p", [sorted_probs, sorted_ids, uniform, rows, top_p]):
         with bb.dataflow():
-            picked = bb.emit_te(_gather_rows, sorted_probs, rows, "picked",
-                                primfunc_name_hint="sampler_gather_rows")
+            picked = bb.emit_te(
+                _gather_rows, sorted_probs, rows, "picked", primfunc_name_hint="sampler_gather_rows"
+            )
             cum = bb.emit(relax.op.cumsum(picked, axis=1))
-            token = bb.emit_te(draw, picked, cum, uniform, rows, top_p, sorted_ids,
-                               primfunc_name_hint="sampler_top_p_draw")
+            token = bb.emit_te(
+                draw,
+                picked,
+                cum,
+                uniform,
+                rows,
+                top_p,
+                sorted_ids,
+                primfunc_name_hint="sampler_top_p_draw",
+            )
             out = bb.emit_output(token)
         return bb.emit_func_output(out)
 
@@ -146,8 +161,9 @@ def _sampler_take_probs(bb: relax.BlockBuilder) -> relax.GlobalVar:
     """``(probs[b, V], sorted_ids[b, V], rows[n], tokens[n], offsets[m]) ->
     (sampled_probs[n], top_probs[m], top_ids[m])``: each sampled token's probability, and
     the sorted entries at flat offsets ``row * V + rank`` (the engine's logprobs)."""
-    b, v, n, m = (tirx.Var(x, "int64")
-                  for x in ("batch_size", "vocab_size", "num_samples", "num_positions"))
+    b, v, n, m = (
+        tirx.Var(x, "int64") for x in ("batch_size", "vocab_size", "num_samples", "num_positions")
+    )
     probs = relax.Var("unsorted_probs", relax.TensorType((b, v), F32))
     sorted_ids = relax.Var("sorted_indices", relax.TensorType((b, v), I32))
     rows = relax.Var("sample_indices", relax.TensorType((n,), I32))
@@ -157,16 +173,25 @@ def _sampler_take_probs(bb: relax.BlockBuilder) -> relax.GlobalVar:
     def take(p, ids, r, t, off):
         vocab = p.shape[1].astype(I32)
         sampled = te.compute(r.shape, lambda i: p[r[i], t[i]], name="sampled_probs")
-        top_ids = te.compute(off.shape, lambda i: ids[off[i] // vocab, off[i] % vocab],
-                             name="top_ids")
-        top_probs = te.compute(off.shape, lambda i: p[off[i] // vocab, top_ids[i]],
-                               name="top_probs")
+        top_ids = te.compute(
+            off.shape, lambda i: ids[off[i] // vocab, off[i] % vocab], name="top_ids"
+        )
+        top_probs = te.compute(
+            off.shape, lambda i: p[off[i] // vocab, top_ids[i]], name="top_probs"
+        )
         return [sampled, top_probs, top_ids]
 
     with bb.function("sampler_take_probs", [probs, sorted_ids, rows, tokens, offsets]):
         with bb.dataflow():
-            result = bb.emit_te(take, probs, sorted_ids, rows, tokens, offsets,
-                                primfunc_name_hint="sampler_take_probs_tir")
+            result = bb.emit_te(
+                take,
+                probs,
+                sorted_ids,
+                rows,
+                tokens,
+                offsets,
+                primfunc_name_hint="sampler_take_probs_tir",
+            )
             out = bb.emit_output(result)
         return bb.emit_func_output(out)
 
@@ -199,6 +224,14 @@ def _renormalize_by_top_p(bb: relax.BlockBuilder) -> relax.GlobalVar:
         with bb.dataflow():
             sorted_p, _ = _emit_sorted(bb, probs)
             cum = bb.emit(relax.op.cumsum(sorted_p, axis=1))
-            out = bb.emit_output(bb.emit_te(renormalize, probs, sorted_p, cum, top_p,
-                                            primfunc_name_hint="sampler_renormalize"))
+            out = bb.emit_output(
+                bb.emit_te(
+                    renormalize,
+                    probs,
+                    sorted_p,
+                    cum,
+                    top_p,
+                    primfunc_name_hint="sampler_renormalize",
+                )
+            )
         return bb.emit_func_output(out)

@@ -17,8 +17,9 @@ def _preset_dir():
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".json") for p in _preset_dir().iterdir()
-                  if p.name.endswith(".json"))
+    return sorted(
+        p.name.removesuffix(".json") for p in _preset_dir().iterdir() if p.name.endswith(".json")
+    )
 
 
 def load_preset(name: str) -> dict[str, Any]:

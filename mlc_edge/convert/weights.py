@@ -284,8 +284,9 @@ def convert_weights(
     if scheme.int4_layout is not None or awq is not None:
         from .int4_weights import convert_int4_weights  # imports this module's helpers
 
-        return convert_int4_weights(model_dir, out_dir, expected, mapping, scheme, awq,
-                                    progress, allow_non_finite, pieces)
+        return convert_int4_weights(
+            model_dir, out_dir, expected, mapping, scheme, awq, progress, allow_non_finite, pieces
+        )
     with Checkpoint.open(Path(model_dir)) as ckpt:
         mapping, rows = _piece_rows(ckpt, expected, mapping, pieces or {})
         plan = _plan(ckpt, expected, mapping, scheme, rows)

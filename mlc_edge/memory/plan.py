@@ -97,9 +97,16 @@ def weight_breakdown(records: list[tuple[str, int]]) -> WeightBreakdown:
                 output_pieces += 1
         else:
             other += nbytes
-    return WeightBreakdown(embedding, output, layers, other, len(layer_ids), *largest,
-                           embedding_pieces=embedding_pieces if embedding_tables else 0,
-                           output_pieces=output_pieces if output_tables else 0)
+    return WeightBreakdown(
+        embedding,
+        output,
+        layers,
+        other,
+        len(layer_ids),
+        *largest,
+        embedding_pieces=embedding_pieces if embedding_tables else 0,
+        output_pieces=output_pieces if output_tables else 0,
+    )
 
 
 def records_from_metadata(metadata: dict[str, Any]) -> list[tuple[str, int]]:
@@ -120,8 +127,11 @@ def kv_tokens(context_window_size: int, page_size: int = PAGE_SIZE) -> int:
 def kv_bytes_per_token(metadata: dict[str, Any], kv_dtype: str) -> int:
     kv = metadata["kv_cache"]
     return (
-        kv["num_hidden_layers"] * kv["num_key_value_heads"] * kv["head_dim"]
-        * 2 * np.dtype(kv_dtype).itemsize
+        kv["num_hidden_layers"]
+        * kv["num_key_value_heads"]
+        * kv["head_dim"]
+        * 2
+        * np.dtype(kv_dtype).itemsize
     )
 
 
@@ -172,8 +182,13 @@ class MemoryPlan:
     @property
     def total_bytes(self) -> int:
         """Peak: weights + KV + the largest function's temporaries + logits + overhead."""
-        return (self.weights.total + self.kv_cache_bytes + self.temp_max_bytes
-                + self.logits_bytes + self.overhead_bytes)
+        return (
+            self.weights.total
+            + self.kv_cache_bytes
+            + self.temp_max_bytes
+            + self.logits_bytes
+            + self.overhead_bytes
+        )
 
     @property
     def largest_buffer(self) -> tuple[str, int]:
@@ -206,22 +221,35 @@ class MemoryPlan:
             "context_window_size": self.context_window_size,
             "prefill_chunk_size": self.prefill_chunk_size,
             "max_batch_size": self.max_batch_size,
-            "weights": {**{k: v for k, v in asdict(self.weights).items()
-                           if k not in ("largest_name", "largest_bytes")},
-                        "total": self.weights.total},
-            "kv_cache": {"tokens": self.kv_tokens, "dtype": self.kv_dtype,
-                         "bytes": self.kv_cache_bytes,
-                         "layer_buffer_bytes": self.kv_layer_buffer_bytes},
-            "temporaries": {"prefill": self.temp_prefill_bytes,
-                            "decode": self.temp_decode_bytes,
-                            "max": self.temp_max_bytes,
-                            "memory_usage": dict(self.memory_usage)},
+            "weights": {
+                **{
+                    k: v
+                    for k, v in asdict(self.weights).items()
+                    if k not in ("largest_name", "largest_bytes")
+                },
+                "total": self.weights.total,
+            },
+            "kv_cache": {
+                "tokens": self.kv_tokens,
+                "dtype": self.kv_dtype,
+                "bytes": self.kv_cache_bytes,
+                "layer_buffer_bytes": self.kv_layer_buffer_bytes,
+            },
+            "temporaries": {
+                "prefill": self.temp_prefill_bytes,
+                "decode": self.temp_decode_bytes,
+                "max": self.temp_max_bytes,
+                "memory_usage": dict(self.memory_usage),
+            },
             "logits_bytes": self.logits_bytes,
             "overhead_bytes": self.overhead_bytes,
             "total_bytes": self.total_bytes,
-            "largest_buffer": {"name": name, "bytes": size,
-                               "max_alloc_bytes": self.max_alloc_bytes,
-                               "fits": self.fits_max_alloc},
+            "largest_buffer": {
+                "name": name,
+                "bytes": size,
+                "max_alloc_bytes": self.max_alloc_bytes,
+                "fits": self.fits_max_alloc,
+            },
             "reported_memory_bytes": self.reported_memory_bytes,
             "load": [asdict(p) for p in self.loads],
             "budget_bytes": self.budget_bytes,
@@ -244,12 +272,17 @@ def predict_load(
     reporting ``reported_bytes``, raised to ``floor_bytes``."""
     memory = max(int(reported_bytes), int(floor_bytes))
     estimate = estimate_engine_memory(
-        memory_bytes=memory, params_bytes=params_bytes, memory_usage=memory_usage,
-        kv_cache=metadata_kv, vocab_size=vocab_size, prefill_chunk_size=prefill_chunk_size,
+        memory_bytes=memory,
+        params_bytes=params_bytes,
+        memory_usage=memory_usage,
+        kv_cache=metadata_kv,
+        vocab_size=vocab_size,
+        prefill_chunk_size=prefill_chunk_size,
     )
     capacity = estimate.kv_capacity_tokens
-    return LoadPrediction(int(floor_bytes), memory, capacity, capacity > 0,
-                          capacity >= context_window_size, estimate)
+    return LoadPrediction(
+        int(floor_bytes), memory, capacity, capacity > 0, capacity >= context_window_size, estimate
+    )
 
 
 def make_plan(
@@ -274,19 +307,35 @@ def make_plan(
     memory_usage = {k: int(v) for k, v in metadata.get("memory_usage", {}).items()}
     logits = batch * 1 * vocab * 4
     plan = MemoryPlan(
-        label=label, target=target, quantization=str(metadata["quantization"]),
-        kv_dtype=str(np.dtype(kv_dtype)), context_window_size=context,
-        prefill_chunk_size=int(metadata["prefill_chunk_size"]), max_batch_size=batch,
-        vocab_size=vocab, weights=weights, kv_tokens=tokens,
+        label=label,
+        target=target,
+        quantization=str(metadata["quantization"]),
+        kv_dtype=str(np.dtype(kv_dtype)),
+        context_window_size=context,
+        prefill_chunk_size=int(metadata["prefill_chunk_size"]),
+        max_batch_size=batch,
+        vocab_size=vocab,
+        weights=weights,
+        kv_tokens=tokens,
         kv_cache_bytes=tokens * per_token,
         kv_layer_buffer_bytes=tokens * per_token // metadata["kv_cache"]["num_hidden_layers"],
-        memory_usage=memory_usage, logits_bytes=logits, max_alloc_bytes=max_alloc_bytes,
-        reported_memory_bytes=int(reported_memory_bytes), budget_bytes=budget_bytes,
+        memory_usage=memory_usage,
+        logits_bytes=logits,
+        max_alloc_bytes=max_alloc_bytes,
+        reported_memory_bytes=int(reported_memory_bytes),
+        budget_bytes=budget_bytes,
     )
     plan.loads = [
-        predict_load(weights.total, memory_usage, metadata["kv_cache"], reported_memory_bytes,
-                     floor, context, vocab_size=vocab,
-                     prefill_chunk_size=int(metadata["prefill_chunk_size"]))
+        predict_load(
+            weights.total,
+            memory_usage,
+            metadata["kv_cache"],
+            reported_memory_bytes,
+            floor,
+            context,
+            vocab_size=vocab,
+            prefill_chunk_size=int(metadata["prefill_chunk_size"]),
+        )
         for floor in floors
     ]
     # The engine (mode "interactive") sizes its KV cache to min(context, capacity): a
@@ -295,15 +344,29 @@ def make_plan(
     if 0 < capacity < tokens:
         plan.kv_tokens = capacity // PAGE_SIZE * PAGE_SIZE
         plan.kv_cache_bytes = plan.kv_tokens * per_token
-        plan.kv_layer_buffer_bytes = plan.kv_cache_bytes // metadata["kv_cache"][
-            "num_hidden_layers"]
+        plan.kv_layer_buffer_bytes = (
+            plan.kv_cache_bytes // metadata["kv_cache"]["num_hidden_layers"]
+        )
     return plan
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+}
 
 
 def parse_size(text: str) -> int:

@@ -23,13 +23,19 @@ def rows(plan: MemoryPlan) -> list[tuple[str, int | None, str]]:
     w = plan.weights
     name, size = plan.largest_buffer
     out: list[tuple[str, int | None, str]] = [
-        ("sizes (batch / prefill chunk / context)", None,
-         f"{plan.max_batch_size} / {plan.prefill_chunk_size} / {plan.context_window_size}"),
+        (
+            "sizes (batch / prefill chunk / context)",
+            None,
+            f"{plan.max_batch_size} / {plan.prefill_chunk_size} / {plan.context_window_size}",
+        ),
         ("weights: embedding", w.embedding, _pieces(w.embedding_pieces)),
         # Per plan, not in the label: a --compare table's columns differ (q4f16t gives a
         # tied model an output layer of its own, q4f16t-hf does not).
-        ("weights: output layer", w.output_layer,
-         "(tied)" if not w.output_layer else _pieces(w.output_pieces)),
+        (
+            "weights: output layer",
+            w.output_layer,
+            "(tied)" if not w.output_layer else _pieces(w.output_pieces),
+        ),
         (f"weights: {w.num_layers} layers", w.layers, ""),
         ("weights: other", w.other, ""),
         ("weights total", w.total, ""),
@@ -43,8 +49,11 @@ def rows(plan: MemoryPlan) -> list[tuple[str, int | None, str]]:
         ("TOTAL (peak)", plan.total_bytes, ""),
         ("largest buffer", size, ""),
         ("  which", None, name),
-        ("  max allocation", plan.max_alloc_bytes,
-         "" if plan.max_alloc_bytes else "no limit (cpu)"),
+        (
+            "  max allocation",
+            plan.max_alloc_bytes,
+            "" if plan.max_alloc_bytes else "no limit (cpu)",
+        ),
         ("  fits", None, _yes(plan.fits_max_alloc)),
         ("reported GPU memory", plan.reported_memory_bytes, ""),
     ]
@@ -54,15 +63,24 @@ def rows(plan: MemoryPlan) -> list[tuple[str, int | None, str]]:
             ("engine: temp buffer (2 x max)", e.temp_buffer_bytes, ""),
             ("engine: aux KV workspace", round(e.kv_aux_workspace_bytes), ""),
             ("engine: model workspace", round(e.model_workspace_bytes), ""),
-            ("engine: logit-processor workspace",
-             round(e.logit_processor_workspace_bytes), ""),
+            ("engine: logit-processor workspace", round(e.logit_processor_workspace_bytes), ""),
             ("engine: KV bytes per token", None, f"{e.kv_bytes_per_token:g}"),
         ]
     for p in plan.loads:
-        out.append((f"floor {p.floor_bytes / GiB:g} GiB: KV capacity (tokens)", None,
-                    f"{p.kv_capacity_tokens:,}"))
-        out.append((f"floor {p.floor_bytes / GiB:g} GiB: loads / context fits", None,
-                    f"{_yes(p.loads)} / {_yes(p.context_fits)}"))
+        out.append(
+            (
+                f"floor {p.floor_bytes / GiB:g} GiB: KV capacity (tokens)",
+                None,
+                f"{p.kv_capacity_tokens:,}",
+            )
+        )
+        out.append(
+            (
+                f"floor {p.floor_bytes / GiB:g} GiB: loads / context fits",
+                None,
+                f"{_yes(p.loads)} / {_yes(p.context_fits)}",
+            )
+        )
     if plan.budget_bytes is not None:
         out.append(("budget", plan.budget_bytes, ""))
         out.append(("  peak within budget", None, _yes(plan.within_budget)))

@@ -25,21 +25,29 @@ MLC_DEFAULT_PREFILL_CHUNK = 8192
 
 
 def mlc_default_sizes(hf_config: dict[str, Any]) -> dict[str, int]:
-    context = int(hf_config.get("max_position_embeddings")
-                  or hf_config.get("max_sequence_length") or 2048)
-    return {"max_batch_size": 1, "prefill_chunk_size": min(context, MLC_DEFAULT_PREFILL_CHUNK),
-            "context_window_size": context}
+    context = int(
+        hf_config.get("max_position_embeddings") or hf_config.get("max_sequence_length") or 2048
+    )
+    return {
+        "max_batch_size": 1,
+        "prefill_chunk_size": min(context, MLC_DEFAULT_PREFILL_CHUNK),
+        "context_window_size": context,
+    }
 
 
 def spec_for(hf_config: dict[str, Any], quantization: str, sizes: dict[str, int]) -> ModelSpec:
     return ModelSpec.create(hf_config, quantization, sizes)
 
 
-def sizes_for(preset: str | None, hf_config: dict[str, Any],
-              overrides: dict[str, int | None]) -> dict[str, int]:
+def sizes_for(
+    preset: str | None, hf_config: dict[str, Any], overrides: dict[str, int | None]
+) -> dict[str, int]:
     """A preset (or ``mlc-default``) with the per-value flags on top."""
-    sizes = mlc_default_sizes(hf_config) if preset == "mlc-default" else load_preset(
-        preset or "edge-512")
+    sizes = (
+        mlc_default_sizes(hf_config)
+        if preset == "mlc-default"
+        else load_preset(preset or "edge-512")
+    )
     sizes.update({k: v for k, v in overrides.items() if v is not None and k in PRESET_KEYS})
     return sizes
 
@@ -72,8 +80,12 @@ def tensor_cache_records(bundle: Path) -> list[tuple[str, int]] | None:
 
 
 def plan_for(
-    metadata: dict[str, Any], label: str, target_name: str, kv_dtype: str,
-    reported_memory: int | None, budget: int | None,
+    metadata: dict[str, Any],
+    label: str,
+    target_name: str,
+    kv_dtype: str,
+    reported_memory: int | None,
+    budget: int | None,
     weight_records: list[tuple[str, int]] | None = None,
     floors: tuple[int, ...] | None = None,
 ) -> MemoryPlan:
@@ -84,10 +96,14 @@ def plan_for(
     phone = limits or get_target("android-opencl").limits
     assert phone is not None
     return make_plan(
-        metadata, label=label, target=target_name, kv_dtype=kv_dtype,
+        metadata,
+        label=label,
+        target=target_name,
+        kv_dtype=kv_dtype,
         weight_records=weight_records,
         max_alloc_bytes=limits.max_mem_alloc_bytes if limits else None,
-        reported_memory_bytes=reported_memory if reported_memory is not None
+        reported_memory_bytes=reported_memory
+        if reported_memory is not None
         else phone.global_mem_bytes,
         budget_bytes=budget,
         **({"floors": floors} if floors is not None else {}),
@@ -95,18 +111,31 @@ def plan_for(
 
 
 def plan_from_config(
-    hf_config: dict[str, Any], target_name: str, preset: str | None, quantization: str,
-    overrides: dict[str, int | None], reported_memory: int | None = None,
-    budget: int | None = None, label: str | None = None,
+    hf_config: dict[str, Any],
+    target_name: str,
+    preset: str | None,
+    quantization: str,
+    overrides: dict[str, int | None],
+    reported_memory: int | None = None,
+    budget: int | None = None,
+    label: str | None = None,
 ) -> MemoryPlan:
     spec = spec_for(hf_config, quantization, sizes_for(preset, hf_config, overrides))
     metadata = compiled_metadata(spec, target_name)
-    return plan_for(metadata, label or preset or "edge-512", target_name, spec.scheme.dtype,
-                    reported_memory, budget)
+    return plan_for(
+        metadata,
+        label or preset or "edge-512",
+        target_name,
+        spec.scheme.dtype,
+        reported_memory,
+        budget,
+    )
 
 
 def plan_from_bundle(
-    bundle: Path, target_name: str | None, reported_memory: int | None = None,
+    bundle: Path,
+    target_name: str | None,
+    reported_memory: int | None = None,
     budget: int | None = None,
 ) -> tuple[MemoryPlan, str]:
     """The plan of a bundle: its own library's ``_metadata`` when that loads here (CPU),
@@ -121,6 +150,13 @@ def plan_from_bundle(
     target_name = target_name or "android-opencl"
     if metadata is None:
         metadata = compiled_metadata(spec, target_name)
-    plan = plan_for(metadata, "bundle", target_name, spec.scheme.dtype, reported_memory,
-                    budget, tensor_cache_records(bundle))
+    plan = plan_for(
+        metadata,
+        "bundle",
+        target_name,
+        spec.scheme.dtype,
+        reported_memory,
+        budget,
+        tensor_cache_records(bundle),
+    )
     return plan, target_name

@@ -51,13 +51,16 @@ def _vector_size(head_dim: int) -> int:
 def _heads_per_group(num_heads: int, threads_per_head: int, max_threads: int) -> int:
     """The most heads a work-group can take (a divisor of ``num_heads``, so every head
     is covered: upstream's halving skips heads when it stops at a non-divisor)."""
-    return max(d for d in range(1, num_heads + 1)
-               if num_heads % d == 0 and d * threads_per_head <= max(max_threads,
-                                                                      threads_per_head))
+    return max(
+        d
+        for d in range(1, num_heads + 1)
+        if num_heads % d == 0 and d * threads_per_head <= max(max_threads, threads_per_head)
+    )
 
 
-def merge_state_inplace(num_heads: int, head_dim: int, v_dtype: str,
-                        target: Target) -> tirx.PrimFunc:
+def merge_state_inplace(
+    num_heads: int, head_dim: int, v_dtype: str, target: Target
+) -> tirx.PrimFunc:
     """The merge kernel for a GPU ``target``, same signature as TVM's."""
     vec = _vector_size(head_dim)
     bdx = head_dim // vec  # work-items of one head
@@ -81,14 +84,12 @@ def merge_state_inplace(num_heads: int, head_dim: int, v_dtype: str,
                     for tx in T.thread_binding(bdx, thread="threadIdx.x"):
                         with T.sblock("merge"):
                             # (weight of V, weight of V_other) of each head of the group
-                            weights = T.sblock_alloc_buffer((bdy, 2), "float32",
-                                                            scope="shared")
+                            weights = T.sblock_alloc_buffer((bdy, 2), "float32", scope="shared")
                             s_max = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             e = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             e_other = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             v_vec = T.sblock_alloc_buffer((vec,), v_dtype, scope="local")
-                            v_other_vec = T.sblock_alloc_buffer((vec,), v_dtype,
-                                                                scope="local")
+                            v_other_vec = T.sblock_alloc_buffer((vec,), v_dtype, scope="local")
                             head: T.let[T.int32] = by * bdy + ty
                             # V is each work-item's own: load it before the barrier.
                             for i in T.vectorized(vec):
@@ -108,15 +109,17 @@ def merge_state_inplace(num_heads: int, head_dim: int, v_dtype: str,
                                 v_vec[i] = T.Cast(
                                     v_dtype,
                                     T.Cast("float32", v_vec[i]) * weights[ty, 0]
-                                    + T.Cast("float32", v_other_vec[i]) * weights[ty, 1])
+                                    + T.Cast("float32", v_other_vec[i]) * weights[ty, 1],
+                                )
                             for i in T.vectorized(vec):
                                 V[bx, head, tx * vec + i] = v_vec[i]
 
     return merge_state.with_attr("global_symbol", MERGE_STATE)
 
 
-def transpose_append(num_kv_heads: int, head_dim: int, dtype: str,
-                     page_size: int = PAGE_SIZE) -> tirx.PrimFunc:
+def transpose_append(
+    num_kv_heads: int, head_dim: int, dtype: str, page_size: int = PAGE_SIZE
+) -> tirx.PrimFunc:
     """The append kernel for a GPU, same signature as TVM's: one work-item per ``vec``
     values of K (and the same of V; 8 halves = 16-byte loads where ``head_dim``
     allows), the slot read only for a token below ``ntoken``. Each work-item reads its
@@ -126,21 +129,28 @@ def transpose_append(num_kv_heads: int, head_dim: int, dtype: str,
     per_token = num_kv_heads * head_dim // vec  # work-items of one token
 
     @T.prim_func(s_tir=True)
-    def append(var_pages: T.handle, var_k_data: T.handle, var_v_data: T.handle,
-               var_position_map: T.handle):
+    def append(
+        var_pages: T.handle, var_k_data: T.handle, var_v_data: T.handle, var_position_map: T.handle
+    ):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         ntoken = T.int64()
         num_pages = T.int64()
         pages_elem_offset = T.int64()
         position_map_elem_offset = T.int32()
-        pages = T.match_buffer(var_pages, (num_pages, 2, num_kv_heads, page_size, head_dim),
-                               dtype, elem_offset=pages_elem_offset)
+        pages = T.match_buffer(
+            var_pages,
+            (num_pages, 2, num_kv_heads, page_size, head_dim),
+            dtype,
+            elem_offset=pages_elem_offset,
+        )
         k_data = T.match_buffer(var_k_data, (ntoken, num_kv_heads, head_dim), dtype)
         v_data = T.match_buffer(var_v_data, (ntoken, num_kv_heads, head_dim), dtype)
-        position_map = T.match_buffer(var_position_map, (ntoken,), "int32",
-                                      elem_offset=position_map_elem_offset)
-        for bx in T.thread_binding((ntoken * per_token + APPEND_THREADS - 1) // APPEND_THREADS,
-                                   thread="blockIdx.x"):
+        position_map = T.match_buffer(
+            var_position_map, (ntoken,), "int32", elem_offset=position_map_elem_offset
+        )
+        for bx in T.thread_binding(
+            (ntoken * per_token + APPEND_THREADS - 1) // APPEND_THREADS, thread="blockIdx.x"
+        ):
             for tx in T.thread_binding(APPEND_THREADS, thread="threadIdx.x"):
                 with T.sblock("append"):
                     i: T.let[T.int64] = bx * APPEND_THREADS + tx
@@ -151,32 +161,40 @@ def transpose_append(num_kv_heads: int, head_dim: int, dtype: str,
                         position: T.let[T.int32] = position_map[token]
                         if position != -1:
                             for v in T.vectorized(vec):
-                                pages[position // page_size, 0, h, position % page_size,
-                                      f + v] = k_data[token, h, f + v]
+                                pages[position // page_size, 0, h, position % page_size, f + v] = (
+                                    k_data[token, h, f + v]
+                                )
                             for v in T.vectorized(vec):
-                                pages[position // page_size, 1, h, position % page_size,
-                                      f + v] = v_data[token, h, f + v]
+                                pages[position // page_size, 1, h, position % page_size, f + v] = (
+                                    v_data[token, h, f + v]
+                                )
 
     return append.with_attr("global_symbol", TRANSPOSE_APPEND)
 
 
-def replace_transpose_append(bb: rx.BlockBuilder, num_kv_heads: int, head_dim: int,
-                             dtype: str, target: Target) -> bool:
+def replace_transpose_append(
+    bb: rx.BlockBuilder, num_kv_heads: int, head_dim: int, dtype: str, target: Target
+) -> bool:
     """Swap TVM's append kernel (an invalid read, see above) in the module ``bb`` is
     building for ours; GPU targets only, like ``replace_merge_state``."""
     if target.kind.name == "llvm":
         return False
     # Added as "kv_cache_transpose_append", exported under its global symbol.
-    found = [gv for gv, f in bb.get().functions_items()
-             if isinstance(f, tirx.PrimFunc) and f.attrs is not None
-             and f.attrs.get("global_symbol") == TRANSPOSE_APPEND]
+    found = [
+        gv
+        for gv, f in bb.get().functions_items()
+        if isinstance(f, tirx.PrimFunc)
+        and f.attrs is not None
+        and f.attrs.get("global_symbol") == TRANSPOSE_APPEND
+    ]
     for gv in found:
         bb.update_func(gv, transpose_append(num_kv_heads, head_dim, dtype))
     return bool(found)
 
 
-def replace_merge_state(bb: rx.BlockBuilder, num_heads: int, head_dim: int, v_dtype: str,
-                        target: Target) -> bool:
+def replace_merge_state(
+    bb: rx.BlockBuilder, num_heads: int, head_dim: int, v_dtype: str, target: Target
+) -> bool:
     """Swap TVM's racy merge kernel in the module ``bb`` is building for ours; call it
     right after creating ``TIRPagedKVCache``. CPU targets have their own (serial)
     kernel and no GPU one: nothing to do. Returns whether it replaced one."""
@@ -185,6 +203,7 @@ def replace_merge_state(bb: rx.BlockBuilder, num_heads: int, head_dim: int, v_dt
     mod = bb.get()
     if not any(gv.name_hint == MERGE_STATE for gv in mod.get_global_vars()):
         return False
-    bb.update_func(mod.get_global_var(MERGE_STATE),
-                   merge_state_inplace(num_heads, head_dim, v_dtype, target))
+    bb.update_func(
+        mod.get_global_var(MERGE_STATE), merge_state_inplace(num_heads, head_dim, v_dtype, target)
+    )
     return True

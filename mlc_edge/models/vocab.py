@@ -110,8 +110,7 @@ class VocabEmbedding(nn.Module):
                     # Clamped into the piece, so no branch can read out of bounds.
                     local = tirx.max(tirx.min(token - start, stop - start - 1), 0)
                     here = table[local, j]
-                    value = here if value is None else tirx.if_then_else(
-                        token < stop, here, value)
+                    value = here if value is None else tirx.if_then_else(token < stop, here, value)
                 return value
 
             return te.compute((ids.shape[0], self.hidden_size), row, name="split_take")

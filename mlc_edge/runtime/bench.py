@@ -30,10 +30,29 @@ from .engine import Engine
 
 # The fields of one result (one test), in the order --json / --csv print them.
 FIELDS = (
-    "model", "model_type", "model_lib", "quantization", "target", "backend", "device",
-    "n_params", "size", "threads", "test", "n_prompt", "n_gen", "prefill_chunk_size",
-    "context_window_size", "repetitions", "avg_ts", "stddev_ts", "samples_ts", "avg_ns",
-    "stddev_ns", "samples_ns", "test_time",
+    "model",
+    "model_type",
+    "model_lib",
+    "quantization",
+    "target",
+    "backend",
+    "device",
+    "n_params",
+    "size",
+    "threads",
+    "test",
+    "n_prompt",
+    "n_gen",
+    "prefill_chunk_size",
+    "context_window_size",
+    "repetitions",
+    "avg_ts",
+    "stddev_ts",
+    "samples_ts",
+    "avg_ns",
+    "stddev_ns",
+    "samples_ns",
+    "test_time",
 )
 
 
@@ -79,7 +98,8 @@ class BenchResult:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(
-            avg_ts=round(self.avg_ts, 3), stddev_ts=round(self.stddev_ts, 3),
+            avg_ts=round(self.avg_ts, 3),
+            stddev_ts=round(self.stddev_ts, 3),
             samples_ts=[round(t, 3) for t in self.samples_ts],
             avg_ns=int(np.mean(self.samples_ns)),
             stddev_ns=int(np.std(self.samples_ns, ddof=1)) if len(self.samples_ns) > 1 else 0,
@@ -98,8 +118,9 @@ def parse_counts(value: str, flag: str) -> list[int]:
     return [c for c in counts if c > 0]
 
 
-def check_counts(n_prompt: list[int], n_gen: list[int], repetitions: int,
-                 context_window_size: int) -> None:
+def check_counts(
+    n_prompt: list[int], n_gen: list[int], repetitions: int, context_window_size: int
+) -> None:
     """Refuse what cannot run, before any weights are loaded."""
     if repetitions < 1:
         raise UserError("-r/--repetitions must be at least 1")
@@ -147,8 +168,14 @@ def _time_generation(engine: Engine, ids: list[int]) -> int:
     return time.perf_counter_ns() - start
 
 
-def run_bench(engine: Engine, n_prompt: list[int], n_gen: list[int], repetitions: int,
-              threads: int, seed: int = 0) -> list[BenchResult]:
+def run_bench(
+    engine: Engine,
+    n_prompt: list[int],
+    n_gen: list[int],
+    repetitions: int,
+    threads: int,
+    seed: int = 0,
+) -> list[BenchResult]:
     """Run the pp tests then the tg tests; one result each."""
     check_counts(n_prompt, n_gen, repetitions, engine.context_window_size)
     rng = np.random.default_rng(seed)
@@ -156,20 +183,32 @@ def run_bench(engine: Engine, n_prompt: list[int], n_gen: list[int], repetitions
     n_params, size = layout.weight_totals(engine.bundle)
     target = engine.library_target
     common = dict(
-        model=engine.bundle.absolute().name, model_type=str(engine.metadata["model_type"]),
-        model_lib=engine.library.stem, quantization=str(engine.metadata["quantization"]),
-        target=target, backend="CUDA" if engine.device.dlpack_device_type() == 2 else "CPU",
-        device=_device_name(engine), n_params=n_params, size=size, threads=threads,
+        model=engine.bundle.absolute().name,
+        model_type=str(engine.metadata["model_type"]),
+        model_lib=engine.library.stem,
+        quantization=str(engine.metadata["quantization"]),
+        target=target,
+        backend="CUDA" if engine.device.dlpack_device_type() == 2 else "CPU",
+        device=_device_name(engine),
+        n_params=n_params,
+        size=size,
+        threads=threads,
         prefill_chunk_size=engine.prefill_chunk_size,
-        context_window_size=engine.context_window_size, repetitions=repetitions,
+        context_window_size=engine.context_window_size,
+        repetitions=repetitions,
     )
-    tests = [("pp", n, _time_prompt) for n in n_prompt] + [("tg", n, _time_generation)
-                                                          for n in n_gen]
+    tests = [("pp", n, _time_prompt) for n in n_prompt] + [
+        ("tg", n, _time_generation) for n in n_gen
+    ]
     results = []
     for kind, n, timer in tests:
-        result = BenchResult(**common, test=f"{kind}{n}", n_prompt=n if kind == "pp" else 0,
-                             n_gen=n if kind == "tg" else 0,
-                             test_time=datetime.datetime.now(datetime.UTC).isoformat())
+        result = BenchResult(
+            **common,
+            test=f"{kind}{n}",
+            n_prompt=n if kind == "pp" else 0,
+            n_gen=n if kind == "tg" else 0,
+            test_time=datetime.datetime.now(datetime.UTC).isoformat(),
+        )
         timer(engine, [int(t) for t in rng.integers(0, vocab, n)])  # warm-up
         for _ in range(repetitions):
             result.samples_ns.append(timer(engine, [int(t) for t in rng.integers(0, vocab, n)]))
@@ -189,18 +228,36 @@ def _human_params(n: int) -> str:
 def markdown(results: list[BenchResult]) -> str:
     """llama-bench's table: model | size | params | backend | threads | test | t/s."""
     header = ["model", "size", "params", "backend", "threads", "test", "t/s"]
-    rows = [[f"{r.model_type} {r.quantization} ({r.model})", _human_size(r.size),
-             _human_params(r.n_params), r.backend, str(r.threads), r.test,
-             f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}"] for r in results]
+    rows = [
+        [
+            f"{r.model_type} {r.quantization} ({r.model})",
+            _human_size(r.size),
+            _human_params(r.n_params),
+            r.backend,
+            str(r.threads),
+            r.test,
+            f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
+        ]
+        for r in results
+    ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     numeric = {1, 2, 4, 5, 6}
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.rjust(w) if i in numeric else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
 
-    rule = "| " + " | ".join("-" * (w - 1) + (":" if i in numeric else "-")
-                             for i, w in enumerate(widths)) + " |"
+    rule = (
+        "| "
+        + " | ".join("-" * (w - 1) + (":" if i in numeric else "-") for i, w in enumerate(widths))
+        + " |"
+    )
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 

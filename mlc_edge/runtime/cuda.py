@@ -28,8 +28,14 @@ import tvm
 # The driver functions libtvm_runtime_cuda.so imports (TVM 0.27); the stub answers them
 # all with CUDA_ERROR_STUB_LIBRARY (34).
 _DRIVER_FUNCTIONS = (
-    "cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString",
-    "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload",
+    "cuDeviceGetName",
+    "cuFuncSetAttribute",
+    "cuGetErrorName",
+    "cuGetErrorString",
+    "cuLaunchKernelEx",
+    "cuModuleGetFunction",
+    "cuModuleLoadData",
+    "cuModuleUnload",
     "cuTensorMapEncodeTiled",
 )
 
@@ -82,8 +88,10 @@ def _build_driver_stub() -> Path | None:
     src = out / "stub.c"
     src.write_text("".join(f"int {f}(void) {{ return 34; }}\n" for f in _DRIVER_FUNCTIONS))
     tmp = out / f"libcuda.so.1.{os.getpid()}"
-    done = subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp),
-                           str(src)], capture_output=True)
+    done = subprocess.run(
+        [cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(src)],
+        capture_output=True,
+    )
     if done.returncode != 0:
         return None
     os.replace(tmp, lib)
@@ -103,8 +111,10 @@ def load_cuda_runtime(build: bool = False) -> str | None:
     if not _load_global("libcudart.so.13") and not any(
         os.path.isfile(p) and _load_global(p) for p in _cudart_candidates()
     ):
-        return "the CUDA 13 runtime libcudart.so.13 was not found (install CUDA 13 or " \
-               "pip install nvidia-cuda-runtime)"
+        return (
+            "the CUDA 13 runtime libcudart.so.13 was not found (install CUDA 13 or "
+            "pip install nvidia-cuda-runtime)"
+        )
     stub = False
     if not _load_global("libcuda.so.1"):
         if not build:

@@ -44,8 +44,10 @@ def open_device(bundle: Path, library: layout.Library, device: str | None) -> An
         if problem:
             raise UserError(f"{bundle} was compiled for CUDA and cannot run here: {problem}")
     elif built_for != "cpu":
-        raise UserError(f"{bundle} was compiled for {built_for}, which cannot run here; "
-                        "compile it with --target cpu")
+        raise UserError(
+            f"{bundle} was compiled for {built_for}, which cannot run here; "
+            "compile it with --target cpu"
+        )
     return tvm.device(built_for)
 
 
@@ -95,8 +97,10 @@ class Engine:
             if "load_from_bytes.cuda" not in str(e):
                 raise
             record = layout.build_record_path(self.library).name
-            raise UserError(f"{self.library} holds CUDA kernels but has no build record "
-                            f"({record}); compile it again") from None
+            raise UserError(
+                f"{self.library} holds CUDA kernels but has no build record "
+                f"({record}); compile it again"
+            ) from None
         self.vm = VirtualMachine(executable, self.device)
         self.metadata = json.loads(str(self.vm["_metadata"]()))
         self.params = self._load_params()

@@ -74,8 +74,9 @@ def _cudart() -> Path | None:
     return next((Path(p) for p in _cudart_candidates() if os.path.isfile(p)), None)
 
 
-def pack_runtime(out: Path, tvm_ffi_wheel: Path | None = None, with_cudart: bool = True,
-                 archive: bool = False) -> dict[str, Any]:
+def pack_runtime(
+    out: Path, tvm_ffi_wheel: Path | None = None, with_cudart: bool = True, archive: bool = False
+) -> dict[str, Any]:
     """Write the runtime-only packages into ``out`` (replaced); returns what went in."""
     out = Path(out)
     if out.exists():
@@ -88,8 +89,11 @@ def pack_runtime(out: Path, tvm_ffi_wheel: Path | None = None, with_cudart: bool
         # libtvm_runtime_cuda.so looks beside itself first (RUNPATH $ORIGIN).
         shutil.copy2(cudart, out / "tvm" / "lib" / cudart.name)
     summary: dict[str, Any] = {
-        "path": str(out), "tvm": tvm.__version__, "tvm_ffi": ffi,
-        "cudart": str(cudart) if cudart else None, "bytes": _size(out),
+        "path": str(out),
+        "tvm": tvm.__version__,
+        "tvm_ffi": ffi,
+        "cudart": str(cudart) if cudart else None,
+        "bytes": _size(out),
     }
     if archive:
         tar = out.with_name(out.name + ".tar.gz")

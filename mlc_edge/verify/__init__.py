@@ -1,5 +1,7 @@
 """Run a model's OpenCL kernels on this machine's OpenCL device and check them.
 
+What it offers::
+
     model_checker(spec, target_spec)    every kernel of a model, ready to check or time
     KernelChecker.check(name)           one function's kernels vs. the CPU, per test case
     KernelChecker.time_function(...)    device time of one function's kernels

@@ -103,13 +103,11 @@ class VerifyReport:
 
     @property
     def failed(self) -> list[CaseResult]:
-        return [r for r in self.results
-                if not r.passed and (self.strict or not r.known_issue)]
+        return [r for r in self.results if not r.passed and (self.strict or not r.known_issue)]
 
     @property
     def known_issues(self) -> dict[str, str]:
-        return {r.function: r.known_issue for r in self.results
-                if not r.passed and r.known_issue}
+        return {r.function: r.known_issue for r in self.results if not r.passed and r.known_issue}
 
     @property
     def passed(self) -> bool:
@@ -148,10 +146,14 @@ class VerifyReport:
         what = self.bundle or self.source
         out = [f"verify {what + ' ' if what else ''}for {self.target} on {self.device}"]
         out.append(f"note: {FP16_NOTE if self.as_float else NATIVE_FP16_NOTE}")
-        out.append(f"pass: max rel error <= {self.tolerance:g} (relative to the largest "
-                   "reference value of each buffer; integer buffers exact)")
-        out.append(f"{'kernel':<44} {'global':<16} {'local':<10} {'max abs':>9} "
-                   f"{'max rel':>9}  {'result':<6} sizes")
+        out.append(
+            f"pass: max rel error <= {self.tolerance:g} (relative to the largest "
+            "reference value of each buffer; integer buffers exact)"
+        )
+        out.append(
+            f"{'kernel':<44} {'global':<16} {'local':<10} {'max abs':>9} "
+            f"{'max rel':>9}  {'result':<6} sizes"
+        )
         for r in self.results:
             sizes = " ".join(f"{k}={v}" for k, v in r.sizes.items())
             verdict = r.status
@@ -164,20 +166,26 @@ class VerifyReport:
                     errs = f"{'':>9} {'':>9}  {'(feeds next)':<6}"
                 else:
                     errs = f"{r.max_abs_error:>9.2e} {r.max_rel_error:>9.2e}  {verdict:<6}"
-                out.append(f"{k.kernel:<44} {_dims(k.global_size):<16} "
-                           f"{_dims(k.local_size):<10} {errs} {sizes}{why}")
+                out.append(
+                    f"{k.kernel:<44} {_dims(k.global_size):<16} "
+                    f"{_dims(k.local_size):<10} {errs} {sizes}{why}"
+                )
         if self.not_checked:
             out.append("not checked:")
             for n in self.not_checked:
                 out.append(f"  {n.function} ({', '.join(n.kernels) or 'no kernel'}): {n.reason}")
         for function, why in self.known_issues.items():
-            out.append(f"known issue ({'counted' if self.strict else 'not counted'} as a "
-                       f"failure): {function}: {why}")
+            out.append(
+                f"known issue ({'counted' if self.strict else 'not counted'} as a "
+                f"failure): {function}: {why}"
+            )
         if self.library_note:
             out.append(f"library: {self.library_note}")
         if self.stale_kernels:
-            out.append(f"kernels that differ from the bundle's library (recompile it): "
-                       f"{', '.join(self.stale_kernels)}")
+            out.append(
+                f"kernels that differ from the bundle's library (recompile it): "
+                f"{', '.join(self.stale_kernels)}"
+            )
         out.append(
             f"{len(self.checked_functions())} functions ({len(self.checked_kernels())} kernels) "
             f"checked in {len(self.results)} runs: "
@@ -237,7 +245,8 @@ def default_references(unscheduled: IRModule) -> dict[str, tirx.PrimFunc]:
     from ..compiler.logit_processor import logit_processor_funcs
 
     refs = {
-        gv.name_hint: f for gv, f in unscheduled.functions_items()
+        gv.name_hint: f
+        for gv, f in unscheduled.functions_items()
         if isinstance(f, tirx.PrimFunc) and not _is_prescheduled(f)
     }
     names = {gv.name_hint for gv in unscheduled.get_global_vars()}
@@ -266,7 +275,11 @@ class KernelChecker:
     """
 
     def __init__(
-        self, unscheduled: IRModule, scheduled: IRModule, target: Target, sizes: Sizes,
+        self,
+        unscheduled: IRModule,
+        scheduled: IRModule,
+        target: Target,
+        sizes: Sizes,
         runner: OpenCLRunner | None = None,
         references: Mapping[str, tirx.PrimFunc] | None = None,
         recipes: Mapping[str, Recipe] | None = None,
@@ -279,8 +292,8 @@ class KernelChecker:
         self.runner = runner or OpenCLRunner()
         self.module = scheduled  # its Relax functions say which kernels each one calls
         self.funcs = {
-            gv.name_hint: f for gv, f in sorted(scheduled.functions_items(),
-                                                key=lambda x: x[0].name_hint)
+            gv.name_hint: f
+            for gv, f in sorted(scheduled.functions_items(), key=lambda x: x[0].name_hint)
             if isinstance(f, tirx.PrimFunc) and (only is None or re.search(only, gv.name_hint))
         }
         self.lowered: dict[str, LoweredFunction] = lower_for_device(self.funcs, target)
@@ -332,8 +345,11 @@ class KernelChecker:
 
     def _reference_funcs(self) -> tuple[dict[str, tirx.PrimFunc], dict[str, str]]:
         if self._ref_funcs is None:
-            wanted = {n: self.references[n] for n in self.funcs
-                      if n in self.references and n not in self.excluded}
+            wanted = {
+                n: self.references[n]
+                for n in self.funcs
+                if n in self.references and n not in self.excluded
+            }
             # fp32 in both modes: native fp16 kernels are measured against fp32 math.
             self._ref_funcs = reference_funcs(wanted, as_float=True)
         return self._ref_funcs
@@ -356,24 +372,38 @@ class KernelChecker:
 
     def prepare(self, name: str, case: Mapping[str, int], seed: int = 0) -> Prepared:
         """Inputs (and every size) for one run of ``name``."""
-        return self.recipe(name).prepare(self.params(name), dict(case), self.sizes,
-                                         np.random.default_rng(seed), self.runner.host_dtype,
-                                         pool=self.pool)
+        return self.recipe(name).prepare(
+            self.params(name),
+            dict(case),
+            self.sizes,
+            np.random.default_rng(seed),
+            self.runner.host_dtype,
+            pool=self.pool,
+        )
 
     def run_function(
-        self, name: str, prepared: Prepared, hook: LaunchHook | None = None,
+        self,
+        name: str,
+        prepared: Prepared,
+        hook: LaunchHook | None = None,
     ) -> tuple[dict[str, np.ndarray], list[Launch]]:
         """Run one function's kernels on the device; every buffer after, and the launches."""
         lowered = self.lowered[name]
         out, launches = self.runner.run(
-            lowered, prepared.arrays, lowered.host_env(prepared.env), hook, self.written(name))
+            lowered, prepared.arrays, lowered.host_env(prepared.env), hook, self.written(name)
+        )
         return out, [Launch(c.kernel, list(g), list(loc)) for c, (g, loc) in launches]
 
     def run_reference(self, name: str, prepared: Prepared) -> dict[str, np.ndarray]:
         params = [(p.name, p.is_buffer) for p in self.params(name)]
-        return run_reference(self._reference_lib(), name, params,
-                             fp32_inputs(prepared.arrays), prepared.scalars,
-                             self.written(name))
+        return run_reference(
+            self._reference_lib(),
+            name,
+            params,
+            fp32_inputs(prepared.arrays),
+            prepared.scalars,
+            self.written(name),
+        )
 
     def launches(self, name: str, prepared: Prepared) -> list[Launch]:
         """The launches the host code makes for these inputs (nothing is run)."""
@@ -385,24 +415,30 @@ class KernelChecker:
             result.append(Launch(call.kernel, list(g), list(loc)))
         return result
 
-    def time_function(self, name: str, case: Mapping[str, int], repeat: int = 10,
-                      min_seconds: float = 0.0) -> float:
+    def time_function(
+        self, name: str, case: Mapping[str, int], repeat: int = 10, min_seconds: float = 0.0
+    ) -> float:
         """Median device seconds of one call of the function's kernels."""
         prepared = self.prepare(name, case)
         lowered = self.lowered[name]
-        return self.runner.time(lowered, prepared.arrays, lowered.host_env(prepared.env),
-                                repeat=repeat, min_seconds=min_seconds)
+        return self.runner.time(
+            lowered,
+            prepared.arrays,
+            lowered.host_env(prepared.env),
+            repeat=repeat,
+            min_seconds=min_seconds,
+        )
 
-    def check(self, name: str, hook: LaunchHook | None = None, seed: int = 0
-              ) -> list[CaseResult]:
+    def check(self, name: str, hook: LaunchHook | None = None, seed: int = 0) -> list[CaseResult]:
         """Run the function for each test case; raises NotChecked when it cannot be."""
         reason = self.why_not_checked(name)
         if reason:
             raise NotChecked(reason)
         return [self.check_case(name, case, hook, seed) for case in self.cases(name)]
 
-    def check_case(self, name: str, case: Mapping[str, int], hook: LaunchHook | None = None,
-                   seed: int = 0) -> CaseResult:
+    def check_case(
+        self, name: str, case: Mapping[str, int], hook: LaunchHook | None = None, seed: int = 0
+    ) -> CaseResult:
         start = time.perf_counter()
         prepared = self.prepare(name, case, seed)
         ref = self.run_reference(name, prepared)
@@ -414,9 +450,18 @@ class KernelChecker:
             except Exception:  # noqa: BLE001
                 launches = []
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return CaseResult(name, prepared.case, launches, float("inf"), float("inf"),
-                              False, None, message[:200], time.perf_counter() - start,
-                              self.known_issues.get(name))
+            return CaseResult(
+                name,
+                prepared.case,
+                launches,
+                float("inf"),
+                float("inf"),
+                False,
+                None,
+                message[:200],
+                time.perf_counter() - start,
+                self.known_issues.get(name),
+            )
         worst, max_abs, max_rel = None, 0.0, 0.0
         for buf, expected in ref.items():
             err, rel = compare(got[buf], expected)
@@ -424,14 +469,25 @@ class KernelChecker:
                 worst = buf
             max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
         passed = max_rel <= self.tolerance
-        return CaseResult(name, prepared.case, launches, max_abs, max_rel, passed, worst,
-                          None, time.perf_counter() - start,
-                          None if passed else self.known_issues.get(name))
+        return CaseResult(
+            name,
+            prepared.case,
+            launches,
+            max_abs,
+            max_rel,
+            passed,
+            worst,
+            None,
+            time.perf_counter() - start,
+            None if passed else self.known_issues.get(name),
+        )
 
     def check_all(self, progress: Any = None) -> VerifyReport:
         report = VerifyReport(
-            target=str(self.target.kind.name), device=self.runner.info.describe(),
-            as_float=self.runner.as_float, tolerance=self.tolerance,
+            target=str(self.target.kind.name),
+            device=self.runner.info.describe(),
+            as_float=self.runner.as_float,
+            tolerance=self.tolerance,
         )
         start = time.perf_counter()
         for name in self.funcs:
@@ -466,7 +522,8 @@ def bundle_stale_kernels(
         for call in lowered.calls:
             definition = kernel_definition(lowered.sources[call.kernel], call.kernel)
             definition = definition.replace(
-                f"__kernel void {call.kernel}(", f"__kernel void {prefix}{call.kernel}(", 1)
+                f"__kernel void {call.kernel}(", f"__kernel void {prefix}{call.kernel}(", 1
+            )
             if definition.encode() not in device_code:
                 stale.append(call.kernel)
     return stale

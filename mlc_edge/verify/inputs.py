@@ -121,12 +121,16 @@ def _table_rows(params: list[Param], env: dict[str, Any]) -> list[int]:
     """Rows of each embedding table a lookup reads: the 2-D float inputs (the output,
     last, left out). One table for ``take``; the pieces of a split table for
     ``split_take``."""
-    return [shape_of(p, env)[0] for p in params[:-1]
-            if p.is_buffer and "float" in p.dtype and len(p.shape or ()) == 2]
+    return [
+        shape_of(p, env)[0]
+        for p in params[:-1]
+        if p.is_buffer and "float" in p.dtype and len(p.shape or ()) == 2
+    ]
 
 
-def _token_ids(rows: list[int], shape: tuple[int, ...], dtype: np.dtype,
-               rng: np.random.Generator) -> np.ndarray:
+def _token_ids(
+    rows: list[int], shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator
+) -> np.ndarray:
     """Random ids over all pieces, the first ones on each side of every piece boundary
     (where an off-by-one in choosing the piece shows)."""
     ids = rng.integers(0, sum(rows), shape).astype(dtype)
@@ -146,8 +150,12 @@ def _pages(params: list[Param], env: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def _int_buffer(
-    p: Param, shape: tuple[int, ...], params: list[Param], env: dict[str, Any],
-    sizes: Sizes, rng: np.random.Generator,
+    p: Param,
+    shape: tuple[int, ...],
+    params: list[Param],
+    env: dict[str, Any],
+    sizes: Sizes,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     n = math.prod(shape)
     dtype = np.dtype(p.dtype)
@@ -190,7 +198,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + ALIGN, np.uint8)
     offset = (-raw.ctypes.data) % ALIGN
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def random_floats(shape: tuple[int, ...], dtype: Any, rng: np.random.Generator) -> np.ndarray:
@@ -213,8 +221,9 @@ def random_floats(shape: tuple[int, ...], dtype: Any, rng: np.random.Generator) 
 _PERIOD = 1_048_573
 
 
-def repeated_random_floats(shape: tuple[int, ...], dtype: Any, rng: np.random.Generator
-                           ) -> np.ndarray:
+def repeated_random_floats(
+    shape: tuple[int, ...], dtype: Any, rng: np.random.Generator
+) -> np.ndarray:
     n = math.prod(shape)
     block = random_floats((min(n, _PERIOD),), dtype, rng)
     out = aligned_empty(shape, dtype)
@@ -237,8 +246,9 @@ class ArrayPool:
         self.max_bytes = max_bytes
         self.arrays: dict[tuple[int, str, int], np.ndarray] = {}
 
-    def floats(self, shape: tuple[int, ...], dtype: Any, slot: int,
-               rng: np.random.Generator) -> np.ndarray:
+    def floats(
+        self, shape: tuple[int, ...], dtype: Any, slot: int, rng: np.random.Generator
+    ) -> np.ndarray:
         if math.prod(shape) < self.MIN_ELEMENTS:
             return random_floats(shape, dtype, rng)
         # By size, not shape: an untied model's embedding table and output layer are
@@ -248,16 +258,21 @@ class ArrayPool:
         key = (n, np.dtype(dtype).str, slot)
         if key not in self.arrays:
             array = repeated_random_floats((n,), dtype, np.random.default_rng(slot + 1))
-            while self.arrays and (sum(a.nbytes for a in self.arrays.values())
-                                   + array.nbytes > self.max_bytes):
+            while self.arrays and (
+                sum(a.nbytes for a in self.arrays.values()) + array.nbytes > self.max_bytes
+            ):
                 self.arrays.pop(next(iter(self.arrays)))
             self.arrays[key] = array
         return self.arrays[key].reshape(shape)
 
 
 def make_inputs(
-    params: list[Param], env: dict[str, int], sizes: Sizes, rng: np.random.Generator,
-    host_dtype: Any, pool: ArrayPool | None = None,
+    params: list[Param],
+    env: dict[str, int],
+    sizes: Sizes,
+    rng: np.random.Generator,
+    host_dtype: Any,
+    pool: ArrayPool | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(buffers by name, scalar arguments by name) for one case.
 
@@ -282,8 +297,11 @@ def make_inputs(
         if dtype.kind == "f":
             slot = slots.setdefault((shape, dtype.str), 0)
             slots[(shape, dtype.str)] += 1
-            arrays[p.name] = (pool.floats(shape, dtype, slot, rng) if pool is not None
-                              else random_floats(shape, dtype, rng))
+            arrays[p.name] = (
+                pool.floats(shape, dtype, slot, rng)
+                if pool is not None
+                else random_floats(shape, dtype, rng)
+            )
         elif dtype.kind in "iu":
             arrays[p.name] = _int_buffer(p, shape, params, full_env, sizes, rng)
         else:
@@ -309,8 +327,13 @@ class Recipe:
         return list(sizes.cases(params))
 
     def prepare(
-        self, params: list[Param], case: dict[str, int], sizes: Sizes,
-        rng: np.random.Generator, host_dtype: Any, pool: ArrayPool | None = None,
+        self,
+        params: list[Param],
+        case: dict[str, int],
+        sizes: Sizes,
+        rng: np.random.Generator,
+        host_dtype: Any,
+        pool: ArrayPool | None = None,
     ) -> Prepared:
         arrays, scalars = make_inputs(params, case, sizes, rng, host_dtype, pool)
         return Prepared(dict(case), arrays, scalars, {**case, **scalars})

@@ -58,9 +58,9 @@ CPU_NAMES = {
 
 NOT_CHECKED = {
     "batch_tree_attn": "tree attention for speculative decoding (batch_verify), not called "
-                       "by the phone runtime; needs tree masks: not checked yet",
+    "by the phone runtime; needs tree masks: not checked yet",
     "tree_attn_paged_kv": "tree attention for speculative decoding (batch_verify), not "
-                          "called by the phone runtime; needs tree masks: not checked yet",
+    "called by the phone runtime; needs tree masks: not checked yet",
 }
 
 # Kernels that fail here for a reason outside mlc-edge: run and shown, not counted as
@@ -73,8 +73,13 @@ DECODE_KV_LENS = (16, 40)  # one full page; two pages and a half-filled third
 
 
 def _attention_scalars(head_dim: int, rope_theta: float) -> dict[str, Any]:
-    return {"rotary_mode": 0, "rope_scale": 1.0, "rope_theta": rope_theta,
-            "sm_scale": head_dim ** -0.5, "causal": 1}
+    return {
+        "rotary_mode": 0,
+        "rope_scale": 1.0,
+        "rope_theta": rope_theta,
+        "sm_scale": head_dim**-0.5,
+        "causal": 1,
+    }
 
 
 def _head_dim(params: list[Param], name: str) -> int:
@@ -82,8 +87,9 @@ def _head_dim(params: list[Param], name: str) -> int:
     return int(p.shape[-1])
 
 
-def _page_table(kv_len: int, page_size: int, rng: np.random.Generator
-                ) -> tuple[int, np.ndarray, int]:
+def _page_table(
+    kv_len: int, page_size: int, rng: np.random.Generator
+) -> tuple[int, np.ndarray, int]:
     """(pages in the cache buffer, page ids of the sequence in order, last page's tokens)."""
     used = max(1, math.ceil(kv_len / page_size))
     total = used + 2  # unused pages too: reading one of them is an error that shows
@@ -101,9 +107,15 @@ class _Attention(Recipe):
             return np.array([[last_page_len], [0], [0]], "int32")
         return np.array([last_page_len], "int32")
 
-    def _fill(self, params: list[Param], env: dict[str, Any], given: dict[str, np.ndarray],
-              scalars: dict[str, Any], rng: np.random.Generator, host_dtype: Any
-              ) -> dict[str, np.ndarray]:
+    def _fill(
+        self,
+        params: list[Param],
+        env: dict[str, Any],
+        given: dict[str, np.ndarray],
+        scalars: dict[str, Any],
+        rng: np.random.Generator,
+        host_dtype: Any,
+    ) -> dict[str, np.ndarray]:
         arrays = {}
         for p in params:
             if not p.is_buffer:
@@ -126,8 +138,13 @@ class DecodeRecipe(_Attention):
         return [{"kv_len": n} for n in DECODE_KV_LENS]
 
     def prepare(
-        self, params: list[Param], case: dict[str, int], sizes: Sizes,
-        rng: np.random.Generator, host_dtype: Any, pool: ArrayPool | None = None,
+        self,
+        params: list[Param],
+        case: dict[str, int],
+        sizes: Sizes,
+        rng: np.random.Generator,
+        host_dtype: Any,
+        pool: ArrayPool | None = None,
     ) -> Prepared:
         kv_len = case["kv_len"]
         total, ids, last = _page_table(kv_len, sizes.page_size, rng)
@@ -142,8 +159,9 @@ class DecodeRecipe(_Attention):
         scalars = _attention_scalars(_head_dim(params, "Q"), self.rope_theta)
         scalars = {p.name: scalars[p.name] for p in params if not p.is_buffer}
         env.update(scalars)
-        return Prepared(dict(case), self._fill(params, env, given, scalars, rng, host_dtype),
-                        scalars, env)
+        return Prepared(
+            dict(case), self._fill(params, env, given, scalars, rng, host_dtype), scalars, env
+        )
 
 
 class PrefillRecipe(_Attention):
@@ -161,8 +179,13 @@ class PrefillRecipe(_Attention):
         return [{"seq_len": s, "kv_len": PREFIX_TOKENS + s} for s in sizes.seq_lens]
 
     def prepare(
-        self, params: list[Param], case: dict[str, int], sizes: Sizes,
-        rng: np.random.Generator, host_dtype: Any, pool: ArrayPool | None = None,
+        self,
+        params: list[Param],
+        case: dict[str, int],
+        sizes: Sizes,
+        rng: np.random.Generator,
+        host_dtype: Any,
+        pool: ArrayPool | None = None,
     ) -> Prepared:
         s = case["seq_len"]
         q_name = "q"
@@ -177,8 +200,7 @@ class PrefillRecipe(_Attention):
         else:
             kv_len = case["kv_len"]
             total, ids, last = _page_table(kv_len, sizes.page_size, rng)
-            env = {"batch_size": 1, "total_len": s, "max_num_pages": total,
-                   "nnz_pages": len(ids)}
+            env = {"batch_size": 1, "total_len": s, "max_num_pages": total, "nnz_pages": len(ids)}
             given = {
                 "q_indptr": np.array([0, s], "int32"),
                 "page_indptr": np.array([0, len(ids)], "int32"),
@@ -190,8 +212,9 @@ class PrefillRecipe(_Attention):
         scalars = _attention_scalars(_head_dim(params, q_name), self.rope_theta)
         scalars = {p.name: scalars[p.name] for p in params if not p.is_buffer}
         env.update(scalars)
-        return Prepared(dict(case), self._fill(params, env, given, scalars, rng, host_dtype),
-                        scalars, env)
+        return Prepared(
+            dict(case), self._fill(params, env, given, scalars, rng, host_dtype), scalars, env
+        )
 
 
 class MergeStateRecipe(Recipe):
@@ -204,12 +227,16 @@ class MergeStateRecipe(Recipe):
         return [{"N": s} for s in sizes.seq_lens]
 
     def prepare(
-        self, params: list[Param], case: dict[str, int], sizes: Sizes,
-        rng: np.random.Generator, host_dtype: Any, pool: ArrayPool | None = None,
+        self,
+        params: list[Param],
+        case: dict[str, int],
+        sizes: Sizes,
+        rng: np.random.Generator,
+        host_dtype: Any,
+        pool: ArrayPool | None = None,
     ) -> Prepared:
         env = {**case, "H": self.num_heads, "D": self.head_dim}
-        arrays = {p.name: random_floats(shape_of(p, env), host_dtype(p.dtype), rng)
-                  for p in params}
+        arrays = {p.name: random_floats(shape_of(p, env), host_dtype(p.dtype), rng) for p in params}
         return Prepared(dict(case), arrays, {}, env)
 
 
@@ -220,8 +247,13 @@ class CopyPageRecipe(Recipe):
         return [{"copy_length": 10}]
 
     def prepare(
-        self, params: list[Param], case: dict[str, int], sizes: Sizes,
-        rng: np.random.Generator, host_dtype: Any, pool: ArrayPool | None = None,
+        self,
+        params: list[Param],
+        case: dict[str, int],
+        sizes: Sizes,
+        rng: np.random.Generator,
+        host_dtype: Any,
+        pool: ArrayPool | None = None,
     ) -> Prepared:
         scalars = {"src_page_id": 2, "tgt_page_id": 0, "copy_length": case["copy_length"]}
         env = {"num_pages": 4, "page_size": sizes.page_size, **scalars}
@@ -237,8 +269,13 @@ class CompactCopyRecipe(Recipe):
         return [{"total_copy_length": 5}]
 
     def prepare(
-        self, params: list[Param], case: dict[str, int], sizes: Sizes,
-        rng: np.random.Generator, host_dtype: Any, pool: ArrayPool | None = None,
+        self,
+        params: list[Param],
+        case: dict[str, int],
+        sizes: Sizes,
+        rng: np.random.Generator,
+        host_dtype: Any,
+        pool: ArrayPool | None = None,
     ) -> Prepared:
         n = case["total_copy_length"]
         num_pages = 4
@@ -270,14 +307,24 @@ def kv_recipes(num_heads: int, head_dim: int, rope_theta: float) -> dict[str, Re
 
 def cpu_references(cpu_module: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
     """The CPU kernels of ``cpu_module`` (the model exported for LLVM), by GPU name."""
-    funcs = {gv.name_hint: f for gv, f in cpu_module.functions_items()
-             if isinstance(f, tirx.PrimFunc)}
+    funcs = {
+        gv.name_hint: f for gv, f in cpu_module.functions_items() if isinstance(f, tirx.PrimFunc)
+    }
     return {gpu: funcs[cpu] for gpu, cpu in CPU_NAMES.items() if cpu in funcs}
 
 
 def tvm_rope_reference(kv: KVCacheShape, dtype: str) -> dict[str, tirx.PrimFunc]:
     """TVM's own split-rotary kernel for this model, the reference of ``fused_rope``
     (both our GPU and our CPU build hold ours: ``mlc_edge/models/rope_kernel.py``)."""
-    return {FUSED_ROPE: llama_rope_with_position_map(
-        kv.rope_theta, 1, kv.head_dim, kv.num_attention_heads, kv.num_key_value_heads, dtype,
-        kv.rope_scaling, kv.rotary_dim)}
+    return {
+        FUSED_ROPE: llama_rope_with_position_map(
+            kv.rope_theta,
+            1,
+            kv.head_dim,
+            kv.num_attention_heads,
+            kv.num_key_value_heads,
+            dtype,
+            kv.rope_scaling,
+            kv.rotary_dim,
+        )
+    }

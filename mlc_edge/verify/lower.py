@@ -155,7 +155,7 @@ def kernel_definition(program: str, kernel: str) -> str:
     m = re.search(rf"__kernel void {re.escape(kernel)}\([^;{{]*\)\s*{{", program)
     if m is None:
         raise ValueError(f"no definition of {kernel} in its program")
-    return program[m.start():].rstrip()
+    return program[m.start() :].rstrip()
 
 
 def lower_for_device(

@@ -55,8 +55,11 @@ class VerifySource:
 
 
 def load_source(
-    path: Path, target: str | None = None, preset: str | None = None,
-    quantization: str = "q0f16t", num_hidden_layers: int | None = None,
+    path: Path,
+    target: str | None = None,
+    preset: str | None = None,
+    quantization: str = "q0f16t",
+    num_hidden_layers: int | None = None,
 ) -> VerifySource:
     """A bundle (``mlc-chat-config.json``), a Hugging Face folder or a ``config.json``."""
     path = Path(path)
@@ -66,8 +69,7 @@ def load_source(
         bundle = path
         chat = layout.read_chat_config(path)
         if num_hidden_layers is not None:
-            chat["model_config"] = {**chat["model_config"],
-                                    "num_hidden_layers": num_hidden_layers}
+            chat["model_config"] = {**chat["model_config"], "num_hidden_layers": num_hidden_layers}
         spec = ModelSpec.from_chat_config(chat)
         # The phone's system library, and the target its build record names.
         libs = layout.libraries(path, layout.SYSTEM_LIBRARY)
@@ -82,23 +84,37 @@ def load_source(
     target_name = target or (library.target if library else "android-opencl")
     target_spec = get_target(target_name)
     if target_spec.codegen != "opencl":
-        raise UserError(f"verify runs OpenCL kernels; target '{target_name}' is not an "
-                        "OpenCL target (use --target android-opencl[:adreno-NNN])")
-    return VerifySource(spec, target_name, path, bundle, library.path if library else None,
-                        config_changed=bundle is not None and num_hidden_layers is not None)
+        raise UserError(
+            f"verify runs OpenCL kernels; target '{target_name}' is not an "
+            "OpenCL target (use --target android-opencl[:adreno-NNN])"
+        )
+    return VerifySource(
+        spec,
+        target_name,
+        path,
+        bundle,
+        library.path if library else None,
+        config_changed=bundle is not None and num_hidden_layers is not None,
+    )
 
 
 def default_sizes(spec: ModelSpec, seq_lens: tuple[int, ...] = (1, 7, 16)) -> Sizes:
     sizes = spec.runtime_sizes
     chunk = sizes["prefill_chunk_size"]
     lens = tuple(s for s in seq_lens if s <= chunk) or (chunk,)
-    return Sizes(vocab_size=spec.config.vocab_size, seq_lens=lens,
-                 context_window_size=sizes["context_window_size"])
+    return Sizes(
+        vocab_size=spec.config.vocab_size,
+        seq_lens=lens,
+        context_window_size=sizes["context_window_size"],
+    )
 
 
 def model_checker(
-    spec: ModelSpec, target_spec: TargetSpec, sizes: Sizes | None = None,
-    runner: OpenCLRunner | None = None, rules: list[Any] | None = None,
+    spec: ModelSpec,
+    target_spec: TargetSpec,
+    sizes: Sizes | None = None,
+    runner: OpenCLRunner | None = None,
+    rules: list[Any] | None = None,
     only: str | None = None,
 ) -> KernelChecker:
     """A checker of every kernel of the model compiled for ``target_spec``.
@@ -114,10 +130,16 @@ def model_checker(
     cpu_mod, _, _ = cpu_model.export_tvm(spec=cpu_model.get_default_spec(), allow_extern=True)
     references = {**cpu_references(cpu_mod), **tvm_rope_reference(kv, cpu_model.dtype)}
     return KernelChecker(
-        unscheduled, scheduled, target_spec.tvm_target(), sizes or default_sizes(spec),
-        runner=runner, references=references,
+        unscheduled,
+        scheduled,
+        target_spec.tvm_target(),
+        sizes or default_sizes(spec),
+        runner=runner,
+        references=references,
         recipes=kv_recipes(kv.num_attention_heads, kv.head_dim, kv.rope_theta),
-        not_checked=NOT_CHECKED, known_issues=KNOWN_ISSUES, only=only,
+        not_checked=NOT_CHECKED,
+        known_issues=KNOWN_ISSUES,
+        only=only,
     )
 
 
@@ -133,31 +155,41 @@ def library_device_code(library: Path) -> bytes:
 
 
 def verify(
-    source: VerifySource, fp16: str = "auto", seq_lens: tuple[int, ...] = (1, 7, 16),
-    only: str | None = None, progress: Any = None, strict: bool = False,
+    source: VerifySource,
+    fp16: str = "auto",
+    seq_lens: tuple[int, ...] = (1, 7, 16),
+    only: str | None = None,
+    progress: Any = None,
+    strict: bool = False,
     device: str | None = None,
 ) -> VerifyReport:
     target_spec = get_target(source.target_name)
     runner = OpenCLRunner(fp16=fp16, device=device)
-    checker = model_checker(source.spec, target_spec, default_sizes(source.spec, seq_lens),
-                            runner, only=only)
+    checker = model_checker(
+        source.spec, target_spec, default_sizes(source.spec, seq_lens), runner, only=only
+    )
     report = checker.check_all(progress)
     report.strict = strict
     report.target = source.target_name
     report.bundle = str(source.bundle) if source.bundle else None
     report.source = str(source.path)
     if source.library is None:
-        report.library_note = ("no compiled library: the kernels were compiled from the "
-                               "config for this check")
+        report.library_note = (
+            "no compiled library: the kernels were compiled from the config for this check"
+        )
     elif source.config_changed:
-        report.library_note = ("not compared with the bundle's library: with "
-                               "--num-hidden-layers the generated kernel names differ")
+        report.library_note = (
+            "not compared with the bundle's library: with "
+            "--num-hidden-layers the generated kernel names differ"
+        )
     else:
         assert source.prefix is not None
         report.stale_kernels = bundle_stale_kernels(
-            checker, library_device_code(source.library), source.prefix)
+            checker, library_device_code(source.library), source.prefix
+        )
         report.library_note = (
             f"every kernel checked is the one in {source.library.name}"
-            if not report.stale_kernels else
-            f"{len(report.stale_kernels)} kernels differ from {source.library.name}")
+            if not report.stale_kernels
+            else f"{len(report.stale_kernels)} kernels differ from {source.library.name}"
+        )
     return report

@@ -31,9 +31,18 @@ LaunchHook = Callable[[str, Launch], Launch]
 
 _FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)
 _SCALAR_TYPES = {
-    "char": np.int8, "uchar": np.uint8, "short": np.int16, "ushort": np.uint16,
-    "int": np.int32, "uint": np.uint32, "long": np.int64, "ulong": np.uint64,
-    "float": np.float32, "double": np.float64, "half": np.float16, "bool": np.int8,
+    "char": np.int8,
+    "uchar": np.uint8,
+    "short": np.int16,
+    "ushort": np.uint16,
+    "int": np.int32,
+    "uint": np.uint32,
+    "long": np.int64,
+    "ulong": np.uint64,
+    "float": np.float32,
+    "double": np.float64,
+    "half": np.float16,
+    "bool": np.int8,
 }
 
 
@@ -56,8 +65,11 @@ def kernel_signature(program: str, kernel: str) -> list[tuple[str, str, bool]]:
     for arg in m.group(1).split(","):
         words = arg.replace("*", " * ").split()
         is_pointer = "*" in words
-        words = [w for w in words if w not in ("__global", "global", "const", "restrict",
-                                               "*", "volatile")]
+        words = [
+            w
+            for w in words
+            if w not in ("__global", "global", "const", "restrict", "*", "volatile")
+        ]
         args.append((words[0], words[-1], is_pointer))
     return args
 
@@ -86,8 +98,9 @@ class OpenCLRunner:
     or device name, or an index (``devices.select_device``; None: the best present).
     """
 
-    def __init__(self, fp16: str = "auto", device_index: int | None = None,
-                 device: str | None = None):
+    def __init__(
+        self, fp16: str = "auto", device_index: int | None = None, device: str | None = None
+    ):
         cl = _cl()
         self.cl = cl
         if device is None and device_index is not None:
@@ -103,8 +116,11 @@ class OpenCLRunner:
             raise UserError(f"fp16 mode '{fp16}': choose auto or float")
         self.as_float = fp16 == "float" or not has_fp16
         self.info = DeviceInfo(
-            self.device.name.strip(), self.device.platform.name.strip(), has_fp16,
-            int(self.device.max_work_group_size), selected.implementation,
+            self.device.name.strip(),
+            self.device.platform.name.strip(),
+            has_fp16,
+            int(self.device.max_work_group_size),
+            selected.implementation,
         )
         self._programs: dict[tuple[str, str], tuple[Any, list[tuple[str, str, bool]]]] = {}
 
@@ -124,13 +140,16 @@ class OpenCLRunner:
         key = (kernel, source)
         if key not in self._programs:
             program = self.cl.Program(self.context, source).build()
-            self._programs[key] = (self.cl.Kernel(program, kernel),
-                                   kernel_signature(source, kernel))
+            self._programs[key] = (
+                self.cl.Kernel(program, kernel),
+                kernel_signature(source, kernel),
+            )
         return self._programs[key]
 
     # -- launches --------------------------------------------------------------------------
-    def upload(self, arrays: Mapping[str, np.ndarray], written: Iterable[str] | None = None
-               ) -> dict[str, Any]:
+    def upload(
+        self, arrays: Mapping[str, np.ndarray], written: Iterable[str] | None = None
+    ) -> dict[str, Any]:
         """Device buffers of ``arrays``: copies of those in ``written`` (all when None),
         the host memory itself for the others (no copy on PoCL)."""
         mf = self.cl.mem_flags
@@ -142,8 +161,7 @@ class OpenCLRunner:
                 buffers[name] = self.cl.Buffer(self.context, mf.READ_WRITE, 4)
             else:
                 how = mf.COPY_HOST_PTR if name in copied else mf.USE_HOST_PTR
-                buffers[name] = self.cl.Buffer(self.context, mf.READ_WRITE | how,
-                                               hostbuf=array)
+                buffers[name] = self.cl.Buffer(self.context, mf.READ_WRITE | how, hostbuf=array)
         return buffers
 
     def download(self, buffer: Any, like: np.ndarray) -> np.ndarray:
@@ -177,7 +195,10 @@ class OpenCLRunner:
         return result
 
     def enqueue(
-        self, func: LoweredFunction, env: Mapping[str, Any], buffers: Mapping[str, Any],
+        self,
+        func: LoweredFunction,
+        env: Mapping[str, Any],
+        buffers: Mapping[str, Any],
         launches: list[tuple[KernelCall, Launch]],
     ) -> list[Any]:
         """Launch the function's kernels in order; returns their events."""
@@ -195,13 +216,18 @@ class OpenCLRunner:
             kernel.set_args(*args)
             if any(g == 0 for g in global_size):
                 continue  # nothing to do: the runtime launches nothing either
-            events.append(self.cl.enqueue_nd_range_kernel(
-                self.queue, kernel, global_size, local_size))
+            events.append(
+                self.cl.enqueue_nd_range_kernel(self.queue, kernel, global_size, local_size)
+            )
         return events
 
     def run(
-        self, func: LoweredFunction, arrays: Mapping[str, np.ndarray], env: Mapping[str, Any],
-        hook: LaunchHook | None = None, written: Iterable[str] | None = None,
+        self,
+        func: LoweredFunction,
+        arrays: Mapping[str, np.ndarray],
+        env: Mapping[str, Any],
+        hook: LaunchHook | None = None,
+        written: Iterable[str] | None = None,
     ) -> tuple[dict[str, np.ndarray], list[tuple[KernelCall, Launch]]]:
         """Run the function on ``arrays`` (by parameter name); returns the ``written``
         buffers (all when None) after the launches, and the launches. ``arrays`` are
@@ -215,8 +241,13 @@ class OpenCLRunner:
         return out, launches
 
     def time(
-        self, func: LoweredFunction, arrays: Mapping[str, np.ndarray], env: Mapping[str, Any],
-        repeat: int = 10, warmup: int = 2, min_seconds: float = 0.0,
+        self,
+        func: LoweredFunction,
+        arrays: Mapping[str, np.ndarray],
+        env: Mapping[str, Any],
+        repeat: int = 10,
+        warmup: int = 2,
+        min_seconds: float = 0.0,
         written: Iterable[str] | None = None,
     ) -> float:
         """Median seconds of one call of all the function's kernels (device time from

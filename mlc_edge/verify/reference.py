@@ -83,8 +83,12 @@ def _tensor(array: np.ndarray, copy: bool) -> Any:
 
 
 def run_reference(
-    lib: Any, name: str, params: list[tuple[str, bool]], arrays: Mapping[str, np.ndarray],
-    scalars: Mapping[str, Any], written: Iterable[str],
+    lib: Any,
+    name: str,
+    params: list[tuple[str, bool]],
+    arrays: Mapping[str, np.ndarray],
+    scalars: Mapping[str, Any],
+    written: Iterable[str],
 ) -> dict[str, np.ndarray]:
     """Call ``name``; returns the ``written`` buffers after the call (copies of the
     inputs: ``arrays`` are not changed).

@@ -138,9 +138,14 @@ class _MatmulRule(CPURule):
             # leave it to the next rule rather than failing the whole build.
             return None
 
-    def schedule(self, sch: s_tir.Schedule, target: Target, main: SBlockInfo,
-                 pat: KNPattern, epilogues: list[s_tir.schedule.SBlockRV]
-                 ) -> s_tir.Schedule | None:
+    def schedule(
+        self,
+        sch: s_tir.Schedule,
+        target: Target,
+        main: SBlockInfo,
+        pat: KNPattern,
+        epilogues: list[s_tir.schedule.SBlockRV],
+    ) -> s_tir.Schedule | None:
         raise NotImplementedError
 
 
@@ -205,9 +210,14 @@ class MatmulKN(_MatmulRule):
         self.min_tasks = min_tasks
         self.fp32_accumulate = fp32_accumulate
 
-    def schedule(self, sch: s_tir.Schedule, target: Target, main: SBlockInfo,
-                 pat: KNPattern, epilogues: list[s_tir.schedule.SBlockRV]
-                 ) -> s_tir.Schedule | None:
+    def schedule(
+        self,
+        sch: s_tir.Schedule,
+        target: Target,
+        main: SBlockInfo,
+        pat: KNPattern,
+        epilogues: list[s_tir.schedule.SBlockRV],
+    ) -> s_tir.Schedule | None:
         block = main.block_rv
         n_iters = len(sch.get(block).iter_vars)
         m_doms = [sch.get(block).iter_vars[i].dom.extent for i in pat.m_iters]
@@ -240,9 +250,7 @@ class MatmulKN(_MatmulRule):
         n_loop, k_loop = loops[pat.n_iter], loops[pat.k_iter]
         sch.reorder(*m_loops, n_loop, k_loop)
 
-        acc_fp32 = (
-            self.fp32_accumulate and is_fp16_matmul(pat) and accumulate_in_fp32(sch, block)
-        )
+        acc_fp32 = self.fp32_accumulate and is_fp16_matmul(pat) and accumulate_in_fp32(sch, block)
         acc_bytes = 4 if acc_fp32 else DataType(pat.out_dtype).itemsize
         w_bytes = DataType(operand_dtype(pat.rhs)).itemsize
         lanes = max(1, vector_bytes(target) // acc_bytes)
@@ -346,9 +354,14 @@ class MatmulNK(_MatmulRule):
         self.k_vectors = k_vectors
         self.fp32_accumulate = fp32_accumulate
 
-    def schedule(self, sch: s_tir.Schedule, target: Target, main: SBlockInfo,
-                 pat: KNPattern, epilogues: list[s_tir.schedule.SBlockRV]
-                 ) -> s_tir.Schedule | None:
+    def schedule(
+        self,
+        sch: s_tir.Schedule,
+        target: Target,
+        main: SBlockInfo,
+        pat: KNPattern,
+        epilogues: list[s_tir.schedule.SBlockRV],
+    ) -> s_tir.Schedule | None:
         block = main.block_rv
         loops = main.get_loops()
         m_loops = [loops[i] for i in pat.m_iters]

@@ -92,8 +92,7 @@ class KNMatmulRule(GPUScheduleRule):
     def __init__(self, tuning: KNTuning | None = None):
         self.tuning = tuning or KNTuning.from_dict(DEFAULT_GPU, {})
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool
-              ) -> s_tir.Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         try:
@@ -111,8 +110,9 @@ class KNMatmulRule(GPUScheduleRule):
         iters = sch.get(block).iter_vars
         loops = sch.get_loops(block)
         if len(loops) != len(iters) or (
-                self.decode_shaped is not None
-                and is_decode_shaped(sch.get(block)) != self.decode_shaped):
+            self.decode_shaped is not None
+            and is_decode_shaped(sch.get(block)) != self.decode_shaped
+        ):
             return None
         n = static_int(iters[pat.n_iter].dom.extent)
         k = static_int(iters[pat.k_iter].dom.extent)
@@ -183,8 +183,9 @@ def sum_column_partials(
         sch.reverse_compute_at(blk, b_x, preserve_unit_loops=True)
 
 
-def sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
-               above: s_tir.schedule.LoopRV) -> tuple[s_tir.schedule.LoopRV, ...]:
+def sum_loops(
+    sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, above: s_tir.schedule.LoopRV
+) -> tuple[s_tir.schedule.LoopRV, ...]:
     """The final sum's (reduction, column) loops below ``above``, in that order; a unit
     reduction loop (one partial) is added back."""
     loops = sch.get_loops(block)
@@ -192,11 +193,12 @@ def sum_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
     start = next(i for i, lp in enumerate(loops) if sch.get(lp).loop_var.same_as(above_var))
     below = loops[start + 1 :]
     realize = get_sblockrealize(sch, block)
-    red_values = [value for iv, value in zip(realize.block.iter_vars, realize.iter_values,
-                                             strict=True)
-                  if iv.iter_type == tirx.IterVar.CommReduce]
-    red = [lp for lp in below
-           if any(_uses(value, sch.get(lp).loop_var) for value in red_values)]
+    red_values = [
+        value
+        for iv, value in zip(realize.block.iter_vars, realize.iter_values, strict=True)
+        if iv.iter_type == tirx.IterVar.CommReduce
+    ]
+    red = [lp for lp in below if any(_uses(value, sch.get(lp).loop_var) for value in red_values)]
     spatial = [lp for lp in below if lp not in red]
     if len(spatial) != 1 or len(red) > 1:
         raise ValueError("unexpected loops of the final sum")

@@ -60,8 +60,11 @@ class GemvKN(KNMatmulRule):
         m_loops = [loops[i] for i in pat.m_iters]
         n_loop, k_loop = loops[pat.n_iter], loops[pat.k_iter]
         sch.reorder(*m_loops, n_loop, k_loop)
-        m_loop = sch.fuse(*m_loops) if len(m_loops) > 1 else (
-            m_loops[0] if m_loops else sch.add_unit_loop(n_loop))
+        m_loop = (
+            sch.fuse(*m_loops)
+            if len(m_loops) > 1
+            else (m_loops[0] if m_loops else sch.add_unit_loop(n_loop))
+        )
 
         fp16 = is_fp16_matmul(pat)
         # The final sum goes to a per-thread accumulator (fp32 for fp16), which the
@@ -95,4 +98,3 @@ class GemvKN(KNMatmulRule):
         sum_column_partials(sch, block, n_or, tx * vec, tx * ty, writeback, epilogues)
         self.mark(sch, part)
         return sch
-

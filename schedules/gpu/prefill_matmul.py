@@ -64,7 +64,7 @@ class PrefillMatmulKN(KNMatmulRule):
         if is_fp16_matmul(pat):
             accumulate_in_fp32(sch, block)
 
-        loops = sch.get_loops(block)[-len(iters):]
+        loops = sch.get_loops(block)[-len(iters) :]
         m_loop, n_loop, k_loop = loops[m_pos], loops[pat.n_iter], loops[pat.k_iter]
         m_o, m_i = sch.split(m_loop, [None, rows])
         n_g, n_v = sch.split(n_loop, [None, vec])
@@ -106,6 +106,7 @@ def _writes_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     """Whether a producer made by pad_einsum is the padded activation copy."""
     return "pad" in sch.get(block).name_hint
 
+
 def stage_activation_tile(
     sch: s_tir.Schedule, a_pad: list[s_tir.schedule.SBlockRV], k_o: s_tir.schedule.LoopRV
 ) -> None:
@@ -132,15 +133,25 @@ def _clamp_rows(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV) -> None:
     if not (isinstance(value, Call) and value.op.name.endswith("if_then_else")):
         return
     cond, load = value.args[0], value.args[1]
-    if not (isinstance(cond, tirx.LT) and isinstance(cond.a, tirx.Var)
-            and isinstance(load, TensorLoad)):
+    if not (
+        isinstance(cond, tirx.LT) and isinstance(cond.a, tirx.Var) and isinstance(load, TensorLoad)
+    ):
         return
     row, bound = cond.a, cond.b
     last = tirx.Max(bound - tirx.IntImm(bound.ty.dtype, 1), tirx.IntImm(bound.ty.dtype, 0))
-    indices = [tirx.Min(i, last) if isinstance(i, tirx.Var) and i.same_as(row) else i
-               for i in load.indices]
+    indices = [
+        tirx.Min(i, last) if isinstance(i, tirx.Var) and i.same_as(row) else i for i in load.indices
+    ]
     body = tirx.BufferStore(store.buffer, tirx.BufferLoad(load.source, indices), store.indices)
-    new_block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
-                             block.init, block.alloc_buffers, block.match_buffers,
-                             block.annotations)
+    new_block = s_tir.SBlock(
+        block.iter_vars,
+        block.reads,
+        block.writes,
+        block.name_hint,
+        body,
+        block.init,
+        block.alloc_buffers,
+        block.match_buffers,
+        block.annotations,
+    )
     sch.state.replace(sch.get_sref(pad), new_block, {block: new_block})

@@ -32,8 +32,6 @@ class AttachLogitProcessor:
             ]
             with bb.function(name, params):
                 # Arg 0 (the logits) is updated in place and returned.
-                out = bb.emit(
-                    relax.call_tir_inplace(kernel, params, [0], params[0].ty)
-                )
+                out = bb.emit(relax.call_tir_inplace(kernel, params, [0], params[0].ty))
                 bb.emit_func_output(out)
         return bb.get()

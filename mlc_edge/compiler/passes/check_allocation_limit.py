@@ -61,11 +61,15 @@ def _fix(weight: str) -> str:
     """What to do about a weight too large for one buffer."""
     if split_parameter(weight) is not None:
         # A piece: the bundle's weights were split for a device with larger buffers.
-        return ("the bundle's embedding/output layer were split for a larger allocation: "
-                "make the bundle for this target (mlc-edge compile MODEL_DIR --target ... "
-                "-o BUNDLE) so they are split to fit it")
-    return ("only the embedding and the output layer are split into pieces that fit: "
-            "use a model with a smaller hidden or intermediate size")
+        return (
+            "the bundle's embedding/output layer were split for a larger allocation: "
+            "make the bundle for this target (mlc-edge compile MODEL_DIR --target ... "
+            "-o BUNDLE) so they are split to fit it"
+        )
+    return (
+        "only the embedding and the output layer are split into pieces that fit: "
+        "use a model with a smaller hidden or intermediate size"
+    )
 
 
 def _mib(n: int) -> str:

@@ -67,7 +67,8 @@ def _thread_extents(region: tirx.Stmt) -> dict[str, tirx.PrimExpr]:
         old = extents.get(tag)
         # A tag bound in several loops of one kernel launches with the largest extent.
         if old is None or (
-            isinstance(old, tirx.IntImm) and isinstance(extent, tirx.IntImm)
+            isinstance(old, tirx.IntImm)
+            and isinstance(extent, tirx.IntImm)
             and int(extent) > int(old)
         ):
             extents[tag] = extent

@@ -62,8 +62,9 @@ class PhiForCausalLM(DecoderLM):
             # transformers ties only the weight: the output bias stays its own tensor.
             self.lm_head_bias = nn.Parameter((cfg.vocab_size,), scheme.dtype)
         if self.has_lm_head:
-            self.lm_head = VocabHead(cfg.hidden_size, cfg.vocab_size, scheme,
-                                     bias=not cfg.tie_word_embeddings)
+            self.lm_head = VocabHead(
+                cfg.hidden_size, cfg.vocab_size, scheme, bias=not cfg.tie_word_embeddings
+            )
 
     def get_logits(self, hidden: Tensor) -> Tensor:
         logits = super().get_logits(hidden)
