@@ -67,6 +67,7 @@ from mlc_edge.quantization.int4 import AWQ_PACK_ORDER
 
 from .int4_gemv_vnni import (
     LANES,
+    columns_in_order,
     fp16_decode_operands,
     hand_written,
     round_group,
@@ -281,20 +282,7 @@ def vnni_bytes_gemv(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
                         a_sum[0], 7,
                     )  # fmt: skip
-        for s in T.parallel(strips):
-            # A strip's bands summed, then its 128 columns in order: unrolled, so each
-            # column's slot is a constant (one serial loop over the columns, indexing
-            # per column, took 8% of the 2048 x 16384 GEMV from L3).
-            y_sum = T.alloc_buffer((8 * LANES,), "float32")
-            for r in T.unroll(8):
-                y_sum[T.ramp(r * LANES, 1, LANES)] = y_band[0, r, T.ramp(s * LANES, 1, LANES)]
-                for band in range(1, bands):
-                    y_sum[T.ramp(r * LANES, 1, LANES)] = (
-                        y_sum[T.ramp(r * LANES, 1, LANES)]
-                        + y_band[band, r, T.ramp(s * LANES, 1, LANES)]
-                    )
-            for c in T.unroll(128):
-                out_row[s * 128 + c] = T.Cast(out_dtype, y_sum[_column_slot(c)])
+        columns_in_order(y_band, out_row, strips, bands, out_dtype, _column_slot)
 
     return with_gemv_signature(body, x_shape, k, words, groups, out_dtype)
 
