@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.awq import require_scheme_for
+from ..checkpoint.prequantized import require_scheme_for
 from ..errors import UserError
 from ..models import ModelFamily, RuntimeSizes, find_family
 from ..models.vocab import vocab_pieces

@@ -6,9 +6,12 @@ Every linear layer's bundle parameters are ``X.qweight``, ``X.qzeros`` and ``X.s
 - from an fp16/bf16/fp32 checkpoint, the weight (its fused parts) is read, quantized
   round-to-nearest and its three tensors written, one layer at a time: peak memory stays
   near one source tensor, as for the other schemes;
-- from an AutoAWQ GEMM checkpoint (``mlc_edge.checkpoint.awq``) the parts' own
+- from an AutoAWQ GEMM checkpoint (``mlc_edge.checkpoint.prequantized``) the parts' own
   ``qweight``/``qzeros``/``scales`` are concatenated along the output axis and written
   with their bits unchanged (the scales widened to fp32 for ``q4f32t``, exactly);
+- from a GPTQ checkpoint without act-order, the same, but the parts' 4-bit values and
+  zero points are unpacked from GPTQ's packing and packed in ours (the same integers; a
+  v1 zero point gets its 1 back), scales unchanged;
 - from a GGUF whose weight is Q4_0 (blocks of 32 along the input axis, value
   ``(q - 8) * d``), for the group-32 schemes: the blocks' nibbles and fp16 scales are
   repacked with their values unchanged (zero points all 8), so the stored layer
@@ -19,8 +22,8 @@ Every linear layer's bundle parameters are ``X.qweight``, ``X.qzeros`` and ``X.s
 
 The output layer is one of these layers for a scheme with ``int4_head`` (all but the
 ``-hf`` ones; for a tied model its source is the embedding table,
-``mlc_edge.models.parameters.weight_sources``): AWQ checkpoints keep it in fp16, so it is
-quantized round-to-nearest, with a notice; a GGUF's Q4_0
+``mlc_edge.models.parameters.weight_sources``): AWQ and GPTQ checkpoints keep it in fp16,
+so it is quantized round-to-nearest, with a notice; a GGUF's Q4_0
 ``output.weight`` (or ``token_embd.weight``) is repacked as above. A split output layer
 is quantized whole and written piece by piece.
 
@@ -40,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.awq import AWQFormat, check_scheme
 from ..checkpoint.gguf_file import Q4_0_BLOCK, Q4_0_ZERO
+from ..checkpoint.prequantized import PrequantizedFormat, check_scheme
 from ..checkpoint.reader import Checkpoint
 from ..errors import UserError
 from ..models.base import ParamSource
@@ -71,13 +74,14 @@ from .weights import (
 class _Int4Linear:
     base: str  # bundle prefix: base + ".qweight" etc.
     hf_names: tuple[str, ...]  # the checkpoint's weights (".weight"), fused along out
-    awq: bool  # the checkpoint holds them as AWQ qweight/qzeros/scales
+    # the checkpoint holds them as qweight/qzeros/scales in this format (AWQ, GPTQ)
+    prequantized: PrequantizedFormat | None
     shapes: dict[str, tuple[int, ...]]
     source_bytes: int
     gguf_q4_0: bool = False  # the GGUF holds them as Q4_0 blocks of our group size
 
 
-def _awq_names(hf_weight: str) -> dict[str, str]:
+def _packed_names(hf_weight: str) -> dict[str, str]:
     stem = hf_weight.removesuffix(".weight")
     return {part: f"{stem}.{part}" for part in PART_NAMES}
 
@@ -132,49 +136,52 @@ def _plan_int4(
     shapes: dict[str, tuple[int, ...]],
     source: ParamSource,
     layout: Int4Layout,
-    awq: AWQFormat | None,
+    packed: PrequantizedFormat | None,
 ) -> _Int4Linear:
     k, n = shapes["qweight"][0], shapes["scales"][1]
     hf_names = source.hf_names
-    as_awq = [all(p in ckpt for p in _awq_names(h).values()) for h in hf_names]
-    if awq is not None and any(as_awq):
-        if not all(as_awq):
+    as_packed = [all(p in ckpt for p in _packed_names(h).values()) for h in hf_names]
+    if packed is not None and any(as_packed):
+        label = packed.label
+        if not all(as_packed):
             raise UserError(
-                f"{' + '.join(hf_names)} are fused into one layer but only some are AWQ "
+                f"{' + '.join(hf_names)} are fused into one layer but only some are {label} "
                 "qweight/qzeros/scales in the checkpoint; it cannot be stored in 4 bits as "
                 "it is"
             )
         outs = 0
         nbytes = 0
         for h in hf_names:
-            names = _awq_names(h)
+            names = _packed_names(h)
             qw, qz, sc = (ckpt.shape(names[p]) for p in PART_NAMES)
             part_n = sc[1] if len(sc) == 2 else -1
             want = {
-                "qweight": (k, part_n // 8),
+                "qweight": (k // 8, part_n) if packed.method == "gptq" else (k, part_n // 8),
                 "qzeros": (k // layout.group_size, part_n // 8),
                 "scales": (k // layout.group_size, part_n),
             }
             for part, have in zip(PART_NAMES, (qw, qz, sc), strict=True):
                 if tuple(have) != want[part] or part_n % 8:
                     raise UserError(
-                        f"AWQ tensor {names[part]} has shape {_fmt(tuple(have))} but "
+                        f"{label} tensor {names[part]} has shape {_fmt(tuple(have))} but "
                         f"config.json and group size {layout.group_size} imply "
                         f"{_fmt(want[part])}; the checkpoint does not match its config.json"
                     )
                 if part != "scales" and ckpt.dtype(names[part]) != "int32":
                     raise UserError(
-                        f"AWQ tensor {names[part]} is {ckpt.dtype(names[part])}, not int32; "
-                        "it is not in AutoAWQ's GEMM format"
+                        f"{label} tensor {names[part]} is {ckpt.dtype(names[part])}, not "
+                        "int32; it is not in the format its config.json names"
                     )
+            if packed.method == "gptq":
+                _check_gptq_layer(ckpt, h, k, packed)
             outs += part_n
             nbytes += sum(ckpt.nbytes(names[p]) for p in PART_NAMES)
         if outs != n:
             raise UserError(
-                f"AWQ layers {' + '.join(hf_names)} have {outs} outputs together but "
+                f"{label} layers {' + '.join(hf_names)} have {outs} outputs together but "
                 f"config.json implies {n}; the checkpoint does not match its config.json"
             )
-        return _Int4Linear(base, hf_names, True, shapes, nbytes)
+        return _Int4Linear(base, hf_names, packed, shapes, nbytes)
     missing = [h for h in hf_names if h not in ckpt]
     if missing:
         raise UserError(
@@ -190,7 +197,7 @@ def _plan_int4(
         )
     nbytes = sum(ckpt.nbytes(h) for h in hf_names)
     q4_0 = layout.group_size == Q4_0_BLOCK and all(_gguf_type(ckpt, h) == "Q4_0" for h in hf_names)
-    return _Int4Linear(base, hf_names, False, shapes, nbytes, gguf_q4_0=q4_0)
+    return _Int4Linear(base, hf_names, None, shapes, nbytes, gguf_q4_0=q4_0)
 
 
 def _gguf_type(ckpt: Checkpoint, hf_name: str) -> str | None:
@@ -204,7 +211,7 @@ def _requantized_notice(ckpt: Checkpoint, linears: dict[str, _Int4Linear], schem
     (their 4-bit values are not kept): which types, how many layers."""
     types: dict[str, int] = {}
     for lin in linears.values():
-        if lin.gguf_q4_0 or lin.awq:
+        if lin.gguf_q4_0 or lin.prequantized:
             continue
         kinds = {_gguf_type(ckpt, h) for h in lin.hf_names} - {None, "F32", "F16", "BF16"}
         for kind in kinds:
@@ -241,11 +248,65 @@ def _load_gguf_q4_0(
     }
 
 
-def _load_awq(ckpt: Checkpoint, hf_names: tuple[str, ...], dtype: str) -> dict[str, np.ndarray]:
-    """The parts' AWQ tensors side by side along the output axis, bits unchanged."""
+def _check_gptq_layer(ckpt: Checkpoint, hf_weight: str, k: int, form: PrequantizedFormat) -> None:
+    """One line unless a GPTQ layer fits our layout: its ``g_idx`` (if stored) puts row
+    ``i`` in group ``i // group`` (any other order is act-order, whose groups are not runs
+    of rows), and no zero point is 16 (v1 stores 15 for it; 4 bits cannot hold 16)."""
+    names = _packed_names(hf_weight)
+    g_idx_name = f"{hf_weight.removesuffix('.weight')}.g_idx"
+    if g_idx_name in ckpt:
+        g_idx = ckpt.load(g_idx_name)
+        if g_idx.shape != (k,) or not np.array_equal(g_idx, np.arange(k) // form.group_size):
+            raise UserError(
+                f"GPTQ tensor {g_idx_name} does not put row i in group i // "
+                f"{form.group_size} (act-order); such checkpoints are not supported: convert "
+                "the original fp16/bf16 checkpoint with --quantization q4f16t"
+            )
+    if form.zero_offset and (_gptq_zeros(ckpt.load(names["qzeros"])) == 15).any():
+        raise UserError(
+            f"GPTQ tensor {names['qzeros']} holds a zero point of 16 (stored 15 in format "
+            "v1), which 4 bits cannot store; convert the original fp16/bf16 checkpoint"
+        )
+
+
+_SHIFTS = np.arange(0, 32, 4, dtype=np.int32)  # nibble j of a word: bits 4j .. 4j + 3
+
+
+def _gptq_zeros(words: np.ndarray) -> np.ndarray:
+    """GPTQ's ``qzeros`` ``[in/g, out/8]`` as stored, uint8 ``[in/g, out]``."""
+    zeros = ((words[:, :, None] >> _SHIFTS[None, None, :]) & 15).astype(np.uint8)
+    return zeros.reshape(words.shape[0], -1)
+
+
+def _gptq_as_ours(
+    ckpt: Checkpoint, hf_weight: str, form: PrequantizedFormat
+) -> dict[str, np.ndarray]:
+    """One GPTQ layer's values and zero points repacked in our layout: GPTQ's ``qweight``
+    ``[in/8, out]`` holds row ``8i + j`` in bits ``4j..`` of word ``i``, its ``qzeros``
+    column ``8w + j`` in bits ``4j..`` of word ``w`` (module docstring of
+    ``mlc_edge.checkpoint.prequantized``)."""
+    names = _packed_names(hf_weight)
+    words = ckpt.load(names["qweight"])  # [in/8, out]
+    values = ((words[:, None, :] >> _SHIFTS[None, :, None]) & 15).astype(np.uint8)
+    values = values.reshape(-1, words.shape[1])  # [in, out]
+    del words
+    # (_check_gptq_layer has refused a v1 zero point that would become 16)
+    zeros = _gptq_zeros(ckpt.load(names["qzeros"])) + np.uint8(form.zero_offset)
+    return {"qweight": pack_int4(values), "qzeros": pack_int4(zeros)}
+
+
+def _load_prequantized(
+    ckpt: Checkpoint, hf_names: tuple[str, ...], form: PrequantizedFormat, dtype: str
+) -> dict[str, np.ndarray]:
+    """The parts' tensors side by side along the output axis: AWQ's bits unchanged,
+    GPTQ's values repacked (``_gptq_as_ours``); scales unchanged."""
+    gptq = [_gptq_as_ours(ckpt, h, form) for h in hf_names] if form.method == "gptq" else None
     out: dict[str, np.ndarray] = {}
     for part in PART_NAMES:
-        arrays = [ckpt.load(_awq_names(h)[part]) for h in hf_names]
+        if gptq is not None and part != "scales":
+            arrays = [layer[part] for layer in gptq]
+        else:
+            arrays = [ckpt.load(_packed_names(h)[part]) for h in hf_names]
         joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
         del arrays
         out[part] = np.ascontiguousarray(joined, dtype=dtype if part == "scales" else np.int32)
@@ -258,15 +319,15 @@ def convert_int4_weights(
     expected: list[tuple[str, tuple[int, ...], str]],
     mapping: dict[str, ParamSource],
     scheme: WeightScheme,
-    awq: AWQFormat | None,
+    packed: PrequantizedFormat | None,
     progress: bool = True,
     allow_non_finite: bool = False,
     pieces: Mapping[str, TablePiece] | None = None,
 ) -> dict[str, Any]:
     """``mlc_edge.convert.weights.convert_weights`` for a 4-bit scheme."""
     layout = scheme.int4_layout
-    if awq is not None:
-        check_scheme(awq, scheme)
+    if packed is not None:
+        check_scheme(packed, scheme)
     assert layout is not None
     parts, bases = _int4_parts(expected, mapping, pieces or {}, layout)
     plain = [e for e in expected if e[0] not in parts]
@@ -274,13 +335,13 @@ def convert_int4_weights(
         full, rows = _piece_rows(ckpt, plain, mapping, pieces or {})
         planned = {p.name: p for p in _plan(ckpt, plain, full, scheme, rows)}
         linears = {
-            b: _plan_int4(ckpt, b, shapes, mapping[f"{b}.weight"], layout, awq)
+            b: _plan_int4(ckpt, b, shapes, mapping[f"{b}.weight"], layout, packed)
             for b, shapes in bases.items()
         }
         _requantized_notice(ckpt, linears, scheme.name)
-        if awq is not None and scheme.int4_head:
+        if packed is not None and scheme.int4_head:
             print(
-                f"note: the AWQ checkpoint's output layer is in float; {scheme.name} "
+                f"note: the {packed.label} checkpoint's output layer is in float; {scheme.name} "
                 f"quantizes it round-to-nearest, so the logits are no longer exactly the "
                 f"checkpoint's; --quantization {scheme.name}-hf keeps it",
                 file=sys.stderr,
@@ -321,8 +382,8 @@ def _int4_layer(
     ckpt: Checkpoint, lin: _Int4Linear, layout: Int4Layout, dtype: str, allow_non_finite: bool
 ) -> dict[str, np.ndarray]:
     """The three stored tensors of one 4-bit layer."""
-    if lin.awq:
-        out = _load_awq(ckpt, lin.hf_names, dtype)
+    if lin.prequantized is not None:
+        out = _load_prequantized(ckpt, lin.hf_names, lin.prequantized, dtype)
         check_finite(f"{lin.base}.scales", lin.hf_names, out["scales"], allow_non_finite)
         return out
     if lin.gguf_q4_0:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..checkpoint.awq import read_checkpoint_quantization
+from ..checkpoint.prequantized import read_checkpoint_quantization
 from ..checkpoint.reader import Checkpoint
 from ..errors import UserError
 from ..models.base import ParamSource
@@ -280,12 +280,20 @@ def convert_weights(
     Returns the json written. A NaN or Inf in a weight is refused unless
     ``allow_non_finite`` (then a warning).
     """
-    awq = read_checkpoint_quantization(Path(model_dir))
-    if scheme.int4_layout is not None or awq is not None:
+    packed = read_checkpoint_quantization(Path(model_dir))
+    if scheme.int4_layout is not None or packed is not None:
         from .int4_weights import convert_int4_weights  # imports this module's helpers
 
         return convert_int4_weights(
-            model_dir, out_dir, expected, mapping, scheme, awq, progress, allow_non_finite, pieces
+            model_dir,
+            out_dir,
+            expected,
+            mapping,
+            scheme,
+            packed,
+            progress,
+            allow_non_finite,
+            pieces,
         )
     with Checkpoint.open(Path(model_dir)) as ckpt:
         mapping, rows = _piece_rows(ckpt, expected, mapping, pieces or {})
