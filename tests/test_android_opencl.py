@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tvm
 from helpers import library_functions, opencl_missing
+from real_shapes import LLAMA_3_2_1B
 from tiny_models import make_llama
 
 from mlc_edge.bundle.app_config import APP_CONFIG
@@ -546,27 +547,7 @@ def test_gpu_logit_processors_match_numpy():
 def test_llama_3_2_1b_shapes_compile_from_config_alone():
     """Real shapes (Llama-3.2-1B: tied 128256 x 2048 embedding, GQA, llama3 rope): every
     function becomes kernels within the generic Adreno limits."""
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "vocab_size": 128256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-        "tie_word_embeddings": True,
-    }
-    spec = ModelSpec.create(config, "q0f16t", load_preset("edge-768"))
+    spec = ModelSpec.create(LLAMA_3_2_1B, "q0f16t", load_preset("edge-768"))
     executable, metadata = compile_model(spec, get_target("android-opencl"), "llama_3_2_1b")
     kernels = re.findall(
         r"// Function: (\S+)", executable.mod.imports[0].imports[0].inspect_source()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
+from real_shapes import LLAMA_3_2_1B
 from test_int4 import _hf_weights_from_bundle, _load_into, reference_dequantize
 from tiny_models import make_llama, make_model
 
@@ -128,30 +129,11 @@ def test_tensor_cache_holds_what_the_memory_plan_predicts(llama):
     assert plan.output_pieces == 1 and plan.embedding == vocab * hidden * 4
 
 
-# Llama-3.2-1B (tied): 128256 x 2048.
-LLAMA_1B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_hidden_layers": 16,
-    "head_dim": 64,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "hidden_act": "silu",
-}
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_memory_plan_of_the_1b_shape(tied):
     """The head shrinks to 4.625 bits a weight (4 bits, an fp16 scale and a 4-bit zero
     per 32); a tied model adds it beside the fp16 table, which stays."""
-    config = {**LLAMA_1B, "tie_word_embeddings": tied}
+    config = {**LLAMA_3_2_1B, "tie_word_embeddings": tied}
     plans = {}
     for scheme in ("q4f16t-hf", "q4f16t"):
         params = [

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tvm
 from helpers import compile_bundle
+from real_shapes import LLAMA_3_1_8B_PRUNED
 from tiny_models import make_llama
 from tvm.runtime import ShapeTuple
 
@@ -28,32 +29,6 @@ from mlc_edge.memory import (
 )
 from mlc_edge.runtime import Engine
 
-# Llama-3.1-8B pruned to hidden 3072 / intermediate 9216 / 24 heads / 8 kv heads, untied.
-PRUNED_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 3072,
-    "intermediate_size": 9216,
-    "num_attention_heads": 24,
-    "num_key_value_heads": 8,
-    "num_hidden_layers": 32,
-    "vocab_size": 128256,
-    "head_dim": 128,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "factor": 8.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "tie_word_embeddings": False,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "hidden_act": "silu",
-}
 PRUNED_PARAMS = 4_311_419_904
 GB = 10**9
 
@@ -69,7 +44,7 @@ def bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pruned") / "config.json"
-    path.write_text(json.dumps(PRUNED_LLAMA))
+    path.write_text(json.dumps(LLAMA_3_1_8B_PRUNED))
     return path
 
 

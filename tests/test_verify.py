@@ -23,6 +23,7 @@ from helpers import (
     run_verify_json,
     softmax_cases,
 )
+from real_shapes import LLAMA_3_1_8B_PRUNED, LLAMA_3_2_1B, QWEN2_5_1_5B
 from tiny_models import make_llama
 
 from mlc_edge.cli import main
@@ -36,65 +37,9 @@ from mlc_edge.verify.model import library_device_code
 pytestmark = pytest.mark.skipif(opencl_missing() is not None, reason=str(opencl_missing()))
 
 REAL_SHAPES = {
-    # Llama-3.2-1B: tied 128256 x 2048 embedding, head_dim 64, llama3 rope scaling.
-    "llama-3.2-1b": {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "vocab_size": 128256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": True,
-        "rope_scaling": {
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-    },
-    # Qwen2.5-1.5B: attention biases, 12 heads / 2 kv heads of 128, vocab 151936, tied.
-    "qwen2.5-1.5b": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-        "use_sliding_window": False,
-        "sliding_window": 32768,
-        "max_window_layers": 21,
-        "hidden_act": "silu",
-    },
-    # A Llama-3.1-8B pruned to ~4.3B: hidden 3072, intermediate 9216, 24 / 8 heads.
-    "llama-3.1-8b-pruned": {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 3072,
-        "intermediate_size": 9216,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 24,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 128256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": False,
-        "rope_scaling": {
-            "factor": 8.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-    },
+    "llama-3.2-1b": LLAMA_3_2_1B,
+    "qwen2.5-1.5b": QWEN2_5_1_5B,
+    "llama-3.1-8b-pruned": LLAMA_3_1_8B_PRUNED,
 }
 
 # Functions every Llama-like model has, by what they do (names carry numbers).

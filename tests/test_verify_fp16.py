@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import run_verify_json
 from mlc_edge.schedules.adreno import adreno_rules, stock_rules
+from real_shapes import LLAMA_3_2_1B
 from test_adreno_schedules import kn_matmul, nt_matmul, schedule
 from tiny_models import make_llama
 from tvm import IRModule
@@ -50,27 +51,6 @@ def _intel_missing() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_intel_missing() is not None, reason=str(_intel_missing()))
-
-LLAMA_3_2_1B = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "vocab_size": 128256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "rope_scaling": {
-        "factor": 32.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-}
 
 
 @pytest.fixture(scope="module")
