@@ -287,8 +287,10 @@ def _gptq_as_ours(
     ``mlc_edge.checkpoint.prequantized``)."""
     names = _packed_names(hf_weight)
     words = ckpt.load(names["qweight"])  # [in/8, out]
-    values = ((words[:, None, :] >> _SHIFTS[None, :, None]) & 15).astype(np.uint8)
-    values = values.reshape(-1, words.shape[1])  # [in, out]
+    values = np.empty((words.shape[0], 8, words.shape[1]), dtype=np.uint8)
+    for j, shift in enumerate(_SHIFTS):  # a nibble at a time: no int32 copy 8x the words
+        values[:, j, :] = (words >> shift) & 15
+    values = values.reshape(-1, words.shape[1])  # [in, out]: row 8i + j
     del words
     # (_check_gptq_layer has refused a v1 zero point that would become 16)
     zeros = _gptq_zeros(ckpt.load(names["qzeros"])) + np.uint8(form.zero_offset)
