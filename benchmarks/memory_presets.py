@@ -14,49 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
 
-from model_shapes import LLAMA_3_2_1B
+from model_shapes import LLAMA_3_1_8B_PRUNED, LLAMA_3_2_1B, QWEN2_5_1_5B
 
 from mlc_edge.memory import plan_from_config
 
 MiB = 1 << 20
 
-QWEN2_5_1_5B: dict[str, Any] = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 28,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-    "use_sliding_window": False,
-    "sliding_window": 32768,
-    "max_window_layers": 21,
-    "bos_token_id": 151643,
-    "eos_token_id": 151643,
-    "hidden_act": "silu",
-}
-# Llama-3.1-8B pruned to hidden 3072 / intermediate 9216 / 24 heads: 4,311,419,904 params.
-PRUNED_LLAMA_4_3B: dict[str, Any] = {
-    **LLAMA_3_2_1B,
-    "hidden_size": 3072,
-    "intermediate_size": 9216,
-    "num_attention_heads": 24,
-    "num_hidden_layers": 32,
-    "head_dim": 128,
-    "tie_word_embeddings": False,
-    "rope_scaling": {**LLAMA_3_2_1B["rope_scaling"], "factor": 8.0},
-}
 MODELS = {
     "Llama-3.2-1B": LLAMA_3_2_1B,
     "Qwen2.5-1.5B": QWEN2_5_1_5B,
-    "Llama-3.1-8B pruned 4.3B": PRUNED_LLAMA_4_3B,
+    "Llama-3.1-8B pruned 4.3B": LLAMA_3_1_8B_PRUNED,
 }
 SETTINGS = ("edge-512", "edge-768", "mlc-default")
 

@@ -46,31 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model_shapes import LLAMA_3_2_1B_ONE_LAYER
-
-PRUNED_LLAMA_3_1_8B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 3072,
-    "intermediate_size": 9216,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 24,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 128256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "max_position_embeddings": 131072,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "rope_scaling": {
-        "factor": 8.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-}
+from model_shapes import LLAMA_3_1_8B_PRUNED, LLAMA_3_2_1B_ONE_LAYER
 
 PREFILL_CHUNK = 16
 DEFAULT_RULES = [
@@ -327,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         quantizations=tuple(args.quantization.split(",")),
     )
     if args.compile:
-        result["compile"] = time_compile(PRUNED_LLAMA_3_1_8B)
+        result["compile"] = time_compile(LLAMA_3_1_8B_PRUNED)
     if not args.json_only:
         print_table(result)
         if "compile" in result:

@@ -2,8 +2,10 @@ import os
 import sys
 from pathlib import Path
 
-# tests/ holds helpers (tiny_models) imported by the test files.
+# tests/ holds helpers (tiny_models) imported by the test files; benchmarks/ the real
+# models' shapes (model_shapes), shared with the benchmarks.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 # Every OpenCL implementation installed (Intel's CPU runtime from pip too) is visible to
 # the ICD loader only when it is pointed at them before the first platform query.

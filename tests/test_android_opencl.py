@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tvm
 from helpers import library_functions, opencl_missing
-from real_shapes import LLAMA_3_2_1B
+from model_shapes import LLAMA_3_2_1B
 from tiny_models import make_llama
 
 from mlc_edge.bundle.app_config import APP_CONFIG

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
-from real_shapes import LLAMA_3_2_1B
+from model_shapes import LLAMA_3_2_1B
 from test_int4 import _hf_weights_from_bundle, _load_into, reference_dequantize
 from tiny_models import make_llama, make_model
 

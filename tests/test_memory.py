@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tvm
 from helpers import compile_bundle
-from real_shapes import LLAMA_3_1_8B_PRUNED
+from model_shapes import LLAMA_3_1_8B_PRUNED
 from tiny_models import make_llama
 from tvm.runtime import ShapeTuple
 

@@ -23,7 +23,7 @@ from helpers import (
     run_verify_json,
     softmax_cases,
 )
-from real_shapes import LLAMA_3_1_8B_PRUNED, LLAMA_3_2_1B, QWEN2_5_1_5B
+from model_shapes import LLAMA_3_1_8B_PRUNED, LLAMA_3_2_1B, QWEN2_5_1_5B
 from tiny_models import make_llama
 
 from mlc_edge.cli import main

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import run_verify_json
 from mlc_edge.schedules.adreno import adreno_rules, stock_rules
-from real_shapes import LLAMA_3_2_1B
+from model_shapes import LLAMA_3_2_1B
 from test_adreno_schedules import kn_matmul, nt_matmul, schedule
 from tiny_models import make_llama
 from tvm import IRModule
