@@ -42,7 +42,6 @@ class PrequantizedFormat:
 
     method: str
     group_size: int
-    modules_to_not_convert: tuple[str, ...] = ()
     zero_offset: int = 0
 
     @property
@@ -81,8 +80,9 @@ def read_quantization(hf_config: dict[str, Any]) -> PrequantizedFormat | None:
         raise UserError(f"AWQ checkpoints with {bits}-bit weights are not supported (only 4)")
     if not qc.get("zero_point", True):
         raise UserError("AWQ checkpoints without zero points (zero_point: false) are not supported")
-    skip = tuple(str(m) for m in qc.get("modules_to_not_convert") or ())
-    return PrequantizedFormat("awq", _group_size(qc, "AWQ"), modules_to_not_convert=skip)
+    # (modules_to_not_convert need no list: conversion takes a layer as packed only where
+    # the checkpoint holds its qweight/qzeros/scales, else from its float weight)
+    return PrequantizedFormat("awq", _group_size(qc, "AWQ"))
 
 
 def _read_gptq(qc: dict[str, Any]) -> PrequantizedFormat:
