@@ -117,11 +117,17 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
     a_sum[0] = across_lanes(total, operator.add)
 
 
-def _column_slot(c: int) -> int:
-    """Where column ``c`` of a strip (0..127) sits in ``y_band``'s 8 x 16 values of the
-    strip: nibble ``j = 4 (c % 2) + (c % 8) // 2`` of word ``c // 8``."""
+def nibble_of_column(c: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The nibble of its word that holds column ``c``: ``4 (c % 2) + (c % 8) // 2``, the
+    inverse of ``AWQ_PACK_ORDER`` (an expression: the kernels' column loops are TIR)."""
     column = c % 8
-    return (4 * (column % 2) + column // 2) * LANES + c // 8
+    return 4 * (column % 2) + column // 2
+
+
+def _column_slot(c: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Where column ``c`` of a strip (0..127) sits in ``y_band``'s 8 x 16 values of the
+    strip: its nibble's row, lane ``c // 8`` (its word)."""
+    return nibble_of_column(c) * LANES + c // 8
 
 
 @T.macro

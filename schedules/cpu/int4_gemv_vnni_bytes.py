@@ -70,6 +70,7 @@ from .int4_gemv_vnni import (
     columns_in_order,
     fp16_decode_operands,
     hand_written,
+    nibble_of_column,
     round_group,
     with_gemv_signature,
 )
@@ -101,8 +102,7 @@ def _column_slot(c: tirx.PrimExpr) -> tirx.PrimExpr:
     """Where column ``c`` of a strip (0..127) sits among its 8 nibble registers of 16 lanes:
     word ``w = c // 8``, nibble ``j = 4 (c % 2) + (c % 8) // 2`` (the inverse of
     ``AWQ_PACK_ORDER``) is at register ``2 (w % 4) + j % 2``, lane ``4 (w // 4) + j // 2``."""
-    column = c % 8
-    j = 4 * (column % 2) + column // 2
+    j = nibble_of_column(c)
     return (2 * ((c // 8) % 4) + j % 2) * LANES + 4 * (c // 32) + j // 2
 
 
