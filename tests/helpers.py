@@ -126,6 +126,16 @@ def library_functions(library) -> set[str]:
     return set(re.findall(r"^@([^\s:]+):$", library.as_text(), re.M))
 
 
+def one_error_line(stderr: str, *words: str) -> str:
+    """The one line a refused command wrote: it must be the only line, start with
+    ``error: `` and hold each of ``words``. TVM's own ``Warning`` log lines do not count."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
 def run_verify_json(capsys, *args: str) -> tuple[int, dict]:
     """``mlc-edge verify ARGS --json`` in this process: its exit code and its JSON report."""
     import json

@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import compile_bundle
+from helpers import compile_bundle, one_error_line
 from tiny_models import make_llama
 
 from mlc_edge.android import package as package_mod
@@ -633,8 +633,7 @@ def test_push_without_a_phone_says_so_in_one_line(phone_bundle, tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         main(["push", str(dist)])
     assert e.value.code == 1
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: no phone for adb")
+    assert one_error_line(capsys.readouterr().err).startswith("error: no phone for adb")
     assert log.read_text().splitlines() == ["get-state"]  # nothing else was attempted
     with pytest.raises(SystemExit):
         main(["push", str(tmp_path)])  # not a package output

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, library_functions, prompt_ids
+from helpers import (
+    compile_bundle,
+    greedy_compare,
+    library_functions,
+    one_error_line,
+    prompt_ids,
+)
 from tiny_models import make_llama
 
 from mlc_edge.cli import main
@@ -60,10 +66,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def assert_one_error_line(code: int, out: str, err: str, *words: str) -> None:
     assert code != 0 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
+    one_error_line(err, *words)
 
 
 def test_bench_json_has_the_documented_fields(models, cpu_bundle, capsys):

@@ -16,6 +16,7 @@ from helpers import (
     check_softmax,
     compile_bundle,
     library_functions,
+    one_error_line,
     prompt_ids,
     softmax_cases,
 )
@@ -436,10 +437,7 @@ def test_bad_input_gets_one_clear_line(pristine_checkpoint, tmp_path, case):
     out = tmp_path / "dist" / "bundle"
     res = mlc_edge("compile", str(hf), "-o", str(out), *flags)
     assert res.returncode != 0
-    lines = [line for line in res.stderr.splitlines() if line.strip() and "Warning" not in line]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error:") and expected in lines[0], lines[0]
-    assert "Traceback" not in res.stderr
+    one_error_line(res.stderr, expected)
     assert not out.exists()
     leftovers = list((tmp_path / "dist").iterdir()) if (tmp_path / "dist").exists() else []
     assert leftovers == []

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, prompt_ids
+from helpers import compile_bundle, greedy_compare, one_error_line, prompt_ids
 from safetensors.numpy import save_file
 from test_int4 import AWQ_LINEARS, awq_unpack
 from tiny_models import make_llama
@@ -153,10 +153,9 @@ def _refused(path, tmp_path, capsys, quantization: str = "q4f16t") -> str:
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", quantization])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    line = one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "b").exists()
-    return err[0]
+    return line
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
+from helpers import compile_bundle, greedy_compare, one_error_line, prompt_ids, top2_margins
 from tiny_models import make_llama, make_model
 
 from mlc_edge.cli import main
@@ -243,8 +243,7 @@ def test_layers_that_do_not_fit_the_layout_get_one_line(
             ]
         )
     assert e.value.code != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    one_error_line(capsys.readouterr().err, message)
     assert not (tmp_path / "b").exists()
 
 
@@ -543,6 +542,5 @@ def test_awq_kinds_we_refuse_get_one_line(
     finally:
         config["quantization_config"] = AWQ_CONFIG
         (path / "config.json").write_text(json.dumps(config))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    one_error_line(capsys.readouterr().err, message)
     assert not (tmp_path / "b").exists()

@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import compile_bundle, greedy_compare, opencl_missing, prompt_ids
+from helpers import (
+    compile_bundle,
+    greedy_compare,
+    one_error_line,
+    opencl_missing,
+    prompt_ids,
+)
 from tiny_models import make_model, tiny_config
 
 from mlc_edge.bundle.steps import require_weights_match
@@ -275,9 +281,8 @@ def test_whole_weights_compiled_for_a_limit_that_splits_are_refused(split_bundle
         with pytest.raises(SystemExit) as exit_info:
             main(["compile", str(plain), "--target", "cpu"])
     assert exit_info.value.code == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: the bundle's embedding/output layer")
-    assert "mlc-edge compile MODEL_DIR --target" in err[0]
+    line = one_error_line(capsys.readouterr().err, "mlc-edge compile MODEL_DIR --target")
+    assert line.startswith("error: the bundle's embedding/output layer")
     assert not (plain / "lib").exists()
 
 
