@@ -19,7 +19,10 @@ does not share, one row: ``q4f16t``'s fp16 table is left out), so its ceiling is
 bandwidth / those bytes; the bandwidth is measured here with a numpy copy (one thread: a
 floor of what the machine has, so the share is an upper bound). llama.cpp comes from
 ``pip install llama-cpp-python`` (not a project dependency); without it the script says so
-and runs the others.
+and runs the others. The instruction sets it was built for are printed with the results:
+its default build is native, and on a CPU with AMX its batched prompt path crashed here
+(``llama_cpp_batches_work``), in which case only its decode is timed. A build without AMX
+(``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON ..."``) times both.
 
 ``--split`` also times, on their own, the GEMVs one decode step runs: one layer's four
 4-bit linear layers (q/k/v, o, gate/up, down), the tied fp16 lm_head and the 4-bit lm_head
@@ -51,6 +54,7 @@ from cpu_gemv import build, sample
 from model_shapes import LLAMA_3_2_1B
 
 from mlc_edge.memory.sources import tensor_cache_records
+from mlc_edge.runtime.bench import cpu_name
 
 
 def make_checkpoint(path: Path, layers: int) -> dict[str, np.ndarray]:
@@ -141,9 +145,28 @@ def write_gguf_q4_0(path: Path, weights: dict[str, np.ndarray], layers: int) -> 
     return nbytes
 
 
-def llama_cpp_timer(gguf_path: Path, prompt: list[int], steps: int, threads: int):
+def llama_cpp_batches_work(gguf_path: Path, prompt: list[int], threads: int) -> bool:
+    """Whether llama.cpp evaluates ``prompt`` in one batch without crashing, tried in a
+    child process. On an Intel Xeon with AMX, the build ``pip install llama-cpp-python``
+    makes (0.3.36, native: its AMX kernels on) segfaulted here in its batched matmul on
+    every prompt longer than one token, while one token at a time ran."""
+    code = (
+        "import sys; from llama_cpp import Llama; "
+        f"m = Llama(sys.argv[1], n_ctx={len(prompt) + 16}, n_batch={len(prompt) + 16}, "
+        f"n_threads={threads}, n_threads_batch={threads}, verbose=False); "
+        "m.eval([int(t) for t in sys.argv[2:]])"
+    )
+    args = [sys.executable, "-c", code, str(gguf_path), *map(str, prompt)]
+    return subprocess.run(args, capture_output=True).returncode == 0
+
+
+def llama_cpp_timer(
+    gguf_path: Path, prompt: list[int], steps: int, threads: int, batched: bool = True
+):
     """llama.cpp's model (warmed up) and a function timing one round, as
-    ``cpu_decode.mlc_edge_timer``'s. It maps the GGUF: the file must stay."""
+    ``cpu_decode.mlc_edge_timer``'s. It maps the GGUF: the file must stay. Not
+    ``batched`` (see ``llama_cpp_batches_work``), the prompt goes in a token at a time
+    and the round's prefill speed is None: only decode is comparable."""
     from llama_cpp import Llama
 
     n_ctx = len(prompt) + steps + 16  # n_batch = n_ctx: .scores has a row per position
@@ -155,21 +178,34 @@ def llama_cpp_timer(gguf_path: Path, prompt: list[int], steps: int, threads: int
         n_threads_batch=threads,
         verbose=False,
     )
-    llm.eval(prompt[:16])  # warm-up
+
+    def feed(tokens: list[int]) -> None:
+        for batch in [tokens] if batched else [[t] for t in tokens]:
+            llm.eval(batch)
+
+    feed(prompt[:16])  # warm-up
     llm.eval([1])
 
-    def one_round() -> tuple[float, float]:
+    def one_round() -> tuple[float | None, float]:
         llm.reset()
         start = time.perf_counter()
-        llm.eval(prompt)
+        feed(prompt)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         decode = time.perf_counter() - start
-        return len(prompt) / prefill, steps / decode
+        return (len(prompt) / prefill if batched else None), steps / decode
 
     return one_round
+
+
+def llama_cpp_system_info() -> str:
+    """The instruction sets llama.cpp was built for, as it reports them."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    return " ".join(f.strip() for f in info.split("|") if f.strip().endswith("= 1"))
 
 
 def _int4_gemv(k: int, n: int, group: int, target: Any) -> Any:
@@ -336,8 +372,23 @@ def main() -> None:
             print("writing the Q4_0 GGUF ...", file=sys.stderr)
             nbytes = write_gguf_q4_0(work / "model-q4_0.gguf", weights, args.layers)
             del weights
+            llama_cpp_batched = llama_cpp_batches_work(
+                work / "model-q4_0.gguf", prompt, args.threads
+            )
+            if not llama_cpp_batched:
+                print(
+                    "llama.cpp: its batched prompt evaluation crashed in this build; the "
+                    "prompt goes in a token at a time and only its decode is timed",
+                    file=sys.stderr,
+                )
             engines["llama.cpp Q4_0"] = (
-                llama_cpp_timer(work / "model-q4_0.gguf", prompt, args.decode, args.threads),
+                llama_cpp_timer(
+                    work / "model-q4_0.gguf",
+                    prompt,
+                    args.decode,
+                    args.threads,
+                    batched=llama_cpp_batched,
+                ),
                 nbytes,
                 nbytes,  # its output layer is the tied Q4_0 table
             )
@@ -351,32 +402,51 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     bandwidth = copy_bandwidth()
+    llama_cpp_build = llama_cpp_system_info() if have_llama_cpp else None
     print(
-        f"\n{args.layers} of 16 layers, {args.threads} threads, prompt {args.prompt}, "
-        f"decode {args.decode}, best of {args.rounds} rounds; numpy copy bandwidth "
-        f"{bandwidth / 1e9:.2f} GB/s"
+        f"\n{cpu_name()}; {args.layers} of 16 layers, {args.threads} threads, prompt "
+        f"{args.prompt}, decode {args.decode}, best of {args.rounds} rounds; numpy copy "
+        f"bandwidth {bandwidth / 1e9:.2f} GB/s"
     )
+    if llama_cpp_build:
+        print(f"llama.cpp built with: {llama_cpp_build}")
     print(
         f"{'engine':<20}{'weights MiB':>12}{'read/token MiB':>15}{'prefill tok/s':>15}"
         f"{'decode tok/s':>14}{'ceiling tok/s':>15}{'of ceiling':>12}"
     )
     results = {}
     for name, (_, nbytes, read) in engines.items():
-        prefill = max(p for p, _ in rounds[name])
+        timed = [p for p, _ in rounds[name] if p is not None]
+        prefill = max(timed) if timed else None
         decode = max(d for _, d in rounds[name])
         ceiling = bandwidth / read
+        shown = f"{prefill:>15.2f}" if prefill is not None else f"{'not timed':>15}"
         print(
-            f"{name:<20}{nbytes / 2**20:>12.1f}{read / 2**20:>15.1f}{prefill:>15.2f}"
+            f"{name:<20}{nbytes / 2**20:>12.1f}{read / 2**20:>15.1f}{shown}"
             f"{decode:>14.2f}{ceiling:>15.2f}{decode / ceiling:>11.0%}"
         )
         results[name] = {
             "weight_bytes": nbytes,
             "decode_read_bytes": read,
-            "prefill_tok_s": round(prefill, 3),
+            "prefill_tok_s": round(prefill, 3) if prefill is not None else None,
             "decode_tok_s": round(decode, 3),
             "decode_share_of_bandwidth_ceiling": round(decode / ceiling, 4),
             "decode_tok_s_rounds": [round(d, 3) for _, d in rounds[name]],
         }
+    ratios = None
+    if have_llama_cpp:
+        # Per round, the engines ran back to back: the ratio is less exposed to the
+        # machine's slow spells than the best rounds are.
+        ratios = sorted(
+            ours[1] / theirs[1]
+            for ours, theirs in zip(
+                rounds["mlc-edge q4f16t"], rounds["llama.cpp Q4_0"], strict=True
+            )
+        )
+        print(
+            f"q4f16t / llama.cpp Q4_0 decode, per round: median {ratios[len(ratios) // 2]:.2f}"
+            f" (from {ratios[0]:.2f} to {ratios[-1]:.2f})"
+        )
     split = None
     if args.split:
         print("timing the decode GEMVs on their own ...", file=sys.stderr)
@@ -408,8 +478,13 @@ def main() -> None:
                 "decode_tokens": args.decode,
                 "rounds": args.rounds,
                 "copy_bandwidth_bytes_s": round(bandwidth),
+                "cpu": cpu_name(),
                 "llama_cpp": have_llama_cpp,
+                "llama_cpp_build": llama_cpp_build,
                 "results": results,
+                "q4f16t_over_llama_cpp_decode_sorted": (
+                    [round(r, 3) for r in ratios] if ratios else None
+                ),
                 "decode_split_s": (
                     {key: round(v, 6) for key, v in split.items()} if split else None
                 ),

@@ -140,16 +140,21 @@ def bundle_context_window(bundle: Path) -> int:
     return int(layout.read_chat_config(bundle)["context_window_size"])
 
 
+def cpu_name() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (else what ``platform`` knows)."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _device_name(engine: Engine) -> str:
     if engine.device.dlpack_device_type() == 1:  # kDLCPU
-        import platform
-
-        cpuinfo = Path("/proc/cpuinfo")
-        if cpuinfo.is_file():
-            for line in cpuinfo.read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        return platform.processor() or platform.machine()
+        return cpu_name()
     return str(engine.device.device_name)
 
 
