@@ -69,6 +69,14 @@ def greedy_compare(engine: Engine, model, ids: list[int], steps: int = DECODE_ST
     return ours_tokens, theirs_tokens, errors
 
 
+def assert_matches_fp32(engine: Engine, model, ids: list[int]) -> None:
+    """The exact mode's check: over greedy decoding from ``ids`` (``greedy_compare``), every
+    step's logits within 1e-4 of transformers' and the same tokens."""
+    ours, theirs, errors = greedy_compare(engine, model, ids)
+    assert max(errors) < 1e-4, errors
+    assert ours == theirs
+
+
 def top2_margins(model, ids: list[int], tokens: list[int]) -> list[float]:
     """The reference's gap between its best and second-best logit at each greedy step."""
     with torch.no_grad():

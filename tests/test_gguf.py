@@ -323,7 +323,7 @@ def test_q4_0_gguf_compiles_to_transformers_logits_on_its_blocks(q4_0_llama, tmp
     """The Q4_0 GGUF compiled for the CPU in q4f32t-hf against transformers holding gguf's
     dequantization of the same blocks: the weights are equal, so only fp32 summation
     order differs (the bound of the float schemes' tests)."""
-    from helpers import greedy_compare, prompt_ids
+    from helpers import assert_matches_fp32, prompt_ids
 
     from mlc_edge.runtime import Engine
 
@@ -332,9 +332,7 @@ def test_q4_0_gguf_compiles_to_transformers_logits_on_its_blocks(q4_0_llama, tmp
     theirs.load_state_dict({n: torch.from_numpy(w) for n, w in expected.items()}, strict=False)
     bundle = compile_bundle(path, tmp_path / "bundle", "--quantization", "q4f32t-hf")
     ids = prompt_ids(model.config.vocab_size)
-    ours, their_tokens, errors = greedy_compare(Engine(bundle), theirs, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == their_tokens
+    assert_matches_fp32(Engine(bundle), theirs, ids)
 
 
 def test_other_gguf_blocks_are_requantized_with_a_notice(tmp_path, capsys):
@@ -515,7 +513,7 @@ def test_phi2_gguf_compiles_to_transformers_logits(tiny_phi):
     """The fused-q/k/v GGUF through ``compile`` (CPU, q0f32t) against transformers'
     Phi on the original weights: the same bound as the Hugging Face folder's
     (tests/test_model_families.py), fp32 summation order only."""
-    from helpers import greedy_compare, prompt_ids
+    from helpers import assert_matches_fp32, prompt_ids
 
     from mlc_edge.config import ModelSpec
     from mlc_edge.runtime import Engine
@@ -526,9 +524,7 @@ def test_phi2_gguf_compiles_to_transformers_logits(tiny_phi):
     chat = json.loads((bundle / "mlc-chat-config.json").read_text())
     assert chat["model_type"] == "phi" and ModelSpec.from_chat_config(chat).config.rotary_dim == 8
     ids = prompt_ids(model.config.vocab_size)
-    ours, theirs, errors = greedy_compare(Engine(bundle), model, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(Engine(bundle), model, ids)
 
 
 def test_phi2_fused_q4_0_qkv_becomes_q4f16t_with_its_values(tmp_path):

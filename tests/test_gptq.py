@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, one_error_line, prompt_ids
+from helpers import assert_matches_fp32, compile_bundle, one_error_line, prompt_ids
 from safetensors.numpy import save_file
 from test_int4 import AWQ_LINEARS, awq_unpack
 from tiny_models import make_llama
@@ -133,9 +133,7 @@ def test_gptq_checkpoint_runs_with_its_numbers_unchanged(gptq_checkpoint):
         tensors[f"{layer}.mlp.down_proj.scales"].astype(np.float32),
     )
     ids = prompt_ids(reference.config.vocab_size)
-    ours, theirs, errors = greedy_compare(Engine(bundle), reference, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(Engine(bundle), reference, ids)
 
 
 def test_gptq_v2_zero_points_are_taken_as_stored(tmp_path):

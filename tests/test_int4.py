@@ -13,7 +13,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, one_error_line, prompt_ids, top2_margins
+from helpers import (
+    assert_matches_fp32,
+    compile_bundle,
+    greedy_compare,
+    one_error_line,
+    prompt_ids,
+    top2_margins,
+)
 from tiny_models import make_llama, make_model
 
 from mlc_edge.cli import main
@@ -157,9 +164,7 @@ def test_q4f32t_matches_transformers_on_the_dequantized_weights(tiny_llama):
     with torch.no_grad():
         drift = reference(torch.tensor([ids])).logits - model(torch.tensor([ids])).logits
     assert float(drift.abs().max()) > 1e-2
-    ours, theirs, errors = greedy_compare(Engine(bundle), reference, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(Engine(bundle), reference, ids)
 
 
 @pytest.mark.parametrize(
@@ -174,9 +179,7 @@ def test_q4f32t_other_families_match_transformers(tmp_path, family, overrides):
     model = make_model(family, tmp_path / "hf", **overrides)
     bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t-hf")
     reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
-    ours, theirs, errors = greedy_compare(Engine(bundle), reference, prompt_ids(384))
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(Engine(bundle), reference, prompt_ids(384))
 
 
 def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
@@ -487,9 +490,7 @@ def test_awq_checkpoint_runs_with_its_bits_unchanged(awq_checkpoint):
         tensors[f"{layer}.mlp.down_proj.scales"].astype(np.float32),
     )
     ids = prompt_ids(reference.config.vocab_size)
-    ours, theirs, errors = greedy_compare(Engine(bundle), reference, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(Engine(bundle), reference, ids)
 
 
 def test_awq_fp16_scales_are_stored_unchanged(awq_checkpoint, tmp_path, capsys):

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
+from helpers import assert_matches_fp32, compile_bundle, greedy_compare, prompt_ids, top2_margins
 from model_shapes import LLAMA_3_2_1B
 from test_int4 import _hf_weights_from_bundle, _load_into, reference_dequantize
 from tiny_models import make_llama, make_model
@@ -67,9 +67,7 @@ def test_q4f32t_matches_transformers_on_the_dequantized_head(llama):
     with torch.no_grad():
         drift = reference(torch.tensor([ids])).logits - original(torch.tensor([ids])).logits
     assert float(drift.abs().max()) > 1e-2
-    ours, theirs, errors = greedy_compare(Engine(bundle), reference, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(Engine(bundle), reference, ids)
 
 
 def test_q4f16t_greedy_tokens_match_on_decisive_steps(tmp_path):
@@ -103,9 +101,7 @@ def test_a_tied_phi_keeps_its_head_bias_beside_the_4bit_copy(tmp_path):
     np.testing.assert_array_equal(cache["lm_head_bias"], model.lm_head.bias.detach().numpy())
     reference = _reference(model, bundle)
     ids = prompt_ids(model.config.vocab_size)
-    ours, theirs, errors = greedy_compare(Engine(bundle), reference, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(Engine(bundle), reference, ids)
 
 
 def test_tensor_cache_holds_what_the_memory_plan_predicts(llama):

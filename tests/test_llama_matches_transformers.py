@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
+from helpers import assert_matches_fp32, compile_bundle, greedy_compare, prompt_ids, top2_margins
 from tiny_models import make_llama
 
 from mlc_edge.runtime import Engine
@@ -45,9 +45,7 @@ def test_q0f32t_logits_and_greedy_tokens(tmp_path, variant):
         model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     bundle = compile_bundle(tmp_path / "hf", tmp_path / "bundle", "--quantization", "q0f32t")
     engine = Engine(bundle)
-    ours, theirs, errors = greedy_compare(engine, model, prompt_ids(model.config.vocab_size))
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(engine, model, prompt_ids(model.config.vocab_size))
 
 
 def test_llama3_rope_scaling_changes_the_result(tmp_path):

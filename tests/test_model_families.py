@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import compile_bundle, greedy_compare, prompt_ids, top2_margins
+from helpers import assert_matches_fp32, compile_bundle, greedy_compare, prompt_ids, top2_margins
 from tiny_models import make_model, tiny_config
 
 from mlc_edge.config import ModelSpec
@@ -76,9 +76,7 @@ def tiny(request, tmp_path_factory) -> Tiny:
 
 def test_q0f32t_logits_and_greedy_tokens(tiny):
     ids = prompt_ids(tiny.model.config.vocab_size)
-    ours, theirs, errors = greedy_compare(tiny.engine("q0f32t"), tiny.model, ids)
-    assert max(errors) < 1e-4, errors
-    assert ours == theirs
+    assert_matches_fp32(tiny.engine("q0f32t"), tiny.model, ids)
 
 
 @pytest.mark.parametrize("tiny", [v for v in VARIANTS if v not in FP32_ONLY], indirect=True)
