@@ -41,6 +41,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,7 @@ def llama_cpp_batches_work(gguf_path: Path, prompt: list[int], threads: int) -> 
     """Whether llama.cpp evaluates ``prompt`` in one batch without crashing, tried in a
     child process. On an Intel Xeon with AMX, the build ``pip install llama-cpp-python``
     makes (0.3.36, native: its AMX kernels on) segfaulted here in its batched matmul on
-    every prompt longer than one token, while one token at a time ran."""
+    this benchmark's 64-token prompt, while one token at a time ran."""
     code = (
         "import sys; from llama_cpp import Llama; "
         f"m = Llama(sys.argv[1], n_ctx={len(prompt) + 16}, n_batch={len(prompt) + 16}, "
@@ -438,13 +439,13 @@ def main() -> None:
         # Per round, the engines ran back to back: the ratio is less exposed to the
         # machine's slow spells than the best rounds are.
         ratios = sorted(
-            ours[1] / theirs[1]
+            ours[1] / theirs[1]  # decode tok/s
             for ours, theirs in zip(
                 rounds["mlc-edge q4f16t"], rounds["llama.cpp Q4_0"], strict=True
             )
         )
         print(
-            f"q4f16t / llama.cpp Q4_0 decode, per round: median {ratios[len(ratios) // 2]:.2f}"
+            f"q4f16t / llama.cpp Q4_0 decode, per round: median {statistics.median(ratios):.2f}"
             f" (from {ratios[0]:.2f} to {ratios[-1]:.2f})"
         )
     split = None
