@@ -272,10 +272,20 @@ def _check_gptq_layer(ckpt: Checkpoint, hf_weight: str, k: int, form: Prequantiz
 _SHIFTS = np.arange(0, 32, 4, dtype=np.int32)  # nibble j of a word: bits 4j .. 4j + 3
 
 
+def _plain_nibbles(words: np.ndarray, axis: int) -> np.ndarray:
+    """GPTQ's packing undone: uint8 ``words``' shape with 8 inserted at ``axis``, nibble
+    ``j`` of each word (bits ``4j..``) at index ``j`` there. A nibble at a time: no int32
+    copy 8x the words."""
+    out = np.empty((*words.shape[:axis], 8, *words.shape[axis:]), dtype=np.uint8)
+    nibbles = np.moveaxis(out, axis, -1)  # a view: writing it fills out
+    for j, shift in enumerate(_SHIFTS):
+        nibbles[..., j] = (words >> shift) & 15
+    return out
+
+
 def _gptq_zeros(words: np.ndarray) -> np.ndarray:
     """GPTQ's ``qzeros`` ``[in/g, out/8]`` as stored, uint8 ``[in/g, out]``."""
-    zeros = ((words[:, :, None] >> _SHIFTS[None, None, :]) & 15).astype(np.uint8)
-    return zeros.reshape(words.shape[0], -1)
+    return _plain_nibbles(words, 2).reshape(words.shape[0], -1)
 
 
 def _gptq_as_ours(
@@ -287,10 +297,7 @@ def _gptq_as_ours(
     ``mlc_edge.checkpoint.prequantized``)."""
     names = _packed_names(hf_weight)
     words = ckpt.load(names["qweight"])  # [in/8, out]
-    values = np.empty((words.shape[0], 8, words.shape[1]), dtype=np.uint8)
-    for j, shift in enumerate(_SHIFTS):  # a nibble at a time: no int32 copy 8x the words
-        values[:, j, :] = (words >> shift) & 15
-    values = values.reshape(-1, words.shape[1])  # [in, out]: row 8i + j
+    values = _plain_nibbles(words, 1).reshape(-1, words.shape[1])  # [in, out]: row 8i + j
     del words
     # (_check_gptq_layer has refused a v1 zero point that would become 16)
     zeros = _gptq_zeros(ckpt.load(names["qzeros"])) + np.uint8(form.zero_offset)
