@@ -404,8 +404,9 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     bandwidth = copy_bandwidth()
     llama_cpp_build = llama_cpp_system_info() if have_llama_cpp else None
+    cpu = cpu_name()
     print(
-        f"\n{cpu_name()}; {args.layers} of 16 layers, {args.threads} threads, prompt "
+        f"\n{cpu}; {args.layers} of 16 layers, {args.threads} threads, prompt "
         f"{args.prompt}, decode {args.decode}, best of {args.rounds} rounds; numpy copy "
         f"bandwidth {bandwidth / 1e9:.2f} GB/s"
     )
@@ -479,7 +480,7 @@ def main() -> None:
                 "decode_tokens": args.decode,
                 "rounds": args.rounds,
                 "copy_bandwidth_bytes_s": round(bandwidth),
-                "cpu": cpu_name(),
+                "cpu": cpu,
                 "llama_cpp": have_llama_cpp,
                 "llama_cpp_build": llama_cpp_build,
                 "results": results,
