@@ -56,9 +56,14 @@ and left it as it was from DRAM: 26-29 GB/s there, where a plain 2-thread read o
 matrix in order reaches 26-28 GB/s and in this kernel's order (32 rows at once, no
 prefetch) 17-25 GB/s.
 
-On an Intel Xeon with AMX (2 vCPUs, which LLVM takes for a Rocket Lake; same method, 400
-calls a variant, variants alternating) the prefetch does nothing: 4, 8 or 16 strips ahead,
-into L1, L2 or non-temporal, or none, all within 1%. From DRAM ``2048 x 16384`` reads at
+On an Intel Xeon with AMX (2 vCPUs, which LLVM takes for a Rocket Lake; same method, 300
+calls a variant, variants alternating) the prefetch matters as much: without it the
+Llama-3.2-1B shapes take 26-40% longer (``8192 x 2048`` 0.58 -> 0.80 ms); 4, 8 or 16 strips
+ahead are within 3% of each other; into L1 the narrow shapes take 10-13% longer, and
+non-temporal 2-4x. With half the dot products (the high bytes' only: wrong sums, timed)
+the DRAM times stay within 3% (from cache 5-13% faster): here too the kernel waits on its
+reads, not on its arithmetic, so 8-bit activations (one ``vpdpbusd`` per 4 weights, as
+llama.cpp's Q4_0 x Q8_0) would not make decode faster. From DRAM ``2048 x 16384`` reads at
 18.5-19.6 GB/s and the narrow ``2048 x 2048``, ``2048 x 3072`` and ``8192 x 2048`` at 15-16.5,
 against 21 GB/s for a plain 2-thread read (10.8 on one thread) and 35-40 GB/s for this
 kernel from cache. A plain read of 1 KB rows in this kernel's order reached 17-19 GB/s, in
