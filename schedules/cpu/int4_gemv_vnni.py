@@ -68,6 +68,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
+from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN
+
 from .int4_gemv import _decode_operands, group_bands
 from .lanes import across_lanes
 from .matmul_kn import CPURule
@@ -122,6 +124,10 @@ def nibble_of_column(c: tirx.PrimExpr) -> tirx.PrimExpr:
     inverse of ``AWQ_PACK_ORDER`` (an expression: the kernels' column loops are TIR)."""
     column = c % 8
     return 4 * (column % 2) + column // 2
+
+
+# the formula is the quantization's table (on Python ints it evaluates as well)
+assert all(nibble_of_column(c) == j for c, j in enumerate(AWQ_NIBBLE_OF_COLUMN))
 
 
 def _column_slot(c: tirx.PrimExpr) -> tirx.PrimExpr:
