@@ -67,10 +67,19 @@ from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN, AWQ_PACK_ORDER
 from .int4 import dequantize_blocks
 from .matmul_kn import CPURule, _num_cores, vector_bytes
 
-# nibble j of a word holds column 2 * (j % 4) + j // 4 of its 8; column c sits in nibble
-# 4 * (c % 2) + c // 2: AWQ's order (checked against the tables below at import).
+
+def nibble_of_column(c: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The nibble of its word that holds column ``c``: ``4 (c % 2) + (c % 8) // 2``, the
+    inverse of ``AWQ_PACK_ORDER`` (an expression: the kernels' column loops are TIR)."""
+    column = c % 8
+    return 4 * (column % 2) + column // 2
+
+
+# nibble j of a word holds column 2 * (j % 4) + j // 4 of its 8, and nibble_of_column is
+# its inverse: AWQ's order (checked against the tables at import; on Python ints the
+# expression evaluates as well).
 assert all(2 * (j % 4) + j // 4 == c for j, c in enumerate(AWQ_PACK_ORDER))
-assert all(4 * (c % 2) + c // 2 == j for c, j in enumerate(AWQ_NIBBLE_OF_COLUMN))
+assert all(nibble_of_column(c) == j for c, j in enumerate(AWQ_NIBBLE_OF_COLUMN))
 
 
 def _int(value: tirx.PrimExpr) -> int | None:
@@ -169,7 +178,7 @@ def group_sum_gemv(ops: dict[str, tirx.Buffer], order: list[str]) -> tirx.PrimFu
     y = te.compute((8, words), folded, name="group_sum")
     out = te.compute(
         out_buf.shape,
-        lambda *i: y[(i[-1] % 2) * 4 + (i[-1] % 8) // 2, i[-1] // 8].astype(out_buf.dtype),
+        lambda *i: y[nibble_of_column(i[-1]), i[-1] // 8].astype(out_buf.dtype),
         name="group_sum_out",
     )
     tensors = {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales, "out": out}

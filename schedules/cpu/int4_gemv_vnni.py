@@ -68,9 +68,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
-from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN
-
-from .int4_gemv import _decode_operands, group_bands
+from .int4_gemv import _decode_operands, group_bands, nibble_of_column
 from .lanes import across_lanes
 from .matmul_kn import CPURule
 
@@ -117,17 +115,6 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
         )
     total: T.let[T.int32x16] = functools.reduce(operator.add, _vectors(a, 0, size))
     a_sum[0] = across_lanes(total, operator.add)
-
-
-def nibble_of_column(c: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The nibble of its word that holds column ``c``: ``4 (c % 2) + (c % 8) // 2``, the
-    inverse of ``AWQ_PACK_ORDER`` (an expression: the kernels' column loops are TIR)."""
-    column = c % 8
-    return 4 * (column % 2) + column // 2
-
-
-# the formula is the quantization's table (on Python ints it evaluates as well)
-assert all(nibble_of_column(c) == j for c, j in enumerate(AWQ_NIBBLE_OF_COLUMN))
 
 
 def _column_slot(c: tirx.PrimExpr) -> tirx.PrimExpr:

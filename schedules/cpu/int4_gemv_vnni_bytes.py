@@ -85,12 +85,12 @@ from tvm.target import Target
 
 from mlc_edge.quantization.int4 import AWQ_PACK_ORDER
 
+from .int4_gemv import nibble_of_column
 from .int4_gemv_vnni import (
     LANES,
     columns_in_order,
     fp16_decode_operands,
     hand_written,
-    nibble_of_column,
     round_group,
     with_gemv_signature,
 )
