@@ -14,7 +14,13 @@ import tvm
 from mlc_edge.schedules.cpu import cpu_rules
 from mlc_edge.schedules.cpu.int4_gemv import Int4DecodeGEMV
 from mlc_edge.schedules.cpu.int4_gemv_vnni import Int4DecodeGEMVVNNI, has_vnni
-from mlc_edge.schedules.cpu.int4_gemv_vnni_bytes import Int4DecodeGEMVVNNIBytes
+from mlc_edge.schedules.cpu.int4_gemv_vnni_bytes import (
+    LANES,
+    PREFETCH_STREAMS,
+    PREFETCH_STRIPS,
+    Int4DecodeGEMVVNNIBytes,
+    prefetch_word,
+)
 from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import spec
@@ -311,3 +317,39 @@ def test_vnni_bytes_hot_loop_keeps_the_group_sums_in_registers() -> None:
     dots = asm[asm.index("vpdpbusd") : asm.rindex("vpdpbusd")]
     stores = re.findall(r"\bvmov\w+\s+%zmm\d+, [^\n]*\(", dots)
     assert not stores, stores
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("strips", [1, 3, 16, 24, 128])
+def test_vnni_bytes_prefetch_reads_the_next_group_once_in_forward_streams(
+    size: int, strips: int
+) -> None:
+    """Where the next group's rows are read ahead whole, a group's strips prefetch every
+    line (16 words) of them once, as ``PREFETCH_STREAMS`` streams, each running forward
+    through consecutive lines; otherwise each prefetch is its row's words
+    ``PREFETCH_STRIPS`` strips on, past the row's end the next group's same row."""
+    words, k0 = strips * LANES, 5 * size
+    issued = []  # flat word offsets in qweight, in the order the kernel prefetches them
+    for s in range(strips):
+        for step in range(size):
+            row, col = prefetch_word(k0, s, step, size, strips, True)
+            assert 0 <= col < words
+            issued.append(row * words + col)
+    next_group = (k0 + size) * words
+    assert sorted(issued) == list(range(next_group, next_group + size * words, LANES))
+    per = size // PREFETCH_STREAMS
+    for j in range(PREFETCH_STREAMS):
+        stream = [
+            issued[s * size + step] for s in range(strips) for step in range(j * per, (j + 1) * per)
+        ]
+        assert stream == list(range(stream[0], stream[0] + LANES * len(stream), LANES))
+
+    if strips < PREFETCH_STRIPS:
+        return  # (rows read ahead one by one are wide: whole groups are read ahead here)
+    for s in range(strips):
+        for step in range(size):
+            if s + PREFETCH_STRIPS < strips:
+                expected = (k0 + step, (s + PREFETCH_STRIPS) * LANES)
+            else:
+                expected = (k0 + size + step, (s + PREFETCH_STRIPS - strips) * LANES)
+            assert prefetch_word(k0, s, step, size, strips, False) == expected

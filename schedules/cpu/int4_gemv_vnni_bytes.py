@@ -18,9 +18,17 @@ The accumulators of a 16-word strip are 16 registers, so a strip takes all rows 
 before its epilogue (``P``, the zero point as ``z * A`` in int32, the scale and ``m / L`` in
 fp32, added to ``y``), and ``P`` never goes to memory. That reads the group's 32 rows at
 once: 32 short streams, which the hardware prefetcher does not keep ahead of, so each step
-prefetches its 4 rows' words 8 strips ahead (the next group's rows past a row's end), or
-for rows of at most 16 strips the next group's same strip (``8192 x 2048``: 0.58 -> 0.48
-ms; no change on ``2048 x 2048``; wider rows were slower with 16 strips than with 8).
+prefetches 4 lines (64 bytes) of words, 32 a strip, into L2:
+- where a group's rows are at most 256 KB (``WHOLE_GROUP_AHEAD_BYTES``; every layer of
+  Llama-3.2-1B), the next group's rows, whole, in address order: the group's ``strips``
+  strips prefetch its ``32 * strips`` lines once, as 4 forward streams (``PREFETCH_STREAMS``,
+  each a quarter of the rows; ``next_group_line``). A core reads from several forward
+  streams faster than from one (a plain 2-thread read of 1 GB on the Intel host below:
+  18 GB/s in one stream a core, 23-27 in 4 or 8), and faster than from 32 short ones.
+- wider rows (an output layer: 32 rows of 64 KB) would not leave the current group's lines
+  in L2 until they are read (``2048 x 24576``, 384 KB, was 9% slower, ``2048 x 128256`` 50%),
+  so each step prefetches its 4 rows' words 8 strips ahead (the next group's rows past a
+  row's end). Reading the columns in chunks, to make such groups small, was slower still.
 Groups larger than 32 rows (``q4f16t-g128``) would read 128 rows at once and stay with
 ``int4_gemv_vnni.py``.
 
@@ -38,7 +46,7 @@ Loop nest::
         for strips of 16 words
           16 accumulators <- 0
           for the group's rows, 4 at a time (unrolled)
-            prefetch the 4 rows' words 8 strips on (short rows: the next group's)
+            prefetch 4 lines: the next group's rows in 4 streams (wide rows: 8 strips on)
             load 4 rows, 8 unpacks, 8 nibble registers x (hi, lo): 16 vpdpbusd
           y_band[nibble register, strip] += s * m/L * (128 * P_hi + P_lo - z * A)
     parallel strip                           # the bands' y summed, put in column order
@@ -75,9 +83,19 @@ timed by reading the words at those addresses (wrong sums), with the prefetch 8 
 ``2048 x 3072`` 0.21 -> 0.18 ms, ``2048 x 2048`` 0.15 -> 0.13, ``8192 x 2048`` 0.66 -> 0.55,
 ``2048 x 16384`` unchanged (1.09 -> 1.10); a Llama-3.2-1B layer 7% faster, not enough to
 reach llama.cpp's decode here, and without the prefetch slower than this kernel.
+
+All the Intel figures above are of the kernel before it read the next group's rows ahead
+whole (each row's words 8 strips on; rows of at most 16 strips the next group's same
+strip). That change, same method (7 rounds, the two kernels alternating, best round):
+``2048 x 3072`` 0.232 -> 0.184 ms, ``2048 x 2048`` 0.190 -> 0.144, ``8192 x 2048`` 0.675 ->
+0.515, ``2048 x 16384`` 1.12 -> 1.07, the output layer unchanged (its rows keep the old
+prefetch); a Llama-3.2-1B layer 2.22 -> 1.91 ms. In 1, 2, 4 or 8 streams, ``2048 x 2048``
+took 0.158, 0.149, 0.144 and 0.151 ms, ``8192 x 2048`` 0.714, 0.587, 0.575 and 0.567.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
@@ -98,7 +116,11 @@ from .matmul_kn import CPURule
 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 LEVEL = 16383  # activations in 15 bits: two signed bytes, 128 * hi + lo with lo >= 0
-PREFETCH_STRIPS = 8
+PREFETCH_STRIPS = 8  # rows read ahead one by one: this many strips on
+# A group's rows of at most this many bytes: the next group's are read ahead whole, in
+# PREFETCH_STREAMS forward streams (module docstring)
+WHOLE_GROUP_AHEAD_BYTES = 256 * 1024
+PREFETCH_STREAMS = 4
 MAX_GROUP = 32
 
 
@@ -118,6 +140,28 @@ def _unpack(a: tirx.PrimExpr, b: tirx.PrimExpr, bits: int, high: int) -> tirx.Pr
     return T.reinterpret("int32x16", tirx.Shuffle(both, indices))
 
 
+def prefetch_word(k0: Any, s: Any, step: Any, size: int, strips: int, whole_group: bool) -> Any:
+    """The ``(row, column)`` of ``qweight`` that prefetch ``step`` (0..size-1) of strip
+    ``s`` of the group at row ``k0`` reads ahead (integers or TIR expressions).
+    ``whole_group``: line ``next_group_line`` of the next group's rows in address order.
+    Otherwise its row's words ``PREFETCH_STRIPS`` strips on, past a row's end the next
+    group's."""
+    if whole_group:
+        line = next_group_line(step, s, strips, size)
+        return k0 + size + line // strips, (line % strips) * LANES
+    ahead = s + PREFETCH_STRIPS
+    return k0 + size * (ahead // strips) + step, (ahead % strips) * LANES
+
+
+def next_group_line(step: Any, s: Any, strips: int, size: int) -> Any:
+    """Which line (16 words) of the next group's ``size * strips``, in address order,
+    prefetch ``step`` of strip ``s`` reads: the lines are ``PREFETCH_STREAMS`` forward
+    streams, each a run of the group's rows, of which each strip reads ``size /
+    PREFETCH_STREAMS`` lines; the group's ``strips`` strips read every line once."""
+    per = size // PREFETCH_STREAMS
+    return (step // per) * (per * strips) + s * per + step % per
+
+
 def _column_slot(c: tirx.PrimExpr) -> tirx.PrimExpr:
     """Where column ``c`` of a strip (0..127) sits among its 8 nibble registers of 16 lanes:
     word ``w = c // 8``, nibble ``j = 4 (c % 2) + (c % 8) // 2`` (the inverse of
@@ -134,7 +178,18 @@ def vnni_bytes_gemv(
     strips = words // LANES
     quads = size // 4
     per_band = groups // bands
-    ahead = strips if strips <= 2 * PREFETCH_STRIPS else PREFETCH_STRIPS
+    whole_group_ahead = size * words * 4 <= WHOLE_GROUP_AHEAD_BYTES
+
+    def prefetch(qweight: tirx.Buffer, k0: Any, s: Any, step: Any) -> tirx.PrimExpr:
+        row, col = prefetch_word(k0, s, step, size, strips, whole_group_ahead)
+        # read (0), keep in L2 (2), data (1)
+        return T.call_llvm_intrin(
+            "void", "llvm.prefetch.p0", T.address_of(qweight[row, col]), 0, 2, 1
+        )
+
+    def prefetch_reads(k0: Any, s: Any) -> Any:
+        # a strip's prefetches fall in one group, which exists where step 0's row does
+        return prefetch_word(k0, s, 0, size, strips, whole_group_ahead)[0] < k
 
     def vec(c: int) -> tirx.PrimExpr:
         return T.broadcast(T.int32(c), LANES)
@@ -226,23 +281,10 @@ def vnni_bytes_gemv(
                     for r in T.unroll(8):
                         acc_hi[T.ramp(r * LANES, 1, LANES)] = vec(0)
                         acc_lo[T.ramp(r * LANES, 1, LANES)] = vec(0)
-                    # where this strip's prefetches go: `ahead` strips on, past a row's end
-                    # the next group's rows (none past the last group)
-                    row_ahead: T.let[T.int32] = k0 + size * ((s + ahead) // strips)
-                    col_ahead: T.let[T.int32] = ((s + ahead) % strips) * LANES
                     for q in T.unroll(quads):
-                        if row_ahead < k:
+                        if prefetch_reads(k0, s):
                             for i in T.unroll(4):
-                                T.evaluate(
-                                    T.call_llvm_intrin(
-                                        "void",
-                                        "llvm.prefetch.p0",
-                                        T.address_of(qweight[row_ahead + 4 * q + i, col_ahead]),
-                                        0,  # read
-                                        2,  # locality: keep in L2
-                                        1,  # data
-                                    )
-                                )
+                                T.evaluate(prefetch(qweight, k0, s, 4 * q + i))
                         r0: T.let[T.int32x16] = qweight[k0 + 4 * q, T.ramp(s * LANES, 1, LANES)]
                         r1: T.let[T.int32x16] = qweight[k0 + 4 * q + 1, T.ramp(s * LANES, 1, LANES)]
                         r2: T.let[T.int32x16] = qweight[k0 + 4 * q + 2, T.ramp(s * LANES, 1, LANES)]
