@@ -225,6 +225,7 @@ def _rounded_activations(x: np.ndarray, group: int, level: int) -> tuple[np.ndar
 VNNI_CASES = [
     (512, 2048, 32, "vpdpbusd", 16383),
     (256, 8192, 32, "vpdpbusd", 16383),
+    (128, 16896, 32, "vpdpbusd", 16383),  # groups over 256 KB: read in passes of 16 rows
     (2048, 256, 32, "vpdpbusd", 16383),
     (1024, 1024, 128, "vpdpwssd", 32767),
 ]

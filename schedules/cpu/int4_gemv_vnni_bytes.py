@@ -29,6 +29,10 @@ prefetches 4 lines (64 bytes) of words, 32 a strip, into L2:
   in L2 until they are read (``2048 x 24576``, 384 KB, was 9% slower, ``2048 x 128256`` 50%),
   so each step prefetches its 4 rows' words 8 strips ahead (the next group's rows past a
   row's end). Reading the columns in chunks, to make such groups small, was slower still.
+  Such groups are read in two passes of 16 rows (``WIDE_PASS_ROWS``), each over all strips
+  with its own epilogue (its ``P`` and its rows' ``A``: both still exact; ``y`` gets two
+  fp32 terms a group instead of one): 16 streams a core instead of 32, ``2048 x 128256``
+  4-11% faster. Passes made the narrower layers 9-18% slower, so they keep one.
 Groups larger than 32 rows (``q4f16t-g128``) would read 128 rows at once and stay with
 ``int4_gemv_vnni.py``.
 
@@ -42,13 +46,14 @@ Loop nest::
 
     parallel band                            # a band of whole groups per core
       for g in the band
-        a = round(x * L / m); hi, lo bytes of 4 rows packed in an int32 each; A = sum a
-        for strips of 16 words
-          16 accumulators <- 0
-          for the group's rows, 4 at a time (unrolled)
-            prefetch 4 lines: the next group's rows in 4 streams (wide rows: 8 strips on)
-            load 4 rows, 8 unpacks, 8 nibble registers x (hi, lo): 16 vpdpbusd
-          y_band[nibble register, strip] += s * m/L * (128 * P_hi + P_lo - z * A)
+        a = round(x * L / m); hi, lo bytes of 4 rows packed in an int32 each
+        for passes (one; groups over 256 KB: two of 16 rows), A = the pass's sum of a
+          for strips of 16 words
+            16 accumulators <- 0
+            for the pass's rows, 4 at a time (unrolled)
+              prefetch 4 lines: the next group's rows in 4 streams (wide: 8 strips on)
+              load 4 rows, 8 unpacks, 8 nibble registers x (hi, lo): 16 vpdpbusd
+            y_band[nibble register, strip] += s * m/L * (128 * P_hi + P_lo - z * A)
     parallel strip                           # the bands' y summed, put in column order
       out[strip's columns] = y at each column's register and lane
 
@@ -91,10 +96,14 @@ strip). That change, same method (7 rounds, the two kernels alternating, best ro
 0.515, ``2048 x 16384`` 1.12 -> 1.07, the output layer unchanged (its rows keep the old
 prefetch); a Llama-3.2-1B layer 2.22 -> 1.91 ms. In 1, 2, 4 or 8 streams, ``2048 x 2048``
 took 0.158, 0.149, 0.144 and 0.151 ms, ``8192 x 2048`` 0.714, 0.587, 0.575 and 0.567.
+Passes of 16 rows (wide groups only) then took the output layer ``2048 x 128256`` from
+6.90 to 6.62 ms and 7.13 to 6.36 in two runs.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -112,6 +121,7 @@ from .int4_gemv_vnni import (
     round_group,
     with_gemv_signature,
 )
+from .lanes import across_lanes
 from .matmul_kn import CPURule
 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -122,6 +132,7 @@ PREFETCH_STRIPS = 8  # rows read ahead one by one: this many strips on
 WHOLE_GROUP_AHEAD_BYTES = 256 * 1024
 PREFETCH_STREAMS = 4
 MAX_GROUP = 32
+WIDE_PASS_ROWS = 16  # wider groups are read in passes of this many rows (module docstring)
 
 
 def _unpack(a: tirx.PrimExpr, b: tirx.PrimExpr, bits: int, high: int) -> tirx.PrimExpr:
@@ -179,9 +190,12 @@ def vnni_bytes_gemv(
     quads = size // 4
     per_band = groups // bands
     whole_group_ahead = size * words * 4 <= WHOLE_GROUP_AHEAD_BYTES
+    rows = size if whole_group_ahead else min(WIDE_PASS_ROWS, size)  # a pass's
+    passes = size // rows
 
+    # Prefetches see each pass's rows as a group (its rows, the next pass's rows ahead).
     def prefetch(qweight: tirx.Buffer, k0: Any, s: Any, step: Any) -> tirx.PrimExpr:
-        row, col = prefetch_word(k0, s, step, size, strips, whole_group_ahead)
+        row, col = prefetch_word(k0, s, step, rows, strips, whole_group_ahead)
         # read (0), keep in L2 (2), data (1)
         return T.call_llvm_intrin(
             "void", "llvm.prefetch.p0", T.address_of(qweight[row, col]), 0, 2, 1
@@ -189,7 +203,12 @@ def vnni_bytes_gemv(
 
     def prefetch_reads(k0: Any, s: Any) -> Any:
         # a strip's prefetches fall in one group, which exists where step 0's row does
-        return prefetch_word(k0, s, 0, size, strips, whole_group_ahead)[0] < k
+        return prefetch_word(k0, s, 0, rows, strips, whole_group_ahead)[0] < k
+
+    def pass_sum(a: tirx.Buffer, p: Any) -> tirx.PrimExpr:
+        """Pass ``p``'s activations summed in one vector."""
+        parts = [a[T.ramp(p * rows + v * LANES, 1, LANES)] for v in range(rows // LANES)]
+        return functools.reduce(operator.add, parts)
 
     def vec(c: int) -> tirx.PrimExpr:
         return T.broadcast(T.int32(c), LANES)
@@ -259,7 +278,8 @@ def vnni_bytes_gemv(
             act_hi = T.alloc_buffer((quads,), "int32")
             act_lo = T.alloc_buffer((quads,), "int32")
             stats = T.alloc_buffer((2,), "float32")  # m, L / m
-            a_sum = T.alloc_buffer((1,), "int32")
+            a_sum = T.alloc_buffer((1,), "int32")  # (the group's: round_group's)
+            a_part = T.alloc_buffer((passes,), "int32")
             acc_hi = T.alloc_buffer((8 * LANES,), "int32")
             acc_lo = T.alloc_buffer((8 * LANES,), "int32")
             for r, w in T.grid(8, words):
@@ -277,35 +297,33 @@ def vnni_bytes_gemv(
                         "int32x4", T.Cast("int8x16", a[T.ramp(v * LANES, 1, LANES)] & vec(127))
                     )
                 unit: T.let[T.float32] = stats[0] / T.float32(LEVEL)
-                for s in range(strips):
+                for p in T.unroll(passes):  # each pass's sum of activations, A
+                    a_part[p] = across_lanes(pass_sum(a, p), operator.add)
+                for p, s in T.grid(passes, strips):
+                    kp: T.let[T.int32] = k0 + p * rows  # the pass's first row
                     for r in T.unroll(8):
                         acc_hi[T.ramp(r * LANES, 1, LANES)] = vec(0)
                         acc_lo[T.ramp(r * LANES, 1, LANES)] = vec(0)
-                    for q in T.unroll(quads):
-                        if prefetch_reads(k0, s):
+                    for q in T.unroll(rows // 4):
+                        if prefetch_reads(kp, s):
                             for i in T.unroll(4):
-                                T.evaluate(prefetch(qweight, k0, s, 4 * q + i))
-                        r0: T.let[T.int32x16] = qweight[k0 + 4 * q, T.ramp(s * LANES, 1, LANES)]
-                        r1: T.let[T.int32x16] = qweight[k0 + 4 * q + 1, T.ramp(s * LANES, 1, LANES)]
-                        r2: T.let[T.int32x16] = qweight[k0 + 4 * q + 2, T.ramp(s * LANES, 1, LANES)]
-                        r3: T.let[T.int32x16] = qweight[k0 + 4 * q + 3, T.ramp(s * LANES, 1, LANES)]
+                                T.evaluate(prefetch(qweight, kp, s, 4 * q + i))
+                        r0: T.let[T.int32x16] = qweight[kp + 4 * q, T.ramp(s * LANES, 1, LANES)]
+                        r1: T.let[T.int32x16] = qweight[kp + 4 * q + 1, T.ramp(s * LANES, 1, LANES)]
+                        r2: T.let[T.int32x16] = qweight[kp + 4 * q + 2, T.ramp(s * LANES, 1, LANES)]
+                        r3: T.let[T.int32x16] = qweight[kp + 4 * q + 3, T.ramp(s * LANES, 1, LANES)]
+                        # the 4 rows' activation bytes (the group's quad p * rows / 4 + q)
+                        hi: T.let[T.int32] = act_hi[p * (rows // 4) + q]
+                        lo: T.let[T.int32] = act_lo[p * (rows // 4) + q]
                         # bytes of rows 0/1 and 2/3 paired, then the pairs paired
                         p01_lo: T.let[T.int32x16] = _unpack(r0, r1, 8, 0)
                         p01_hi: T.let[T.int32x16] = _unpack(r0, r1, 8, 1)
                         p23_lo: T.let[T.int32x16] = _unpack(r2, r3, 8, 0)
                         p23_hi: T.let[T.int32x16] = _unpack(r2, r3, 8, 1)
-                        accumulate(
-                            acc_hi, acc_lo, _unpack(p01_lo, p23_lo, 16, 0), 0, act_hi[q], act_lo[q]
-                        )
-                        accumulate(
-                            acc_hi, acc_lo, _unpack(p01_lo, p23_lo, 16, 1), 1, act_hi[q], act_lo[q]
-                        )
-                        accumulate(
-                            acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 0), 2, act_hi[q], act_lo[q]
-                        )
-                        accumulate(
-                            acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 1), 3, act_hi[q], act_lo[q]
-                        )
+                        accumulate(acc_hi, acc_lo, _unpack(p01_lo, p23_lo, 16, 0), 0, hi, lo)
+                        accumulate(acc_hi, acc_lo, _unpack(p01_lo, p23_lo, 16, 1), 1, hi, lo)
+                        accumulate(acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 0), 2, hi, lo)
+                        accumulate(acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 1), 3, hi, lo)
                     words_z: T.let[T.int32x16] = qzeros[g, T.ramp(s * LANES, 1, LANES)]
                     sc0: T.let[T.float16x32] = scales[g, T.ramp(s * 128, 1, 32)]
                     sc1: T.let[T.float16x32] = scales[g, T.ramp(s * 128 + 32, 1, 32)]
@@ -314,35 +332,35 @@ def vnni_bytes_gemv(
                     # eight calls: a register's scale and zero point lanes are Python lists
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 0,
+                        a_part[p], 0,
                     )  # fmt: skip
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 1,
+                        a_part[p], 1,
                     )  # fmt: skip
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 2,
+                        a_part[p], 2,
                     )  # fmt: skip
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 3,
+                        a_part[p], 3,
                     )  # fmt: skip
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 4,
+                        a_part[p], 4,
                     )  # fmt: skip
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 5,
+                        a_part[p], 5,
                     )  # fmt: skip
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 6,
+                        a_part[p], 6,
                     )  # fmt: skip
                     fold(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
-                        a_sum[0], 7,
+                        a_part[p], 7,
                     )  # fmt: skip
         columns_in_order(y_band, out_row, strips, bands, out_dtype, _column_slot)
 
@@ -360,6 +378,6 @@ class Int4DecodeGEMVVNNIBytes(CPURule):
             return None
         k, words = (int(d) for d in ops["qweight"].shape)
         size = k // int(ops["qzeros"].shape[0])
-        if words % LANES or size > MAX_GROUP:
+        if words % LANES or size > MAX_GROUP or size % WIDE_PASS_ROWS:
             return None
         return hand_written(func, ops, target, vnni_bytes_gemv)
