@@ -94,11 +94,17 @@ def _peak_lanes(x_row: tirx.Buffer, k0: tirx.PrimExpr, size: int) -> tirx.PrimEx
     return functools.reduce(tirx.max, magnitudes)
 
 
+def _run_sum(a: tirx.Buffer, p: tirx.PrimExpr, run: int) -> tirx.PrimExpr:
+    """``a[p * run : (p + 1) * run]`` summed in one vector of 16."""
+    return functools.reduce(operator.add, _vectors(a, p * run, run))
+
+
 @T.macro
-def round_group(x_row, k0, size, level, a, stats, a_sum):
+def round_group(x_row, k0, size, level, a, stats, a_sum, parts):
     """The group's activations ``x_row[k0 : k0 + size]`` (``size`` a multiple of 16) as
     integers under ``level``: ``stats = (m, level / m)`` with ``m`` their largest
-    magnitude, ``a = round(x * level / m)`` (half to even), ``a_sum = sum a``. In vectors
+    magnitude, ``a = round(x * level / m)`` (half to even), ``a_sum[p]`` the sum of ``a``
+    over the ``p``-th of ``parts`` equal runs of rows (each a multiple of 16). In vectors
     of 16: one element at a time, LLVM vectorized the rounding but kept the largest
     magnitude a serial chain of scalar fp16 compares (this and the byte kernel's column
     pass took 5-10% of its GEMVs from L3)."""
@@ -113,8 +119,8 @@ def round_group(x_row, k0, size, level, a, stats, a_sum):
                 * T.broadcast(stats[1], LANES)
             ),
         )
-    total: T.let[T.int32x16] = functools.reduce(operator.add, _vectors(a, 0, size))
-    a_sum[0] = across_lanes(total, operator.add)
+    for p in T.unroll(parts):
+        a_sum[p] = across_lanes(_run_sum(a, p, size // parts), operator.add)
 
 
 def _column_slot(c: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -214,7 +220,7 @@ def vnni_gemv(
             for gi in range(per_band):
                 g: T.let[T.int32] = band * per_band + gi
                 k0: T.let[T.int32] = g * size
-                round_group(x_row, k0, size, INT16_MAX, a, stats, a_sum)
+                round_group(x_row, k0, size, INT16_MAX, a, stats, a_sum, 1)
                 # Pass b takes rows b + i * passes (i < rows); slot i pairs with i + half.
                 for b, i in T.grid(passes, half):
                     pairs[b * half + i] = (a[b + i * passes] & 0xFFFF) | (

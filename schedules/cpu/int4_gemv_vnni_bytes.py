@@ -102,8 +102,6 @@ Passes of 16 rows (wide groups only) then took the output layer ``2048 x 128256`
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -121,7 +119,6 @@ from .int4_gemv_vnni import (
     round_group,
     with_gemv_signature,
 )
-from .lanes import across_lanes
 from .matmul_kn import CPURule
 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -205,11 +202,6 @@ def vnni_bytes_gemv(
         # a strip's prefetches fall in one group, which exists where step 0's row does
         return prefetch_word(k0, s, 0, rows, strips, whole_group_ahead)[0] < k
 
-    def pass_sum(a: tirx.Buffer, p: Any) -> tirx.PrimExpr:
-        """Pass ``p``'s activations summed in one vector."""
-        parts = [a[T.ramp(p * rows + v * LANES, 1, LANES)] for v in range(rows // LANES)]
-        return functools.reduce(operator.add, parts)
-
     def vec(c: int) -> tirx.PrimExpr:
         return T.broadcast(T.int32(c), LANES)
 
@@ -278,8 +270,7 @@ def vnni_bytes_gemv(
             act_hi = T.alloc_buffer((quads,), "int32")
             act_lo = T.alloc_buffer((quads,), "int32")
             stats = T.alloc_buffer((2,), "float32")  # m, L / m
-            a_sum = T.alloc_buffer((1,), "int32")  # (the group's: round_group's)
-            a_part = T.alloc_buffer((passes,), "int32")
+            a_part = T.alloc_buffer((passes,), "int32")  # each pass's sum of activations, A
             acc_hi = T.alloc_buffer((8 * LANES,), "int32")
             acc_lo = T.alloc_buffer((8 * LANES,), "int32")
             for r, w in T.grid(8, words):
@@ -287,7 +278,7 @@ def vnni_bytes_gemv(
             for gi in range(per_band):
                 g: T.let[T.int32] = band * per_band + gi
                 k0: T.let[T.int32] = g * size
-                round_group(x_row, k0, size, LEVEL, a, stats, a_sum)
+                round_group(x_row, k0, size, LEVEL, a, stats, a_part, passes)
                 # byte b of act_*[q] is row 4q + b: each int32 lane truncated to its byte
                 for v in T.unroll(size // LANES):
                     act_hi[T.ramp(v * 4, 1, 4)] = T.reinterpret(
@@ -297,8 +288,6 @@ def vnni_bytes_gemv(
                         "int32x4", T.Cast("int8x16", a[T.ramp(v * LANES, 1, LANES)] & vec(127))
                     )
                 unit: T.let[T.float32] = stats[0] / T.float32(LEVEL)
-                for p in T.unroll(passes):  # each pass's sum of activations, A
-                    a_part[p] = across_lanes(pass_sum(a, p), operator.add)
                 for p, s in T.grid(passes, strips):
                     kp: T.let[T.int32] = k0 + p * rows  # the pass's first row
                     for r in T.unroll(8):
