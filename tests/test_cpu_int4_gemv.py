@@ -20,6 +20,7 @@ from mlc_edge.schedules.cpu.int4_gemv_vnni_bytes import (
     PREFETCH_STRIPS,
     Int4DecodeGEMVVNNIBytes,
     prefetch_word,
+    strip_ahead,
 )
 from tvm import relax, tirx
 from tvm.relax.frontend import nn
@@ -354,3 +355,51 @@ def test_vnni_bytes_prefetch_reads_the_next_group_once_in_forward_streams(
             else:
                 expected = (k0 + size + step, (s + PREFETCH_STRIPS - strips) * LANES)
             assert prefetch_word(k0, s, step, size, strips, False) == expected
+
+
+@pytest.mark.parametrize("strips", [16, 24, 132])
+def test_vnni_bytes_strip_ahead_is_where_wide_rows_read_ahead(strips: int) -> None:
+    """``strip_ahead``: the strip ``PREFETCH_STRIPS`` on, past a row's end the next
+    group's, which is where a wide group's rows prefetch their words."""
+    size, k0 = 16, 3 * 16
+    for s in range(strips):
+        ahead = s + PREFETCH_STRIPS
+        expected = (0, ahead) if ahead < strips else (1, ahead - strips)
+        assert strip_ahead(s, strips) == expected
+        for step in range(size):
+            assert prefetch_word(k0, s, step, size, strips, False) == (
+                k0 + size * expected[0] + step,
+                expected[1] * LANES,
+            )
+
+
+def test_vnni_bytes_wide_groups_read_their_scales_and_zero_points_ahead_with_their_words(
+    target,
+) -> None:
+    """Wide groups (an output layer's) prefetch, at each strip, the scales and zero points
+    of ``strip_ahead``'s strip: the one whose words the step's rows prefetch. Groups read
+    ahead whole do not (their scales were not slower to read)."""
+
+    def prefetches(k: int, n: int) -> dict[str, list[str]]:
+        mod = _fused(k, n, 32, "float16")
+        with target:
+            mod = dl.ApplyDefaultSchedule(*_rules(True))(mod)
+        text = _decode_func(mod).script()
+        calls = re.findall(r"llvm\.prefetch[^,]*, T\.address_of\((\w+)\[([^\]]*)\]\)", text)
+        lets = re.findall(r"((?:g|s)_on): T\.let\[T\.int32\] = (.*)", text)
+        found: dict[str, list[str]] = {"lets": [f"{name} = {value}" for name, value in lets]}
+        found["guards"] = re.findall(r"if (g_on < .*):", text)
+        for buf, index in calls:
+            found.setdefault(buf, []).append(index)
+        return found
+
+    wide = prefetches(128, 132 * 128)  # 32 rows of 66 KB: over 256 KB
+    assert wide["scales"] == ["g_on, s_on * 128 + 32 * i"]
+    assert wide["qzeros"] == ["g_on, s_on * 16"]
+    assert wide["lets"] == [
+        f"g_on = g + (s + {PREFETCH_STRIPS}) // 132",
+        f"s_on = (s + {PREFETCH_STRIPS}) % 132",
+    ]
+    assert wide["guards"] == ["g_on < 4"]  # K / 32 groups: none past the last
+    narrow = prefetches(256, 16 * 128)  # 32 rows of 1 KB: the next group read ahead whole
+    assert narrow["qweight"] and "scales" not in narrow and "qzeros" not in narrow

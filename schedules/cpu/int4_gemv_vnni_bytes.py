@@ -32,7 +32,10 @@ prefetches 4 lines (64 bytes) of words, 32 a strip, into L2:
   Such groups are read in two passes of 16 rows (``WIDE_PASS_ROWS``), each over all strips
   with its own epilogue (its ``P`` and its rows' ``A``: both still exact; ``y`` gets two
   fp32 terms a group instead of one): 16 streams a core instead of 32, ``2048 x 128256``
-  4-11% faster. Passes made the narrower layers 9-18% slower, so they keep one.
+  4-11% faster. Passes made the narrower layers 9-18% slower, so they keep one. Each
+  strip also prefetches the scales and zero points of the strip 8 on (``strip_ahead``):
+  their rows (256 KB and 64 KB a group here, read by both passes) were not kept ahead by
+  the hardware either.
 Groups larger than 32 rows (``q4f16t-g128``) would read 128 rows at once and stay with
 ``int4_gemv_vnni.py``.
 
@@ -53,6 +56,7 @@ Loop nest::
             for the pass's rows, 4 at a time (unrolled)
               prefetch 4 lines: the next group's rows in 4 streams (wide: 8 strips on)
               load 4 rows, 8 unpacks, 8 nibble registers x (hi, lo): 16 vpdpbusd
+            (wide: prefetch the scales and zero points 8 strips on)
             y_band[nibble register, strip] += s * m/L * (128 * P_hi + P_lo - z * A)
     parallel strip                           # the bands' y summed, put in column order
       out[strip's columns] = y at each column's register and lane
@@ -98,6 +102,24 @@ prefetch); a Llama-3.2-1B layer 2.22 -> 1.91 ms. In 1, 2, 4 or 8 streams, ``2048
 took 0.158, 0.149, 0.144 and 0.151 ms, ``8192 x 2048`` 0.714, 0.587, 0.575 and 0.567.
 Passes of 16 rows (wide groups only) then took the output layer ``2048 x 128256`` from
 6.90 to 6.62 ms and 7.13 to 6.36 in two runs.
+
+What limits the layers now is this order of reads, not the arithmetic. The same loads
+and prefetches without the arithmetic (a C loop, 2 threads, 700 MB of copies) read ``2048
+x 16384`` at 20-26 GB/s and ``8192 x 2048`` at 24-26, where each thread's share read as 4
+contiguous streams (no software prefetch) reached 26-29 GB/s in the same minutes (paired:
+0.76-1.01, median 0.86); the kernel runs at about its loop's speed (one thread: ``2048 x
+16384`` 11.4-12.7 GB/s against 12.4, ``8192 x 2048`` 12.4 against 12.7). The loop in
+address order instead of 32 rows at once, 8 or 16 prefetch streams, or a strip's ``y``
+kept in L1 changed nothing measurable. llama.cpp's Q4_0 decode here reads a repacked
+layout (16 columns x 32 rows and their 16 scales in 288 contiguous bytes, 4 such column
+tiles at once: 4 forward streams, no software prefetch), the order the plain read above
+times: a tile layout for the CPU is what would close that gap. The output layer was the
+exception: its loop (16 rows a pass, each row read ahead 8 strips on) reads at 28-30 GB/s
+in C, the kernel read at 21-23 (6.8-7.1 ms), and with no scales or zero points read (the
+first group's in L1 for all: wrong sums) took 5.7. Read 8 strips ahead like the rows'
+words, they took it from 6.73 and 6.77 to 6.02 and 6.04 ms (two runs, old and new kernel
+alternating, median of 7; the layers unchanged). The same prefetch of the next group's
+scales did nothing for the layers read ahead whole.
 """
 
 from __future__ import annotations
@@ -157,8 +179,16 @@ def prefetch_word(k0: Any, s: Any, step: Any, size: int, strips: int, whole_grou
     if whole_group:
         line = next_group_line(step, s, strips, size)
         return k0 + size + line // strips, (line % strips) * LANES
+    groups_on, strip = strip_ahead(s, strips)
+    return k0 + size * groups_on + step, strip * LANES
+
+
+def strip_ahead(s: Any, strips: int) -> tuple[Any, Any]:
+    """Where the strip ``PREFETCH_STRIPS`` strips on from strip ``s`` is: ``(groups on,
+    strip)``, past a row's end the next group's. Wide groups read their rows' words and
+    their scales and zero points that far ahead."""
     ahead = s + PREFETCH_STRIPS
-    return k0 + size * (ahead // strips) + step, (ahead % strips) * LANES
+    return ahead // strips, ahead % strips
 
 
 def next_group_line(step: Any, s: Any, strips: int, size: int) -> Any:
@@ -191,12 +221,12 @@ def vnni_bytes_gemv(
     passes = size // rows
 
     # Prefetches see each pass's rows as a group (its rows, the next pass's rows ahead).
-    def prefetch(qweight: tirx.Buffer, k0: Any, s: Any, step: Any) -> tirx.PrimExpr:
-        row, col = prefetch_word(k0, s, step, rows, strips, whole_group_ahead)
+    def to_l2(buf: tirx.Buffer, row: Any, col: Any) -> tirx.PrimExpr:
         # read (0), keep in L2 (2), data (1)
-        return T.call_llvm_intrin(
-            "void", "llvm.prefetch.p0", T.address_of(qweight[row, col]), 0, 2, 1
-        )
+        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), 0, 2, 1)
+
+    def prefetch(qweight: tirx.Buffer, k0: Any, s: Any, step: Any) -> tirx.PrimExpr:
+        return to_l2(qweight, *prefetch_word(k0, s, step, rows, strips, whole_group_ahead))
 
     def prefetch_reads(k0: Any, s: Any) -> Any:
         # a strip's prefetches fall in one group, which exists where step 0's row does
@@ -313,6 +343,14 @@ def vnni_bytes_gemv(
                         accumulate(acc_hi, acc_lo, _unpack(p01_lo, p23_lo, 16, 1), 1, hi, lo)
                         accumulate(acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 0), 2, hi, lo)
                         accumulate(acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 1), 3, hi, lo)
+                    if not whole_group_ahead:
+                        # wide rows: the scales and zero points too, as the rows' words
+                        g_on: T.let[T.int32] = g + strip_ahead(s, strips)[0]
+                        s_on: T.let[T.int32] = strip_ahead(s, strips)[1]
+                        if g_on < groups:
+                            for i in T.unroll(4):  # a strip's 128 scales: 4 lines
+                                T.evaluate(to_l2(scales, g_on, s_on * 128 + 32 * i))
+                            T.evaluate(to_l2(qzeros, g_on, s_on * LANES))
                     words_z: T.let[T.int32x16] = qzeros[g, T.ramp(s * LANES, 1, LANES)]
                     sc0: T.let[T.float16x32] = scales[g, T.ramp(s * 128, 1, 32)]
                     sc1: T.let[T.float16x32] = scales[g, T.ramp(s * 128 + 32, 1, 32)]
