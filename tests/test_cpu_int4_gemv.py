@@ -20,6 +20,7 @@ from mlc_edge.schedules.cpu.int4_gemv_vnni_bytes import (
     PREFETCH_STRIPS,
     Int4DecodeGEMVVNNIBytes,
     prefetch_word,
+    scales_ahead,
     strip_ahead,
 )
 from tvm import relax, tirx
@@ -373,11 +374,25 @@ def test_vnni_bytes_strip_ahead_is_where_wide_rows_read_ahead(strips: int) -> No
             )
 
 
+@pytest.mark.parametrize("strips", [16, 24, 132])
+def test_vnni_bytes_scales_ahead_are_those_of_the_rows_read_ahead(strips: int) -> None:
+    """``scales_ahead``: for each pass of 16 rows of a 32-row group (or a 16-row group's
+    one pass) and each strip, the group and strip whose words the strip's rows prefetch:
+    the same group's while the next pass is in it, the next group's after the last."""
+    for size in (16, 32):
+        passes = size // 16
+        for g in range(3):
+            for p in range(passes):
+                for s in range(strips):
+                    row, col = prefetch_word(g * size + p * 16, s, 0, 16, strips, False)
+                    assert scales_ahead(g, p, s, strips, passes) == (row // size, col // LANES)
+
+
 def test_vnni_bytes_wide_groups_read_their_scales_and_zero_points_ahead_with_their_words() -> None:
     """Wide groups (an output layer's) prefetch, at each strip, the scales and zero points
-    of ``strip_ahead``'s strip: the one whose words the step's rows prefetch. Groups read
-    ahead whole do not (their scales were not slower to read). Scheduled for a named VNNI
-    CPU, so that any machine runs it."""
+    of ``scales_ahead``'s group and strip: those of the rows whose words the strip
+    prefetches. Groups read ahead whole do not (their scales were not slower to read).
+    Scheduled for a named VNNI CPU, so that any machine runs it."""
 
     def prefetches(k: int, n: int) -> dict[str, list[str]]:
         mod = _fused(k, n, 32, "float16")
@@ -396,7 +411,7 @@ def test_vnni_bytes_wide_groups_read_their_scales_and_zero_points_ahead_with_the
     assert wide["scales"] == ["g_on, s_on * 128 + 32 * i"]
     assert wide["qzeros"] == ["g_on, s_on * 16"]
     assert wide["lets"] == [
-        f"g_on = g + (s + {PREFETCH_STRIPS}) // 132",
+        f"g_on = g + (p + (s + {PREFETCH_STRIPS}) // 132) // 2",  # 2 passes of 16 rows
         f"s_on = (s + {PREFETCH_STRIPS}) % 132",
     ]
     assert wide["guards"] == ["g_on < 4"]  # K / 32 groups: none past the last

@@ -33,7 +33,7 @@ prefetches 4 lines (64 bytes) of words, 32 a strip, into L2:
   with its own epilogue (its ``P`` and its rows' ``A``: both still exact; ``y`` gets two
   fp32 terms a group instead of one): 16 streams a core instead of 32, ``2048 x 128256``
   4-11% faster. Passes made the narrower layers 9-18% slower, so they keep one. Each
-  strip also prefetches the scales and zero points of the strip 8 on (``strip_ahead``):
+  strip also prefetches the scales and zero points of the strip 8 on (``scales_ahead``):
   their rows (256 KB and 64 KB a group here, read by both passes) were not kept ahead by
   the hardware either.
 Groups larger than 32 rows (``q4f16t-g128``) would read 128 rows at once and stay with
@@ -191,6 +191,15 @@ def strip_ahead(s: Any, strips: int) -> tuple[Any, Any]:
     return ahead // strips, ahead % strips
 
 
+def scales_ahead(g: Any, p: Any, s: Any, strips: int, passes: int) -> tuple[Any, Any]:
+    """``(group, strip)`` of the scales and zero points that strip ``s`` of pass ``p`` of
+    wide group ``g`` reads ahead: those of the rows whose words it prefetches
+    (``prefetch_word`` sees a pass as a group: past a row's end, the next pass's rows,
+    which are the next group's only after the last pass)."""
+    passes_on, strip = strip_ahead(s, strips)
+    return g + (p + passes_on) // passes, strip
+
+
 def next_group_line(step: Any, s: Any, strips: int, size: int) -> Any:
     """Which line (16 words) of the next group's ``size * strips``, in address order,
     prefetch ``step`` of strip ``s`` reads: the lines are ``PREFETCH_STREAMS`` forward
@@ -345,8 +354,8 @@ def vnni_bytes_gemv(
                         accumulate(acc_hi, acc_lo, _unpack(p01_hi, p23_hi, 16, 1), 3, hi, lo)
                     if not whole_group_ahead:
                         # wide rows: the scales and zero points too, as the rows' words
-                        g_on: T.let[T.int32] = g + strip_ahead(s, strips)[0]
-                        s_on: T.let[T.int32] = strip_ahead(s, strips)[1]
+                        g_on: T.let[T.int32] = scales_ahead(g, p, s, strips, passes)[0]
+                        s_on: T.let[T.int32] = scales_ahead(g, p, s, strips, passes)[1]
                         if g_on < groups:
                             for i in T.unroll(4):  # a strip's 128 scales: 4 lines
                                 T.evaluate(to_l2(scales, g_on, s_on * 128 + 32 * i))
