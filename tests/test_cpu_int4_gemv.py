@@ -1,7 +1,8 @@
-"""The per-group 4-bit decode GEMVs (``schedules/cpu/int4_gemv.py`` and, on AVX-512 VNNI,
+"""The per-group 4-bit decode GEMVs (``schedules/cpu/int4_gemv.py``; on AVX-512 VNNI,
 ``schedules/cpu/int4_gemv_vnni_bytes.py`` for groups of up to 32 rows and
-``schedules/cpu/int4_gemv_vnni.py`` for larger ones): which functions they take, what their
-hot loops compile to, and their results against numpy."""
+``schedules/cpu/int4_gemv_vnni.py`` for larger ones; on AVX2 without VNNI,
+``schedules/cpu/int4_gemv_avx2.py`` for groups of up to 32 rows): which functions they take,
+what their hot loops compile to, and their results against numpy."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import re
 import numpy as np
 import pytest
 import tvm
-from mlc_edge.schedules.cpu import cpu_rules
+from mlc_edge.schedules.cpu import cpu_rules, int4_gemv_avx2
 from mlc_edge.schedules.cpu.int4_gemv import Int4DecodeGEMV
+from mlc_edge.schedules.cpu.int4_gemv_avx2 import Int4DecodeGEMVAVX2
 from mlc_edge.schedules.cpu.int4_gemv_vnni import Int4DecodeGEMVVNNI, has_vnni
 from mlc_edge.schedules.cpu.int4_gemv_vnni_bytes import (
     LANES,
@@ -27,7 +29,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import spec
 from tvm.s_tir import dlight as dl
-from tvm.target.codegen import llvm_get_system_cpu
+from tvm.target.codegen import llvm_get_system_cpu, target_has_features
 
 from mlc_edge.compiler.build import fuse_into_tir
 from mlc_edge.quantization.int4 import (
@@ -52,6 +54,8 @@ def target() -> tvm.target.Target:
 # kernel's vpdpwssd into vpmaddwd + vpaddd and schedules the byte kernel's step so that a
 # few registers are spilled (9-12 stores among its 128 vpdpbusd).
 ASM_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+# AVX2 without AVX-512 (AMD's Zen 3): the AVX2 kernel's CPU, which any AVX2 machine runs.
+AVX2_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
 
 
 class _Layer(nn.Module):
@@ -79,11 +83,11 @@ def _fused(k: int, n: int, group: int, dtype: str) -> tvm.IRModule:
     return fuse_into_tir()(mod)
 
 
-def _rules(vnni: bool) -> list:
-    """``cpu_rules()``, without the VNNI GEMVs unless ``vnni`` (so the fp32-form rule is
-    tested on fp16 too: CPUs without VNNI run it)."""
-    vnni_rules = (Int4DecodeGEMVVNNI, Int4DecodeGEMVVNNIBytes)
-    return [r for r in cpu_rules() if vnni or not isinstance(r, vnni_rules)]
+def _rules(integer: bool) -> list:
+    """``cpu_rules()``, without the integer-dot-product GEMVs (VNNI, AVX2) unless
+    ``integer`` (so the fp32-form rule is tested on fp16 too: CPUs without either run it)."""
+    integer_rules = (Int4DecodeGEMVVNNI, Int4DecodeGEMVVNNIBytes, Int4DecodeGEMVAVX2)
+    return [r for r in cpu_rules() if integer or not isinstance(r, integer_rules)]
 
 
 def _decode_func(mod: tvm.IRModule) -> tirx.PrimFunc:
@@ -163,11 +167,11 @@ CASES = [
 def test_matches_numpy_on_the_dequantized_weight(
     k: int, n: int, group: int, dtype: str, target
 ) -> None:
-    """Built through ``cpu_rules()`` as the model is (the VNNI rule left out: it has its
-    own test): the decode result equals numpy's matmul with the dequantized weight
+    """Built through ``cpu_rules()`` as the model is (the integer rules left out: they have
+    their own tests): the decode result equals numpy's matmul with the dequantized weight
     (float64), to fp32 summation error (fp16: the output's rounding). Weights with every
     nibble value and zero points across 0..15."""
-    run, x, stored = _build_and_inputs(k, n, group, dtype, target, vnni=False)
+    run, x, stored = _build_and_inputs(k, n, group, dtype, target, integer=False)
     assert "group_part" in run.script, "the decode GEMV was not rewritten"
     w_deq = dequantize(stored["qweight"], stored["qzeros"], stored["scales"], group)
     ref = x.astype(np.float64) @ w_deq.astype(np.float64)
@@ -194,11 +198,11 @@ class _Built:
 
 
 def _build_and_inputs(
-    k: int, n: int, group: int, dtype: str, target, vnni: bool
+    k: int, n: int, group: int, dtype: str, target, integer: bool
 ) -> tuple[_Built, np.ndarray, dict[str, np.ndarray]]:
     mod = _fused(k, n, group, dtype)
     with target:
-        scheduled = dl.ApplyDefaultSchedule(*_rules(vnni))(mod)
+        scheduled = dl.ApplyDefaultSchedule(*_rules(integer))(mod)
     rng = np.random.default_rng(7)
     # A column offset per column makes the zero points range over 0..15.
     w = rng.standard_normal((k, n)) / np.sqrt(k) + rng.uniform(-0.05, 0.05, n)
@@ -247,9 +251,19 @@ def test_vnni_gemv_matches_its_rounding_and_stays_within_its_bound(
     under ``level`` per group, integer dot products, scale and zero point per group) to the
     fp16 output's rounding; and it differs from the exact product with the dequantized
     weight by no more than that rounding can: ``sum_k |w[k, n]| * m_g / (2 level)`` plus
-    the output's rounding."""
-    run, x, stored = _build_and_inputs(k, n, group, "float16", target, vnni=True)
+    the output's rounding (``_check_integer_gemv``)."""
+    run, x, stored = _build_and_inputs(k, n, group, "float16", target, integer=True)
     assert dot in run.script and "group_part" not in run.script
+    _check_integer_gemv(run, x, stored, group, level)
+
+
+def _check_integer_gemv(
+    run: _Built, x: np.ndarray, stored: dict[str, np.ndarray], group: int, level: int
+) -> None:
+    """An integer-dot-product kernel's result equals numpy's float64 computation of the same
+    sum (activations rounded under ``level`` per group, exact integer products, scale and
+    zero point per group) to the fp16 output's rounding, and differs from the exact product
+    by no more than that rounding can (a bound that int8 activations would break)."""
     q = unpack_int4(stored["qweight"]).astype(np.float64)
     z = np.repeat(unpack_int4(stored["qzeros"]).astype(np.float64), group, axis=0)
     s = np.repeat(stored["scales"].astype(np.float64), group, axis=0)
@@ -397,7 +411,7 @@ def test_vnni_bytes_wide_groups_read_their_scales_and_zero_points_ahead_with_the
     def prefetches(k: int, n: int) -> dict[str, list[str]]:
         mod = _fused(k, n, 32, "float16")
         with ASM_TARGET:
-            mod = dl.ApplyDefaultSchedule(*_rules(True))(mod)
+            mod = dl.ApplyDefaultSchedule(*_rules(integer=True))(mod)
         text = _decode_func(mod).script()
         calls = re.findall(r"llvm\.prefetch[^,]*, T\.address_of\((\w+)\[([^\]]*)\]\)", text)
         lets = re.findall(r"((?:g|s)_on): T\.let\[T\.int32\] = (.*)", text)
@@ -417,3 +431,111 @@ def test_vnni_bytes_wide_groups_read_their_scales_and_zero_points_ahead_with_the
     assert wide["guards"] == ["g_on < 4"]  # K / 32 groups: none past the last
     narrow = prefetches(256, 16 * 128)  # 32 rows of 1 KB: the next group read ahead whole
     assert narrow["qweight"] and "scales" not in narrow and "qzeros" not in narrow
+
+
+_AVX2 = target_has_features(
+    "avx2", tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})
+)
+needs_avx2 = pytest.mark.skipif(not _AVX2, reason="this CPU has no AVX2")
+
+# (K, N, group): rows read ahead whole; 16 KB rows; groups over 256 KB (each row's line
+# read ahead 16 strips on, past a row's end the next group's); a tall one; groups of 16
+# rows and 40 words (5 strips: an odd count, rows not whole lines).
+AVX2_CASES = [(512, 2048, 32), (256, 8192, 32), (128, 16896, 32), (2048, 256, 32), (192, 320, 16)]
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("k", "n", "group"), AVX2_CASES, ids=[f"K{k}_N{n}_g{g}" for k, n, g in AVX2_CASES]
+)
+def test_avx2_gemv_matches_its_rounding_and_stays_within_its_bound(
+    k: int, n: int, group: int
+) -> None:
+    """Built through ``cpu_rules()`` for an AVX2 CPU without VNNI, an fp16 decode GEMV is
+    the AVX2 kernel (``vpmaddwd``), with the byte kernel's 15-bit activations; its result
+    passes ``_check_integer_gemv``. (Planted: nibble 2 left unscaled, or a strip's scales
+    transposed into the wrong nibbles, fail it.)"""
+    run, x, stored = _build_and_inputs(k, n, group, "float16", AVX2_TARGET, integer=True)
+    assert "llvm.x86.avx2.pmadd.wd" in run.script and "group_part" not in run.script
+    _check_integer_gemv(run, x, stored, group, int4_gemv_avx2.LEVEL)
+
+
+def test_avx2_gemv_takes_fp16_groups_of_up_to_32_rows_on_avx2_without_vnni() -> None:
+    """The AVX2 rule takes an fp16 one-row GEMV with groups of 16 or 32 rows and whole
+    8-word strips, on AVX2 without VNNI; fp32 compute, groups of 128 rows (``P`` would
+    overflow), 12 words a row, a VNNI CPU (the byte kernel's) and a CPU without AVX2 are
+    left to the other rules."""
+    rule = Int4DecodeGEMVAVX2()
+    nehalem = tvm.target.Target({"kind": "llvm", "mcpu": "nehalem", "num-cores": 2})
+    fp16 = _decode_func(_fused(256, 2048, 32, "float16"))
+    assert rule.apply(fp16, AVX2_TARGET, False)
+    assert rule.apply(_decode_func(_fused(256, 2048, 16, "float16")), AVX2_TARGET, False)
+    assert rule.apply(_decode_func(_fused(256, 2048, 32, "float32")), AVX2_TARGET, False) is None
+    assert rule.apply(_decode_func(_fused(256, 2048, 128, "float16")), AVX2_TARGET, False) is None
+    assert rule.apply(_decode_func(_fused(256, 96, 32, "float16")), AVX2_TARGET, False) is None
+    assert rule.apply(fp16, ASM_TARGET, False) is None
+    assert rule.apply(fp16, nehalem, False) is None
+
+
+def test_avx2_hot_loop_keeps_the_group_sums_in_registers() -> None:
+    """The AVX2 kernel's strip loop holds a whole group of 32 rows: 16 row pairs, each 8
+    ``vpmaddwd`` into the 8 accumulators (128, once in the function), with one prefetch a
+    pair; up to the last pair no ymm register is stored. The strip's
+    scales are converted whole and transposed by shuffles (no element inserts)."""
+    sch = Int4DecodeGEMVAVX2().apply(
+        _decode_func(_fused(512, 2048, 32, "float16")), AVX2_TARGET, False
+    )
+    func = sch.mod["main"].with_attr("global_symbol", "main")
+    asm = tvm.tirx.build(tvm.IRModule({"main": func}), target=AVX2_TARGET).inspect_source("asm")
+    assert len(re.findall(r"\bvpmaddwd\b", asm)) == 128
+    assert len(re.findall(r"\bprefetcht1\b", asm)) == 16
+    # (LLVM starts the fold among the last pair's dot products: up to there)
+    starts = [m.start() for m in re.finditer(r"\bvpmaddwd\b", asm)]
+    dots = asm[starts[0] : starts[-8]]
+    stores = re.findall(r"\bvmov\w+\s+%ymm\d+, [^\n]*\(", dots)
+    assert not stores, stores
+    assert len(re.findall(r"\bvcvtph2ps\b", asm)) >= 8
+    # (fp16 elements inserted from memory; the library's own fp16 rounding helper inserts
+    # one from a register)
+    assert not re.search(r"\bvpinsrw\s+\$\d+, [^\n]*\(", asm), "the scales gathered one by one"
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("words", [8, 16, 40, 256, 2048])
+def test_avx2_prefetch_reads_the_next_group_once_or_each_row_ahead(size: int, words: int) -> None:
+    """Where the next group's rows are read ahead whole, a group's strips prefetch every
+    line (16 words) of them once, in ``PREFETCH_STREAMS`` forward streams; otherwise each
+    two strips (one line) prefetch the line ``PREFETCH_STRIPS`` strips on of every row
+    once, past a row's end the next group's."""
+    prefetch_word = int4_gemv_avx2.prefetch_word
+    strips, pairs, k0 = words // 8, size // 2, 3 * size
+    issued = []  # line offsets in qweight, in the order the kernel prefetches them
+    for s in range(strips):
+        for step in range(pairs):
+            row, col = prefetch_word(k0, s, step, size, words, True)
+            assert 0 <= col < words
+            issued.append((row * words + col) // 16)
+    first = (k0 + size) * words // 16
+    assert sorted(issued) == list(range(first, first + size * words // 16))
+    per = pairs // int4_gemv_avx2.PREFETCH_STREAMS
+    for j in range(int4_gemv_avx2.PREFETCH_STREAMS):
+        stream = [
+            issued[s * pairs + step]
+            for s in range(strips)
+            for step in range(j * per, (j + 1) * per)
+        ]
+        assert stream == list(range(stream[0], stream[0] + len(stream)))
+
+    if words % 16 or strips < int4_gemv_avx2.PREFETCH_STRIPS:
+        return  # (rows read ahead one by one are wide, whole lines)
+    for s in range(0, strips, 2):
+        ahead = s + int4_gemv_avx2.PREFETCH_STRIPS
+        group_on, strip = divmod(ahead, strips)
+        rows, lines = set(), set()
+        for t in (s, s + 1):
+            for step in range(pairs):
+                row, col = prefetch_word(k0, t, step, size, words, False)
+                rows.add(row)
+                lines.add(col // 16)
+        assert rows == set(range(k0 + size * group_on, k0 + size * (group_on + 1)))
+        assert lines == {strip // 2}

@@ -8,6 +8,9 @@
    group, the group's rows summed in registers.
    :class:`Int4DecodeGEMVVNNI` (``int4_gemv_vnni.py``) - the same with larger groups
    (``q4f16t-g128``): 16-bit dot products over 2 rows, the activations as int16.
+   :class:`Int4DecodeGEMVAVX2` (``int4_gemv_avx2.py``) - on AVX2 without VNNI, the same
+   for groups of up to 32 rows: 16-bit dot products (``vpmaddwd``) over 2 rows, the
+   activations as 15-bit integers per group, the group's rows summed in registers.
    :class:`Int4DecodeGEMV` (``int4_gemv.py``) - the other one-row 4-bit matmuls (fp32
    compute, other CPUs): rewritten per group, the nibbles masked in place.
    :class:`Int4Matmul` (``int4.py``) - the other 4-bit matmuls (prefill, batch decode): MatmulKN's
@@ -154,12 +157,14 @@ def cpu_rules() -> list[CPURule | CPUScheduleRule]:
     """The CPU schedule rules in priority order, for ``dl.ApplyDefaultSchedule(*cpu_rules())``."""
     from .int4 import Int4Matmul  # falls back to ParallelSpatial, defined above
     from .int4_gemv import Int4DecodeGEMV
+    from .int4_gemv_avx2 import Int4DecodeGEMVAVX2
     from .int4_gemv_vnni import Int4DecodeGEMVVNNI
     from .int4_gemv_vnni_bytes import Int4DecodeGEMVVNNIBytes
 
     return [
         Int4DecodeGEMVVNNIBytes(),
         Int4DecodeGEMVVNNI(),
+        Int4DecodeGEMVAVX2(),
         Int4DecodeGEMV(),
         Int4Matmul(),
         MatmulKN(),

@@ -130,23 +130,23 @@ def _column_slot(c: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 @T.macro
-def columns_in_order(y_band, out_row, strips, bands, out_dtype, column_slot):
+def columns_in_order(y_band, out_row, strips, bands, out_dtype, column_slot, lanes):
     """``out_row`` from ``y_band[bands, 8, words]``: a strip's bands summed in vectors, then
-    its 128 columns in order, column ``c`` from slot ``column_slot(c)`` of the strip's 8 x
-    16 sums; strips in parallel. Unrolled, so each column's slot is a constant (one serial
-    loop over the columns, indexing per column, took 8% of the 2048 x 16384 GEMV from
-    L3)."""
+    its ``8 * lanes`` columns in order, column ``c`` from slot ``column_slot(c)`` of the
+    strip's 8 x ``lanes`` sums; strips in parallel. Unrolled, so each column's slot is a
+    constant (one serial loop over the columns, indexing per column, took 8% of the 2048 x
+    16384 GEMV from L3)."""
     for s in T.parallel(strips):
-        y_sum = T.alloc_buffer((8 * LANES,), "float32")
+        y_sum = T.alloc_buffer((8 * lanes,), "float32")
         for r in T.unroll(8):
-            y_sum[T.ramp(r * LANES, 1, LANES)] = y_band[0, r, T.ramp(s * LANES, 1, LANES)]
+            y_sum[T.ramp(r * lanes, 1, lanes)] = y_band[0, r, T.ramp(s * lanes, 1, lanes)]
             for band in range(1, bands):
-                y_sum[T.ramp(r * LANES, 1, LANES)] = (
-                    y_sum[T.ramp(r * LANES, 1, LANES)]
-                    + y_band[band, r, T.ramp(s * LANES, 1, LANES)]
+                y_sum[T.ramp(r * lanes, 1, lanes)] = (
+                    y_sum[T.ramp(r * lanes, 1, lanes)]
+                    + y_band[band, r, T.ramp(s * lanes, 1, lanes)]
                 )
-        for c in T.unroll(128):
-            out_row[s * 128 + c] = T.Cast(out_dtype, y_sum[column_slot(c)])
+        for c in T.unroll(8 * lanes):
+            out_row[s * 8 * lanes + c] = T.Cast(out_dtype, y_sum[column_slot(c)])
 
 
 def with_gemv_signature(
@@ -275,7 +275,7 @@ def vnni_gemv(
                                 - T.Cast("float32", (qzeros[g, s * LANES + v] >> (j * 4)) & 15)
                                 * T.Cast("float32", a_sum[0])
                             )
-        columns_in_order(y_band, out_row, strips, bands, out_dtype, _column_slot)
+        columns_in_order(y_band, out_row, strips, bands, out_dtype, _column_slot, LANES)
 
     return with_gemv_signature(body, x_shape, k, words, groups, out_dtype)
 

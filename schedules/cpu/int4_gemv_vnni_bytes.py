@@ -398,7 +398,7 @@ def vnni_bytes_gemv(
                         y_band, band, s, acc_hi, acc_lo, [sc0, sc1, sc2, sc3], words_z, unit,
                         a_part[p], 7,
                     )  # fmt: skip
-        columns_in_order(y_band, out_row, strips, bands, out_dtype, _column_slot)
+        columns_in_order(y_band, out_row, strips, bands, out_dtype, _column_slot, LANES)
 
     return with_gemv_signature(body, x_shape, k, words, groups, out_dtype)
 
