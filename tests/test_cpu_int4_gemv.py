@@ -502,11 +502,9 @@ def test_avx2_hot_loop_keeps_the_group_sums_in_registers() -> None:
 
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize("words", [8, 16, 40, 256, 2048])
-def test_avx2_prefetch_reads_the_next_group_once_or_each_row_ahead(size: int, words: int) -> None:
+def test_avx2_prefetch_reads_the_next_group_once_in_forward_streams(size: int, words: int) -> None:
     """Where the next group's rows are read ahead whole, a group's strips prefetch every
-    line (16 words) of them once, in ``PREFETCH_STREAMS`` forward streams; otherwise each
-    two strips (one line) prefetch the line ``PREFETCH_STRIPS`` strips on of every row
-    once, past a row's end the next group's."""
+    line (16 words) of them once, in ``PREFETCH_STREAMS`` forward streams."""
     prefetch_word = int4_gemv_avx2.prefetch_word
     strips, pairs, k0 = words // 8, size // 2, 3 * size
     issued = []  # line offsets in qweight, in the order the kernel prefetches them
@@ -526,16 +524,62 @@ def test_avx2_prefetch_reads_the_next_group_once_or_each_row_ahead(size: int, wo
         ]
         assert stream == list(range(stream[0], stream[0] + len(stream)))
 
-    if words % 16 or strips < int4_gemv_avx2.PREFETCH_STRIPS:
-        return  # (rows read ahead one by one are wide, whole lines)
-    for s in range(0, strips, 2):
-        ahead = s + int4_gemv_avx2.PREFETCH_STRIPS
-        group_on, strip = divmod(ahead, strips)
-        rows, lines = set(), set()
-        for t in (s, s + 1):
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize(("strips", "groups"), [(64, 3), (80, 2), (2004, 8)])
+def test_avx2_wide_prefetch_reads_each_line_once_two_chunks_ahead(
+    size: int, strips: int, groups: int
+) -> None:
+    """Wide rows: the strips, counted across groups, prefetch in chunks; the chunk's steps
+    read every line (two strips) of every row of the chunk two on once (a chunk may span two
+    groups, or end past the last row), each row's lines of it one after another."""
+    chunk = int4_gemv_avx2.WIDE_CHUNK_STRIPS
+    prefetch_word = int4_gemv_avx2.prefetch_word
+    words, pairs = strips * 8, size // 2
+    assert groups * strips % chunk == 0  # (a last partial chunk reads ahead a part)
+    issued = []  # (row, strip) in the order the kernel prefetches them
+    for g in range(groups):
+        for s in range(strips):
             for step in range(pairs):
-                row, col = prefetch_word(k0, t, step, size, words, False)
-                rows.add(row)
-                lines.add(col // 16)
-        assert rows == set(range(k0 + size * group_on, k0 + size * (group_on + 1)))
-        assert lines == {strip // 2}
+                row, col = prefetch_word(g * size, s, step, size, words, False)
+                assert 0 <= col < words and col % 16 == 0
+                issued.append((row, col // 8))
+    ahead = [
+        (row, strip)
+        for at in range(2 * chunk, groups * strips + 2 * chunk, 2)  # two chunks on
+        for row in range(size * (at // strips), size * (at // strips + 1))
+        for strip in [at % strips]
+    ]
+    assert sorted(issued) == sorted(ahead)
+    # the first chunk's first prefetches: the first row of each line two chunks on, in order
+    assert issued[: chunk // 2] == [
+        (size * (at // strips), at % strips) for at in range(2 * chunk, 3 * chunk, 2)
+    ]
+
+
+def test_avx2_wide_groups_read_their_scales_and_zero_points_ahead() -> None:
+    """Wide groups (an output layer's) prefetch, at each strip, the scales (2 lines) and
+    zero points of the strip ``SCALES_AHEAD_STRIPS`` on, past a row's end the next
+    group's, none past the last group; groups read ahead whole do not."""
+    ahead = int4_gemv_avx2.SCALES_AHEAD_STRIPS
+
+    def prefetches(k: int, n: int) -> dict[str, list[str]]:
+        mod = _fused(k, n, 32, "float16")
+        with AVX2_TARGET:
+            mod = dl.ApplyDefaultSchedule(*_rules(integer=True))(mod)
+        text = _decode_func(mod).script()
+        calls = re.findall(r"llvm\.prefetch[^,]*, T\.address_of\((\w+)\[([^\]]*)\]\)", text)
+        lets = re.findall(r"((?:g|s)_on): T\.let\[T\.int32\] = (.*)", text)
+        found: dict[str, list[str]] = {"lets": [f"{name} = {value}" for name, value in lets]}
+        found["guards"] = re.findall(r"if (g_on < .*):", text)
+        for buf, index in calls:
+            found.setdefault(buf, []).append(index)
+        return found
+
+    wide = prefetches(128, 264 * 64)  # 32 rows of 66 KB: over 256 KB
+    assert wide["scales"] == ["g_on, s_on * 64", "g_on, s_on * 64 + 32"]
+    assert wide["qzeros"] == ["g_on, s_on * 8"]
+    assert wide["lets"] == [f"g_on = g + (s + {ahead}) // 264", f"s_on = (s + {ahead}) % 264"]
+    assert wide["guards"] == ["g_on < 4"]
+    narrow = prefetches(256, 16 * 128)  # 32 rows of 1 KB: the next group read ahead whole
+    assert narrow["qweight"] and "scales" not in narrow and "qzeros" not in narrow

@@ -20,7 +20,10 @@ loaded as 8 vectors of one word's 8 columns, converted (``vcvtph2ps``) and trans
 shuffles into the nibbles' order, the zero points shifted out of their word. Reading a
 group's 32 rows at once leaves the hardware 32 short streams, so each step prefetches one
 line into L2: where a group's rows are at most 256 KB, the next group's rows in 4 forward
-streams (``next_group_line``, as the byte kernel), else each row's line 16 strips on.
+streams (``next_group_line``, as the byte kernel). Wider rows (an output layer's: 32 rows
+of 64 KB a group) are read ahead in chunks of 32 strips, two chunks on, one row after
+another (each row's 16 lines of a chunk in address order: ``prefetch_word``), and each
+strip prefetches the scales and zero points of the strip 16 on.
 
 Numerically: ``P`` is exact. Its largest term is nibble 2's, ``15 * 256 * 16383`` a product,
 ``32`` rows of them under ``2**31``; the fold's ``16**-j`` is exact in fp32, and ``P`` is a
@@ -34,7 +37,8 @@ Measured on 2 cores of an AMD EPYC (Zen 3, AVX2, 512 KB L2 a core; each GEMV alo
 weights cycled through 256 MB of copies, variants built in one process and timed in turn,
 best of 5-9 rounds), against ``int4_gemv.py``: ``2048 x 2048`` 0.285 -> 0.205 ms, ``2048 x
 3072`` 0.371 -> 0.273, ``2048 x 16384`` 2.03 -> 1.65, ``8192 x 2048`` 1.07 -> 0.69, ``2048 x
-128256`` 12.2 -> 10.7 (a Llama-3.2-1B layer 3.8 -> 2.8 ms); ``benchmarks/int4_cpu.py``'s
+128256`` 12.2 -> 10.7 (a Llama-3.2-1B layer 3.8 -> 2.8 ms; the output layer's prefetch
+below took it to 8.9); ``benchmarks/int4_cpu.py``'s
 decode against llama.cpp's Q4_0 went from 0.66 to 0.97 (median of the paired rounds). The
 fp32 form was bound by its arithmetic (its masks spilled); this kernel is bound by its
 reads, at 12-15 GB/s where a plain 2-thread read reaches 22-28 (the machine is shared:
@@ -43,8 +47,11 @@ as long; without the prefetch ``2048 x 2048`` took 0.27 ms instead of 0.17, ``81
 0.99 instead of 0.62. No better: the next group's rows read ahead whole two groups on or
 into L1; ``2048 x 16384``'s groups (256 KB, half the L2 with the group being read) read
 ahead row by row as wide ones (1.36 -> 1.87 ms); both halves of a line at each step (16
-accumulators, which spill): the layers 13-60% slower. Wide rows 4 or 8 strips ahead were
-within the rounds' spread of 16.
+accumulators, which spill): the layers 13-60% slower. The output layer's rows were first
+read ahead each row's line 16 strips on (32 rows at once, 64 KB apart: 4 or 8 strips on
+were no different); in chunks of 16 strips, one row after another, ``2048 x 128256`` took
+10.2 ms where that took 11.5 (medians 11.8 and 13.5), chunks of 32 9.1 (10.6), of 64 no
+better than 32; the scales read ahead too, 8.9 against 10.8 (medians 9.6 and 12.1).
 
 Loop nest::
 
@@ -54,8 +61,9 @@ Loop nest::
         for strips of 8 words
           8 accumulators <- 0
           for the group's row pairs (unrolled)
-            prefetch 1 line: the next group's rows in 4 streams (wide: 16 strips on)
+            prefetch 1 line: the next group's rows in 4 streams (wide: chunk 2 on)
             load 2 rows, interleave their halves, 8 x (mask or shift, vpmaddwd, add)
+          (wide: prefetch the scales and zero points 16 strips on)
           y_band[nibble, strip] += s * m/L * (P / 16**(j % 4 < 3 ? j % 4 : 0) - z * A)
     parallel strip                           # the bands' y summed, put in column order
       out[strip's columns] = y at each column's nibble and word
@@ -88,7 +96,8 @@ PMADDWD = "llvm.x86.avx2.pmadd.wd"
 LEVEL = 16383  # 15-bit activations: nibble 2 in place (x 256) keeps P under 2**31
 MAX_GROUP = 32
 LINE_WORDS = 16  # words of a 64-byte cache line: two strips
-PREFETCH_STRIPS = 16  # wide rows: each row's line this many strips on
+WIDE_CHUNK_STRIPS = 32  # wide rows are read ahead in chunks of this many strips
+SCALES_AHEAD_STRIPS = 16  # and their scales and zero points this many strips on
 
 assert PREFETCH_STREAMS and MAX_GROUP * 15 * 256 * LEVEL < 2**31
 
@@ -144,16 +153,19 @@ def prefetch_word(k0: Any, s: Any, step: Any, size: int, words: int, whole_group
     """The ``(row, column)`` of ``qweight`` that prefetch ``step`` (one a row pair,
     0..size/2-1) of strip ``s`` of the group at row ``k0`` reads ahead (integers or TIR
     expressions). ``whole_group``: line ``next_group_line`` of the next group's rows, which
-    are contiguous (line ``L`` is their words ``16 L .. 16 L + 15``). Otherwise the line
-    ``PREFETCH_STRIPS`` strips on of one row of the pair: a line is two strips, so an even
-    strip reads ahead the pairs' first rows and an odd one their second; past a row's end,
-    the next group's rows."""
+    are contiguous (line ``L`` is their words ``16 L .. 16 L + 15``). Otherwise (wide rows)
+    the strips, counted across groups, go in chunks of ``WIDE_CHUNK_STRIPS``; a chunk's
+    steps read ahead the lines of the chunk two on, one row after another (each row's
+    ``WIDE_CHUNK_STRIPS / 2`` lines in address order), every line once."""
     strips = words // LANES
     if whole_group:
         flat = next_group_line(step, s, strips, size // 2) * LINE_WORDS
         return k0 + size + flat // words, flat % words
-    ahead = s + PREFETCH_STRIPS
-    return k0 + size * (ahead // strips) + 2 * step + s % 2, (ahead % strips) * LANES
+    at = (k0 // size) * strips + s  # the strip, counted across groups
+    nth = (at % WIDE_CHUNK_STRIPS) * (size // 2) + step  # the chunk's n-th prefetch
+    per_row = WIDE_CHUNK_STRIPS // 2  # lines of a row in a chunk
+    target = (at // WIDE_CHUNK_STRIPS + 2) * WIDE_CHUNK_STRIPS + 2 * (nth % per_row)
+    return size * (target // strips) + nth // per_row, (target % strips) * LANES
 
 
 def avx2_gemv(
@@ -270,7 +282,7 @@ def avx2_gemv(
                     for r in T.unroll(8):
                         acc[T.ramp(r * LANES, 1, LANES)] = vec(0)
                     for i in T.unroll(pairs):
-                        if prefetch_word(k0, s, 0, size, words, whole_group_ahead)[0] < k:
+                        if prefetch_word(k0, s, i, size, words, whole_group_ahead)[0] < k:
                             T.evaluate(
                                 to_l2(
                                     qweight,
@@ -278,6 +290,14 @@ def avx2_gemv(
                                 )
                             )
                         pair_step(acc, qweight, k0 + 2 * i, s, pair_act[i])
+                    if not whole_group_ahead:
+                        # wide rows: the scales (2 lines) and zero points of the strip ahead
+                        g_on: T.let[T.int32] = g + (s + SCALES_AHEAD_STRIPS) // strips
+                        s_on: T.let[T.int32] = (s + SCALES_AHEAD_STRIPS) % strips
+                        if g_on < groups:
+                            T.evaluate(to_l2(scales, g_on, s_on * 64))
+                            T.evaluate(to_l2(scales, g_on, s_on * 64 + 32))
+                            T.evaluate(to_l2(qzeros, g_on, s_on * LANES))
                     words_z: T.let[T.int32x8] = qzeros[g, T.ramp(s * LANES, 1, LANES)]
                     sc0: T.let[T.float32x8] = T.Cast("float32x8", scales[g, T.ramp(s * 64, 1, 8)])
                     sc1: T.let[T.float32x8] = T.Cast(
