@@ -54,8 +54,12 @@ def target() -> tvm.target.Target:
 # kernel's vpdpwssd into vpmaddwd + vpaddd and schedules the byte kernel's step so that a
 # few registers are spilled (9-12 stores among its 128 vpdpbusd).
 ASM_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-# AVX2 without AVX-512 (AMD's Zen 3): the AVX2 kernel's CPU, which any AVX2 machine runs.
-AVX2_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+# AVX2 without AVX-512 (Intel's Haswell): what the AVX2 kernel's results are built for, which
+# any AVX2 machine runs. Its instruction check compiles for AMD's Zen 3, where it was
+# written and measured: with Haswell's tuning LLVM schedules the last pairs so that a few
+# accumulators are stored.
+AVX2_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+AVX2_ASM_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
 
 
 class _Layer(nn.Module):
@@ -483,10 +487,10 @@ def test_avx2_hot_loop_keeps_the_group_sums_in_registers() -> None:
     pair; up to the last pair no ymm register is stored. The strip's
     scales are converted whole and transposed by shuffles (no element inserts)."""
     sch = Int4DecodeGEMVAVX2().apply(
-        _decode_func(_fused(512, 2048, 32, "float16")), AVX2_TARGET, False
+        _decode_func(_fused(512, 2048, 32, "float16")), AVX2_ASM_TARGET, False
     )
     func = sch.mod["main"].with_attr("global_symbol", "main")
-    asm = tvm.tirx.build(tvm.IRModule({"main": func}), target=AVX2_TARGET).inspect_source("asm")
+    asm = tvm.tirx.build(tvm.IRModule({"main": func}), target=AVX2_ASM_TARGET).inspect_source("asm")
     assert len(re.findall(r"\bvpmaddwd\b", asm)) == 128
     assert len(re.findall(r"\bprefetcht1\b", asm)) == 16
     # (LLVM starts the fold among the last pair's dot products: up to there)
