@@ -519,8 +519,8 @@ def test_avx2_prefetch_reads_the_next_group_once_in_forward_streams(size: int, w
             issued.append((row * words + col) // 16)
     first = (k0 + size) * words // 16
     assert sorted(issued) == list(range(first, first + size * words // 16))
-    per = pairs // int4_gemv_avx2.PREFETCH_STREAMS
-    for j in range(int4_gemv_avx2.PREFETCH_STREAMS):
+    per = pairs // PREFETCH_STREAMS
+    for j in range(PREFETCH_STREAMS):
         stream = [
             issued[s * pairs + step]
             for s in range(strips)

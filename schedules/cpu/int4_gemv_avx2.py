@@ -88,7 +88,7 @@ from .int4_gemv_vnni import (
     round_group,
     with_gemv_signature,
 )
-from .int4_gemv_vnni_bytes import PREFETCH_STREAMS, WHOLE_GROUP_AHEAD_BYTES, next_group_line
+from .int4_gemv_vnni_bytes import WHOLE_GROUP_AHEAD_BYTES, next_group_line
 from .matmul_kn import CPURule
 
 LANES = 8  # int32 lanes of an AVX2 register: 8 word columns
@@ -99,10 +99,11 @@ LINE_WORDS = 16  # words of a 64-byte cache line: two strips
 WIDE_CHUNK_STRIPS = 32  # wide rows are read ahead in chunks of this many strips
 SCALES_AHEAD_STRIPS = 16  # and their scales and zero points this many strips on
 
-assert PREFETCH_STREAMS and MAX_GROUP * 15 * 256 * LEVEL < 2**31
+assert MAX_GROUP * 15 * 256 * LEVEL < 2**31
 
 
 def has_avx2(target: Target) -> bool:
+    """Whether ``target`` has AVX2 (256-bit ``vpmaddwd``)."""
     return target_has_features("avx2", target)
 
 
