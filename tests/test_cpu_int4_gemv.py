@@ -406,26 +406,30 @@ def test_vnni_bytes_scales_ahead_are_those_of_the_rows_read_ahead(strips: int) -
                     assert scales_ahead(g, p, s, strips, passes) == (row // size, col // LANES)
 
 
+def _prefetches(k: int, n: int, target: tvm.target.Target) -> dict[str, list[str]]:
+    """The fp16 decode GEMV of a ``k x n`` weight (groups of 32 rows) scheduled by
+    ``cpu_rules()`` for ``target``: the indices its prefetches read per buffer, its
+    ``g_on``/``s_on`` lets and the guards on ``g_on``, from its TIR."""
+    mod = _fused(k, n, 32, "float16")
+    with target:
+        mod = dl.ApplyDefaultSchedule(*_rules(integer=True))(mod)
+    text = _decode_func(mod).script()
+    calls = re.findall(r"llvm\.prefetch[^,]*, T\.address_of\((\w+)\[([^\]]*)\]\)", text)
+    lets = re.findall(r"((?:g|s)_on): T\.let\[T\.int32\] = (.*)", text)
+    found: dict[str, list[str]] = {"lets": [f"{name} = {value}" for name, value in lets]}
+    found["guards"] = re.findall(r"if (g_on < .*):", text)
+    for buf, index in calls:
+        found.setdefault(buf, []).append(index)
+    return found
+
+
 def test_vnni_bytes_wide_groups_read_their_scales_and_zero_points_ahead_with_their_words() -> None:
     """Wide groups (an output layer's) prefetch, at each strip, the scales and zero points
     of ``scales_ahead``'s group and strip: those of the rows whose words the strip
     prefetches. Groups read ahead whole do not (their scales were not slower to read).
     Scheduled for a named VNNI CPU, so that any machine runs it."""
 
-    def prefetches(k: int, n: int) -> dict[str, list[str]]:
-        mod = _fused(k, n, 32, "float16")
-        with ASM_TARGET:
-            mod = dl.ApplyDefaultSchedule(*_rules(integer=True))(mod)
-        text = _decode_func(mod).script()
-        calls = re.findall(r"llvm\.prefetch[^,]*, T\.address_of\((\w+)\[([^\]]*)\]\)", text)
-        lets = re.findall(r"((?:g|s)_on): T\.let\[T\.int32\] = (.*)", text)
-        found: dict[str, list[str]] = {"lets": [f"{name} = {value}" for name, value in lets]}
-        found["guards"] = re.findall(r"if (g_on < .*):", text)
-        for buf, index in calls:
-            found.setdefault(buf, []).append(index)
-        return found
-
-    wide = prefetches(128, 132 * 128)  # 32 rows of 66 KB: over 256 KB
+    wide = _prefetches(128, 132 * 128, ASM_TARGET)  # 32 rows of 66 KB: over 256 KB
     assert wide["scales"] == ["g_on, s_on * 128 + 32 * i"]
     assert wide["qzeros"] == ["g_on, s_on * 16"]
     assert wide["lets"] == [
@@ -433,7 +437,7 @@ def test_vnni_bytes_wide_groups_read_their_scales_and_zero_points_ahead_with_the
         f"s_on = (s + {PREFETCH_STRIPS}) % 132",
     ]
     assert wide["guards"] == ["g_on < 4"]  # K / 32 groups: none past the last
-    narrow = prefetches(256, 16 * 128)  # 32 rows of 1 KB: the next group read ahead whole
+    narrow = _prefetches(256, 16 * 128, ASM_TARGET)  # 32 rows of 1 KB: read ahead whole
     assert narrow["qweight"] and "scales" not in narrow and "qzeros" not in narrow
 
 
@@ -442,9 +446,9 @@ _AVX2 = target_has_features(
 )
 needs_avx2 = pytest.mark.skipif(not _AVX2, reason="this CPU has no AVX2")
 
-# (K, N, group): rows read ahead whole; 16 KB rows; groups over 256 KB (each row's line
-# read ahead 16 strips on, past a row's end the next group's); a tall one; groups of 16
-# rows and 40 words (5 strips: an odd count, rows not whole lines).
+# (K, N, group): rows read ahead whole; 16 KB rows; groups over 256 KB (read ahead in
+# chunks of strips, across groups); a tall one; groups of 16 rows and 40 words (5 strips:
+# an odd count, rows not whole lines).
 AVX2_CASES = [(512, 2048, 32), (256, 8192, 32), (128, 16896, 32), (2048, 256, 32), (192, 320, 16)]
 
 
@@ -484,8 +488,8 @@ def test_avx2_gemv_takes_fp16_groups_of_up_to_32_rows_on_avx2_without_vnni() -> 
 def test_avx2_hot_loop_keeps_the_group_sums_in_registers() -> None:
     """The AVX2 kernel's strip loop holds a whole group of 32 rows: 16 row pairs, each 8
     ``vpmaddwd`` into the 8 accumulators (128, once in the function), with one prefetch a
-    pair; up to the last pair no ymm register is stored. The strip's
-    scales are converted whole and transposed by shuffles (no element inserts)."""
+    pair; up to the last pair no ymm register is stored. The strip's scales are converted
+    whole and transposed by shuffles (no element inserts)."""
     sch = Int4DecodeGEMVAVX2().apply(
         _decode_func(_fused(512, 2048, 32, "float16")), AVX2_ASM_TARGET, False
     )
@@ -567,23 +571,10 @@ def test_avx2_wide_groups_read_their_scales_and_zero_points_ahead() -> None:
     group's, none past the last group; groups read ahead whole do not."""
     ahead = int4_gemv_avx2.SCALES_AHEAD_STRIPS
 
-    def prefetches(k: int, n: int) -> dict[str, list[str]]:
-        mod = _fused(k, n, 32, "float16")
-        with AVX2_TARGET:
-            mod = dl.ApplyDefaultSchedule(*_rules(integer=True))(mod)
-        text = _decode_func(mod).script()
-        calls = re.findall(r"llvm\.prefetch[^,]*, T\.address_of\((\w+)\[([^\]]*)\]\)", text)
-        lets = re.findall(r"((?:g|s)_on): T\.let\[T\.int32\] = (.*)", text)
-        found: dict[str, list[str]] = {"lets": [f"{name} = {value}" for name, value in lets]}
-        found["guards"] = re.findall(r"if (g_on < .*):", text)
-        for buf, index in calls:
-            found.setdefault(buf, []).append(index)
-        return found
-
-    wide = prefetches(128, 264 * 64)  # 32 rows of 66 KB: over 256 KB
+    wide = _prefetches(128, 264 * 64, AVX2_TARGET)  # 32 rows of 66 KB: over 256 KB
     assert wide["scales"] == ["g_on, s_on * 64", "g_on, s_on * 64 + 32"]
     assert wide["qzeros"] == ["g_on, s_on * 8"]
     assert wide["lets"] == [f"g_on = g + (s + {ahead}) // 264", f"s_on = (s + {ahead}) % 264"]
     assert wide["guards"] == ["g_on < 4"]
-    narrow = prefetches(256, 16 * 128)  # 32 rows of 1 KB: the next group read ahead whole
+    narrow = _prefetches(256, 16 * 128, AVX2_TARGET)  # 32 rows of 1 KB: read ahead whole
     assert narrow["qweight"] and "scales" not in narrow and "qzeros" not in narrow

@@ -88,7 +88,7 @@ from .int4_gemv_vnni import (
     round_group,
     with_gemv_signature,
 )
-from .int4_gemv_vnni_bytes import WHOLE_GROUP_AHEAD_BYTES, next_group_line
+from .int4_gemv_vnni_bytes import WHOLE_GROUP_AHEAD_BYTES, next_group_line, to_l2
 from .matmul_kn import CPURule
 
 LANES = 8  # int32 lanes of an AVX2 register: 8 word columns
@@ -181,10 +181,6 @@ def avx2_gemv(
 
     def vec(c: int) -> tirx.PrimExpr:
         return T.broadcast(T.int32(c), LANES)
-
-    def to_l2(buf: tirx.Buffer, row: Any, col: Any) -> tirx.PrimExpr:
-        # read (0), keep in L2 (2), data (1)
-        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), 0, 2, 1)
 
     def dot(acc: tirx.PrimExpr, halves: tirx.PrimExpr, j: int, pair: tirx.PrimExpr) -> Any:
         if j < 3:

@@ -170,6 +170,11 @@ def _unpack(a: tirx.PrimExpr, b: tirx.PrimExpr, bits: int, high: int) -> tirx.Pr
     return T.reinterpret("int32x16", tirx.Shuffle(both, indices))
 
 
+def to_l2(buf: tirx.Buffer, row: Any, col: Any) -> tirx.PrimExpr:
+    """A prefetch of ``buf[row, col]``'s line into L2: read (0), keep in L2 (2), data (1)."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), 0, 2, 1)
+
+
 def prefetch_word(k0: Any, s: Any, step: Any, size: int, strips: int, whole_group: bool) -> Any:
     """The ``(row, column)`` of ``qweight`` that prefetch ``step`` (0..size-1) of strip
     ``s`` of the group at row ``k0`` reads ahead (integers or TIR expressions).
@@ -230,10 +235,6 @@ def vnni_bytes_gemv(
     passes = size // rows
 
     # Prefetches see each pass's rows as a group (its rows, the next pass's rows ahead).
-    def to_l2(buf: tirx.Buffer, row: Any, col: Any) -> tirx.PrimExpr:
-        # read (0), keep in L2 (2), data (1)
-        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), 0, 2, 1)
-
     def prefetch(qweight: tirx.Buffer, k0: Any, s: Any, step: Any) -> tirx.PrimExpr:
         return to_l2(qweight, *prefetch_word(k0, s, step, rows, strips, whole_group_ahead))
 
