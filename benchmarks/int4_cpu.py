@@ -213,9 +213,10 @@ def llama_cpp_system_info() -> str:
     return " ".join(f.strip() for f in info.split("|") if f.strip().endswith("= 1"))
 
 
-def _int4_gemv(k: int, n: int, group: int, target: Any) -> Any:
-    """A relax VM whose ``decode`` is ``[1, 1, K] x`` a 4-bit ``[K, N]`` weight (fp16), built
-    like the model's layers (FuseInt4Matmul, the CPU rules, shape functions noalias)."""
+def _int4_gemv(k: int, n: int, layout: Any, target: Any) -> Any:
+    """A relax VM whose ``decode`` is ``[1, 1, K] x`` a 4-bit ``[K, N]`` weight (fp16) stored
+    in ``layout``, built like the model's layers (FuseInt4Matmul, the CPU rules, shape
+    functions noalias)."""
     import tvm
     from mlc_edge.schedules.cpu import cpu_rules
     from tvm import relax
@@ -225,11 +226,11 @@ def _int4_gemv(k: int, n: int, group: int, target: Any) -> Any:
 
     from mlc_edge.compiler.build import fuse_into_tir
     from mlc_edge.compiler.passes import MarkShapeFuncsNoAlias
-    from mlc_edge.quantization.int4 import Int4KNLinear, Int4Layout
+    from mlc_edge.quantization.int4 import Int4KNLinear
 
     class Layer(nn.Module):
         def __init__(self) -> None:
-            self.lin = Int4KNLinear(k, n, False, "float16", Int4Layout(group))
+            self.lin = Int4KNLinear(k, n, False, "float16", layout)
 
         def decode(self, x: nn.Tensor) -> nn.Tensor:
             return self.lin(x)
@@ -252,9 +253,13 @@ def _int4_gemv(k: int, n: int, group: int, target: Any) -> Any:
 def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float]:
     """Seconds per call of one layer's 4-bit GEMVs (group 32), of the tied fp16 lm_head
     GEMV (MatmulNK, q4f16t-hf) and of the 4-bit lm_head (q4f16t), weights cycled through
-    copies larger than ``cold_bytes``."""
+    copies larger than ``cold_bytes``; the 4-bit weights in the layout the model's are (CPU
+    tiles where this CPU's kernel reads them so)."""
     import tvm
+    from mlc_edge.schedules.cpu.int4_gemv_avx2 import reads_tiles
     from tvm.target.codegen import llvm_get_system_cpu
+
+    from mlc_edge.quantization.int4 import PART_NAMES, Int4Layout
 
     c = LLAMA_3_2_1B
     hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
@@ -266,6 +271,7 @@ def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float
     x = tvm.runtime.tensor(np.zeros((1, 1, hidden), np.float16), dev)
     times: dict[str, float] = {}
     group = 32
+    layout = Int4Layout(group, tiles=reads_tiles(target, group, "float16"))
     for name, (k, n) in {
         "layer.qkv": (hidden, qkv),
         "layer.o": (hidden, hidden),
@@ -273,12 +279,14 @@ def decode_split(threads: int, cold_bytes: int = 256 * 2**20) -> dict[str, float
         "layer.down": (inter, hidden),
         "lm_head_int4": (hidden, vocab),
     }.items():
-        f = _int4_gemv(k, n, group, target)["decode"]
+        f = _int4_gemv(k, n, layout, target)["decode"]
         xk = x if k == hidden else tvm.runtime.tensor(np.zeros((1, 1, k), np.float16), dev)
-        shapes = [(k, n // 8, "int32"), (k // group, n // 8, "int32"), (k // group, n, "float16")]
-        nbytes = sum(a * b * np.dtype(d).itemsize for a, b, d in shapes)
+        stored = layout.shapes(k, n)
+        dtypes = ("int32", "int32", "float16")
+        shapes = [(stored[p], d) for p, d in zip(PART_NAMES, dtypes, strict=True)]
+        nbytes = sum(int(np.prod(shape)) * np.dtype(d).itemsize for shape, d in shapes)
         copies = [
-            [tvm.runtime.tensor(np.zeros((a, b), d), dev) for a, b, d in shapes]
+            [tvm.runtime.tensor(np.zeros(shape, d), dev) for shape, d in shapes]
             for _ in range(max(1, cold_bytes // nbytes))
         ]
         times[name] = min(

@@ -155,3 +155,28 @@ def run_verify_json(capsys, *args: str) -> tuple[int, dict]:
         code = int(e.code or 0)
     out = capsys.readouterr().out
     return code, json.loads(out.strip().splitlines()[-1])
+
+
+def rows_of_tiles(tiles: np.ndarray) -> np.ndarray:
+    """A ``qweight`` stored in CPU tiles ``[K/g, W/8, g * 8]`` back in rows ``[K, W]``,
+    tile by tile (written apart from ``mlc_edge.quantization.int4.untile_qweight``): tile
+    ``[t, u]`` holds words ``8u .. 8u + 7`` of rows ``t g .. t g + g - 1``, row after row."""
+    groups, strips, span = tiles.shape
+    size = span // 8
+    rows = np.empty((groups * size, strips * 8), dtype=tiles.dtype)
+    for t in range(groups):
+        for u in range(strips):
+            rows[t * size : (t + 1) * size, 8 * u : 8 * u + 8] = tiles[t, u].reshape(size, 8)
+    return rows
+
+
+def load_cache_rows(bundle: Path) -> dict[str, np.ndarray]:
+    """A bundle's tensors (``load_tensor_cache``), every 4-bit ``qweight`` in rows: a CPU
+    build on an AVX2 machine without VNNI stores them in tiles."""
+    from mlc_edge.convert.tensor_cache import load_tensor_cache
+
+    cache = load_tensor_cache(bundle)
+    return {
+        name: rows_of_tiles(a) if ".qweight" in name and a.ndim == 3 else a
+        for name, a in cache.items()
+    }

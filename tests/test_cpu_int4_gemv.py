@@ -37,6 +37,7 @@ from mlc_edge.quantization.int4 import (
     Int4Layout,
     dequantize,
     quantize_rtn,
+    tile_qweight,
     unpack_int4,
 )
 
@@ -63,8 +64,8 @@ AVX2_ASM_TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-core
 
 
 class _Layer(nn.Module):
-    def __init__(self, k: int, n: int, group: int, dtype: str):
-        self.lin = Int4KNLinear(k, n, False, dtype, Int4Layout(group))
+    def __init__(self, k: int, n: int, group: int, dtype: str, tiles: bool = False):
+        self.lin = Int4KNLinear(k, n, False, dtype, Int4Layout(group, tiles=tiles))
 
     def decode(self, x: nn.Tensor) -> nn.Tensor:
         return self.lin(x)
@@ -75,8 +76,8 @@ class _Layer(nn.Module):
 KINDS = {"decode": [1, 1], "prefill": [1, "seq_len"], "batch": ["batch_size", 1]}
 
 
-def _fused(k: int, n: int, group: int, dtype: str) -> tvm.IRModule:
-    model = _Layer(k, n, group, dtype)
+def _fused(k: int, n: int, group: int, dtype: str, tiles: bool = False) -> tvm.IRModule:
+    model = _Layer(k, n, group, dtype, tiles)
     model.to(dtype)
     plain = {"param_mode": "plain", "effect_mode": "none"}
     mod, _ = model.export_tvm(
@@ -187,14 +188,16 @@ def test_matches_numpy_on_the_dequantized_weight(
 class _Built:
     """A compiled decode function and its weights: ``run(x)`` is its result in numpy."""
 
-    def __init__(self, scheduled: tvm.IRModule, target, stored: dict[str, np.ndarray]):
+    def __init__(self, scheduled: tvm.IRModule, target, stored: dict[str, np.ndarray], tiles: bool):
         self.script = scheduled.script()
         ex = tvm.compile(
             scheduled, target=target, relax_pipeline=relax.get_pipeline("default_build")
         )
         self.vm = relax.VirtualMachine(ex, tvm.cpu())
+        group = stored["qweight"].shape[0] // stored["qzeros"].shape[0]
+        qweight = tile_qweight(stored["qweight"], group) if tiles else stored["qweight"]
         self.params = [
-            tvm.runtime.tensor(stored[p], tvm.cpu()) for p in ("qweight", "qzeros", "scales")
+            tvm.runtime.tensor(a, tvm.cpu()) for a in (qweight, stored["qzeros"], stored["scales"])
         ]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -202,9 +205,11 @@ class _Built:
 
 
 def _build_and_inputs(
-    k: int, n: int, group: int, dtype: str, target, integer: bool
+    k: int, n: int, group: int, dtype: str, target, integer: bool, tiles: bool = False
 ) -> tuple[_Built, np.ndarray, dict[str, np.ndarray]]:
-    mod = _fused(k, n, group, dtype)
+    """The decode GEMV built through the rules, an input row and the weights (in rows;
+    passed to the kernel in CPU tiles with ``tiles``)."""
+    mod = _fused(k, n, group, dtype, tiles)
     with target:
         scheduled = dl.ApplyDefaultSchedule(*_rules(integer))(mod)
     rng = np.random.default_rng(7)
@@ -213,7 +218,7 @@ def _build_and_inputs(
     stored = quantize_rtn(w.astype(np.float32), group, dtype)
     assert len(np.unique(stored["qzeros"].view(np.uint32) & 0xF)) > 4
     x = rng.standard_normal((1, 1, k)).astype(dtype)
-    return _Built(scheduled, target, stored), x, stored
+    return _Built(scheduled, target, stored, tiles), x, stored
 
 
 _VNNI = has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()}))
@@ -453,17 +458,21 @@ AVX2_CASES = [(512, 2048, 32), (256, 8192, 32), (128, 16896, 32), (2048, 256, 32
 
 
 @needs_avx2
+@pytest.mark.parametrize("tiles", [False, True], ids=["rows", "tiles"])
 @pytest.mark.parametrize(
     ("k", "n", "group"), AVX2_CASES, ids=[f"K{k}_N{n}_g{g}" for k, n, g in AVX2_CASES]
 )
 def test_avx2_gemv_matches_its_rounding_and_stays_within_its_bound(
-    k: int, n: int, group: int
+    k: int, n: int, group: int, tiles: bool
 ) -> None:
     """Built through ``cpu_rules()`` for an AVX2 CPU without VNNI, an fp16 decode GEMV is
-    the AVX2 kernel (``vpmaddwd``), with the byte kernel's 15-bit activations; its result
-    passes ``_check_integer_gemv``. (Planted: nibble 2 left unscaled, or a strip's scales
-    transposed into the wrong nibbles, fail it.)"""
-    run, x, stored = _build_and_inputs(k, n, group, "float16", AVX2_TARGET, integer=True)
+    the AVX2 kernel (``vpmaddwd``), with the byte kernel's 15-bit activations, reading
+    ``qweight`` in rows or in CPU tiles; its result passes ``_check_integer_gemv``.
+    (Planted: nibble 2 left unscaled, a strip's scales transposed into the wrong nibbles,
+    or a tile's rows read in the wrong order, fail it.)"""
+    run, x, stored = _build_and_inputs(
+        k, n, group, "float16", AVX2_TARGET, integer=True, tiles=tiles
+    )
     assert "llvm.x86.avx2.pmadd.wd" in run.script and "group_part" not in run.script
     _check_integer_gemv(run, x, stored, group, int4_gemv_avx2.LEVEL)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compile_bundle, one_error_line
+from helpers import compile_bundle, load_cache_rows, one_error_line
 from tiny_models import make_model
 
 from mlc_edge.checkpoint.gguf_file import GGUFFile, find_gguf
@@ -274,11 +274,10 @@ def _cache_weights(
     weights (``rows``: each one's output rows) by the family's weight map."""
     from mlc_edge.checkpoint.gguf_file import read_config
     from mlc_edge.config import ModelSpec
-    from mlc_edge.convert.tensor_cache import load_tensor_cache
     from mlc_edge.models import find_family
     from mlc_edge.quantization.int4 import dequantize
 
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     hf_config = read_config(gguf_path)
     family = find_family(hf_config)
     runtime = {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 64}
@@ -302,8 +301,6 @@ def test_q4_0_blocks_become_q4f16t_with_their_values(q4_0_llama, scheme, tmp_pat
     """Q4_0 is (q - 8) * d per 32 values along a row: our layout with group 32, zero 8
     and scale d. The converted layers dequantize bit for bit to gguf's own dequantization
     of the file's blocks, q/k rows back in Hugging Face order; the fp16 scales are d."""
-    from mlc_edge.convert.tensor_cache import load_tensor_cache
-
     _, path, expected = q4_0_llama
     capsys.readouterr()
     main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", scheme])
@@ -312,7 +309,7 @@ def test_q4_0_blocks_become_q4f16t_with_their_values(q4_0_llama, scheme, tmp_pat
     assert sorted(ours) == sorted(expected)
     for name, w in expected.items():
         assert ours[name].tobytes() == w.astype(np.float32).tobytes(), name
-    cache = load_tensor_cache(tmp_path / "b")
+    cache = load_cache_rows(tmp_path / "b")
     zeros = cache["model.layers.0.mlp.down_proj.qzeros"].view(np.uint32)
     assert (zeros == 0x88888888).all()
     want = {"q4f16t-hf": "float16", "q4f32t-hf": "float32"}[scheme]

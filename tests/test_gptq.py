@@ -15,13 +15,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_matches_fp32, compile_bundle, one_error_line, prompt_ids
+from helpers import assert_matches_fp32, compile_bundle, load_cache_rows, one_error_line, prompt_ids
 from safetensors.numpy import save_file
 from test_int4 import AWQ_LINEARS, awq_unpack
 from tiny_models import make_llama
 
 from mlc_edge.cli import main
-from mlc_edge.convert.tensor_cache import load_tensor_cache
 from mlc_edge.runtime import Engine
 
 GPTQ_CONFIG = {
@@ -113,7 +112,7 @@ def gptq_checkpoint(tmp_path_factory):
 def test_gptq_checkpoint_runs_with_its_numbers_unchanged(gptq_checkpoint):
     reference, numbers, tensors, path = gptq_checkpoint
     bundle = compile_bundle(path, path.parent / "gptq-q4f32t-hf", "--quantization", "q4f32t-hf")
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     layer = "model.layers.1"
     # The same integers in our packing: o_proj alone, q/k/v side by side; v1's zero + 1.
     q, z = numbers[f"{layer}.self_attn.o_proj"]
@@ -142,7 +141,7 @@ def test_gptq_v2_zero_points_are_taken_as_stored(tmp_path):
     main(
         ["convert", str(tmp_path / "v2"), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-hf"]
     )
-    cache = load_tensor_cache(tmp_path / "b")
+    cache = load_cache_rows(tmp_path / "b")
     _, z = numbers["model.layers.0.mlp.down_proj"]
     np.testing.assert_array_equal(awq_unpack(cache["model.layers.0.mlp.down_proj.qzeros"]), z)
 

@@ -13,15 +13,19 @@ import json
 import numpy as np
 import pytest
 import torch
+import tvm
 from helpers import (
     assert_matches_fp32,
     compile_bundle,
     greedy_compare,
+    load_cache_rows,
     one_error_line,
     prompt_ids,
+    rows_of_tiles,
     top2_margins,
 )
 from tiny_models import make_llama, make_model
+from tvm.target.codegen import llvm_get_system_cpu, target_has_features
 
 from mlc_edge.cli import main
 from mlc_edge.config import ModelSpec
@@ -34,6 +38,9 @@ from mlc_edge.quantization.int4 import dequantize, pack_int4, quantize_rtn, unpa
 from mlc_edge.runtime import Engine
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i <- column ORDER[i]
+_HAS_AVX2 = target_has_features(
+    "avx2", tvm.target.Target({"kind": "llvm", "mcpu": llvm_get_system_cpu()})
+)
 
 
 def awq_pack(values: np.ndarray) -> np.ndarray:
@@ -112,7 +119,7 @@ def _hf_weights_from_bundle(bundle, model, group: int) -> dict[str, torch.Tensor
     layer split back into its checkpoint parts by the family's weight map."""
     from mlc_edge.models import find_family
 
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     hf_config = json.loads((bundle / "mlc-chat-config.json").read_text())["model_config"]
     family = find_family(hf_config)
     mapping = family.weight_map(family.config_class.from_hf(hf_config, RuntimeSizes(1, 16, 64)))
@@ -154,7 +161,7 @@ def _load_into(model, state: dict[str, torch.Tensor]):
 def test_q4f32t_matches_transformers_on_the_dequantized_weights(tiny_llama):
     model, path = tiny_llama
     bundle = compile_bundle(path / "hf", path / "q4f32t-hf", "--quantization", "q4f32t-hf")
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     assert cache["model.layers.0.self_attn.qkv_proj.qweight"].dtype == np.int32
     assert cache["lm_head.weight"].dtype == np.float32  # the output layer stays float
     assert "model.layers.0.self_attn.qkv_proj.weight" not in cache
@@ -185,7 +192,7 @@ def test_q4f32t_other_families_match_transformers(tmp_path, family, overrides):
 def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
     model, path = tiny_llama
     bundle = compile_bundle(path / "hf", path / "q4f16t-hf", "--quantization", "q4f16t-hf")
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     assert cache["model.layers.0.mlp.down_proj.scales"].dtype == np.float16
     reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
     ids = prompt_ids(model.config.vocab_size, seed=1)
@@ -193,6 +200,97 @@ def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
     decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
     assert len(decisive) >= len(theirs) - 2
     assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+
+
+def _tiles_forced(monkeypatch, tiles: bool) -> None:
+    """The CPU target stores 4-bit weights in tiles (or rows) whatever this CPU is."""
+    from mlc_edge.compiler.targets import CpuTarget
+
+    monkeypatch.setattr(CpuTarget, "reads_int4_tiles", lambda self, scheme: tiles)
+
+
+@pytest.mark.skipif(not _HAS_AVX2, reason="the tiles' kernel needs AVX2")
+def test_q4f16t_in_cpu_tiles_holds_the_same_words_and_runs(tiny_llama, monkeypatch, capsys):
+    """A CPU bundle with its qweights in tiles: the words of the bundle in rows, reordered
+    (checked by the tests' own tile reader), the layout recorded in the chat config, and the
+    compiled model (the AVX2 kernel reading tiles, prefill through the inlined
+    dequantization) matches transformers' greedy tokens on decisive steps."""
+    model, path = tiny_llama
+    _tiles_forced(monkeypatch, False)
+    rows = compile_bundle(path / "hf", path / "q4f16t-rows", "--quantization", "q4f16t")
+    _tiles_forced(monkeypatch, True)
+    tiled = compile_bundle(path / "hf", path / "q4f16t-tiles", "--quantization", "q4f16t")
+    stored_rows, stored_tiles = load_tensor_cache(rows), load_tensor_cache(tiled)
+    qweights = [n for n in stored_rows if n.endswith(".qweight")]
+    assert qweights and sorted(stored_rows) == sorted(stored_tiles)
+    for name in qweights:
+        assert stored_rows[name].ndim == 2 and stored_tiles[name].ndim == 3, name
+        np.testing.assert_array_equal(rows_of_tiles(stored_tiles[name]), stored_rows[name])
+    chat = json.loads((tiled / "mlc-chat-config.json").read_text())
+    assert chat["model_config"]["int4_cpu_tiles"] is True
+    assert (
+        "int4_cpu_tiles"
+        not in json.loads((rows / "mlc-chat-config.json").read_text())["model_config"]
+    )
+    reference = _load_into(model, _hf_weights_from_bundle(tiled, model, 32))
+    ids = prompt_ids(model.config.vocab_size, seed=1)
+    ours, theirs, _ = greedy_compare(Engine(tiled), reference, ids)
+    decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
+    assert len(decisive) >= len(theirs) - 2
+    assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+    # Its library is rebuilt in tiles; a phone's kernels read rows: one line.
+    main(["compile", str(tiled), "--target", "cpu", "--model-lib", "again", "--json"])
+    assert (tiled / "lib" / "again.so").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["compile", str(tiled), "--target", "android-opencl", "--model-lib", "phone"])
+    one_error_line(capsys.readouterr().err, "CPU tiles", "android-opencl")
+    assert not list((tiled / "lib").glob("phone*"))
+
+
+def test_which_cpus_store_4bit_weights_in_tiles():
+    """Tiles where the AVX2 kernel serves the layer: fp16 groups of 16 or 32 on an AVX2
+    CPU without VNNI; rows for VNNI CPUs, other CPUs, fp32 compute and groups of 128, and
+    for every GPU target."""
+    from mlc_edge.schedules.cpu.int4_gemv_avx2 import reads_tiles
+
+    from mlc_edge.compiler.build import spec_for_target
+    from mlc_edge.compiler.targets import CpuTarget, get_target
+
+    def cpu(mcpu: str, mtriple: str = "x86_64-linux-gnu") -> tvm.target.Target:
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mtriple": mtriple})
+
+    assert reads_tiles(cpu("znver3"), 32, "float16")
+    assert reads_tiles(cpu("haswell"), 16, "float16")
+    assert not reads_tiles(cpu("icelake-server"), 32, "float16")  # VNNI: its kernels
+    assert not reads_tiles(cpu("znver3"), 128, "float16")
+    assert not reads_tiles(cpu("znver3"), 32, "float32")
+    assert not reads_tiles(cpu("cortex-a76", "aarch64-linux-gnu"), 32, "float16")
+
+    sizes = {"max_batch_size": 1, "prefill_chunk_size": 16, "context_window_size": 64}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "vocab_size": 256,
+        "rms_norm_eps": 1e-5,
+    }
+    host = CpuTarget(name="cpu", description="")
+    for scheme, tiled in (("q4f16t", True), ("q4f32t", False), ("q0f16t", False)):
+        spec = ModelSpec.create(config, scheme, sizes)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(CpuTarget, "tvm_target", lambda self: cpu("znver3"))
+            built = spec_for_target(spec, host)
+        layout = built.scheme.int4_layout
+        assert (layout is not None and layout.tiles) == tiled, scheme
+        qweights = [shape for name, shape, _ in parameter_list(built) if "qweight" in name]
+        assert all(len(shape) == (3 if tiled else 2) for shape in qweights), scheme
+    phone = spec_for_target(ModelSpec.create(config, "q4f16t", sizes), get_target("android-opencl"))
+    assert not phone.scheme.int4_layout.tiles
 
 
 @pytest.mark.parametrize(
@@ -476,7 +574,7 @@ def awq_checkpoint(tiny_llama):
 def test_awq_checkpoint_runs_with_its_bits_unchanged(awq_checkpoint):
     reference, tensors, path = awq_checkpoint
     bundle = compile_bundle(path, path.parent / "awq-q4f32t-hf", "--quantization", "q4f32t-hf")
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     layer = "model.layers.1"
     # The bits as they are: o_proj's words byte for byte, q/k/v's side by side.
     assert cache[f"{layer}.self_attn.o_proj.qweight"].tobytes() == (
@@ -499,7 +597,7 @@ def test_awq_fp16_scales_are_stored_unchanged(awq_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t-hf"])
     assert "output layer" not in capsys.readouterr().err
-    cache = load_tensor_cache(tmp_path / "b")
+    cache = load_cache_rows(tmp_path / "b")
     name = "model.layers.0.mlp.gate_up_proj"
     for part in ("qweight", "qzeros", "scales"):
         joined = np.concatenate(

@@ -13,14 +13,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_matches_fp32, compile_bundle, greedy_compare, prompt_ids, top2_margins
+from helpers import (
+    assert_matches_fp32,
+    compile_bundle,
+    greedy_compare,
+    load_cache_rows,
+    prompt_ids,
+    top2_margins,
+)
 from model_shapes import LLAMA_3_2_1B
 from test_int4 import _hf_weights_from_bundle, _load_into, reference_dequantize
 from tiny_models import make_llama, make_model
 
 from mlc_edge.compiler.targets import TARGETS
 from mlc_edge.config import ModelSpec
-from mlc_edge.convert.tensor_cache import load_tensor_cache
 from mlc_edge.memory.plan import records_from_metadata, weight_breakdown
 from mlc_edge.memory.sources import tensor_cache_records
 from mlc_edge.models.parameters import parameter_list
@@ -44,7 +50,7 @@ def _reference(model, bundle, group: int = 32):
     output layer the dequantized 4-bit head (a tied model is untied for it: its embedding
     keeps the checkpoint's table, as the bundle's does)."""
     reference = _load_into(model, _hf_weights_from_bundle(bundle, model, group))
-    head = reference_dequantize(load_tensor_cache(bundle), "lm_head", group)  # [out, in]
+    head = reference_dequantize(load_cache_rows(bundle), "lm_head", group)  # [out, in]
     reference.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(head)))
     reference.config.tie_word_embeddings = False
     return reference
@@ -52,7 +58,7 @@ def _reference(model, bundle, group: int = 32):
 
 def test_q4f32t_matches_transformers_on_the_dequantized_head(llama):
     model, _, bundle = llama
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     assert cache["lm_head.qweight"].dtype == np.int32 and "lm_head.weight" not in cache
     # The lookup table is the checkpoint's, unquantized.
     np.testing.assert_array_equal(
@@ -73,7 +79,7 @@ def test_q4f32t_matches_transformers_on_the_dequantized_head(llama):
 def test_q4f16t_greedy_tokens_match_on_decisive_steps(tmp_path):
     model = make_llama(tmp_path / "hf", tie_word_embeddings=True)
     bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t")
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     assert cache["lm_head.scales"].dtype == np.float16
     assert cache["model.embed_tokens.weight"].dtype == np.float16
     reference = _reference(model, bundle)
@@ -97,7 +103,7 @@ def test_a_tied_phi_keeps_its_head_bias_beside_the_4bit_copy(tmp_path):
     )
     assert model.lm_head.bias is not None
     bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f32t")
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     np.testing.assert_array_equal(cache["lm_head_bias"], model.lm_head.bias.detach().numpy())
     reference = _reference(model, bundle)
     ids = prompt_ids(model.config.vocab_size)
@@ -109,7 +115,7 @@ def test_tensor_cache_holds_what_the_memory_plan_predicts(llama):
     hf_config = json.loads((path / "hf" / "config.json").read_text())
     spec = ModelSpec.create(hf_config, "q4f32t", SIZES)
     declared = parameter_list(spec)
-    cache = load_tensor_cache(bundle)
+    cache = load_cache_rows(bundle)
     assert [(n, tuple(a.shape), str(a.dtype)) for n, a in cache.items()] == [
         (n, s, str(d)) for n, s, d in declared
     ]
@@ -162,7 +168,7 @@ def test_split_4bit_head_computes_what_the_whole_one_does(llama, tmp_path):
         split = compile_bundle(
             path / "hf", tmp_path / "split", "--target", "cpu", "--quantization", "q4f32t"
         )
-    whole_cache, split_cache = load_tensor_cache(whole), load_tensor_cache(split)
+    whole_cache, split_cache = load_cache_rows(whole), load_cache_rows(split)
     assert "lm_head.qweight" not in split_cache
     columns = 0
     for i in range(3):
@@ -227,7 +233,7 @@ def test_a_q4_0_gguf_table_becomes_the_4bit_head_with_its_values(tmp_path, capsy
     capsys.readouterr()
     main(["convert", str(path), "-o", str(tmp_path / "b"), "--quantization", "q4f16t"])
     assert "re-quantized" not in capsys.readouterr().err
-    cache = load_tensor_cache(tmp_path / "b")
+    cache = load_cache_rows(tmp_path / "b")
     head = dequantize(*(cache[f"lm_head.{p}"] for p in ("qweight", "qzeros", "scales")), 32)
     assert np.ascontiguousarray(head.T).tobytes() == blocks.astype(np.float32).tobytes()
     assert (cache["lm_head.qzeros"].view(np.uint32) == 0x88888888).all()
@@ -251,7 +257,7 @@ def test_an_awq_checkpoint_keeps_its_bits_and_its_float_head_is_quantized(tmp_pa
         "round-to-nearest, so the logits are no longer exactly the checkpoint's; "
         "--quantization q4f16t-hf keeps it"
     ]
-    cache = load_tensor_cache(tmp_path / "b")
+    cache = load_cache_rows(tmp_path / "b")
     o_proj = "model.layers.1.self_attn.o_proj.qweight"
     assert cache[o_proj].tobytes() == tensors[o_proj].tobytes()
     want = quantize_rtn(tensors["lm_head.weight"].T, 32, "float16")

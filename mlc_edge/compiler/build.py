@@ -25,6 +25,7 @@ from tvm import IRModule, relax
 from tvm.s_tir import dlight as dl
 
 from ..config import ModelSpec
+from ..errors import UserError
 from ..models import DecoderLM
 from ..models.parameters import instantiate
 from .contract import metadata_fields
@@ -46,9 +47,22 @@ from .targets import TargetSpec
 
 def spec_for_target(spec: ModelSpec, target_spec: TargetSpec) -> ModelSpec:
     """The spec as the target builds it: the embedding / output layer split to fit the
-    device's largest allocation (``ModelSpec.for_device``); unchanged without limits."""
+    device's largest allocation (``ModelSpec.for_device``; unchanged without limits), and
+    the 4-bit weights in CPU tiles where the target's decode kernel reads them so
+    (``ModelSpec.with_cpu_tiles``). A bundle's weights already in tiles build for the CPU
+    only."""
     limits = target_spec.limits
-    return spec.for_device(limits.max_mem_alloc_bytes if limits else None)
+    spec = spec.for_device(limits.max_mem_alloc_bytes if limits else None)
+    spec = spec.with_cpu_tiles(target_spec.reads_int4_tiles(spec.scheme))
+    layout = spec.scheme.int4_layout
+    if layout is not None and layout.tiles and target_spec.device != "cpu":
+        raise UserError(
+            f"this bundle's 4-bit weights are stored in CPU tiles (it was made for --target "
+            f"cpu), which {target_spec.name}'s kernels do not read: make a bundle for "
+            f"{target_spec.name} from the checkpoint with `mlc-edge compile MODEL_DIR "
+            f"--target {target_spec.name} -o NEW_BUNDLE`"
+        )
+    return spec
 
 
 def build_metadata(

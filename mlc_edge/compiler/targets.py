@@ -78,6 +78,11 @@ class TargetSpec:
         """Whether a bundle for this target can be run by ``mlc-edge run`` on this machine."""
         return tvm.runtime.enabled(self.device) and self.lib_suffix == ".so"
 
+    def reads_int4_tiles(self, scheme: Any) -> bool:
+        """Whether ``scheme``'s 4-bit weights are stored in CPU tiles for this target
+        (``mlc_edge.quantization.int4``): where its decode kernel reads them fastest so."""
+        return False
+
     def build_scope(self) -> AbstractContextManager[Any]:
         """Entered around ``relax.build`` (CUDA: compile the kernels with nvcc)."""
         return nullcontext()
@@ -113,6 +118,14 @@ class CpuTarget(TargetSpec):
         # The machine's own CPU, so LLVM uses its vector units (AVX-512 / NEON).
         cpu = tvm.target.codegen.llvm_get_system_cpu()
         return Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
+
+    def reads_int4_tiles(self, scheme: Any) -> bool:
+        from ..schedules.cpu.int4_gemv_avx2 import reads_tiles
+
+        layout = scheme.int4_layout
+        return layout is not None and reads_tiles(
+            self.tvm_target(), layout.group_size, scheme.dtype
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +227,11 @@ class CudaTarget(TargetSpec):
 
     def runs_here(self) -> bool:
         return self.run_problem() is None
+
+    def reads_int4_tiles(self, scheme: Any) -> bool:
+        """Whether ``scheme``'s 4-bit weights are stored in CPU tiles for this target
+        (``mlc_edge.quantization.int4``): where its decode kernel reads them fastest so."""
+        return False
 
     def build_scope(self) -> AbstractContextManager[Any]:
         from .cuda import cuda_build

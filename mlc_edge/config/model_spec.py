@@ -21,6 +21,9 @@ from .presets import PRESET_KEYS
 # model_config key (mlc-chat-config.json) of the allocation limit a bundle's embedding and
 # output layer were split for; absent when they are whole.
 SPLIT_LIMIT_KEY = "max_alloc_bytes"
+# model_config key of a bundle whose 4-bit qweights are stored in CPU tiles
+# (``mlc_edge.quantization.int4``); absent when they are in rows.
+CPU_TILES_KEY = "int4_cpu_tiles"
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -105,6 +108,8 @@ class ModelSpec:
     model_config: dict[str, Any]  # the HF config + runtime sizes
     config: Any  # the family's parsed config
     scheme: WeightScheme
+    # Read from a bundle: its weights are converted, so their layout is what it records.
+    from_bundle: bool = False
 
     @classmethod
     def create(
@@ -117,6 +122,7 @@ class ModelSpec:
         # A bundle made for a device with an allocation limit records it: its weights
         # (and every library compiled from it) keep the embedding/output split.
         scheme = get_scheme(quantization).with_max_alloc(hf_config.get(SPLIT_LIMIT_KEY))
+        scheme = scheme.with_int4_tiles(bool(hf_config.get(CPU_TILES_KEY, False)))
         require_scheme_for(hf_config, scheme)  # a pre-quantized checkpoint: the scheme fits
         for key, value in runtime_sizes.items():
             if value < 1:
@@ -136,7 +142,9 @@ class ModelSpec:
     def from_chat_config(cls, chat_config: dict[str, Any]) -> ModelSpec:
         model_config = chat_config["model_config"]
         sizes = {k: int(model_config[k]) for k in PRESET_KEYS}
-        return cls.create(model_config, chat_config["quantization"], sizes)
+        spec = cls.create(model_config, chat_config["quantization"], sizes)
+        spec.from_bundle = True
+        return spec
 
     @property
     def runtime_sizes(self) -> dict[str, int]:
@@ -154,4 +162,16 @@ class ModelSpec:
         if len(vocab_pieces(c.vocab_size, c.hidden_size, self.scheme.dtype, max_alloc_bytes)) == 1:
             return self
         model_config = {**self.model_config, SPLIT_LIMIT_KEY: int(max_alloc_bytes)}
+        return ModelSpec.create(model_config, self.scheme.name, self.runtime_sizes)
+
+    def with_cpu_tiles(self, tiles: bool) -> ModelSpec:
+        """This spec with its 4-bit qweights stored in CPU tiles (``tiles``) or rows,
+        recorded in ``model_config``. A bundle's spec keeps the layout its weights have."""
+        if self.from_bundle or self.scheme.int4_layout is None:
+            return self
+        if tiles == bool(self.model_config.get(CPU_TILES_KEY, False)):
+            return self
+        model_config = {k: v for k, v in self.model_config.items() if k != CPU_TILES_KEY}
+        if tiles:
+            model_config[CPU_TILES_KEY] = True
         return ModelSpec.create(model_config, self.scheme.name, self.runtime_sizes)

@@ -27,6 +27,9 @@ so it is quantized round-to-nearest, with a notice; a GGUF's Q4_0
 ``output.weight`` (or ``token_embd.weight``) is repacked as above. A split output layer
 is quantized whole and written piece by piece.
 
+For a CPU that reads them in tiles (``Int4Layout.tiles``) each ``qweight`` is written so,
+the same words reordered, whatever its source.
+
 Every other parameter (embedding, norms, biases, the output layer of the other schemes,
 in the scheme's float dtype) goes through the same planning and checks as
 ``mlc_edge.convert.weights``.
@@ -56,6 +59,8 @@ from ..quantization.int4 import (
     model_parameters,
     pack_int4,
     quantize_rtn,
+    qweight_rows,
+    tile_qweight,
 )
 from .weights import (
     PlannedReader,
@@ -116,7 +121,7 @@ def _int4_parts(
         parts[name] = _StoredPart(base, part, piece.rows if piece is not None else None)
         size = sizes.setdefault(base, [0, 0])
         if part == "qweight":
-            size[0] = shape[0]
+            size[0] = qweight_rows(shape)
         if part == "scales":
             size[1] = max(size[1], piece.rows[1] if piece is not None else shape[1])
     return parts, {base: layout.shapes(k, n) for base, (k, n) in sizes.items()}
@@ -138,7 +143,7 @@ def _plan_int4(
     layout: Int4Layout,
     packed: PrequantizedFormat | None,
 ) -> _Int4Linear:
-    k, n = shapes["qweight"][0], shapes["scales"][1]
+    k, n = qweight_rows(shapes["qweight"]), shapes["scales"][1]
     hf_names = source.hf_names
     as_packed = [all(p in ckpt for p in _packed_names(h).values()) for h in hf_names]
     if packed is not None and any(as_packed):
@@ -374,6 +379,8 @@ def convert_int4_weights(
                         )
                         bar.update(lin.source_bytes)
                     tensor = _columns(held[stored.base][stored.part], stored.part, stored.columns)
+                    if stored.part == "qweight" and len(shape) == 3:  # the CPU's tiles
+                        tensor = tile_qweight(tensor, layout.group_size)
                     unwritten[stored.base] -= 1
                     if not unwritten[stored.base]:
                         del held[stored.base]

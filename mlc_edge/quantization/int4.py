@@ -10,6 +10,17 @@ linear layer ``y = x @ W``, ``W`` of shape ``[K, N]`` (in, out), as three tensor
 
     W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n]
 
+On CPUs whose decode kernel reads them so (``Int4Layout.tiles``, chosen per target:
+``mlc_edge.compiler.build.spec_for_target``), ``qweight`` is stored in *tiles* instead:
+
+    qweight  int32 [K/g, N/64, g * 8]   tile [t, u] holds words 8u .. 8u + 7 of the
+                                        group's g rows, row after row
+
+the same words, reordered so that a decode GEMV, which reads 8 words of every row of a
+group before the next 8, reads memory in address order (what that gains:
+``schedules/cpu/int4_gemv_avx2.py``). A layer whose ``N / 8`` words are not a multiple of
+8 keeps its rows.
+
 This is exactly AutoAWQ's GEMM format (``WQLinear_GEMM``: it packs column
 ``AWQ_PACK_ORDER[i]`` of each group of 8 into nibble i, and unpacks with the inverse
 order 0,4,1,5,2,6,3,7), so an AWQ checkpoint's ``qweight``/``qzeros`` are stored with
@@ -35,6 +46,7 @@ from ..errors import UserError
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Column j of a group of 8 sits in nibble AWQ_NIBBLE_OF_COLUMN[j] (the inverse).
 AWQ_NIBBLE_OF_COLUMN = tuple(AWQ_PACK_ORDER.index(j) for j in range(8))
+TILE_WORDS = 8  # words of a row in one CPU tile (module docstring): 64 columns
 
 
 @dataclass(frozen=True)
@@ -46,16 +58,20 @@ class Int4Layout:
     pack_factor: int = 8  # values per int32 word
     nibble_order: tuple[int, ...] = AWQ_PACK_ORDER
     symmetric: bool = False  # zero points stored (AWQ's are trained values)
+    tiles: bool = False  # qweight in CPU tiles where its words allow (module docstring)
 
-    def shapes(self, in_features: int, out_features: int) -> dict[str, tuple[int, int]]:
+    def tiled(self, out_features: int) -> bool:
+        """Whether a layer with ``out_features`` outputs stores its qweight in tiles."""
+        return self.tiles and (out_features // self.pack_factor) % TILE_WORDS == 0
+
+    def shapes(self, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
         """The stored tensors' shapes for a ``[in, out]`` weight: qweight, qzeros, scales."""
         groups = in_features // self.group_size
         packed = out_features // self.pack_factor
-        return {
-            "qweight": (in_features, packed),
-            "qzeros": (groups, packed),
-            "scales": (groups, out_features),
-        }
+        qweight: tuple[int, ...] = (in_features, packed)
+        if self.tiled(out_features):
+            qweight = (groups, packed // TILE_WORDS, self.group_size * TILE_WORDS)
+        return {"qweight": qweight, "qzeros": (groups, packed), "scales": (groups, out_features)}
 
     def check(self, in_features: int, out_features: int, scheme_name: str) -> None:
         """One error line when a linear layer of this size cannot be stored."""
@@ -98,6 +114,27 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
     for nibble, column in enumerate(AWQ_PACK_ORDER):
         words |= groups[:, :, column] << np.uint32(4 * nibble)
     return words.view(np.int32)
+
+
+def qweight_rows(shape: tuple[int, ...]) -> int:
+    """K, the input rows, of a stored ``qweight`` of this shape (rows or tiles)."""
+    return shape[0] if len(shape) == 2 else shape[0] * shape[2] // TILE_WORDS
+
+
+def tile_qweight(qweight: np.ndarray, group_size: int) -> np.ndarray:
+    """int32 ``[K, W]`` words in rows → ``[K/g, W/8, g * 8]`` in tiles (module docstring)."""
+    k, words = qweight.shape
+    groups, strips = k // group_size, words // TILE_WORDS
+    tiles = qweight.reshape(groups, group_size, strips, TILE_WORDS).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(tiles).reshape(groups, strips, group_size * TILE_WORDS)
+
+
+def untile_qweight(tiles: np.ndarray) -> np.ndarray:
+    """``tile_qweight`` undone: ``[K/g, W/8, g * 8]`` → ``[K, W]``."""
+    groups, strips, span = tiles.shape
+    size = span // TILE_WORDS
+    rows = tiles.reshape(groups, strips, size, TILE_WORDS).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(rows).reshape(groups * size, strips * TILE_WORDS)
 
 
 def unpack_int4(words: np.ndarray) -> np.ndarray:
@@ -153,7 +190,9 @@ def quantize_rtn(
 def dequantize(
     qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, group_size: int
 ) -> np.ndarray:
-    """The ``[K, N]`` fp32 weight the stored tensors stand for."""
+    """The ``[K, N]`` fp32 weight the stored tensors stand for (qweight in rows or tiles)."""
+    if qweight.ndim == 3:
+        qweight = untile_qweight(qweight)
     q = unpack_int4(qweight).astype(np.float32)
     z = np.repeat(unpack_int4(qzeros).astype(np.float32), group_size, axis=0)
     s = np.repeat(np.asarray(scales, dtype=np.float32), group_size, axis=0)
@@ -168,8 +207,9 @@ def dequantize_te(
     Kept an expression (not a stored copy): FuseOps puts it into the matmul that reads it,
     and ``RequireFusedDequantize`` refuses a build where it did not.
     """
-    k, packed = qweight.shape
-    n = packed * 8
+    packed = qzeros.shape[1]
+    k, n = qzeros.shape[0] * group_size, packed * 8
+    tiled = len(qweight.shape) == 3
 
     def element(row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
         lane = col % 8
@@ -177,7 +217,12 @@ def dequantize_te(
         shift = ((lane % 2) * 16 + (lane // 2) * 4).astype("int32")
         word = col // 8
         group = row // group_size
-        q = (qweight[row, word] >> shift) & 0xF
+        if tiled:
+            at = (row % group_size) * TILE_WORDS + word % TILE_WORDS
+            stored = qweight[group, word // TILE_WORDS, at]
+        else:
+            stored = qweight[row, word]
+        q = (stored >> shift) & 0xF
         z = (qzeros[group, word] >> shift) & 0xF
         return (q - z).astype(dtype) * scales[group, col].astype(dtype)
 

@@ -25,6 +25,7 @@ one small class here; nothing else branches on the scheme's name.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -96,6 +97,15 @@ class WeightScheme:
         limited = copy.copy(self)
         limited.max_alloc_bytes = None if max_alloc_bytes is None else int(max_alloc_bytes)
         return limited
+
+    def with_int4_tiles(self, tiles: bool) -> WeightScheme:
+        """This scheme with its 4-bit ``qweight`` stored in CPU tiles or in rows
+        (``Int4Layout.tiles``); a scheme without 4-bit weights is returned as it is."""
+        if self.int4_layout is None or self.int4_layout.tiles == tiles:
+            return self
+        tiled = copy.copy(self)
+        tiled.int4_layout = dataclasses.replace(self.int4_layout, tiles=tiles)
+        return tiled
 
     def linear(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return self.linear_class(in_features, out_features, bias, self.dtype)

@@ -62,7 +62,7 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN, AWQ_PACK_ORDER
+from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN, AWQ_PACK_ORDER, TILE_WORDS
 
 from .int4 import dequantize_blocks
 from .matmul_kn import CPURule, _num_cores, vector_bytes
@@ -86,9 +86,10 @@ def _int(value: tirx.PrimExpr) -> int | None:
     return int(value) if isinstance(value, tirx.IntImm) else None
 
 
-def _decode_operands(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
+def _decode_operands(func: tirx.PrimFunc, tiles: bool = False) -> dict[str, tirx.Buffer] | None:
     """The fused 4-bit matmul's buffers by role (x, qweight, qzeros, scales, out) when
-    ``func`` is one with a single activation row and static shapes; else None."""
+    ``func`` is one with a single activation row and static shapes; else None. A
+    ``qweight`` in CPU tiles (``mlc_edge.quantization.int4``) only with ``tiles``."""
     sch = s_tir.Schedule(func)
     dequantize = [sch.get(b) for b in dequantize_blocks(sch)]
     if len(dequantize) != 1:
@@ -108,7 +109,14 @@ def _decode_operands(func: tirx.PrimFunc) -> dict[str, tirx.Buffer] | None:
     if any(d is None for shape in shapes for d in shape):
         return None
     xs, qws, qzs, ss, outs = shapes
-    k, words = qws
+    if len(qws) == 3 and tiles:
+        k, words = qzs[0] * qws[2] // TILE_WORDS, qws[1] * TILE_WORDS
+        if qws[2] % TILE_WORDS:
+            return None
+    elif len(qws) == 2:
+        k, words = qws
+    else:
+        return None
     if (
         qweight.dtype != "int32"
         or qzeros.dtype != "int32"

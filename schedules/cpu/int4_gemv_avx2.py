@@ -25,6 +25,14 @@ of 64 KB a group) are read ahead in chunks of 32 strips, two chunks on, one row 
 another (each row's 16 lines of a chunk in address order: ``prefetch_word``), and each
 strip prefetches the scales and zero points of the strip 16 on.
 
+Reading rows, each strip reads 32 B of each of the group's 32 rows, one row's bytes far
+from the next: however it was prefetched, that ran at 12-15 GB/s where a plain 2-thread read
+reaches 22-28. So on these CPUs the 4-bit weights are stored in *CPU tiles*
+(``mlc_edge.quantization.int4``: ``qweight[K/g, N/64, g * 8]``, a strip's 8 words of the
+group's rows together; ``reads_tiles`` says where, ``spec_for_target`` makes the bundle so):
+the kernel then reads its weights in address order, one forward stream a core, each step
+prefetching the line ``TILES_AHEAD_LINES`` on. Everything else is the same.
+
 Numerically: ``P`` is exact. Its largest term is nibble 2's, ``15 * 256 * 16383`` a product,
 ``32`` rows of them under ``2**31``; the fold's ``16**-j`` is exact in fp32, and ``P`` is a
 multiple of ``16**j``, under ``2**24 * 16**j``: exact in fp32 too. The activations' rounding
@@ -52,6 +60,12 @@ read ahead each row's line 16 strips on (32 rows at once, 64 KB apart: 4 or 8 st
 were no different); in chunks of 16 strips, one row after another, ``2048 x 128256`` took
 10.2 ms where that took 11.5 (medians 11.8 and 13.5), chunks of 32 9.1 (10.6), of 64 no
 better than 32; the scales read ahead too, 8.9 against 10.8 (medians 9.6 and 12.1).
+In tiles, against rows (each time's ratio to rows' in the same round, median of 20-30
+rounds): ``2048 x 3072`` 0.82, ``2048 x 2048`` 0.81, ``2048 x 16384`` 0.61 (1.36 ms
+against 2.17, medians), ``8192 x 2048`` 0.85, ``2048 x 128256`` 0.69; prefetching 256 lines
+on instead of 1024 was within 5% of it, none 1.2x slower. Without tiles, consuming both
+halves of a row's line at once (the group's lines copied into a 2 KB staging tile first)
+was no faster, nor were blocks of columns read group after group.
 
 Loop nest::
 
@@ -61,8 +75,10 @@ Loop nest::
         for strips of 8 words
           8 accumulators <- 0
           for the group's row pairs (unrolled)
-            prefetch 1 line: the next group's rows in 4 streams (wide: chunk 2 on)
-            load 2 rows, interleave their halves, 8 x (mask or shift, vpmaddwd, add)
+            prefetch 1 line: tiles: 1024 lines on; rows: the next group's rows in 4
+              streams (wide: chunk 2 on)
+            load 2 rows' 8 words, interleave their halves,
+              8 x (mask or shift, vpmaddwd, add)
           (wide: prefetch the scales and zero points 16 strips on)
           y_band[nibble, strip] += s * m/L * (P / 16**(j % 4 < 3 ? j % 4 : 0) - z * A)
     parallel strip                           # the bands' y summed, put in column order
@@ -98,6 +114,7 @@ MAX_GROUP = 32
 LINE_WORDS = 16  # words of a 64-byte cache line: two strips
 WIDE_CHUNK_STRIPS = 32  # wide rows are read ahead in chunks of this many strips
 SCALES_AHEAD_STRIPS = 16  # and their scales and zero points this many strips on
+TILES_AHEAD_LINES = 1024  # weights in CPU tiles: read ahead this many lines (64 KB)
 
 assert MAX_GROUP * 15 * 256 * LEVEL < 2**31
 
@@ -105,6 +122,19 @@ assert MAX_GROUP * 15 * 256 * LEVEL < 2**31
 def has_avx2(target: Target) -> bool:
     """Whether ``target`` has AVX2 (256-bit ``vpmaddwd``)."""
     return target_has_features("avx2", target)
+
+
+def reads_tiles(target: Target, group_size: int, dtype: str) -> bool:
+    """Whether 4-bit weights of ``group_size`` rows computed in ``dtype`` are stored in CPU
+    tiles (``mlc_edge.quantization.int4``) for ``target``: where this kernel serves them,
+    on AVX2 CPUs without VNNI (whose kernels read rows)."""
+    return (
+        has_avx2(target)
+        and not has_vnni(target)
+        and dtype == "float16"
+        and group_size <= MAX_GROUP
+        and group_size % 16 == 0
+    )
 
 
 def nibble_unit(j: int) -> float:
@@ -170,9 +200,16 @@ def prefetch_word(k0: Any, s: Any, step: Any, size: int, words: int, whole_group
 
 
 def avx2_gemv(
-    x_shape: list[int], k: int, words: int, groups: int, bands: int, out_dtype: str
+    x_shape: list[int],
+    k: int,
+    words: int,
+    groups: int,
+    bands: int,
+    out_dtype: str,
+    tiles: bool = False,
 ) -> tirx.PrimFunc:
-    """The kernel (module docstring) with parameters ``x, qweight, qzeros, scales, out``."""
+    """The kernel (module docstring) with parameters ``x, qweight, qzeros, scales, out``,
+    ``qweight`` in rows or (``tiles``) in CPU tiles."""
     size = k // groups
     strips = words // LANES
     pairs = size // 2
@@ -195,10 +232,16 @@ def avx2_gemv(
         # nibble j of a word holds column AWQ_PACK_ORDER[j] of its 8
         return transpose8(strip_scales)[AWQ_PACK_ORDER[j]]
 
+    def words_of(qweight: tirx.Buffer, g: Any, row: Any, s: Any) -> tirx.PrimExpr:
+        """Words ``8 s .. 8 s + 7`` of row ``row`` of group ``g``."""
+        if tiles:
+            return qweight[g, s, T.ramp(row * LANES, 1, LANES)]
+        return qweight[g * size + row, T.ramp(s * LANES, 1, LANES)]
+
     @T.macro
-    def pair_step(acc, qweight, row, s, pair_act):
-        lo: T.let[T.int32x8] = qweight[row, T.ramp(s * LANES, 1, LANES)]
-        hi: T.let[T.int32x8] = qweight[row + 1, T.ramp(s * LANES, 1, LANES)]
+    def pair_step(acc, qweight, g, i, s, pair_act):
+        lo: T.let[T.int32x8] = words_of(qweight, g, 2 * i, s)
+        hi: T.let[T.int32x8] = words_of(qweight, g, 2 * i + 1, s)
         pair: T.let[T.int16x16] = T.reinterpret("int16x16", T.broadcast(pair_act, LANES))
         # halves 0 of both rows (nibbles 0-3, a column a lane), then halves 1 (nibbles 4-7)
         low4: T.let[T.uint16x16] = T.reinterpret("uint16x16", (lo & vec(0xFFFF)) | (hi << vec(16)))
@@ -259,6 +302,7 @@ def avx2_gemv(
     @T.macro
     def body(x_row, qweight, qzeros, scales, out_row):
         y_band = T.alloc_buffer((bands, 8, words), "float32")
+        q_flat = T.decl_buffer((1, k * words), "int32", data=qweight.data)
         for band in T.parallel(bands):
             # Per-core buffers under TVM's 1 KB stack limit: global scope (docs/tvm-0.27.md).
             a = T.alloc_buffer((size,), "int32")
@@ -279,14 +323,21 @@ def avx2_gemv(
                     for r in T.unroll(8):
                         acc[T.ramp(r * LANES, 1, LANES)] = vec(0)
                     for i in T.unroll(pairs):
-                        if prefetch_word(k0, s, i, size, words, whole_group_ahead)[0] < k:
+                        if tiles:
+                            # one forward stream: the line TILES_AHEAD_LINES on
+                            ahead: T.let[T.int32] = (
+                                (g * strips + s) * size + 2 * i + 2 * TILES_AHEAD_LINES
+                            ) * LANES
+                            if ahead < k * words:
+                                T.evaluate(to_l2(q_flat, 0, ahead))
+                        elif prefetch_word(k0, s, i, size, words, whole_group_ahead)[0] < k:
                             T.evaluate(
                                 to_l2(
                                     qweight,
                                     *prefetch_word(k0, s, i, size, words, whole_group_ahead),
                                 )
                             )
-                        pair_step(acc, qweight, k0 + 2 * i, s, pair_act[i])
+                        pair_step(acc, qweight, g, i, s, pair_act[i])
                     if not whole_group_ahead:
                         # wide rows: the scales (2 lines) and zero points of the strip ahead
                         g_on: T.let[T.int32] = g + (s + SCALES_AHEAD_STRIPS) // strips
@@ -330,7 +381,7 @@ def avx2_gemv(
                     )
         columns_in_order(y_band, out_row, strips, bands, out_dtype, _column_slot, LANES)
 
-    return with_gemv_signature(body, x_shape, k, words, groups, out_dtype)
+    return with_gemv_signature(body, x_shape, k, words, groups, out_dtype, tiles)
 
 
 class Int4DecodeGEMVAVX2(CPURule):
@@ -340,13 +391,16 @@ class Int4DecodeGEMVAVX2(CPURule):
     None."""
 
     def schedule_func(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        if not has_avx2(target) or has_vnni(target):
+        if not has_avx2(target):
             return None
-        ops = _decode_operands(func)
+        ops = _decode_operands(func, tiles=True)
         if ops is None or ops["x"].dtype != "float16" or ops["scales"].dtype != "float16":
             return None
-        k, words = (int(d) for d in ops["qweight"].shape)
-        size = k // int(ops["qzeros"].shape[0])
+        groups, words = (int(d) for d in ops["qzeros"].shape)
+        size = int(ops["x"].shape[-1]) // groups
         if words % LANES or size > MAX_GROUP or size % 16:
             return None
-        return hand_written(func, ops, target, avx2_gemv)
+        tiles = len(ops["qweight"].shape) == 3
+        if has_vnni(target) and not tiles:  # rows: the VNNI kernels' (tiles only here)
+            return None
+        return hand_written(func, ops, target, avx2_gemv, tiles)

@@ -68,6 +68,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
+from mlc_edge.quantization.int4 import Int4Layout
+
 from .int4_gemv import _decode_operands, group_bands, nibble_of_column
 from .lanes import across_lanes
 from .matmul_kn import CPURule
@@ -150,18 +152,25 @@ def columns_in_order(y_band, out_row, strips, bands, out_dtype, column_slot, lan
 
 
 def with_gemv_signature(
-    body: Any, x_shape: list[int], k: int, words: int, groups: int, out_dtype: str
+    body: Any,
+    x_shape: list[int],
+    k: int,
+    words: int,
+    groups: int,
+    out_dtype: str,
+    tiles: bool = False,
 ) -> tirx.PrimFunc:
     """A hand-written 4-bit decode GEMV with parameters ``x, qweight, qzeros, scales, out``
     (``hand_written`` puts them in the replaced function's order) around ``body``, a
     ``T.macro`` taking ``(x_row, qweight, qzeros, scales, out_row)``: ``x`` and ``out``
-    seen as flat rows."""
+    seen as flat rows, ``qweight`` in rows or (``tiles``) in CPU tiles."""
     n = words * 8
+    qweight_shape = Int4Layout(k // groups, tiles=tiles).shapes(k, n)["qweight"]
 
     @T.prim_func(s_tir=True)
     def func(
         x: T.Buffer(x_shape, "float16"),
-        qweight: T.Buffer((k, words), "int32"),
+        qweight: T.Buffer(qweight_shape, "int32"),
         qzeros: T.Buffer((groups, words), "int32"),
         scales: T.Buffer((groups, n), "float16"),
         out: T.Buffer([*x_shape[:-1], n], out_dtype),
@@ -332,8 +341,8 @@ def hand_written(
     shapes, in place of ``func``: the kernel's parameters ``x, qweight, qzeros, scales, out``
     in ``func``'s order, with ``func``'s attributes only (the script's global_symbol would
     clash between the model's GEMVs)."""
-    k, words = (int(d) for d in ops["qweight"].shape)
-    groups = int(ops["qzeros"].shape[0])
+    groups, words = (int(d) for d in ops["qzeros"].shape)
+    k = int(ops["x"].shape[-1])
     kernel = make_kernel(
         [int(d) for d in ops["x"].shape],
         k,
