@@ -542,6 +542,29 @@ def test_avx2_prefetch_reads_the_next_group_once_in_forward_streams(size: int, w
         assert stream == list(range(stream[0], stream[0] + len(stream)))
 
 
+def test_avx2_prefetch_in_tiles_is_one_forward_stream() -> None:
+    """In CPU tiles the weights are read in address order, so each step prefetches the line
+    ``TILES_AHEAD_LINES`` past the row pair it reads (where a tile's pair is by the layout:
+    ``((g * strips + s) * size + 2 i) * 8`` words), which makes the GEMV's prefetches one
+    forward stream over every line once, none past the weights. Read from the TIR."""
+    k, n, size = 256, 2048, 32
+    words, groups = n // 8, k // size
+    strips = words // 8
+    mod = _fused(k, n, size, "float16", tiles=True)
+    with AVX2_TARGET:
+        mod = dl.ApplyDefaultSchedule(*_rules(integer=True))(mod)
+    text = _decode_func(mod).script()
+    ahead = re.search(r"ahead: T\.let\[T\.int32\] = (.*)", text).group(1)
+    assert int(re.search(r"if ahead < (\d+):", text).group(1)) == k * words
+    assert re.search(r"llvm\.prefetch[^,]*, T\.address_of\(q_flat\[0, ahead\]\)", text)
+    steps = [(g, s, i) for g in range(groups) for s in range(strips) for i in range(size // 2)]
+    issued = [eval(ahead, {}, {"g": g, "s": s, "i": i}) for g, s, i in steps]
+    reads = [((g * strips + s) * size + 2 * i) * 8 for g, s, i in steps]
+    lead = int4_gemv_avx2.TILES_AHEAD_LINES * 16
+    assert [a - r for a, r in zip(issued, reads, strict=True)] == [lead] * len(steps)
+    assert issued == list(range(lead, lead + 16 * len(steps), 16))
+
+
 @pytest.mark.parametrize("size", [16, 32])
 @pytest.mark.parametrize(("strips", "groups"), [(64, 3), (80, 2), (2004, 8)])
 def test_avx2_wide_prefetch_reads_each_line_once_two_chunks_ahead(

@@ -158,6 +158,17 @@ def _load_into(model, state: dict[str, torch.Tensor]):
     return model.eval()
 
 
+def _assert_greedy_tokens_match(bundle, model) -> None:
+    """The bundle's greedy tokens are transformers' on the weights its 4-bit tensors stand
+    for, on every decisive step (top-2 margin over 0.05), and nearly every step is one."""
+    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
+    ids = prompt_ids(model.config.vocab_size, seed=1)
+    ours, theirs, _ = greedy_compare(Engine(bundle), reference, ids)
+    decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
+    assert len(decisive) >= len(theirs) - 2
+    assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+
+
 def test_q4f32t_matches_transformers_on_the_dequantized_weights(tiny_llama):
     model, path = tiny_llama
     bundle = compile_bundle(path / "hf", path / "q4f32t-hf", "--quantization", "q4f32t-hf")
@@ -194,12 +205,7 @@ def test_q4f16t_greedy_tokens_match_on_decisive_steps(tiny_llama):
     bundle = compile_bundle(path / "hf", path / "q4f16t-hf", "--quantization", "q4f16t-hf")
     cache = load_cache_rows(bundle)
     assert cache["model.layers.0.mlp.down_proj.scales"].dtype == np.float16
-    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
-    ids = prompt_ids(model.config.vocab_size, seed=1)
-    ours, theirs, _ = greedy_compare(Engine(bundle), reference, ids)
-    decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
-    assert len(decisive) >= len(theirs) - 2
-    assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+    _assert_greedy_tokens_match(bundle, model)
 
 
 def _tiles_forced(monkeypatch, tiles: bool) -> None:
@@ -232,12 +238,7 @@ def test_q4f16t_in_cpu_tiles_holds_the_same_words_and_runs(tiny_llama, monkeypat
         "int4_cpu_tiles"
         not in json.loads((rows / "mlc-chat-config.json").read_text())["model_config"]
     )
-    reference = _load_into(model, _hf_weights_from_bundle(tiled, model, 32))
-    ids = prompt_ids(model.config.vocab_size, seed=1)
-    ours, theirs, _ = greedy_compare(Engine(tiled), reference, ids)
-    decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
-    assert len(decisive) >= len(theirs) - 2
-    assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+    _assert_greedy_tokens_match(tiled, model)
     # Its library is rebuilt in tiles; a phone's kernels read rows: one line.
     main(["compile", str(tiled), "--target", "cpu", "--model-lib", "again", "--json"])
     assert (tiled / "lib" / "again.so").is_file()
@@ -308,12 +309,7 @@ def test_which_cpus_store_4bit_weights_in_tiles():
 def test_q4f16t_other_families_greedy_tokens_match_on_decisive_steps(tmp_path, family, overrides):
     model = make_model(family, tmp_path / "hf", **overrides)
     bundle = compile_bundle(tmp_path / "hf", tmp_path / "b", "--quantization", "q4f16t-hf")
-    reference = _load_into(model, _hf_weights_from_bundle(bundle, model, 32))
-    ids = prompt_ids(model.config.vocab_size, seed=1)
-    ours, theirs, _ = greedy_compare(Engine(bundle), reference, ids)
-    decisive = [i for i, m in enumerate(top2_margins(reference, ids, theirs)) if m > 0.05]
-    assert len(decisive) >= len(theirs) - 2
-    assert [ours[i] for i in decisive] == [theirs[i] for i in decisive]
+    _assert_greedy_tokens_match(bundle, model)
 
 
 @pytest.mark.parametrize(

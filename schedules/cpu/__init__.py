@@ -10,7 +10,9 @@
    (``q4f16t-g128``): 16-bit dot products over 2 rows, the activations as int16.
    :class:`Int4DecodeGEMVAVX2` (``int4_gemv_avx2.py``) - on AVX2 without VNNI, the same
    for groups of up to 32 rows: 16-bit dot products (``vpmaddwd``) over 2 rows, the
-   activations as 15-bit integers per group, the group's rows summed in registers.
+   activations as 15-bit integers per group, the group's rows summed in registers; where
+   it serves, the weights are stored in CPU tiles (``reads_tiles``;
+   ``mlc_edge.quantization.int4``), which it alone reads (on any AVX2 CPU).
    :class:`Int4DecodeGEMV` (``int4_gemv.py``) - the other one-row 4-bit matmuls (fp32
    compute, other CPUs): rewritten per group, the nibbles masked in place.
    :class:`Int4Matmul` (``int4.py``) - the other 4-bit matmuls (prefill, batch decode): MatmulKN's
