@@ -228,11 +228,6 @@ class CudaTarget(TargetSpec):
     def runs_here(self) -> bool:
         return self.run_problem() is None
 
-    def reads_int4_tiles(self, scheme: Any) -> bool:
-        """Whether ``scheme``'s 4-bit weights are stored in CPU tiles for this target
-        (``mlc_edge.quantization.int4``): where its decode kernel reads them fastest so."""
-        return False
-
     def build_scope(self) -> AbstractContextManager[Any]:
         from .cuda import cuda_build
 

@@ -62,7 +62,7 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 from tvm.target import Target
 
-from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN, AWQ_PACK_ORDER, TILE_WORDS
+from mlc_edge.quantization.int4 import AWQ_NIBBLE_OF_COLUMN, AWQ_PACK_ORDER, Int4Layout
 
 from .int4 import dequantize_blocks
 from .matmul_kn import CPURule, _num_cores, vector_bytes
@@ -109,25 +109,19 @@ def _decode_operands(func: tirx.PrimFunc, tiles: bool = False) -> dict[str, tirx
     if any(d is None for shape in shapes for d in shape):
         return None
     xs, qws, qzs, ss, outs = shapes
-    if len(qws) == 3 and tiles:
-        k, words = qzs[0] * qws[2] // TILE_WORDS, qws[1] * TILE_WORDS
-        if qws[2] % TILE_WORDS:
-            return None
-    elif len(qws) == 2:
-        k, words = qws
-    else:
+    if len(xs) < 2 or not qzs[0] or xs[-1] % qzs[0] or (len(qws) == 3 and not tiles):
         return None
+    k, words = xs[-1], qzs[1]
+    # qweight in rows or in tiles: the shape the layout stores for this K and N
+    layout = Int4Layout(k // qzs[0], tiles=len(qws) == 3)
     if (
         qweight.dtype != "int32"
         or qzeros.dtype != "int32"
-        or len(xs) < 2
-        or xs[-1] != k
         or any(d != 1 for d in xs[:-1])
         or outs[:-1] != xs[:-1]
         or outs[-1] != words * 8
-        or qzs[1] != words
+        or tuple(qws) != layout.shapes(k, words * 8)["qweight"]
         or ss != [qzs[0], words * 8]
-        or k % qzs[0]
     ):
         return None
     return {"x": x, "qweight": qweight, "qzeros": qzeros, "scales": scales, "out": out}
